@@ -1,0 +1,1 @@
+"""llama.cpp / ggml block formats, byte for byte as ggml stores them."""

@@ -1,0 +1,7 @@
+"""The embedded reference model: a small Qwen3-architecture byte-level LM trained on the
+Python standard library, committed with its card so every machine measures the same model."""
+from quantatlas.reference.corpus import BOS, EOS, VOCAB_SIZE, corpus_tokens, eval_fingerprint
+from quantatlas.reference.model import CHECKPOINT_DIR, load_reference, reference_config
+
+__all__ = ["BOS", "EOS", "VOCAB_SIZE", "corpus_tokens", "eval_fingerprint",
+           "CHECKPOINT_DIR", "load_reference", "reference_config"]
