@@ -1,0 +1,1 @@
+"""Evaluation: reference-logit cache, KLD/PPL statistics (llama.cpp-compatible), bits and bytes."""

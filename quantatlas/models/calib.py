@@ -1,0 +1,79 @@
+"""Calibration capture: statistics of the inputs that reach chosen modules.
+
+For each module we accumulate, in fp32 and in chunks (so memory stays at one [in, in]
+matrix per module), the Hessian proxy H = (2/N) sum_n x_n x_n^T of GPTQ, the mean |x| per
+input channel (AWQ/SmoothQuant) and the mean x^2 per channel (llama.cpp's imatrix).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class InputStats:
+    hessian: torch.Tensor   # [in, in] = (2/N) sum x x^T
+    abs_mean: torch.Tensor  # [in]
+    sq_mean: torch.Tensor   # [in]  (llama-imatrix's per-column mean of x^2)
+    count: int              # N, the number of input vectors seen
+
+
+class InputAccumulator:
+    """Running sums for one module; `add` takes any [..., in] activation batch."""
+
+    def __init__(self, width: int, device, hessian: bool = True):
+        self.xx = torch.zeros(width, width, device=device, dtype=torch.float32) if hessian else None
+        self.abs_sum = torch.zeros(width, device=device, dtype=torch.float64)
+        self.sq_sum = torch.zeros(width, device=device, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.xx is not None:
+            self.xx.addmm_(x.T, x)
+        self.abs_sum += x.abs().sum(0, dtype=torch.float64)
+        self.sq_sum += (x * x).sum(0, dtype=torch.float64)
+        self.count += x.shape[0]
+
+    def result(self) -> InputStats:
+        n = max(self.count, 1)
+        h = None if self.xx is None else self.xx * (2.0 / n)
+        return InputStats(h, (self.abs_sum / n).float(), (self.sq_sum / n).float(), self.count)
+
+
+def _input_width(module: torch.nn.Module) -> int:
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features
+    w = getattr(module, "weight", None)
+    if w is not None and type(module).__name__ == "Conv1D":  # GPT-2 stores [in, out]
+        return w.shape[0]
+    if w is not None and w.dim() == 2:
+        return w.shape[1]
+    raise ValueError(f"cannot tell the input width of {type(module).__name__}")
+
+
+def attach_accumulators(modules: dict[str, torch.nn.Module], hessian: bool = True):
+    """Register forward pre-hooks; returns (accumulators, handles). Remove handles when done."""
+    accs, handles = {}, []
+    for name, m in modules.items():
+        dev = next(m.parameters()).device
+        acc = InputAccumulator(_input_width(m), dev, hessian)
+        accs[name] = acc
+        handles.append(m.register_forward_pre_hook(lambda mod, args, acc=acc: acc.add(args[0])))
+    return accs, handles
+
+
+@torch.no_grad()
+def input_statistics(model: torch.nn.Module, modules: dict[str, torch.nn.Module], tokens: torch.Tensor,
+                     batch_size: int = 8, hessian: bool = True) -> dict[str, InputStats]:
+    """Run `tokens` [n, seq] through `model` and return the input statistics of each module."""
+    accs, handles = attach_accumulators(modules, hessian)
+    try:
+        dev = next(model.parameters()).device
+        for i in range(0, tokens.shape[0], batch_size):
+            model(tokens[i:i + batch_size].to(dev))
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: a.result() for k, a in accs.items()}

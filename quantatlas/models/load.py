@@ -1,0 +1,107 @@
+"""Loading a model named in a spec: the embedded reference, a local HF folder, or a hub id.
+
+A loaded model comes with its token streams (eval and calibration) and a hash of its
+weights, so results are only ever compared on the same model and the same tokens.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    source: str          # as written in the spec
+    model_hash: str
+    tokenizer: object | None  # None for the byte-level reference model
+
+    def text_tokens(self, source: str, split: str) -> np.ndarray:
+        """Token stream for evaluation/calibration: `stdlib` (the reference corpus split) or a text file."""
+        from quantatlas.reference import corpus
+
+        if source == "stdlib":
+            if self.tokenizer is None:
+                return corpus.corpus_tokens(split)
+            return self._tokenize_files(corpus.corpus_files(split))
+        path = Path(source)
+        if not path.is_file():
+            raise ModelLoadError(f"data source {source!r}: no such file (use 'stdlib' or a path to a text file)")
+        if self.tokenizer is None:
+            data = path.read_bytes()
+            return np.concatenate([[corpus.BOS], np.frombuffer(data, np.uint8).astype(np.int64), [corpus.EOS]])
+        return self._tokenize_files([path])
+
+    def _tokenize_files(self, files) -> np.ndarray:
+        tok = self.tokenizer
+        sep = tok.eos_token_id if tok.eos_token_id is not None else 0
+        parts = []
+        for f in files:
+            ids = tok(f.read_text(errors="replace"), add_special_tokens=False)["input_ids"]
+            parts.append(np.asarray(ids + [sep], dtype=np.int64))
+        return np.concatenate(parts)
+
+    @cached_property
+    def n_params(self) -> int:
+        seen, n = set(), 0
+        for p in self.model.parameters():
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                n += p.numel()
+        return n
+
+
+def _hash_files(files) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def load_model(source: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """`reference`, a local folder with config.json, or `hf:org/name` (or `org/name`) from the hub."""
+    if source == "reference":
+        from quantatlas.reference.model import CHECKPOINT_DIR, load_reference
+
+        model = load_reference(dtype=dtype, device=device)
+        return LoadedModel(model, source, _hash_files([CHECKPOINT_DIR / "model.safetensors"]), None)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"model {source!r}: folder has no config.json")
+        weights = list(path.glob("*.safetensors")) or list(path.glob("*.bin"))
+        if not weights:
+            raise ModelLoadError(f"model {source!r}: folder has no *.safetensors or *.bin weights")
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).to(device).eval()
+        tok = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
+        return LoadedModel(model, source, _hash_files(weights), tok)
+
+    repo = source[3:] if source.startswith("hf:") else source
+    if "/" not in repo or source.startswith((".", "/")):
+        raise ModelLoadError(f"model {source!r}: not 'reference', not a local folder, and not a hub id like hf:org/name")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    except Exception as e:  # noqa: BLE001 - the hub's errors are many; the user needs one line
+        raise ModelLoadError(f"model {source!r}: could not fetch from the Hugging Face hub ({type(e).__name__})") from None
+    return load_model(local, device, dtype)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))

@@ -1,0 +1,194 @@
+"""Run a recipe on a model: transforms, then each tensor's solver with its codec.
+
+RTN needs no data. GPTQ-family solvers go decoder layer by decoder layer: the inputs of
+layer 0 are captured once, then each layer is replayed on them, so only one layer and its
+calibration activations need to be on the accelerator at a time.
+
+propagation
+  sequential: a layer's Hessians come from inputs produced by the already-quantized
+              earlier layers, and within a layer groups go in true-sequential order
+              (q/k/v, then o, then gate/up, then down), each seeing its predecessors quantized.
+  parallel:   every Hessian comes from the fp model's activations.
+gptaq: the target uses the fp model's layer inputs while the update uses the quantized
+       model's inputs; the solver receives H from the quantized inputs and the cross term.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from quantatlas.models.calib import InputAccumulator
+from quantatlas.models.roles import decoder_layers, get_weight, quantizable, sequential_groups, set_weight
+from quantatlas.quant.codecs.base import Packed
+from quantatlas.quant.recipe import Recipe, TensorPlan
+
+
+def calibration_tokens(stream: np.ndarray, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """`samples` windows of `seq_len` tokens at random offsets of the calibration stream (the seed picks them)."""
+    if len(stream) < seq_len + 1:
+        raise ValueError(f"data.calib: the calibration stream has {len(stream)} tokens, fewer than seq_len={seq_len}")
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(stream) - seq_len, size=samples)
+    return torch.from_numpy(np.stack([stream[s:s + seq_len] for s in starts]).astype(np.int64))
+
+
+def _solve(plan: TensorPlan, W: torch.Tensor, stats: dict | None, opts: dict) -> tuple[torch.Tensor, Packed]:
+    from quantatlas.quant.solvers import gptq, rtn
+
+    if plan.solver == "rtn" or stats is None:
+        imp = None if stats is None else stats.get("sq_mean")
+        return rtn(W, plan.codec, importance=imp)
+    w_hat, packed, _info = gptq(W, stats["hessian"], plan.codec, H_cross=stats.get("cross"), **opts)
+    return w_hat, packed
+
+
+def quantize_model(model: torch.nn.Module, recipe: Recipe, calib: torch.Tensor | None, seed: int,
+                   progress=None) -> dict[str, Packed]:
+    """Quantize `model` in place; returns the packed matrices by parameter name (`<module>.weight`)."""
+    for t in recipe.transforms:
+        t.apply(model, calib, seed)
+    plans = [p for p in recipe.plan(quantizable(model, include_head=recipe.include_head)) if p.codec is not None]
+    packed: dict[str, Packed] = {}
+    layered = [p for p in plans if p.solver != "rtn" and p.layer is not None]
+    direct = [p for p in plans if p not in layered]
+    for p in direct:
+        W = get_weight(p.target)
+        w_hat, packed[p.name + ".weight"] = _solve(p, W, None, {})
+        set_weight(p.target, w_hat)
+        if progress:
+            progress(1)
+    if layered:
+        if calib is None:
+            raise ValueError("a GPTQ-family solver needs calibration data")
+        _layerwise(model, recipe, layered, calib, packed, progress)
+    return packed
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def _capture_layer0_inputs(model, layer0, calib: torch.Tensor, batch: int):
+    """Inputs (hidden states and keyword arguments) that reach decoder layer 0, per calibration batch."""
+    captured = []
+
+    def hook(module, args, kwargs):
+        if args:
+            hidden, rest = args[0], args[1:]
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
+        kwargs["use_cache"] = False
+        captured.append((hidden, rest, kwargs))
+        raise _Stop
+
+    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    dev = next(model.parameters()).device
+    try:
+        for i in range(0, calib.shape[0], batch):
+            try:
+                model(calib[i:i + batch].to(dev), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_layer(layer, hidden, rest, kwargs) -> torch.Tensor:
+    out = layer(hidden, *rest, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def _layerwise(model, recipe: Recipe, plans: list[TensorPlan], calib, packed, progress, batch: int = 8):
+    layers = decoder_layers(model)
+    by_layer: dict[int, list[TensorPlan]] = {}
+    for p in plans:
+        by_layer.setdefault(p.layer, []).append(p)
+    inputs = _capture_layer0_inputs(model, layers[0], calib, batch)
+    q_hidden = [h for h, _, _ in inputs]
+    fp_hidden = list(q_hidden)  # the fp model's stream, for parallel propagation and GPTAQ
+    opts = recipe.solver_options
+    gptaq = any(p.solver == "gptaq" for p in plans)
+    track_fp = recipe.propagation == "parallel" or gptaq
+
+    for li, layer in enumerate(layers):
+        todo = by_layer.get(li, [])
+        fp_layer = copy.deepcopy(layer) if track_fp and todo else None
+        if todo:
+            if recipe.propagation == "parallel":
+                groups = [todo]
+            else:
+                names = {p.name for p in todo}
+                groups = [[p for p in todo if p.target.name in {t.name for t in g}]
+                          for g in sequential_groups([p.target for p in todo])]
+                groups = [g for g in groups if g]
+                assert sum(len(g) for g in groups) == len(names)
+            for group in groups:
+                # parallel: one group, collected before anything in this layer changes, on the fp stream
+                src = fp_hidden if recipe.propagation == "parallel" else q_hidden
+                stats = _collect(layer, group, src, inputs, fp_layer if gptaq else None, fp_hidden)
+                for p in group:
+                    W = get_weight(p.target)
+                    w_hat, packed[p.name + ".weight"] = _solve(p, W, stats[p.name], opts)
+                    set_weight(p.target, w_hat)
+                    if progress:
+                        progress(1)
+        # advance both streams through this layer
+        if track_fp:
+            ref = fp_layer if fp_layer is not None else layer
+            fp_hidden = [_run_layer(ref, h, r, k) for h, (_, r, k) in zip(fp_hidden, inputs)]
+        q_hidden = [_run_layer(layer, h, r, k) for h, (_, r, k) in zip(q_hidden, inputs)]
+        if not track_fp:
+            fp_hidden = q_hidden
+        del fp_layer
+
+
+def _collect(layer, group: list[TensorPlan], hidden, inputs, fp_layer, fp_hidden) -> dict[str, dict]:
+    """Hessians (and for GPTAQ the cross term) of the group's modules on one pass over the calibration set."""
+    modules = {p.name: p.target.module for p in group}
+    accs = {n: InputAccumulator(_width(p), get_weight(p.target).device) for n, p in zip(modules, group)}
+    cross = {n: torch.zeros_like(a.xx) for n, a in accs.items()} if fp_layer is not None else None
+    fp_x: dict[str, torch.Tensor] = {}
+    handles = []
+    fp_modules = {}
+    if fp_layer is not None:
+        fp_named = dict(fp_layer.named_modules())
+        layer_named = {id(m): n for n, m in layer.named_modules()}
+        for n, m in modules.items():
+            fp_modules[n] = fp_named[layer_named[id(m)]]
+            handles.append(fp_modules[n].register_forward_pre_hook(
+                lambda mod, args, n=n: fp_x.__setitem__(n, args[0].detach().reshape(-1, args[0].shape[-1]).float())))
+
+    def q_hook(mod, args, n):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        accs[n].add(x)
+        if cross is not None:
+            cross[n].addmm_((fp_x[n] - x).T, x)
+
+    for n, m in modules.items():
+        handles.append(m.register_forward_pre_hook(lambda mod, args, n=n: q_hook(mod, args, n)))
+    try:
+        for b, (h, (_, r, k)) in enumerate(zip(hidden, inputs)):
+            if fp_layer is not None:
+                _run_layer(fp_layer, fp_hidden[b], r, k)
+            _run_layer(layer, h, r, k)
+    finally:
+        for hd in handles:
+            hd.remove()
+    out = {}
+    for n, a in accs.items():
+        s = a.result()
+        d = {"hessian": s.hessian, "sq_mean": s.sq_mean}
+        if cross is not None:
+            d["cross"] = cross[n] * (2.0 / max(s.count, 1))
+        out[n] = d
+    return out
+
+
+def _width(p: TensorPlan) -> int:
+    return p.target.shape[1]

@@ -1,0 +1,106 @@
+"""A recipe: what an arm does to a model — transforms, then a solver with a codec per tensor.
+
+Overrides pick tensors by role name (k, down, ...) or by a regex searched in the module
+name, in order, the last match winning; `codec: null` in an override keeps a tensor fp16.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from quantatlas.quant.codecs import Codec, make_codec
+from quantatlas.spec import Arm
+
+SOLVERS = ("rtn", "gptq", "gptaq")
+
+#: transform name -> "module:Class"; classes take the YAML options as keyword arguments.
+TRANSFORMS: dict[str, str] = {}
+
+
+@dataclass
+class TensorPlan:
+    name: str           # module name
+    role: str
+    layer: int | None
+    codec: Codec | None  # None: stays fp16
+    solver: str
+    target: Any = None  # the TensorRole
+
+
+@dataclass
+class Recipe:
+    transforms: list = field(default_factory=list)
+    solver: str = "rtn"
+    solver_options: dict = field(default_factory=dict)
+    codec: Codec | None = None
+    overrides: list[tuple[re.Pattern | str, Codec | None, str | None]] = field(default_factory=list)
+    propagation: str = "sequential"
+    include_head: bool = False
+
+    def plan(self, roles) -> list[TensorPlan]:
+        plans = []
+        for t in roles:
+            codec, solver = self.codec, self.solver
+            for match, o_codec, o_solver in self.overrides:
+                hit = (match == t.role) if isinstance(match, str) else bool(match.search(t.name))
+                if hit:
+                    codec, solver = o_codec, (o_solver or solver)
+            plans.append(TensorPlan(t.name, t.role, t.layer, codec, solver, t))
+        return plans
+
+    @property
+    def needs_calibration(self) -> bool:
+        return bool(self.transforms) or self.solver != "rtn" or any(s and s != "rtn" for _, _, s in self.overrides)
+
+
+def _codec(spec: dict[str, dict] | None, where: str) -> Codec | None:
+    if spec is None:
+        return None
+    (name, opts), = spec.items()
+    try:
+        return make_codec(name, opts)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _transform(spec: dict[str, dict], where: str):
+    (name, opts), = spec.items()
+    if name not in TRANSFORMS:
+        raise ValueError(f"{where}: unknown transform {name!r}; known: {', '.join(sorted(TRANSFORMS)) or 'none'}")
+    mod, cls = TRANSFORMS[name].split(":")
+    try:
+        return getattr(importlib.import_module(mod), cls)(**opts)
+    except TypeError as e:
+        raise ValueError(f"{where}: transform {name!r}: {e}") from None
+
+
+def build_recipe(arm: Arm, where: str = "arm") -> Recipe:
+    """Turn a validated arm into codecs and transforms; ValueErrors name the field."""
+    from quantatlas.models.roles import ROLES
+
+    if arm.solver not in SOLVERS:
+        raise ValueError(f"{where}.solver: unknown solver {arm.solver!r}; known: {', '.join(SOLVERS)}")
+    overrides = []
+    for i, o in enumerate(arm.overrides):
+        w = f"{where}.overrides.{i}"
+        if o.solver is not None and o.solver not in SOLVERS:
+            raise ValueError(f"{w}.solver: unknown solver {o.solver!r}; known: {', '.join(SOLVERS)}")
+        if o.match in ROLES:
+            match: re.Pattern | str = o.match
+        else:
+            try:
+                match = re.compile(o.match)
+            except re.error as e:
+                raise ValueError(f"{w}.match: bad regex {o.match!r}: {e}") from None
+        overrides.append((match, _codec(o.codec, f"{w}.codec"), o.solver))
+    return Recipe(
+        transforms=[_transform(t, f"{where}.transforms.{i}") for i, t in enumerate(arm.transforms)],
+        solver=arm.solver,
+        solver_options=dict(arm.solver_options),
+        codec=_codec(arm.codec, f"{where}.codec"),
+        overrides=overrides,
+        propagation=arm.propagation,
+        include_head=arm.include_head,
+    )

@@ -1,0 +1,219 @@
+"""Run a spec: arms x seeds on one model, each measured KLD-first against cached reference
+logits, written to JSON (and the ledger) as soon as it finishes, so a re-run resumes."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quantatlas.environment import environment
+from quantatlas.eval.bits import artifact_of
+from quantatlas.eval.kld import concat_metrics, kld_statistics, token_metrics
+from quantatlas.eval.windows import EvalSet, make_eval_set, reference_logprobs, scored_logits
+from quantatlas.models import LoadedModel, load_model
+from quantatlas.models.roles import quantizable
+from quantatlas.quant.quantize import calibration_tokens, quantize_model
+from quantatlas.quant.recipe import Recipe, build_recipe
+from quantatlas.spec import Spec, parse_spec
+
+RESULT_KEYS = ("kld_mean", "kld_se", "kld_median", "kld_p99", "kld_max", "same_top", "rms_dp", "ppl", "ppl_base",
+               "ppl_ratio", "bits_per_weight", "bits_per_param", "bytes_packed", "bytes_zstd", "bytes_brotli",
+               "seconds")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def arm_key(arm_cfg: dict, model_hash: str, fingerprint: str) -> str:
+    """What makes a stored arm x seed result reusable: the arm's config, the model and the eval tokens."""
+    blob = json.dumps({"arm": arm_cfg, "model": model_hash, "eval": fingerprint}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def evaluate(model, es: EvalSet, ref: np.ndarray, device, batch: int, progress=None):
+    """Per-token metrics of `model` against the reference log-probs over the eval set."""
+    targets = es.targets()
+    parts = []
+    for off, logits in scored_logits(model, es, batch, device):
+        n = logits.shape[0]
+        base = torch.from_numpy(np.ascontiguousarray(ref[off:off + n])).to(logits.device)
+        parts.append(token_metrics(base, logits.float(), targets[off:off + n].to(logits.device)))
+        if progress:
+            progress(n)
+    return concat_metrics(parts)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _stored_seeds(path: Path | None) -> dict:
+    """Previously finished arm x seed results from a JSON file, keyed by (arm key, seed)."""
+    if path is None or not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError):
+        return {}
+    done = {}
+    for arm in old.get("arms", {}).values():
+        for seed, res in arm.get("seeds", {}).items():
+            if "key" in arm:
+                done[(arm["key"], int(seed))] = res
+    return done
+
+
+class _Progress:
+    """rich progress bars when attached to a terminal; silent otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.p = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                              TimeElapsedColumn(), transient=True)
+
+    def __enter__(self):
+        if self.p:
+            self.p.__enter__()
+        return self
+
+    def __exit__(self, *a):
+        if self.p:
+            self.p.__exit__(*a)
+
+    def task(self, description: str, total: int):
+        if not self.p:
+            return None
+        t = self.p.add_task(description, total=total)
+        return lambda n=1: self.p.advance(t, n)
+
+
+def run_spec(spec: Spec | dict, json_path: str | Path | None = None, db_url: str | None = None,
+             device: str | None = None, progress: bool = False, ledger: bool = True,
+             loaded: LoadedModel | None = None, compress: bool = True, log=print) -> dict:
+    """Run every arm x seed of `spec` and return the results document (also written to `json_path`)."""
+    if isinstance(spec, dict):
+        spec = parse_spec(spec)
+    device = device or default_device()
+    json_path = Path(json_path) if json_path else None
+    t_start = time.time()
+    lm = loaded or load_model(spec.model, device=device)
+    ev = spec.data.eval
+    es = make_eval_set(lm.text_tokens(ev.source, "eval"), ev.tokens, ev.ctx, ev.score)
+    recipes: dict[str, Recipe] = {name: build_recipe(arm, f"arms.{name}") for name, arm in spec.arms.items()}
+    env = environment(device)
+    doc = {
+        "title": spec.title, "hypothesis": spec.hypothesis, "spec": spec.to_dict(), "spec_hash": spec.spec_hash(),
+        "model": spec.model, "model_hash": lm.model_hash, "eval_fingerprint": es.fingerprint,
+        "eval_tokens_scored": es.n_scored, "n_params": lm.n_params, "environment": env, "arms": {},
+    }
+    done = _stored_seeds(json_path)
+    led = exp_id = None
+    if ledger:
+        from quantatlas.atlas.ledger import Ledger
+
+        led = Ledger(db_url)
+        exp_id = led.register_experiment(spec.to_dict())
+        doc["experiment_id"] = exp_id
+    env_key = None
+    if led is not None:
+        from quantatlas.atlas.ledger import environment_key
+
+        env_key = environment_key(env)
+
+    calib_stream = None
+    with _Progress(progress) as bars:
+        ref = reference_logprobs(lm.model, lm.model_hash, es, device, ev.batch,
+                                 bars.task("reference logits", es.n_scored))
+        for name, arm in spec.arms.items():
+            recipe = recipes[name]
+            cfg = arm.model_dump(mode="json")
+            key = arm_key(cfg, lm.model_hash, es.fingerprint)
+            entry = doc["arms"].setdefault(name, {"key": key, "config": cfg, "seeds": {}})
+            seeded = recipe.needs_calibration
+            first_result = None
+            for seed in spec.seeds:
+                if (key, seed) in done:
+                    entry["seeds"][str(seed)] = done[(key, seed)]
+                    log(f"{name} seed {seed}: stored result reused")
+                    continue
+                if not seeded and first_result is not None:
+                    res = dict(first_result, reused_from_seed=spec.seeds[0])
+                    entry["seeds"][str(seed)] = res
+                    per_token = first_per_token
+                else:
+                    if seeded and calib_stream is None:
+                        calib_stream = lm.text_tokens(spec.data.calib.source, "train")
+                    res, per_token = _run_arm(lm, recipe, name, seed, es, ref, device, ev.batch, spec,
+                                              calib_stream if seeded else None, bars, compress)
+                    entry["seeds"][str(seed)] = res
+                    first_result, first_per_token = res, per_token
+                if json_path:
+                    _write_json(json_path, doc)
+                if led is not None:
+                    led.record_run(exp_id, name, seed, res, per_token, env, lm.model_hash, es.fingerprint)
+    if led is not None and spec.control is not None:
+        doc["verdicts"] = led.verdicts(exp_id)
+    doc["seconds"] = round(time.time() - t_start, 2)
+    if json_path:
+        _write_json(json_path, doc)
+    return doc
+
+
+def _run_arm(lm, recipe, name, seed, es, ref, device, batch, spec, calib_stream, bars, compress=True):
+    t0 = time.time()
+    torch.manual_seed(seed)
+    model = copy.deepcopy(lm.model)
+    calib = None
+    if calib_stream is not None:
+        c = spec.data.calib
+        calib = calibration_tokens(calib_stream, c.samples, c.seq_len, seed)
+    n_tensors = sum(p.codec is not None for p in recipe.plan(quantizable(model, include_head=recipe.include_head)))
+    packed = quantize_model(model, recipe, calib, seed, bars.task(f"{name} seed {seed}: quantize", n_tensors))
+    metrics = evaluate(model, es, ref, device, batch, bars.task(f"{name} seed {seed}: evaluate", es.n_scored))
+    stats = kld_statistics(metrics)
+    sizes = artifact_of(model, packed).measure(compress)
+    res = {k: float(v) for k, v in stats.items()}
+    res.update({k: float(v) for k, v in sizes.items()})
+    res["seconds"] = round(time.time() - t0, 3)
+    del model
+    return res, metrics.kld.astype(np.float32)
+
+
+def format_table(doc: dict) -> str:
+    """The summary table: one row per arm, metrics averaged over seeds."""
+    verdicts = {v.get("arm"): v for v in doc.get("verdicts", []) or []}
+    head = f"{'arm':<16} {'bits/wt':>7} {'bits/param':>10}  {'KLD mean ± SE':<22} {'KLD p99':>9} " \
+           f"{'same-top':>8} {'PPL ratio':>9}  {'zstd MB':>7}  seeds"
+    lines = [head]
+    for name, arm in doc["arms"].items():
+        rs = list(arm["seeds"].values())
+        if not rs:
+            continue
+
+        def m(k):
+            return float(np.mean([r[k] for r in rs]))
+
+        kld = "0" if m("kld_mean") == 0 else f"{m('kld_mean'):.5f} ± {m('kld_se'):.5f}"
+        row = (f"{name:<16} {m('bits_per_weight'):>7.3f} {m('bits_per_param'):>10.3f}  {kld:<22} "
+               f"{m('kld_p99'):>9.5f} {100 * m('same_top'):>7.2f}% {m('ppl_ratio'):>9.4f}  "
+               (f"{m('bytes_zstd') / 1e6:>7.3f}" if "bytes_zstd" in rs[0] else f"{'-':>7}") + f"  {len(rs)}")
+        v = verdicts.get(name)
+        if v:
+            row += f"  {v.get('result', '')}"
+        lines.append(row)
+    return "\n".join(lines)
