@@ -191,6 +191,17 @@ def test_decoder_layers_and_membership(models, family):
         assert inside == ([] if t.layer is None else [t.layer]), t.name
 
 
+def test_layer_prefix_prefers_the_largest_list_of_blocks():
+    model = _hf(T.LlamaConfig, T.LlamaForCausalLM)()
+    # a deeper, longer list of parameter-free blocks and a shallower list of small blocks
+    model.model.layers[0].self_attn.dropouts = torch.nn.ModuleList(torch.nn.Dropout() for _ in range(8))
+    model.extra_norms = torch.nn.ModuleList([torch.nn.LayerNorm(HIDDEN)])
+    assert layer_prefix(model) == "model.layers"
+    assert len(decoder_layers(model)) == N_LAYERS
+    with pytest.raises(ValueError, match="decoder layers"):
+        layer_prefix(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shapes_are_out_in(models, family):
     model = models[family]
@@ -270,6 +281,11 @@ def test_set_weight_keeps_layout_dtype_and_copies():
     assert got.dtype == torch.float32 and torch.equal(got, w.to(torch.bfloat16).float())
     got.zero_()                                              # a copy: the model is untouched
     assert torch.equal(t.module.weight, w.to(torch.bfloat16))
+    for fp32 in (next(t for t in find_roles(_gpt2()) if t.role == "o"),                 # fp32 Conv1D
+                 next(t for t in find_roles(_hf(T.LlamaConfig, T.LlamaForCausalLM)()) if t.role == "q")):
+        before = fp32.module.weight.detach().clone()                                   # never a view
+        get_weight(fp32).add_(1.0)
+        assert torch.equal(fp32.module.weight, before)
     conv = next(t for t in find_roles(_gpt2().half()) if t.kind == "conv1d" and t.role == "up")
     set_weight(conv, torch.ones(conv.shape))
     assert conv.module.weight.dtype == torch.float16 and conv.module.weight.shape == (HIDDEN, INTER)

@@ -33,7 +33,7 @@ MATRIX_KINDS = ("linear", "conv1d")
 
 # GPTQ's true-sequential order inside one decoder layer: a group's inputs are produced by
 # the groups before it, so each group is calibrated on the outputs of already-quantized ones.
-SEQUENTIAL_ORDER: tuple[tuple[str, ...], ...] = (("q", "k", "v", "qkv"), ("o",), ("down",), ("gate", "up", "gate_up"))
+SEQUENTIAL_ORDER: tuple[tuple[str, ...], ...] = (("q", "k", "v", "qkv"), ("o",), ("gate", "up", "gate_up"), ("down",))
 
 
 def _names(pattern: str) -> re.Pattern:

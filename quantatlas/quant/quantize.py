@@ -151,7 +151,7 @@ def _layerwise(model, recipe: Recipe, plans: list[TensorPlan], calib, packed, pr
 def _collect(layer, group: list[TensorPlan], hidden, inputs, fp_layer, fp_hidden) -> dict[str, dict]:
     """Hessians (and for GPTAQ the cross term) of the group's modules on one pass over the calibration set."""
     modules = {p.name: p.target.module for p in group}
-    accs = {n: InputAccumulator(_width(p), get_weight(p.target).device) for n, p in zip(modules, group)}
+    accs = {n: InputAccumulator(_width(p), p.target.module.weight.device) for n, p in zip(modules, group)}
     cross = {n: torch.zeros_like(a.xx) for n, a in accs.items()} if fp_layer is not None else None
     fp_x: dict[str, torch.Tensor] = {}
     handles = []

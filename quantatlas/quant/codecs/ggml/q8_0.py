@@ -1,52 +1,43 @@
-"""Q8_0: blocks of 32 weights along a row, each stored as fp16 d + 32 int8 (34 bytes).
+"""Q8_0: blocks of 32 weights, fp16 d then 32 int8 codes (34 bytes, 8.5 bits per weight).
 
-ggml's reference: d = max|x| / 127, q = roundf(x * (1/d)) (half away from zero), the
-quantisation uses fp32 d and the stored d is fp16(d); decode is q * fp16(d).
+quantize_row_q8_0_ref: d = max|x| / 127, q = roundf(x * (1/d)) (halves away from zero) with the
+fp32 d, stored d = fp16(d); dequantize: q * d. ggml ignores an imatrix for Q8_0.
 """
 from __future__ import annotations
 
 import torch
 
 from quantatlas.quant.codecs import register
-from quantatlas.quant.codecs.base import Codec, Packed
+from quantatlas.quant.codecs.ggml.block_codec import BlockCodec, BlockFit, bytes_fp16, fp16_bytes, round_code
+from quantatlas.quant.codecs.ggml.cfloat import fdiv, roundf, to_fp16
 
 QK8_0 = 32
 
 
-def roundf(x: torch.Tensor) -> torch.Tensor:
-    """C's roundf: halves away from zero (torch.round rounds halves to even)."""
-    return torch.sign(x) * torch.floor(x.abs() + 0.5)
-
-
 @register
-class Q8_0(Codec):
+class Q8_0(BlockCodec):
     name = "q8_0"
     group_size = QK8_0
+    type_size = 34
 
-    def fit(self, w, importance=None):
-        d = w.float().abs().amax(-1) / 127.0
-        return d  # fp32 d: ggml quantizes with it and stores fp16(d)
+    def fit_blocks(self, x, qw, sigma2):
+        d = fdiv(x.abs().amax(-1), 127.0)
+        inv_d = torch.where(d != 0, fdiv(1.0, d), torch.zeros_like(d))
+        fit = BlockFit({"d": to_fp16(d)}, None, {"id": inv_d})
+        fit.codes = self.rule_codes(x, fit, 0)
+        return fit
 
-    def quantize(self, w, params, col=0):
-        d = params
-        inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
-        q = roundf(w.float() * inv[:, None])
-        return q * d.half().float()[:, None]
+    def rule_codes(self, x, fit, col):
+        return roundf(x * fit.rule["id"][:, None]).clamp(-128, 127).to(torch.int32)
 
-    def pack(self, w_hat, params):
-        rows, cols = w_hat.shape
-        d = torch.stack(params, 1)                                       # [rows, blocks] fp32
-        dh = d.half()
-        q = torch.where(dh.float()[..., None] > 0,
-                        torch.round(w_hat.float().reshape(rows, -1, QK8_0) / dh.float()[..., None].clamp_min(1e-30)),
-                        torch.zeros(1, device=w_hat.device))
-        blocks = torch.cat([dh.unsqueeze(-1).view(torch.uint8),          # 2 bytes, little-endian fp16
-                            q.to(torch.int8).view(torch.uint8)], -1)     # 32 bytes
-        return Packed(self.name, {}, (rows, cols), {"blocks": blocks.reshape(rows, -1)})
+    def values(self, codes, fields, col):
+        return codes.float() * fields["d"].float()[:, None]
 
-    def decode(self, packed):
-        rows, cols = packed.shape
-        b = packed.data["blocks"].reshape(rows, cols // QK8_0, 34)
-        d = b[..., :2].contiguous().view(torch.float16).float()          # [rows, blocks, 1]
-        q = b[..., 2:].contiguous().view(torch.int8).float()
-        return (q * d).reshape(rows, cols)
+    def invert(self, x, fields, col):
+        return round_code(x, fields["d"].float()[:, None].expand_as(x), -128, 127, 0)
+
+    def to_bytes(self, codes, fields):
+        return torch.cat([fp16_bytes(fields["d"]), codes.to(torch.int8).view(torch.uint8)], 1)
+
+    def from_bytes(self, blocks):
+        return blocks[:, 2:].contiguous().view(torch.int8).to(torch.int32), {"d": bytes_fp16(blocks[:, :2])}

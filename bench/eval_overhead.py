@@ -1,0 +1,68 @@
+"""Eval overhead: wall time of a full KLD evaluation of a quantized reference model divided by
+the wall time of bare forward passes over the same tokens (target: at most 1.3).
+
+    python bench/eval_overhead.py [--tokens 65536] [--ctx 512] [--device cpu] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from quantatlas.eval.windows import make_eval_set, reference_logprobs, scored_logits
+from quantatlas.models import load_model
+from quantatlas.quant.quantize import quantize_model
+from quantatlas.quant.recipe import build_recipe
+from quantatlas.runner import evaluate
+from quantatlas.spec import Arm
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="bench/results/eval_overhead.json")
+    a = ap.parse_args()
+
+    lm = load_model("reference", device=a.device)
+    es = make_eval_set(lm.text_tokens("stdlib", "eval"), a.tokens, a.ctx)
+    ref = reference_logprobs(lm.model, lm.model_hash, es, a.device, a.batch)
+    model = lm.model
+    quantize_model(model, build_recipe(Arm(codec={"uniform": {"bits": 4, "group": 128}})), None, 0)
+
+    def sync():
+        if torch.device(a.device).type == "cuda":
+            torch.cuda.synchronize()
+
+    def bare():
+        with torch.no_grad():
+            for _ in scored_logits(model, es, a.batch, a.device):
+                pass
+        sync()
+
+    def full():
+        evaluate(model, es, ref, a.device, a.batch)
+        sync()
+
+    bare()  # warm-up
+    t_bare, t_full = [], []
+    for _ in range(a.repeats):  # interleave so drift hits both alike
+        t0 = time.perf_counter(); bare(); t_bare.append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); full(); t_full.append(time.perf_counter() - t0)
+    res = {"device": a.device, "tokens": int(es.windows.numel()), "tokens_scored": es.n_scored, "ctx": a.ctx,
+           "bare_forward_s": min(t_bare), "kld_eval_s": min(t_full), "ratio": min(t_full) / min(t_bare),
+           "target": 1.3}
+    print(f"bare forward {res['bare_forward_s']:.3f} s, KLD evaluation {res['kld_eval_s']:.3f} s, "
+          f"ratio {res['ratio']:.3f} (target <= 1.3) over {res['tokens']} tokens on {a.device}")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

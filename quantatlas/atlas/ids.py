@@ -1,0 +1,99 @@
+"""Content-addressed ids: experiments, families, environments, runs.
+
+An experiment id is `cexp_` + the first hex digits of sha256 over the *normalised* spec
+without its free text (title, hypothesis, tags, notes). Normalised means:
+
+- validated by `quantatlas.spec` and dumped with every field that equals its default left
+  out (so writing a default explicitly, or a later version adding a field with a default,
+  does not change the id);
+- canonical JSON: keys sorted, no whitespace, integral floats written as integers
+  (`bits: 4.0` == `bits: 4`), strings stripped of surrounding whitespace.
+
+Key order and formatting therefore never matter; list order does (transforms and
+overrides apply in order). Codec options are free mappings, so a codec default written
+out (`group: 128`) is still part of the id.
+
+The family hash is the same hash without `model`: one experiment run on several models.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+FREE_TEXT = ("title", "hypothesis", "tags", "notes")
+ID_PREFIX = "cexp_"
+ID_HEX_DIGITS = 8          # at least 6; the ledger lengthens an id on a (rare) prefix collision
+ENVIRONMENT_FIELDS = ("device", "packages", "git_commit", "hostname")
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k).strip(): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"spec holds a non-finite number ({value!r}); ids need finite numbers")
+        return int(value) if value.is_integer() else value
+    if isinstance(value, str):
+        return value.strip()
+    return value
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(_canonical(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def normalise_spec(spec: dict) -> tuple[dict, dict]:
+    """(full validated spec as stored, the part that identifies it: no free text, no defaults).
+
+    Raises ValueError (naming the field) when the spec does not validate.
+    """
+    from quantatlas.spec import SpecError, parse_spec  # pydantic + yaml only: no torch
+
+    if not isinstance(spec, dict):
+        raise ValueError(f"spec must be a mapping, got {type(spec).__name__}")
+    try:
+        model = parse_spec(spec, "spec")
+    except SpecError as e:
+        raise ValueError(str(e)) from None
+    full = model.model_dump(mode="json")
+    identity = model.model_dump(mode="json", exclude_defaults=True)
+    for key in FREE_TEXT:
+        identity.pop(key, None)
+    return full, _canonical(identity)
+
+
+def spec_hash(identity: dict) -> str:
+    """Full sha256 of the identifying part of a spec (see `normalise_spec`)."""
+    return sha256_hex(canonical_json(identity))
+
+
+def family_hash(identity: dict) -> str:
+    """The spec hash without the model: the same experiment on another model shares it."""
+    rest = {k: v for k, v in identity.items() if k != "model"}
+    return sha256_hex(canonical_json(rest))
+
+
+def experiment_id(full_hash: str, digits: int = ID_HEX_DIGITS) -> str:
+    return ID_PREFIX + full_hash[:digits]
+
+
+def environment_key(environment: dict) -> str:
+    """What makes an environment distinct: device, package versions, git commit, host."""
+    if not isinstance(environment, dict):
+        raise ValueError(f"environment must be a mapping, got {type(environment).__name__}")
+    return sha256_hex(canonical_json({k: environment.get(k) for k in ENVIRONMENT_FIELDS}))[:16]
+
+
+def run_id(experiment: str, arm: str, seed: int, env_key: str, contributor: str, model_hash: str,
+           eval_fingerprint: str) -> str:
+    """Deterministic: the same run imported into another ledger keeps its id."""
+    blob = canonical_json([experiment, arm, int(seed), env_key, contributor, model_hash, eval_fingerprint])
+    return "run_" + sha256_hex(blob)[:16]

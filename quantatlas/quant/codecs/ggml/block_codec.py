@@ -1,0 +1,159 @@
+"""What every ggml block codec shares: blocks along rows, ggml's bytes per block.
+
+A block is `group_size` consecutive weights of one row (32, or a 256-weight super-block).
+A format implements six small pieces:
+
+    fit_blocks(x [B, g], qw [B, g] | None, sigma2 [B] | None) -> BlockFit   ggml's search
+    rule_codes(x, fit, col)           ggml's final coding step for weights x (columns col..)
+    values(codes, fields, col)        ggml's dequantize_row_* for those codes
+    invert(x, fields, col)            the code of an on-grid value (for values a solver produced)
+    to_bytes(codes, fields)           ggml's block layout, uint8 [B, type_size]
+    from_bytes(blocks)                the inverse: (codes, fields)
+
+`fit` -> `quantize` -> `pack` reproduce ggml's bytes; `encode` does the same in one pass over
+all blocks of a matrix (fit_blocks is vectorised over blocks, rows included) and, for the
+legacy formats with an imatrix, hands over ggml's whole-row mean of x^2.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantatlas.quant.codecs.base import Codec, Packed
+from quantatlas.quant.codecs.ggml.cfloat import fdiv, seq_sum
+
+
+@dataclass
+class BlockFit:
+    """The fit of B blocks: stored fields, ggml's codes for the fitted weights, the coding rule."""
+
+    fields: dict[str, torch.Tensor]  # per block (leading dim B): fp16 scales, packed scale bytes, ...
+    codes: torch.Tensor              # [B, g] int32, the codes ggml stores for the fitted weights
+    rule: dict[str, torch.Tensor]    # per block: what `rule_codes` needs to code new weights
+
+    @staticmethod
+    def stack(fits: list[BlockFit]) -> BlockFit:
+        """One fit per column group (each [rows, ...]) -> one fit over blocks in row-major order."""
+        def cat(ts):
+            return torch.stack(ts, 1).flatten(0, 1)
+        return BlockFit({k: cat([f.fields[k] for f in fits]) for k in fits[0].fields},
+                        cat([f.codes for f in fits]),
+                        {k: cat([f.rule[k] for f in fits]) for k in fits[0].rule})
+
+
+def fp16_bytes(h: torch.Tensor) -> torch.Tensor:
+    """[B] float16 -> [B, 2] uint8, little-endian as ggml_half is stored."""
+    return h.contiguous().view(torch.uint8).reshape(-1, 2)
+
+
+def bytes_fp16(b: torch.Tensor) -> torch.Tensor:
+    """[B, 2] uint8 -> [B] float16."""
+    return b.contiguous().view(torch.float16).reshape(-1)
+
+
+def nibbles(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    return ((lo & 0xF) | ((hi & 0xF) << 4)).to(torch.uint8)
+
+
+def per_weight(t: torch.Tensor, g: int, col: int, c: int) -> torch.Tensor:
+    """Per-sub-block values [B, nsub] spread over the weights they cover, columns col..col+c."""
+    return t.repeat_interleave(g // t.shape[1], dim=1)[:, col:col + c]
+
+
+def round_code(x: torch.Tensor, step: torch.Tensor, lo: int, hi: int, empty: int) -> torch.Tensor:
+    """The code q in [lo, hi] with q*step nearest x (`empty` where step is 0)."""
+    q = torch.round(x / torch.where(step != 0, step, torch.ones_like(step)))
+    q = q.clamp(lo, hi).to(torch.int32)
+    return torch.where(step != 0, q, torch.full_like(q, empty))
+
+
+class BlockCodec(Codec):
+    """Base of the ggml formats; `group_size` weights per block, `type_size` bytes per block."""
+
+    type_size: int
+    #: ggml's imatrix path for Q4_0/Q4_1/Q5_0/Q5_1 weights with the mean of x^2 over the whole row
+    uses_row_sigma2 = False
+    #: weights per step of `encode`, to bound temporary memory on large matrices
+    encode_chunk = 1 << 21
+
+    def fit_blocks(self, x, qw, sigma2) -> BlockFit:
+        raise NotImplementedError
+
+    def rule_codes(self, x, fit: BlockFit, col: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def values(self, codes, fields, col: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def invert(self, x, fields, col: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_bytes(self, codes, fields) -> torch.Tensor:
+        raise NotImplementedError
+
+    def from_bytes(self, blocks) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    # -- the codec interface --------------------------------------------------------------
+    def fit(self, w, importance=None):
+        x = w.detach().float()
+        if x.dim() != 2 or x.shape[1] != self.group_size:
+            raise ValueError(f"{self.name}: fit takes blocks of {self.group_size} columns, got shape "
+                             f"{tuple(x.shape)}")
+        qw = None if importance is None else self._importance(importance, x.shape[1], x).expand_as(x)
+        return self.fit_blocks(x, qw, None)
+
+    def quantize(self, w, params: BlockFit, col=0):
+        x = w.detach().float()
+        return self.values(self.rule_codes(x, params, col), params.fields, col)
+
+    def pack(self, w_hat, params):
+        rows, cols = w_hat.shape
+        g = self.group_of(cols)
+        if len(params) != cols // g:
+            raise ValueError(f"{self.name}: pack needs one fit per group ({cols // g}), got {len(params)}")
+        fit = BlockFit.stack(list(params))
+        x = w_hat.detach().float().reshape(-1, g)
+        # the fitted codes where they give exactly these values (always, after fit+quantize);
+        # otherwise the code of the value (a solver moved it); blocks with a zero step keep theirs
+        same = self.values(fit.codes, fit.fields, 0) == x
+        codes = torch.where(same, fit.codes, self.invert(x, fit.fields, 0))
+        return self._packed(self.to_bytes(codes, fit.fields), rows, cols)
+
+    def encode(self, w, importance=None):
+        w = w.detach().float()
+        rows, cols = w.shape
+        g = self.group_of(cols)
+        nb = cols // g
+        imp = None if importance is None else self._importance(importance, cols, w).reshape(1, nb, g)
+        row_sigma2 = None
+        if imp is not None and self.uses_row_sigma2:  # sum over the row, left to right, / n_per_row
+            row_sigma2 = fdiv(seq_sum(w * w), float(cols))
+        step = max(1, self.encode_chunk // cols)
+        out = []
+        for r in range(0, rows, step):
+            xr = w[r:r + step]
+            n = xr.shape[0]
+            qw = None if imp is None else imp.expand(n, nb, g).reshape(n * nb, g)
+            s2 = None if row_sigma2 is None else row_sigma2[r:r + n].repeat_interleave(nb)
+            fit = self.fit_blocks(xr.reshape(n * nb, g), qw, s2)
+            out.append(self.to_bytes(fit.codes, fit.fields).reshape(n, nb * self.type_size))
+        return self._packed(torch.cat(out), rows, cols, reshaped=True)
+
+    def decode(self, packed):
+        rows, cols = packed.shape
+        self.group_of(cols)
+        codes, fields = self.from_bytes(packed.data["blocks"].reshape(-1, self.type_size))
+        return self.values(codes, fields, 0).reshape(rows, cols)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _importance(self, importance, n, like):
+        imp = torch.as_tensor(importance).detach().float().to(like.device).reshape(-1)
+        if imp.numel() != n:
+            raise ValueError(f"{self.name}: importance has {imp.numel()} entries for {n} columns")
+        return imp
+
+    def _packed(self, blocks, rows, cols, reshaped=False):
+        blocks = blocks if reshaped else blocks.reshape(rows, -1)
+        return Packed(self.name, self.config(), (rows, cols), {"blocks": blocks.to(torch.uint8)})

@@ -1,0 +1,107 @@
+"""C float32 semantics that ggml's reference quantization depends on, as torch ops.
+
+Byte-exact agreement with ggml needs its arithmetic, not just its formulas:
+- every operation in fp32, one IEEE rounding each, in C's evaluation order (a*b*c is (a*b)*c);
+- sums accumulated left to right (`seq_sum`), not tree-reduced;
+- divisions as true divisions (torch turns `scalar / tensor` into reciprocal * scalar, and CUDA
+  turns `tensor / cpu_scalar` into a multiply by the reciprocal, so `fdiv` makes both sides
+  device tensors);
+- ggml's rounding helpers: `nearest_int` (the 12582912 trick), C's `roundf` and integer casts;
+- running max/min that keep the first element reaching the extreme (it decides the sign of d).
+Compiled without FMA contraction (ggml's reference C is plain fp32 code).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+#: ggml's GROUP_MAX_EPS: blocks whose largest magnitude is below it count as all zero.
+GROUP_MAX_EPS = float(np.float32(1e-15))
+
+
+def f32(expr: float) -> float:
+    """A Python float holding the fp32 value of a constant expression (exactly representable)."""
+    return float(np.float32(expr))
+
+
+def fdiv(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
+    """a / b as an fp32 IEEE division, element by element, on either device."""
+    if not torch.is_tensor(a):
+        a = torch.full_like(b, a)
+    if not torch.is_tensor(b):
+        b = torch.full_like(a, b)
+    return torch.div(a, b)
+
+
+def nearest_int(f: torch.Tensor) -> torch.Tensor:
+    """ggml's nearest_int: add 1.5*2^23 in fp32 and read the low mantissa bits (int32).
+
+    Round-half-to-even for |f| < 2^22; reproduces ggml's result bit for bit outside that range too
+    (ggml asserts the range only in debug builds).
+    """
+    v = f.float() + 12582912.0
+    return (v.view(torch.int32) & 0x007FFFFF) - 0x00400000
+
+
+def roundf(x: torch.Tensor) -> torch.Tensor:
+    """C's roundf: halves away from zero, exact for every float (floor(|x| + 0.5) is not)."""
+    t = torch.trunc(x)
+    return t + torch.sign(x) * ((x - t).abs() >= 0.5).to(x.dtype)
+
+
+def trunc_int(x: torch.Tensor) -> torch.Tensor:
+    """A C cast of float to an integer type: truncation toward zero (in-range values)."""
+    return torch.trunc(x).to(torch.int32)
+
+
+def to_fp16(x: torch.Tensor) -> torch.Tensor:
+    """GGML_FP32_TO_FP16: round to nearest even (overflow to inf), as a float16 tensor."""
+    return x.float().half()
+
+
+def seq_sum(t: torch.Tensor, start_with_first: bool = False) -> torch.Tensor:
+    """sum = 0; for i: sum += t[..., i] -- left to right in fp32 over the last dim.
+
+    `start_with_first`: C's `sum = t[0]; for i >= 1 ...` (differs only in the sign of a zero sum).
+    """
+    cols = t.movedim(-1, 0).contiguous()
+    acc = cols[0].clone() if start_with_first else cols[0] + 0.0
+    for c in cols[1:]:
+        acc = acc + c
+    return acc
+
+
+def _first(x: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
+    """x at the first position where `hit` is true, along the last dim."""
+    idx = hit.to(torch.int8).argmax(-1, keepdim=True)
+    return x.gather(-1, idx).squeeze(-1)
+
+
+def c_max(x: torch.Tensor) -> torch.Tensor:
+    """max = x[0]; if (x[i] > max) max = x[i];  (the first element equal to the maximum)."""
+    return _first(x, x == x.amax(-1, keepdim=True))
+
+
+def c_min(x: torch.Tensor) -> torch.Tensor:
+    """min = x[0]; if (x[i] < min) min = x[i];"""
+    return _first(x, x == x.amin(-1, keepdim=True))
+
+
+def c_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """amax = 0, max = 0; if (|x[i]| > amax) { amax = |x[i]|; max = x[i]; }  -> (amax, max)."""
+    ax = x.abs()
+    amax = ax.amax(-1)
+    first = _first(x, ax == amax[..., None])
+    return amax, torch.where(amax > 0, first, torch.zeros_like(first))
+
+
+def best_index_int8(values: list[int], x: torch.Tensor) -> torch.Tensor:
+    """ggml's best_index_int8: the level of the sorted int8 table nearest x, ties upward.
+
+    ggml compares x + x with the integer sums of neighbouring levels (exact midpoints); the
+    index is how many of those midpoints x + x reaches.
+    """
+    mids = torch.tensor([float(a + b) for a, b in zip(values[:-1], values[1:])], device=x.device)
+    x2 = x + x
+    idx = torch.bucketize(x2.contiguous(), mids, right=True)
+    return torch.where(torch.isnan(x2), torch.zeros_like(idx), idx).to(torch.int32)

@@ -1,0 +1,72 @@
+"""End to end: a spec runs arms x seeds on a local model, writes JSON, and resumes."""
+import json
+
+import pytest
+import torch
+
+from quantatlas import runner
+from quantatlas.spec import parse_spec
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Qwen3 saved as a local Hugging Face folder (byte vocabulary, no tokenizer)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                      tie_word_embeddings=False)
+    model = Qwen3ForCausalLM(cfg)
+    with torch.no_grad():  # a less flat output distribution than the default init gives
+        model.lm_head.weight.mul_(20)
+    d = tmp_path_factory.mktemp("tiny_qwen3")
+    model.save_pretrained(d)
+    return d
+
+
+def spec_for(model_dir, seeds=(0, 1)):
+    return parse_spec({
+        "title": "tiny baselines", "hypothesis": "more bits, less KLD", "model": str(model_dir),
+        "data": {"eval": {"tokens": 4096, "ctx": 128}},
+        "seeds": list(seeds),
+        "arms": {
+            "fp16": {"codec": None},
+            "q8_0": {"codec": "q8_0"},
+            "int4": {"codec": {"uniform": {"bits": 4, "group": 64}}},
+            "int3": {"codec": {"uniform": {"bits": 3, "group": 64}}},
+        },
+    })
+
+
+def test_run_orders_kld_by_bits_and_resumes(tiny_dir, tmp_path, monkeypatch):
+    out = tmp_path / "r.json"
+    doc = runner.run_spec(spec_for(tiny_dir), out, compress=False, ledger=False)
+    saved = json.loads(out.read_text())
+    for key in ("spec_hash", "model_hash", "eval_fingerprint", "environment"):
+        assert saved[key]
+    assert {"packages", "git_commit", "device"} <= set(saved["environment"])
+    a = {name: saved["arms"][name]["seeds"]["0"] for name in ("fp16", "q8_0", "int4", "int3")}
+    for r in a.values():
+        assert set(runner.RESULT_KEYS) - {"bytes_zstd", "bytes_brotli"} <= set(r)
+    assert a["fp16"]["kld_mean"] == 0.0 and a["fp16"]["kld_max"] == 0.0 and a["fp16"]["same_top"] == 1.0
+    assert a["fp16"]["ppl_ratio"] == 1.0 and a["fp16"]["bits_per_weight"] == 16.0
+    assert 0 < a["q8_0"]["kld_mean"] < a["int4"]["kld_mean"] < a["int3"]["kld_mean"]
+    assert [a[k]["bits_per_weight"] for k in ("q8_0", "int4", "int3")] == [8.5, 4.25, 3.25]
+    assert a["int3"]["bits_per_param"] > a["int3"]["bits_per_weight"]  # fp16 embeddings and head count
+    # RTN has nothing random: seed 1 is seed 0's result, not a recomputation
+    assert saved["arms"]["int4"]["seeds"]["1"]["reused_from_seed"] == 0
+    assert doc["arms"]["int4"]["seeds"]["1"]["kld_mean"] == a["int4"]["kld_mean"]
+
+    def boom(*a, **k):
+        raise AssertionError("a stored result was recomputed")
+    monkeypatch.setattr(runner, "quantize_model", boom)
+    again = runner.run_spec(spec_for(tiny_dir), out, compress=False, ledger=False)
+    assert again["arms"]["int3"]["seeds"]["0"] == a["int3"]
+
+
+def test_compressed_sizes_reported(tiny_dir, tmp_path):
+    s = spec_for(tiny_dir, seeds=(0,))
+    s.arms = {"int4": s.arms["int4"]}
+    r = runner.run_spec(s, None, compress=True, ledger=False)["arms"]["int4"]["seeds"]["0"]
+    assert 0 < r["bytes_zstd"] < r["bytes_packed"] and 0 < r["bytes_brotli"] < r["bytes_packed"]
