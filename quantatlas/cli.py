@@ -33,7 +33,7 @@ def _user_error(e: Exception, spec_path: Path | None) -> str:
         field = "model"
     line = field_line(spec_path, field) if field else None
     where = f"{spec_path}:{line}" if line else str(spec_path)
-    return f"{where}: {msg if not field or msg.startswith(field) else 'field ' + field + ': ' + msg}"
+    return f"{where}: {msg if not field or msg.startswith(field + ':') else 'field ' + field + ': ' + msg}"
 
 
 @app.command()

@@ -45,7 +45,7 @@ def evaluate(model, es: EvalSet, ref: np.ndarray, device, batch: int, progress=N
     parts = []
     for off, logits in scored_logits(model, es, batch, device):
         n = logits.shape[0]
-        base = torch.from_numpy(np.ascontiguousarray(ref[off:off + n])).to(logits.device)
+        base = torch.from_numpy(np.array(ref[off:off + n])).to(logits.device)
         parts.append(token_metrics(base, logits.float(), targets[off:off + n].to(logits.device)))
         if progress:
             progress(n)
@@ -111,10 +111,10 @@ def run_spec(spec: Spec | dict, json_path: str | Path | None = None, db_url: str
     device = device or default_device()
     json_path = Path(json_path) if json_path else None
     t_start = time.time()
+    recipes: dict[str, Recipe] = {name: build_recipe(arm, f"arms.{name}") for name, arm in spec.arms.items()}
     lm = loaded or load_model(spec.model, device=device)
     ev = spec.data.eval
     es = make_eval_set(lm.text_tokens(ev.source, "eval"), ev.tokens, ev.ctx, ev.score)
-    recipes: dict[str, Recipe] = {name: build_recipe(arm, f"arms.{name}") for name, arm in spec.arms.items()}
     env = environment(device)
     doc = {
         "title": spec.title, "hypothesis": spec.hypothesis, "spec": spec.to_dict(), "spec_hash": spec.spec_hash(),
@@ -211,7 +211,7 @@ def format_table(doc: dict) -> str:
         kld = "0" if m("kld_mean") == 0 else f"{m('kld_mean'):.5f} ± {m('kld_se'):.5f}"
         row = (f"{name:<16} {m('bits_per_weight'):>7.3f} {m('bits_per_param'):>10.3f}  {kld:<22} "
                f"{m('kld_p99'):>9.5f} {100 * m('same_top'):>7.2f}% {m('ppl_ratio'):>9.4f}  "
-               (f"{m('bytes_zstd') / 1e6:>7.3f}" if "bytes_zstd" in rs[0] else f"{'-':>7}") + f"  {len(rs)}")
+               + (f"{m('bytes_zstd') / 1e6:>7.3f}" if "bytes_zstd" in rs[0] else f"{'-':>7}") + f"  {len(rs)}")
         v = verdicts.get(name)
         if v:
             row += f"  {v.get('result', '')}"

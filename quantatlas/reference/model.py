@@ -40,8 +40,10 @@ def load_reference(dtype: torch.dtype = torch.float32, device: str | torch.devic
 
     weights = CHECKPOINT_DIR / "model.safetensors"
     if not weights.exists():
-        raise FileNotFoundError(
-            f"{weights}: the reference checkpoint is missing; train it with `quantatlas reference train`")
+        from quantatlas.models.load import ModelLoadError
+
+        raise ModelLoadError(
+            f"model 'reference': {weights} is missing; train it with `quantatlas reference train`")
     config = Qwen3Config(**json.loads((CHECKPOINT_DIR / "config.json").read_text()))
     model = Qwen3ForCausalLM(config)
     model.load_state_dict(load_file(str(weights)), strict=True)
