@@ -18,8 +18,7 @@ from quantatlas.eval.bits import artifact_of
 from quantatlas.eval.kld import concat_metrics, kld_statistics, token_metrics
 from quantatlas.eval.windows import EvalSet, make_eval_set, reference_logprobs, scored_logits
 from quantatlas.models import LoadedModel, load_model
-from quantatlas.models.roles import quantizable
-from quantatlas.quant.quantize import calibration_tokens, quantize_model
+from quantatlas.quant.quantize import calibration_tokens, quantize_model, tensors_to_quantize
 from quantatlas.quant.recipe import Recipe, build_recipe
 from quantatlas.spec import Spec, parse_spec
 
@@ -182,7 +181,7 @@ def _run_arm(lm, recipe, name, seed, es, ref, device, batch, spec, calib_stream,
     if calib_stream is not None:
         c = spec.data.calib
         calib = calibration_tokens(calib_stream, c.samples, c.seq_len, seed)
-    n_tensors = sum(p.codec is not None for p in recipe.plan(quantizable(model, include_head=recipe.include_head)))
+    n_tensors = sum(p.codec is not None for p in recipe.plan(tensors_to_quantize(model, recipe), model))
     packed = quantize_model(model, recipe, calib, seed, bars.task(f"{name} seed {seed}: quantize", n_tensors))
     metrics = evaluate(model, es, ref, device, batch, bars.task(f"{name} seed {seed}: evaluate", es.n_scored))
     stats = kld_statistics(metrics)

@@ -19,6 +19,10 @@ from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, Lar
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
+# a Python None is stored as SQL NULL (not the JSON text 'null'), so IS NULL finds it
+JSONValue = JSON(none_as_null=True)
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -42,8 +46,8 @@ class Environment(Base):
     git_commit: Mapped[str | None] = mapped_column(String(100))
     python: Mapped[str | None] = mapped_column(String(50))
     platform: Mapped[str | None] = mapped_column(String(300))
-    packages: Mapped[dict | None] = mapped_column(JSON)
-    full: Mapped[dict | None] = mapped_column(JSON)          # everything the runner reported
+    packages: Mapped[dict | None] = mapped_column(JSONValue)
+    full: Mapped[dict | None] = mapped_column(JSONValue)          # everything the runner reported
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -57,9 +61,9 @@ class Experiment(Base):
     notes: Mapped[str | None] = mapped_column(Text)
     model: Mapped[str | None] = mapped_column(String(300), index=True)
     control: Mapped[str | None] = mapped_column(String(200))
-    spec: Mapped[dict | None] = mapped_column(JSON)
+    spec: Mapped[dict | None] = mapped_column(JSONValue)
     source: Mapped[str] = mapped_column(String(20), default="spec")          # spec | import
-    imported: Mapped[dict | None] = mapped_column(JSON)                     # hypothesis-only rows: result, columns
+    imported: Mapped[dict | None] = mapped_column(JSONValue)   # hypothesis-only rows: result, ...
     contributor_id: Mapped[int | None] = mapped_column(ForeignKey("contributor.id"))
     merged_into: Mapped[str | None] = mapped_column(ForeignKey("experiment.id"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
@@ -88,7 +92,7 @@ class Arm(Base):
     experiment_id: Mapped[str] = mapped_column(ForeignKey("experiment.id"), index=True)
     name: Mapped[str] = mapped_column(String(200))
     position: Mapped[int] = mapped_column(Integer, default=0)
-    config: Mapped[dict | None] = mapped_column(JSON)
+    config: Mapped[dict | None] = mapped_column(JSONValue)
     is_control: Mapped[bool] = mapped_column(Boolean, default=False)
     experiment: Mapped[Experiment] = relationship(back_populates="arms")
 
@@ -121,7 +125,7 @@ class Run(Base):
     n_tokens: Mapped[int | None] = mapped_column(Integer)
     per_token_kld: Mapped[bytes | None] = mapped_column(LargeBinary)     # zlib(float32 little-endian)
     per_token_sha256: Mapped[str | None] = mapped_column(String(64))    # of the raw float32 bytes
-    extra: Mapped[dict | None] = mapped_column(JSON)                   # non-numeric result fields
+    extra: Mapped[dict | None] = mapped_column(JSONValue)                   # non-numeric result fields
     arm: Mapped[Arm] = relationship()
     run_set: Mapped[RunSet] = relationship()
     metrics: Mapped[list[Metric]] = relationship(cascade="all, delete-orphan")
@@ -151,7 +155,7 @@ class Verdict(Base):
     confidence: Mapped[float | None] = mapped_column(Float)
     bits_delta: Mapped[float | None] = mapped_column(Float)
     text: Mapped[str] = mapped_column(Text, default="")
-    details: Mapped[dict | None] = mapped_column(JSON)
+    details: Mapped[dict | None] = mapped_column(JSONValue)
     computed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from quantatlas.models.calib import InputAccumulator
-from quantatlas.models.roles import decoder_layers, get_weight, quantizable, sequential_groups, set_weight
+from quantatlas.models.roles import (decoder_layers, find_roles, get_weight, is_tied, quantizable, sequential_groups,
+                                     set_weight)
 from quantatlas.quant.codecs.base import Packed
 from quantatlas.quant.recipe import Recipe, TensorPlan
 
@@ -34,10 +35,21 @@ def calibration_tokens(stream: np.ndarray, samples: int, seq_len: int, seed: int
     return torch.from_numpy(np.stack([stream[s:s + seq_len] for s in starts]).astype(np.int64))
 
 
+def tensors_to_quantize(model, recipe: Recipe):
+    """The decoder matrices (and the head if asked); a llama.cpp mixture also takes the head and
+    token embeddings, as llama-quantize does (a tied head is the embedding, stored once)."""
+    if recipe.mixture is None:
+        return quantizable(model, include_head=recipe.include_head)
+    roles = [t for t in find_roles(model) if t.kind in ("linear", "conv1d") or t.role == "embed"]
+    if is_tied(model):
+        roles = [t for t in roles if t.role != "head"]
+    return roles
+
+
 def _solve(plan: TensorPlan, W: torch.Tensor, stats: dict | None, opts: dict) -> tuple[torch.Tensor, Packed]:
     from quantatlas.quant.solvers import gptq, rtn
 
-    if plan.solver == "rtn" or stats is None:
+    if plan.solver == "rtn" or stats is None or "hessian" not in stats:
         imp = None if stats is None else stats.get("sq_mean")
         return rtn(W, plan.codec, importance=imp)
     w_hat, packed, _info = gptq(W, stats["hessian"], plan.codec, H_cross=stats.get("cross"), **opts)
@@ -49,13 +61,20 @@ def quantize_model(model: torch.nn.Module, recipe: Recipe, calib: torch.Tensor |
     """Quantize `model` in place; returns the packed matrices by parameter name (`<module>.weight`)."""
     for t in recipe.transforms:
         t.apply(model, calib, seed)
-    plans = [p for p in recipe.plan(quantizable(model, include_head=recipe.include_head)) if p.codec is not None]
+    plans = [p for p in recipe.plan(tensors_to_quantize(model, recipe), model) if p.codec is not None]
+    importance = {}
+    if recipe.mixture is not None and recipe.mixture.imatrix:
+        from quantatlas.quant.imatrix import compute_imatrix
+
+        im = compute_imatrix(model, calib)
+        importance = {p.name: im.importance(p.name) for p in plans if recipe.mixture.uses_importance(p.target)}
     packed: dict[str, Packed] = {}
     layered = [p for p in plans if p.solver != "rtn" and p.layer is not None]
     direct = [p for p in plans if p not in layered]
     for p in direct:
         W = get_weight(p.target)
-        w_hat, packed[p.name + ".weight"] = _solve(p, W, None, {})
+        imp = importance.get(p.name)
+        w_hat, packed[p.name + ".weight"] = _solve(p, W, None if imp is None else {"sq_mean": imp}, {})
         set_weight(p.target, w_hat)
         if progress:
             progress(1)

@@ -38,11 +38,15 @@ class Recipe:
     overrides: list[tuple[re.Pattern | str, Codec | None, str | None]] = field(default_factory=list)
     propagation: str = "sequential"
     include_head: bool = False
+    mixture: Any = None  # a GGUFMixture: llama.cpp's per-tensor types instead of one codec
 
-    def plan(self, roles) -> list[TensorPlan]:
+    def plan(self, roles, model=None) -> list[TensorPlan]:
+        types = self.mixture.plan(model) if self.mixture is not None else {}
         plans = []
         for t in roles:
             codec, solver = self.codec, self.solver
+            if self.mixture is not None:
+                codec = self.mixture.codec_of(types.get(t.name, "f16"))
             for match, o_codec, o_solver in self.overrides:
                 hit = (match == t.role) if isinstance(match, str) else bool(match.search(t.name))
                 if hit:
@@ -52,7 +56,8 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return bool(self.transforms) or self.solver != "rtn" or any(s and s != "rtn" for _, _, s in self.overrides)
+        return (bool(self.transforms) or self.solver != "rtn" or any(s and s != "rtn" for _, _, s in self.overrides)
+                or bool(self.mixture is not None and self.mixture.imatrix))
 
 
 def _codec(spec: dict[str, dict] | None, where: str) -> Codec | None:
@@ -95,11 +100,19 @@ def build_recipe(arm: Arm, where: str = "arm") -> Recipe:
             except re.error as e:
                 raise ValueError(f"{w}.match: bad regex {o.match!r}: {e}") from None
         overrides.append((match, _codec(o.codec, f"{w}.codec"), o.solver))
+    mixture = None
+    codec_spec = arm.codec
+    if codec_spec is not None and next(iter(codec_spec)) == "gguf":
+        from quantatlas.quant.gguf_mix import GGUFMixture
+
+        mixture = GGUFMixture.from_options(codec_spec["gguf"], f"{where}.codec.gguf")
+        codec_spec = None
     return Recipe(
+        mixture=mixture,
         transforms=[_transform(t, f"{where}.transforms.{i}") for i, t in enumerate(arm.transforms)],
         solver=arm.solver,
         solver_options=dict(arm.solver_options),
-        codec=_codec(arm.codec, f"{where}.codec"),
+        codec=_codec(codec_spec, f"{where}.codec"),
         overrides=overrides,
         propagation=arm.propagation,
         include_head=arm.include_head,

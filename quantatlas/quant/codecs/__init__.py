@@ -26,5 +26,17 @@ def make_codec(name: str, options: dict[str, Any] | None = None) -> Codec:
 # Each module registers its codecs on import.
 from quantatlas.quant.codecs import uniform  # noqa: E402,F401
 from quantatlas.quant.codecs.ggml import q8_0  # noqa: E402,F401
+from quantatlas.quant.codecs.ggml import q4_0  # noqa: E402,F401
+from quantatlas.quant.codecs.ggml import q4_1  # noqa: E402,F401
+from quantatlas.quant.codecs.ggml import q5_0  # noqa: E402,F401
+from quantatlas.quant.codecs.ggml import q5_1  # noqa: E402,F401
+from quantatlas.quant.codecs.ggml import q2_k  # noqa: E402,F401
+from quantatlas.quant.codecs.ggml import q3_k  # noqa: E402,F401
+from quantatlas.quant.codecs.ggml import q4_k  # noqa: E402,F401
+from quantatlas.quant.codecs.ggml import q5_k  # noqa: E402,F401
+from quantatlas.quant.codecs.ggml import q6_k  # noqa: E402,F401
+from quantatlas.quant.codecs.ggml import iq4_nl  # noqa: E402,F401
+from quantatlas.quant.codecs.ggml import iq4_xs  # noqa: E402,F401
 
 __all__ = ["CODECS", "Codec", "Packed", "make_codec", "pack_bits", "register", "unpack_bits"]
+from quantatlas.quant.codecs import turbo  # noqa: E402,F401  (registers turbo and lloyd_max)

@@ -75,7 +75,7 @@ class BlockCodec(Codec):
     #: ggml's imatrix path for Q4_0/Q4_1/Q5_0/Q5_1 weights with the mean of x^2 over the whole row
     uses_row_sigma2 = False
     #: weights per step of `encode`, to bound temporary memory on large matrices
-    encode_chunk = 1 << 21
+    encode_chunk = 1 << 20
 
     def fit_blocks(self, x, qw, sigma2) -> BlockFit:
         raise NotImplementedError

@@ -6,6 +6,7 @@ Byte-exact agreement with ggml needs its arithmetic, not just its formulas:
 - divisions as true divisions (torch turns `scalar / tensor` into reciprocal * scalar, and CUDA
   turns `tensor / cpu_scalar` into a multiply by the reciprocal, so `fdiv` makes both sides
   device tensors);
+- correctly rounded sqrt (`sqrtf`);
 - ggml's rounding helpers: `nearest_int` (the 12582912 trick), C's `roundf` and integer casts;
 - running max/min that keep the first element reaching the extreme (it decides the sign of d).
 Compiled without FMA contraction (ggml's reference C is plain fp32 code).
@@ -54,20 +55,27 @@ def trunc_int(x: torch.Tensor) -> torch.Tensor:
     return torch.trunc(x).to(torch.int32)
 
 
+def sqrtf(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded fp32 sqrt (torch's vectorised CPU sqrt is not): via fp64, where the
+    second rounding is harmless for sqrt."""
+    return torch.sqrt(x.double()).float()
+
+
 def to_fp16(x: torch.Tensor) -> torch.Tensor:
     """GGML_FP32_TO_FP16: round to nearest even (overflow to inf), as a float16 tensor."""
     return x.float().half()
 
 
-def seq_sum(t: torch.Tensor, start_with_first: bool = False) -> torch.Tensor:
-    """sum = 0; for i: sum += t[..., i] -- left to right in fp32 over the last dim.
+def seq_sum(t: torch.Tensor, dim: int = -1, start_with_first: bool = False) -> torch.Tensor:
+    """sum = 0; for i: sum += t[i] -- left to right in fp32 along `dim`.
 
     `start_with_first`: C's `sum = t[0]; for i >= 1 ...` (differs only in the sign of a zero sum).
+    Fastest along dim 0 of a contiguous tensor (each step adds a contiguous slice).
     """
-    cols = t.movedim(-1, 0).contiguous()
-    acc = cols[0].clone() if start_with_first else cols[0] + 0.0
-    for c in cols[1:]:
-        acc = acc + c
+    parts = t.unbind(dim)
+    acc = parts[0].clone() if start_with_first else parts[0] + 0.0
+    for p in parts[1:]:
+        acc += p
     return acc
 
 
@@ -95,13 +103,36 @@ def c_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return amax, torch.where(amax > 0, first, torch.zeros_like(first))
 
 
-def best_index_int8(values: list[int], x: torch.Tensor) -> torch.Tensor:
-    """ggml's best_index_int8: the level of the sorted int8 table nearest x, ties upward.
+_TABLES: dict = {}
 
-    ggml compares x + x with the integer sums of neighbouring levels (exact midpoints); the
-    index is how many of those midpoints x + x reaches.
+
+def _floor2_tables(values: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index and level of best_index_int8 for each floor(x + x) in -256..256."""
+    key = (tuple(values), str(device))
+    if key not in _TABLES:
+        mids = torch.tensor([float(a + b) for a, b in zip(values[:-1], values[1:])], device=device)
+        grid = torch.arange(-256, 257, dtype=torch.float32, device=device)
+        index = (grid[:, None] >= mids).sum(-1).to(torch.int32)
+        _TABLES[key] = index, torch.tensor(values, dtype=torch.float32, device=device)[index]
+    return _TABLES[key]
+
+
+def _floor2_slot(x: torch.Tensor) -> torch.Tensor:
+    t = (x + x).floor_().clamp_(-256, 256).nan_to_num_(-256.0)
+    return t.to(torch.int32) + 256
+
+
+def best_index_int8(values: list[int], x: torch.Tensor) -> torch.Tensor:
+    """ggml's best_index_int8: the level of the sorted int8 table nearest x, ties upward (int32).
+
+    ggml's branchless binary search compares x + x with the integer sums of neighbouring levels
+    (exact midpoints); for sorted levels its answer is how many midpoints x + x reaches, and as the
+    midpoints are integers that count depends only on floor(x + x): a 513-entry lookup table
+    (nan -> 0 as in ggml, where every comparison is false).
     """
-    mids = torch.tensor([float(a + b) for a, b in zip(values[:-1], values[1:])], device=x.device)
-    x2 = x + x
-    idx = torch.bucketize(x2.contiguous(), mids, right=True)
-    return torch.where(torch.isnan(x2), torch.zeros_like(idx), idx).to(torch.int32)
+    return _floor2_tables(values, x.device)[0][_floor2_slot(x)]
+
+
+def best_level(values: list[int], x: torch.Tensor) -> torch.Tensor:
+    """values[best_index_int8(values, x)] as float32, in one lookup."""
+    return _floor2_tables(values, x.device)[1][_floor2_slot(x)]

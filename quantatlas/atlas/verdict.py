@@ -1,0 +1,485 @@
+"""Verdicts: each treatment arm against the control, on the spec's criterion metric.
+
+Within one run set (one environment, one contributor, one model hash, one eval fingerprint):
+
+1. Pair the seeds both arms have. improvement_s = control_s - treatment_s (lower is better;
+   the other way round for higher-is-better). effect = mean improvement / |mean control|,
+   i.e. relative: 0.05 is 5 % better than the control.
+2. Seeds: paired t-test of the improvements when there are >= 3 pairs. Skipped when both arms
+   gave identical numbers on every seed (deterministic arms: the seed changes nothing).
+3. Tokens (criterion kld_mean, per-token KLD stored): paired block bootstrap over the
+   seed-averaged per-token KLD (both arms were scored on the same tokens; with one seed it is
+   the within-seed bootstrap). Blocks are eval windows.
+4. p = the larger of the two p-values when both exist (the claim must beat seed noise *and*
+   token noise: an intersection-union test), else the one that exists; the CI is the hull of
+   the two (1 - alpha) intervals. Holm's correction across the treatment arms of the run set.
+5. success      effect >= min_effect and Holm p < alpha;
+   failure      worse (improvement < 0) with Holm p < alpha, or the CI's upper end
+                < min_effect (the data exclude an improvement of min_effect);
+   inconclusive otherwise (including: no test possible);
+   baseline     the control arm itself, and every arm of an experiment without a control.
+
+Bits rule. The test compares quality with the declared control whatever the bits. When a
+treatment spends more bits per parameter than the control, its verdict text says so first
+("costs +N bits/param (+x %) over the control"), the verdict carries `bits_delta`, and if
+another arm of the same experiment reaches a better criterion value with no more bits, the
+text names it ("dominated by arm A") — the improvement may just be bought with bits. The
+result itself is not changed: the hypothesis may be about recovery, not efficiency; the
+Pareto view is the landscape's job. bits = bits_per_param (whole model), else bits_per_weight.
+
+Across run sets (reproductions): the first run set that has the arm is the primary verdict;
+later run sets are reproductions; a success in one and a failure in another is a "conflict".
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from quantatlas.atlas import confidence as conf
+from quantatlas.atlas.stats import block_bootstrap, holm, paired_t
+
+BITS_TOLERANCE = 0.001       # bits/param: smaller differences are rounding, not cost
+MIN_SEEDS_FOR_T = 3
+RESULTS = ("success", "failure", "inconclusive", "baseline", "conflict")
+
+
+@dataclass
+class SeedRun:
+    seed: int
+    metrics: dict[str, float]
+    per_token: np.ndarray | None = None
+
+
+@dataclass
+class Criterion:
+    metric: str = "kld_mean"
+    better: str = "lower"
+    min_effect: float = 0.05
+    alpha: float = 0.01
+
+    @classmethod
+    def from_spec(cls, spec: dict | None) -> Criterion:
+        c = (spec or {}).get("criterion") or {}
+        return cls(c.get("metric", "kld_mean"), c.get("better", "lower"), float(c.get("min_effect", 0.05)),
+                   float(c.get("alpha", 0.01)))
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.better != "higher"
+
+
+def bits_of(metrics: dict[str, float]) -> float | None:
+    for key in ("bits_per_param", "bits_per_weight"):
+        v = metrics.get(key)
+        if v is not None and math.isfinite(v):
+            return float(v)
+    return None
+
+
+def _mean(values) -> float | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+@dataclass
+class ArmJudgement:
+    """One treatment arm against the control within one run set."""
+    arm: str
+    control: str | None
+    result: str = "inconclusive"
+    rule: str = ""                      # which rule decided
+    seeds: list[int] = field(default_factory=list)
+    control_mean: float | None = None
+    treatment_mean: float | None = None
+    improvement: float | None = None    # mean absolute improvement
+    effect: float | None = None         # relative
+    ci: tuple[float, float] | None = None
+    p_seed: float | None = None
+    p_tokens: float | None = None
+    p_value: float | None = None
+    p_adjusted: float | None = None
+    p_failure: float | None = None      # one-sided p of "improvement >= min_effect"
+    se_seed: float | None = None
+    se_tokens: float | None = None
+    deterministic: bool = False
+    bits_control: float | None = None
+    bits_treatment: float | None = None
+    dominated_by: str | None = None
+    notes: list[str] = field(default_factory=list)
+    per_seed: list[dict] = field(default_factory=list)
+
+    @property
+    def bits_delta(self) -> float | None:
+        if self.bits_control is None or self.bits_treatment is None:
+            return None
+        return self.bits_treatment - self.bits_control
+
+    @property
+    def se_total(self) -> float | None:
+        parts = [s for s in (self.se_seed, self.se_tokens) if s is not None]
+        return math.sqrt(sum(s * s for s in parts)) if parts else None
+
+    def claim(self, min_effect: float) -> tuple[float | None, float | None]:
+        """(p, z) of the verdict's own claim, for the confidence formula."""
+        se = self.se_total
+        if self.improvement is None or se is None:
+            return None, None
+        z_diff = math.inf if se == 0 and self.improvement else (self.improvement / se if se else 0.0)
+        p_diff = self.p_adjusted
+        z_fail = None
+        if self.control_mean:
+            margin = min_effect * abs(self.control_mean) - self.improvement
+            z_fail = math.copysign(math.inf, margin) if se == 0 else margin / se
+        if self.result == "success" or self.rule == "worse":
+            return p_diff, abs(z_diff)
+        if self.rule == "ci_excludes_min_effect":
+            return self.p_failure, z_fail
+        # inconclusive: the nearer decision
+        if self.p_failure is not None and (p_diff is None or self.p_failure < p_diff):
+            return self.p_failure, z_fail
+        return p_diff, abs(z_diff)
+
+
+def _block_length(n_tokens: int, spec: dict | None) -> int:
+    """Scored tokens per eval window (ctx - 1 - first scored position), if it tiles the tokens."""
+    ev = ((spec or {}).get("data") or {}).get("eval") or {}
+    ctx = int(ev.get("ctx", 512))
+    first = ctx // 2 if ev.get("score", "second_half") == "second_half" else 0
+    per_window = ctx - 1 - first
+    if per_window > 0 and n_tokens % per_window == 0 and n_tokens // per_window >= 8:
+        return per_window
+    return max(1, int(round(math.sqrt(n_tokens))))
+
+
+def judge_arm(arm: str, control: str, c_runs: dict[int, SeedRun], t_runs: dict[int, SeedRun],
+              crit: Criterion, spec: dict | None) -> ArmJudgement:
+    """Everything but Holm and the final rules (those need all arms)."""
+    j = ArmJudgement(arm, control)
+    seeds = sorted(s for s in c_runs if s in t_runs and crit.metric in c_runs[s].metrics
+                   and crit.metric in t_runs[s].metrics)
+    j.seeds = seeds
+    j.bits_control = _mean(bits_of(r.metrics) for r in c_runs.values())
+    j.bits_treatment = _mean(bits_of(r.metrics) for r in t_runs.values())
+    if not seeds:
+        j.rule = "no_pairs"
+        j.notes.append(f"no seed has both arms measured on {crit.metric} yet")
+        return j
+    c = np.array([c_runs[s].metrics[crit.metric] for s in seeds], dtype=np.float64)
+    t = np.array([t_runs[s].metrics[crit.metric] for s in seeds], dtype=np.float64)
+    imp = (c - t) if crit.lower_is_better else (t - c)
+    j.control_mean, j.treatment_mean = float(c.mean()), float(t.mean())
+    j.improvement = float(imp.mean())
+    scale = abs(j.control_mean)
+    rel = (lambda x: x / scale) if scale > 0 else (lambda x: None)
+    j.effect = rel(j.improvement)
+    j.deterministic = len(seeds) >= 2 and bool(np.all(c == c[0]) and np.all(t == t[0]))
+
+    cis = []
+    if j.deterministic:
+        j.notes.append(f"both arms gave identical {crit.metric} on all {len(seeds)} seeds: no seed noise, "
+                       f"no seed test needed")
+    elif len(seeds) >= MIN_SEEDS_FOR_T:
+        pt = paired_t(imp, crit.alpha)
+        j.p_seed, j.se_seed = pt.p, pt.se
+        if scale > 0:
+            cis.append((pt.ci[0] / scale, pt.ci[1] / scale))
+    else:
+        j.notes.append(f"{len(seeds)} seed(s): seed-to-seed noise not tested (a paired t-test needs "
+                       f"{MIN_SEEDS_FOR_T})")
+
+    tokens = [(c_runs[s].per_token, t_runs[s].per_token) for s in seeds]
+    if crit.metric == "kld_mean" and all(a is not None and b is not None and a.shape == b.shape
+                                         and a.size == tokens[0][0].size for a, b in tokens):
+        c_tok = np.mean([a for a, _ in tokens], axis=0, dtype=np.float64)
+        t_tok = np.mean([b for _, b in tokens], axis=0, dtype=np.float64)
+        block = _block_length(c_tok.size, spec)
+        bs = block_bootstrap(c_tok, t_tok, block, crit.alpha, crit.lower_is_better)
+        j.p_tokens, j.se_tokens = bs.p, bs.se
+        if bs.ci_relative is not None:
+            cis.append(bs.ci_relative)
+        for s, (a, b) in zip(seeds, tokens):
+            one = block_bootstrap(a, b, block, crit.alpha, crit.lower_is_better, n_boot=1000)
+            j.per_seed.append({"seed": s, "p_tokens": one.p, "ci": one.ci_relative})
+    elif crit.metric == "kld_mean":
+        j.notes.append("per-token KLD missing or of different lengths: no token bootstrap")
+    else:
+        j.notes.append(f"criterion {crit.metric} has no per-token values: seeds are the only replicates")
+
+    ps = [p for p in (j.p_seed, j.p_tokens) if p is not None]
+    j.p_value = max(ps) if ps else None
+    if cis:
+        j.ci = (min(lo for lo, _ in cis), max(hi for _, hi in cis))
+    se = j.se_total
+    if se is not None and scale > 0:
+        margin = crit.min_effect * scale - j.improvement        # > 0: short of min_effect
+        if se == 0:
+            j.p_failure = 0.0 if margin > 0 else 1.0
+        else:
+            j.p_failure = 0.5 * math.erfc(margin / (se * math.sqrt(2)))   # Phi(-margin / se)
+    by_seed = {s: (cv, tv) for s, cv, tv in zip(seeds, c, t)}
+    for row in j.per_seed:
+        cv, tv = by_seed[row["seed"]]
+        row.update(control=float(cv), treatment=float(tv))
+    if not j.per_seed:
+        j.per_seed = [{"seed": s, "control": float(cv), "treatment": float(tv)} for s, (cv, tv) in by_seed.items()]
+    return j
+
+
+def decide(j: ArmJudgement, crit: Criterion) -> None:
+    if j.rule == "no_pairs":
+        j.result = "inconclusive"
+        return
+    a = crit.alpha
+    significant = j.p_adjusted is not None and j.p_adjusted < a
+    if j.p_adjusted is None:
+        j.result, j.rule = "inconclusive", "no_test"
+    elif significant and j.effect is not None and j.effect >= crit.min_effect:
+        j.result, j.rule = "success", "better_by_min_effect"
+    elif significant and j.improvement < 0:
+        j.result, j.rule = "failure", "worse"
+    elif j.ci is not None and j.ci[1] < crit.min_effect:
+        j.result, j.rule = "failure", "ci_excludes_min_effect"
+    else:
+        j.result, j.rule = "inconclusive", "not_decided"
+
+
+def judge_run_set(arms: dict[str, dict[int, SeedRun]], arm_order: list[str], control: str | None,
+                  crit: Criterion, spec: dict | None) -> dict[str, ArmJudgement]:
+    """Judge every treatment arm of one run set; the control (or every arm without one) is baseline."""
+    out: dict[str, ArmJudgement] = {}
+    if control is None or control not in arm_order or len(arm_order) < 2:
+        for name in arm_order:
+            if arms.get(name):
+                out[name] = ArmJudgement(name, control, result="baseline", rule="baseline",
+                                         seeds=sorted(arms[name]))
+                _baseline_stats(out[name], arms[name], crit)
+        return out
+    c_runs = arms.get(control) or {}
+    treatments = [a for a in arm_order if a != control and arms.get(a)]
+    judged = [judge_arm(a, control, c_runs, arms[a], crit, spec) for a in treatments]
+    for j, p_adj in zip(judged, holm([j.p_value for j in judged])):
+        j.p_adjusted = p_adj
+        decide(j, crit)
+        out[j.arm] = j
+    if c_runs:
+        b = ArmJudgement(control, control, result="baseline", rule="baseline", seeds=sorted(c_runs))
+        _baseline_stats(b, c_runs, crit)
+        out[control] = b
+    _mark_dominated(out, arms, crit)
+    return out
+
+
+def _baseline_stats(j: ArmJudgement, runs: dict[int, SeedRun], crit: Criterion) -> None:
+    vals = [r.metrics.get(crit.metric) for r in runs.values()]
+    j.treatment_mean = _mean(vals)
+    j.bits_treatment = _mean(bits_of(r.metrics) for r in runs.values())
+    vals = [v for v in vals if v is not None]
+    j.deterministic = len(vals) >= 2 and all(v == vals[0] for v in vals)
+
+
+def _mark_dominated(out: dict[str, ArmJudgement], arms: dict[str, dict[int, SeedRun]], crit: Criterion) -> None:
+    """For treatments costing more bits than the control: an arm with no more bits and a better mean."""
+    means = {a: (_mean(r.metrics.get(crit.metric) for r in runs.values()),
+                 _mean(bits_of(r.metrics) for r in runs.values())) for a, runs in arms.items() if runs}
+    for j in out.values():
+        d = j.bits_delta
+        if j.result == "baseline" or d is None or d <= BITS_TOLERANCE or j.treatment_mean is None:
+            continue
+        best = None
+        for other, (m, bits) in means.items():
+            if other == j.arm or m is None or bits is None or bits > j.bits_treatment + BITS_TOLERANCE:
+                continue
+            better = m < j.treatment_mean if crit.lower_is_better else m > j.treatment_mean
+            if better and (best is None or (m < best[1] if crit.lower_is_better else m > best[1])):
+                best = (other, m, bits)
+        if best:
+            j.dominated_by = best[0]
+
+
+# ---- across run sets -----------------------------------------------------------------------
+
+@dataclass
+class RunSetInfo:
+    id: int
+    identity: tuple            # (machine, contributor): what makes a reproduction independent
+    label: str                 # for texts: contributor@host
+
+
+@dataclass
+class FinalVerdict:
+    arm: str
+    control: str | None
+    result: str
+    primary: ArmJudgement
+    primary_run_set: RunSetInfo
+    reproductions: list[tuple[RunSetInfo, ArmJudgement, bool, bool]]   # (run set, judgement, agrees, independent)
+    models_holding: int
+    models_total: int
+    confidence: float
+    terms: conf.Terms
+    text: str = ""
+
+    def as_dict(self, crit: Criterion) -> dict:
+        j = self.primary
+        return {
+            "arm": self.arm, "control": self.control, "result": self.result, "rule": j.rule,
+            "metric": crit.metric, "p_value": j.p_value, "p_adjusted": j.p_adjusted, "effect": j.effect,
+            "ci": list(j.ci) if j.ci else None, "confidence": self.confidence, "text": self.text,
+            "bits_delta": j.bits_delta, "bits": j.bits_treatment, "bits_control": j.bits_control,
+            "dominated_by": j.dominated_by, "n_seeds": len(j.seeds), "seeds": j.seeds,
+            "control_mean": j.control_mean, "treatment_mean": j.treatment_mean,
+            "reproductions": len(self.reproductions),
+            "reproductions_agree": sum(1 for _, _, agree, _ in self.reproductions if agree),
+            "models": self.models_holding, "models_total": self.models_total,
+        }
+
+    def details(self) -> dict:
+        j = self.primary
+        return {
+            "rule": j.rule, "p_seed": j.p_seed, "p_tokens": j.p_tokens, "p_failure": j.p_failure,
+            "se_seed": j.se_seed, "se_tokens": j.se_tokens, "improvement": j.improvement,
+            "deterministic": j.deterministic, "notes": j.notes, "per_seed": j.per_seed,
+            "confidence_terms": self.terms.as_dict(), "run_set": self.primary_run_set.label,
+            "reproductions": [{"run_set": rs.label, "result": rj.result, "effect": rj.effect, "agrees": agree,
+                               "independent": ind} for rs, rj, agree, ind in self.reproductions],
+        }
+
+
+def combine_run_sets(per_run_set: list[tuple[RunSetInfo, dict[str, ArmJudgement]]], arm: str,
+                     crit: Criterion, sibling_results: list[str]) -> FinalVerdict | None:
+    """The verdict for `arm` over every run set (oldest first) and the models of the family."""
+    have = [(rs, js[arm]) for rs, js in per_run_set if arm in js and js[arm].seeds]
+    if not have:
+        return None
+    (rs0, j0), rest = have[0], have[1:]
+    reproductions, seen = [], {rs0.identity}
+    agreeing = {rs0.identity}
+    for rs, j in rest:
+        agree = j.result == j0.result
+        independent = rs.identity not in seen
+        seen.add(rs.identity)
+        if agree:
+            agreeing.add(rs.identity)
+        reproductions.append((rs, j, agree, independent))
+    results = {j0.result} | {j.result for _, j, _, _ in reproductions}
+    result = "conflict" if {"success", "failure"} <= results else j0.result
+    decisive = j0.result in ("success", "failure", "baseline")
+    holding = 1 + (sum(1 for r in sibling_results if r == j0.result) if decisive else 0)
+    k = len(agreeing) + holding - 1
+    if result == "conflict":
+        terms = conf.Terms(0.0, 0.0, 0.0, k, 0.0)
+    elif j0.result == "baseline":
+        terms = conf.baseline_confidence(len(j0.seeds), j0.deterministic, k)
+    else:
+        p, z = j0.claim(crit.min_effect)
+        terms = conf.verdict_confidence(p, z, len(j0.seeds), j0.deterministic, crit.alpha, k)
+    fv = FinalVerdict(arm, j0.control, result, j0, rs0, reproductions, holding, 1 + len(sibling_results),
+                      terms.confidence, terms)
+    fv.text = verdict_text(fv, crit)
+    return fv
+
+
+# ---- words -------------------------------------------------------------------------------
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:+.1f} %"
+
+
+def format_p(p: float | None) -> str:
+    if p is None:
+        return "n/a"
+    return "< 1e-6" if p < 1e-6 else f"{p:.2g}"
+
+
+def verdict_text(fv: FinalVerdict, crit: Criterion) -> str:
+    j = fv.primary
+    m, a = crit.metric, crit.alpha
+    parts = []
+    if j.result == "baseline":
+        v = "n/a" if j.treatment_mean is None else f"{j.treatment_mean:.6g}"
+        bits = "" if j.bits_treatment is None else f", {j.bits_treatment:.3f} bits/param"
+        parts.append(f"baseline: {fv.arm} is the reference point ({m} {v}{bits}, {len(j.seeds)} seed(s)).")
+    else:
+        lead = {"success": "success", "failure": "failure", "inconclusive": "inconclusive"}[j.result]
+        if j.rule == "no_pairs":
+            parts.append(f"inconclusive: {'; '.join(j.notes)}.")
+        else:
+            direction = "better" if (j.improvement or 0) >= 0 else "worse"
+            eff = f"{_pct(j.effect)} ({direction})" if j.effect is not None else \
+                f"{j.improvement:+.6g} absolute (control {m} is 0)"
+            ci = f", {100 * (1 - a):.0f} % CI {_pct(j.ci[0])} .. {_pct(j.ci[1])}" if j.ci else ""
+            why = {
+                "better_by_min_effect": f"better by at least min_effect {100 * crit.min_effect:.1f} % with "
+                                        f"Holm p {format_p(j.p_adjusted)} < {a:g}",
+                "worse": f"worse than the control with Holm p {format_p(j.p_adjusted)} < {a:g}",
+                "ci_excludes_min_effect": f"the CI excludes an improvement of {100 * crit.min_effect:.1f} %",
+                "no_test": "no statistical test possible",
+                "not_decided": f"neither better by {100 * crit.min_effect:.1f} % with p < {a:g} nor ruled out "
+                               f"(Holm p {format_p(j.p_adjusted)})",
+            }[j.rule]
+            parts.append(f"{lead}: {fv.arm} vs control {j.control} on {m}: effect {eff}{ci}; {why}.")
+            tests = []
+            if j.p_seed is not None:
+                tests.append(f"seeds: paired t p {format_p(j.p_seed)} (n = {len(j.seeds)})")
+            if j.p_tokens is not None:
+                tests.append(f"tokens: paired block bootstrap p {format_p(j.p_tokens)}")
+            if tests:
+                parts.append("Tests: " + "; ".join(tests) + ".")
+            if j.notes:
+                parts.append("Notes: " + "; ".join(j.notes) + ".")
+        d = j.bits_delta
+        if d is not None:
+            if d > BITS_TOLERANCE:
+                rel = f" (+{100 * d / j.bits_control:.1f} %)" if j.bits_control else ""
+                s = f"Bits: costs +{d:.3f} bits/param{rel} over the control ({j.bits_treatment:.3f} vs " \
+                    f"{j.bits_control:.3f}); judged on quality at that cost"
+                if j.dominated_by:
+                    s += f"; dominated by arm {j.dominated_by} (no more bits, better {m})"
+                parts.append(s + ".")
+            elif d < -BITS_TOLERANCE:
+                parts.append(f"Bits: saves {-d:.3f} bits/param against the control ({j.bits_treatment:.3f} vs "
+                             f"{j.bits_control:.3f}).")
+            else:
+                parts.append(f"Bits: same as the control ({j.bits_treatment:.3f} bits/param).")
+    if fv.result == "conflict":
+        res = ", ".join(f"{rs.label}: {rj.result}" for rs, rj, _, _ in fv.reproductions)
+        parts.append(f"CONFLICT: reproductions disagree (first run set {fv.primary_run_set.label}: {j.result}; {res}).")
+    elif fv.reproductions:
+        agree = sum(1 for _, _, ag, _ in fv.reproductions if ag)
+        ind = sum(1 for _, _, ag, i in fv.reproductions if ag and i)
+        parts.append(f"Reproductions: {agree} of {len(fv.reproductions)} agree ({ind} independent).")
+    if fv.models_total > 1:
+        parts.append(f"Holds on {fv.models_holding} of {fv.models_total} models.")
+    t = fv.terms
+    parts.append(f"Confidence {fv.confidence:.2f} (s_p {t.s_p:.2f} · s_z {t.s_z:.2f} · s_n {t.s_n:.2f}, k = {t.k}).")
+    return " ".join(parts)
+
+
+def experiment_result(finals: list[FinalVerdict], has_treatments: bool = False
+                      ) -> tuple[str | None, float | None, FinalVerdict | None]:
+    """(result, confidence, the arm verdict that decided it) for a whole experiment:
+    conflict if any arm conflicts; success if any treatment succeeds (Holm keeps the family-wise
+    error at alpha; the most confident success decides); failure if every treatment fails (the
+    least confident decides); baseline with no treatment arm; else inconclusive. None (pending)
+    while no arm, or no treatment of an experiment that has some, has been judged yet."""
+    if not finals:
+        return None, None, None
+    treat = [f for f in finals if f.primary.result != "baseline"]
+    if not treat and has_treatments:
+        return None, None, None
+    if not treat:
+        f = min(finals, key=lambda f: f.confidence)
+        return "baseline", f.confidence, f
+    pick = None
+    result = "inconclusive"
+    if any(f.result == "conflict" for f in treat):
+        result, pick = "conflict", next(f for f in treat if f.result == "conflict")
+    elif any(f.result == "success" for f in treat):
+        result, pick = "success", max((f for f in treat if f.result == "success"), key=lambda f: f.confidence)
+    elif all(f.result == "failure" for f in treat):
+        result, pick = "failure", min(treat, key=lambda f: f.confidence)
+    else:
+        pick = max((f for f in treat if f.result == "inconclusive"), key=lambda f: f.confidence)
+    return result, pick.confidence, pick

@@ -1,0 +1,372 @@
+"""Write a quantized model as a .gguf file that llama.cpp loads.
+
+What convert_hf_to_gguf.py + llama-quantize would produce for the same weights:
+- tensor names from the `gguf` package's TensorNameMap (token_embd, blk.N.attn_q, ..., output);
+- quantized tensors as the ggml bytes our codecs stored (Packed.data["blocks"], [rows, row bytes]
+  in ggml's block layout), unquantized matrices as F16, norms and other 1-D tensors as F32;
+- shapes: we hand the writer [out, in]; GGUF stores ggml's ne = [in, out] (reversed), which the
+  writer does and GGUFReader undoes;
+- Llama's q/k rows are permuted the way convert_hf_to_gguf.py does (HF's rotate-half layout ->
+  ggml's interleaved rope). ggml quantizes every row on its own, so permuting the rows of the
+  quantized bytes is byte for byte the same as quantizing the permuted matrix: we quantize in
+  HF's layout and permute the stored rows. Qwen2/Qwen3 need no permutation;
+- metadata as convert_hf_to_gguf.py's TextModel/LlamaModel write it: block_count,
+  context_length, embedding_length, feed_forward_length, attention.head_count(_kv),
+  rope.freq_base, attention.layer_norm_rms_epsilon, attention.key/value_length (configs with
+  head_dim), and for llama vocab_size and rope.dimension_count;
+- a tokenizer: a byte-level "gpt2" vocabulary without merges for models that have no tokenizer
+  (the reference model: token i < 256 is byte i), or the model's own byte-level BPE.
+
+A tied head is written once, as token_embd (llama.cpp uses it as the output when output.weight
+is absent). Codecs that are not ggml block formats cannot be stored and raise ValueError.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quantatlas.quant.codecs.base import Packed
+
+#: model_type of a HF config -> llama.cpp architecture, for the architectures we write
+ARCHES: dict[str, str] = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+#: ggml block types a Packed can carry into GGUF (codec name == lower-case ggml type name)
+GGML_TYPES: tuple[str, ...] = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
+                               "q6_k", "iq4_nl", "iq4_xs")
+
+#: llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer, by architecture
+_BPE_PRE: dict[str, str] = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe"}
+
+
+def gguf_arch(model, arch_hint: str | None = None) -> str:
+    """llama.cpp's architecture name for a HF model (or the hint), e.g. "qwen3"."""
+    model_type = arch_hint or getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHES:
+        raise ValueError(f"gguf export: architecture {model_type!r} is not supported "
+                         f"(supported model_type: {', '.join(sorted(ARCHES))}); pass arch_hint to override")
+    return ARCHES[model_type]
+
+
+def _arch_enum(arch: str):
+    import gguf
+
+    return next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+
+
+def _parameters(model) -> dict[str, torch.nn.Parameter]:
+    """Named parameters, each storage once (a tied head shares the embedding's)."""
+    return dict(model.named_parameters())
+
+
+def gguf_tensor_names(model, arch_hint: str | None = None) -> dict[str, str]:
+    """Parameter name (model.layers.0.mlp.down_proj.weight) -> GGUF name (blk.0.ffn_down.weight)."""
+    import gguf
+
+    arch = gguf_arch(model, arch_hint)
+    n_layers = model.config.num_hidden_layers
+    name_map = gguf.get_tensor_name_map(_arch_enum(arch), n_layers)
+    out = {}
+    for name in _parameters(model):
+        g = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        if g is None:
+            raise ValueError(f"gguf export: no llama.cpp tensor name for {name!r} in architecture {arch}")
+        out[name] = g
+    return out
+
+
+def _head_name(model) -> str | None:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is None:
+        return None
+    return next((n + ".weight" for n, m in model.named_modules() if m is out), None)
+
+
+def _embed_name(model) -> str:
+    emb = model.get_input_embeddings()
+    return next(n + ".weight" for n, m in model.named_modules() if m is emb)
+
+
+def _tied(model) -> bool:
+    from quantatlas.models.roles import is_tied
+
+    tied = getattr(model.config, "tie_word_embeddings", None)
+    return bool(tied) if tied is not None else is_tied(model)
+
+
+def llama_permute(rows: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute on the leading (output-row) axis of any [out, ...] array."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    out = rows.shape[0]
+    return (rows.reshape(n_head, 2, out // n_head // 2, *rows.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(rows.shape))
+
+
+def _qtype(name: str, p: Packed):
+    import gguf
+
+    if p.codec not in GGML_TYPES:
+        raise ValueError(f"gguf export: tensor {name!r} uses codec {p.codec!r}, which has no GGUF type; "
+                         f"only ggml block codecs ({', '.join(GGML_TYPES)}) can be exported")
+    return gguf.GGMLQuantizationType[p.codec.upper()]
+
+
+def _packed_rows(name: str, p: Packed, shape: tuple[int, int]) -> np.ndarray:
+    """The stored blocks as uint8 [rows, row bytes], checked against ggml's sizes."""
+    import gguf
+
+    qtype = _qtype(name, p)
+    if tuple(p.shape) != tuple(shape):
+        raise ValueError(f"gguf export: packed {name!r} has shape {tuple(p.shape)}, the model's is {tuple(shape)}")
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = shape
+    if cols % block:
+        raise ValueError(f"gguf export: {name!r} has rows of {cols}, not a multiple of {p.codec}'s block {block}")
+    blocks = p.data.get("blocks")
+    if blocks is None:
+        raise ValueError(f"gguf export: packed {name!r} ({p.codec}) has no 'blocks' data")
+    arr = blocks.detach().cpu().contiguous().view(torch.uint8).numpy().reshape(rows, -1)
+    if arr.shape[1] != cols // block * type_size:
+        raise ValueError(f"gguf export: packed {name!r} has {arr.shape[1]} bytes per row, "
+                         f"ggml's {p.codec} needs {cols // block * type_size}")
+    return arr
+
+
+def _rope(config) -> tuple[float, dict]:
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None:
+        raise ValueError("gguf export: the config has no rope_theta")
+    return float(theta), params
+
+
+def _write_hparams(w, model, arch: str) -> dict[str, np.ndarray]:
+    """Model hyper-parameters; returns extra tensors the metadata needs (llama3 rope_freqs)."""
+    import gguf
+
+    c = model.config
+    n_head = c.num_attention_heads
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(getattr(c, "num_key_value_heads", None) or n_head)
+    theta, rope = _rope(c)
+    w.add_rope_freq_base(theta)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    head_dim = getattr(c, "head_dim", None)
+    if head_dim is not None:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if arch == "llama":
+        w.add_vocab_size(c.vocab_size)
+        w.add_rope_dimension_count(head_dim or c.hidden_size // n_head)
+    extra = {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    if rope_type == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope_type == "llama3" and arch == "llama":
+        extra["rope_freqs.weight"] = _llama3_rope_factors(c, theta, rope)
+    elif rope_type != "default":
+        raise ValueError(f"gguf export: rope scaling {rope_type!r} is not supported for {arch}")
+    return extra
+
+
+def _llama3_rope_factors(c, theta: float, rope: dict) -> np.ndarray:
+    """The rope_freqs tensor convert_hf_to_gguf.py generates for Llama-3.1-style rope scaling."""
+    dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    out = []
+    for f in freqs.tolist():
+        wavelen = 2 * np.pi / f
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+# -- tokenizers -----------------------------------------------------------------------------------
+
+def _byte_vocab(w, config) -> None:
+    """Token i < 256 is byte i (GPT-2's byte-to-unicode spelling), the rest control tokens.
+
+    llama.cpp's BPE needs a merges array and the gguf writer cannot store an empty one, so we store a
+    single merge of the two control-token spellings: BPE merges only neighbouring symbols, which start
+    as single characters, so a rule between two multi-character strings never fires and every byte
+    stays its own token.
+    """
+    import gguf
+    from gguf.vocab import bytes_to_unicode
+
+    n_vocab = config.vocab_size
+    if n_vocab < 256:
+        raise ValueError(f"gguf export: a byte-level vocabulary needs vocab_size >= 256, got {n_vocab}")
+    spell = bytes_to_unicode()
+    special = {getattr(config, "bos_token_id", None): "<|bos|>", getattr(config, "eos_token_id", None): "<|eos|>"}
+    tokens = [spell[i] for i in range(256)] + [special.get(i, f"<|control_{i}|>") for i in range(256, n_vocab)]
+    types = [gguf.TokenType.NORMAL] * 256 + [gguf.TokenType.CONTROL] * (n_vocab - 256)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges([f"{tokens[-2]} {tokens[-1]}"] if n_vocab >= 258 else ["<|bos|> <|eos|>"])
+    _special_ids(w, config.bos_token_id, config.eos_token_id, getattr(config, "pad_token_id", None), add_bos=False)
+
+
+def _special_ids(w, bos, eos, pad, add_bos: bool) -> None:
+    if bos is not None:
+        w.add_bos_token_id(int(bos))
+    if eos is not None:
+        w.add_eos_token_id(int(eos))
+    if pad is not None:
+        w.add_pad_token_id(int(pad))
+    w.add_add_bos_token(add_bos)
+
+
+def _hf_bpe_vocab(w, tokenizer, config, arch: str) -> None:
+    """A Hugging Face byte-level BPE tokenizer as convert_hf_to_gguf.py's gpt2 vocabulary."""
+    import gguf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    model_spec = spec.get("model") or {}
+    if model_spec.get("type") != "BPE" or arch not in _BPE_PRE:
+        raise ValueError(f"gguf export: can write byte-level BPE tokenizers for {', '.join(sorted(_BPE_PRE))}; "
+                         f"this is a {model_spec.get('type') or type(tokenizer).__name__} tokenizer on {arch}")
+    n_vocab = config.vocab_size
+    vocab = tokenizer.get_vocab()
+    reverse = {i: t for t, i in vocab.items()}
+    if reverse and max(reverse) >= n_vocab:
+        raise ValueError(f"gguf export: the tokenizer has ids up to {max(reverse)}, beyond vocab_size {n_vocab}")
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model_spec.get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(_BPE_PRE[arch])
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else getattr(config, "bos_token_id", None)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(config, "eos_token_id", None)
+    probe = tokenizer("a")["input_ids"]  # does encoding put BOS in front? (what add_bos_token means)
+    _special_ids(w, bos, eos, tokenizer.pad_token_id, add_bos=bool(probe) and bos is not None and probe[0] == bos)
+
+
+# -- the writer -----------------------------------------------------------------------------------
+
+def _file_type(ftype: str | None, packed: dict[str, Packed]):
+    import gguf
+
+    if ftype is not None:
+        key = "ALL_F32" if ftype.upper() == "F32" else f"MOSTLY_{ftype.upper()}"
+        if key not in gguf.LlamaFileType.__members__:
+            raise ValueError(f"gguf export: unknown file type {ftype!r}")
+        return gguf.LlamaFileType[key]
+    kinds = {p.codec for p in packed.values()}
+    if not kinds:
+        return gguf.LlamaFileType.MOSTLY_F16
+    if len(kinds) == 1 and f"MOSTLY_{next(iter(kinds)).upper()}" in gguf.LlamaFileType.__members__:
+        return gguf.LlamaFileType[f"MOSTLY_{next(iter(kinds)).upper()}"]
+    return None  # a mixture we cannot name: llama.cpp guesses it from the tensor types
+
+
+def write_gguf(path: str | Path, model, packed: dict[str, Packed], arch_hint: str | None = None, *,
+               tokenizer=None, ftype: str | None = None, name: str | None = None) -> dict[str, str]:
+    """Write `model` with the quantized tensors in `packed` (keyed by parameter name, e.g.
+    "model.layers.0.self_attn.q_proj.weight", as quantize_model returns them) to a .gguf file.
+
+    Tensors not in `packed` are written from the model: matrices as F16, 1-D tensors as F32.
+    `tokenizer` is the model's HF tokenizer (None: a byte-level vocabulary); `ftype` names the
+    llama.cpp file type for general.file_type (e.g. "Q4_K_M"). Returns GGUF name -> ggml type.
+    """
+    import gguf
+
+    arch = gguf_arch(model, arch_hint)
+    c = model.config
+    names = gguf_tensor_names(model, arch_hint)
+    params = _parameters(model)
+    tied = _tied(model)
+    embed, head = _embed_name(model), _head_name(model)
+
+    packed = dict(packed)
+    if tied and head is not None and head in packed:
+        # the head and the embeddings are one tensor: stored once, as token_embd
+        hp = packed.pop(head)
+        if embed in packed and not torch.equal(packed[embed].data["blocks"].cpu(), hp.data["blocks"].cpu()):
+            raise ValueError(f"gguf export: {head!r} is tied to {embed!r} but they were quantized differently")
+        packed.setdefault(embed, hp)
+    unknown = sorted(set(packed) - set(params))
+    if unknown:
+        raise ValueError(f"gguf export: packed tensors that are not parameters of the model: {', '.join(unknown[:5])}")
+
+    n_head = c.num_attention_heads
+    n_head_kv = getattr(c, "num_key_value_heads", None) or n_head
+
+    def permute(pname: str, rows: np.ndarray) -> np.ndarray:
+        if arch != "llama":
+            return rows
+        if pname.endswith(("q_proj.weight", "q_proj.bias")):
+            return llama_permute(rows, n_head, n_head)
+        if pname.endswith(("k_proj.weight", "k_proj.bias")):
+            return llama_permute(rows, n_head, n_head_kv)
+        return rows
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name or getattr(c, "_name_or_path", "") or arch)
+    extra = _write_hparams(w, model, arch)
+    file_type = _file_type(ftype, packed)
+    if file_type is not None:
+        w.add_file_type(int(file_type))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if tokenizer is None:
+        _byte_vocab(w, c)
+    else:
+        _hf_bpe_vocab(w, tokenizer, c, arch)
+
+    written: dict[str, str] = {}
+    for gname, arr in extra.items():
+        w.add_tensor(gname, arr)
+        written[gname] = "f32"
+    for pname, p in params.items():
+        gname = names[pname]
+        if pname in packed:
+            rows = permute(pname, _packed_rows(pname, packed[pname], tuple(p.shape)))
+            w.add_tensor(gname, np.ascontiguousarray(rows), raw_dtype=_qtype(pname, packed[pname]))
+            written[gname] = packed[pname].codec
+        else:
+            t = p.detach().float().cpu().numpy()
+            keep_f32 = t.ndim <= 1 or gname.endswith("_norm.weight")
+            arr = t.astype(np.float32 if keep_f32 else np.float16)
+            w.add_tensor(gname, np.ascontiguousarray(permute(pname, arr)))
+            written[gname] = "f32" if keep_f32 else "f16"
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return written

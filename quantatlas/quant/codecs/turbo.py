@@ -1,0 +1,205 @@
+"""Gaussian-codebook codecs: `turbo` (the TurboQuant/PolarQuant recipe on weights) and `lloyd_max`.
+
+turbo, per row of each column group w ∈ R^g:
+    ν   = ‖w‖                                  (only used to normalise)
+    z   = √g · Q (w / ν),  Q = H_g·diag(s)/√g   (randomized Hadamard, signs s from `seed`)
+    k_j = nearest Lloyd-Max level to z_j        (`bits` per coordinate)
+    ŵ   = σ · Qᵀ ẑ,  ẑ = levels[k]
+    σ   = ν / ‖ẑ‖       with the norm correction: ‖ŵ‖ = ‖w‖ (up to the fp16 rounding of σ)
+          ν / √g        without it (norm_correction: false), i.e. ŵ = ν · Qᵀ ẑ / √g
+After the rotation, z/√g is a uniformly rotated unit vector (exactly so for a Haar rotation,
+closely for a randomized Hadamard), so each z_j follows the sphere marginal of dimension g,
+E[z_j²] = 1, ≈ N(0, 1). `codebook: sphere` (default) uses the Lloyd-Max codebook of that exact
+marginal, √g-scaled; `codebook: gaussian` uses the N(0, 1) one.
+
+Stored per matrix: the codes (`bits` per weight, bit-packed), one fp16 σ per row and group,
+and the 8-byte seed from which the signs are regenerated. The norm correction costs nothing:
+we store σ, which already folds ‖w‖/‖ẑ‖ in, instead of ‖w‖. Bits per weight are therefore
+bits + 16/g + 64/(rows·cols). Codebooks are functions of (bits, g, codebook) and are not stored.
+
+turbo quantizes a whole group at once (block_width = group_size), so GPTQ-style solvers must
+hand it complete groups. `importance` is not used.
+
+lloyd_max: the same Gaussian Lloyd-Max levels without any rotation, one fp16 scale per row and
+group: σ = RMS of the group (`scale: rms`) or max|w| / (largest level) (`scale: absmax`);
+ŵ_j = σ · levels[nearest level to w_j / σ]. A scalar codec (block_width = 1).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from quantatlas.quant.codecs import register
+from quantatlas.quant.codecs.base import Codec, Packed, pack_bits, unpack_bits
+from quantatlas.quant.hadamard import RandomizedHadamard, has_hadamard
+from quantatlas.quant.lloyd_max import codebook
+
+FP16_MAX = 65504.0
+SEED_BYTES = 8
+
+
+def _check_bits(codec: str, bits) -> None:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
+        raise ValueError(f"{codec}.bits must be an integer from 1 to 8, got {bits!r}")
+
+
+def _nearest(z: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level, given the midpoints between ascending levels."""
+    return torch.bucketize(z.contiguous(), thresholds)
+
+
+class _Levels:
+    """A codebook's levels and thresholds as tensors, per device."""
+
+    def __init__(self, levels, thresholds):
+        self._cpu = (torch.tensor(np.array(levels), dtype=torch.float32), torch.tensor(np.array(thresholds), dtype=torch.float32))
+        self._dev: dict = {}
+
+    def on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._dev:
+            self._dev[key] = tuple(t.to(device) for t in self._cpu)
+        return self._dev[key]
+
+
+@dataclass
+class TurboParams:
+    norm: torch.Tensor   # [rows] ‖w‖ of the group as `fit` saw it (normalises; not stored)
+    scale: torch.Tensor  # [rows] σ, rounded to fp16 (stored)
+
+
+@register
+class Turbo(Codec):
+    name = "turbo"
+
+    def __init__(self, bits: int = 4, group: int = 128, seed: int = 0, codebook: str = "sphere",
+                 norm_correction: bool = True):
+        _check_bits("turbo", bits)
+        if not isinstance(group, int) or isinstance(group, bool) or group < 2 or not has_hadamard(group):
+            raise ValueError(f"turbo.group must be an integer >= 2 with a Hadamard matrix (m·2^k, e.g. 64, 128, "
+                             f"256, 96 = 12·8), got {group!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
+            raise ValueError(f"turbo.seed must be an integer in [0, 2^63), got {seed!r}")
+        if codebook not in ("sphere", "gaussian"):
+            raise ValueError(f"turbo.codebook must be 'sphere' or 'gaussian', got {codebook!r}")
+        if not isinstance(norm_correction, bool):
+            raise ValueError(f"turbo.norm_correction must be true or false, got {norm_correction!r}")
+        self.bits, self.group_size, self.seed = bits, group, seed
+        self.codebook, self.norm_correction = codebook, norm_correction
+        self.block_width = group
+        self.rotation = RandomizedHadamard(group, seed)
+        root = math.sqrt(group)
+        cb = codebook_for(bits, group, codebook)
+        self.levels = _Levels(cb.levels * (root if codebook == "sphere" else 1.0),
+                              cb.thresholds * (root if codebook == "sphere" else 1.0))
+
+    def config(self):
+        return {"bits": self.bits, "group": self.group_size, "seed": self.seed, "codebook": self.codebook,
+                "norm_correction": self.norm_correction}
+
+    # -- the recipe ------------------------------------------------------------------------
+    def _codes(self, w: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """Codes of rows w [rows, g] normalised by `norm` [rows]."""
+        _, thresholds = self.levels.on(w.device)
+        inv = torch.where(norm > 0, math.sqrt(self.group_size) / norm.clamp_min(1e-30), torch.zeros_like(norm))
+        z = self.rotation.rotate(w) * inv[:, None]
+        return _nearest(z, thresholds)
+
+    def _reconstruct(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        levels, _ = self.levels.on(codes.device)
+        return self.rotation.unrotate(levels[codes]) * scale[..., None]
+
+    def fit(self, w, importance=None):
+        w = w.float()
+        norm = w.norm(dim=1)
+        z_hat = self.levels.on(w.device)[0][self._codes(w, norm)]
+        if self.norm_correction:
+            z_norm = z_hat.norm(dim=1)
+            scale = torch.where(z_norm > 0, norm / z_norm.clamp_min(1e-30), torch.zeros_like(norm))
+        else:
+            scale = norm / math.sqrt(self.group_size)
+        return TurboParams(norm, scale.clamp(max=FP16_MAX).half().float())
+
+    def quantize(self, w, params, col=0):
+        if col != 0 or w.shape[1] != self.group_size:
+            raise ValueError(f"turbo quantizes whole groups: got columns {col}..{col + w.shape[1]} of a group of "
+                             f"{self.group_size} (a solver must pass block_width = group_size columns)")
+        return self._reconstruct(self._codes(w.float(), params.norm), params.scale)
+
+    def pack(self, w_hat, params):
+        rows, cols = w_hat.shape
+        g = self.group_of(cols)
+        scale = torch.stack([p.scale for p in params], 1)                   # [rows, groups]
+        groups = w_hat.float().reshape(rows, cols // g, g)
+        # ŵ/σ = Qᵀ ẑ, so Q ŵ/σ gives the levels back; nearest level recovers the codes exactly
+        codes = self._codes(groups.reshape(-1, g), scale.reshape(-1) * math.sqrt(g))
+        return Packed(self.name, self.config(), (rows, cols), {
+            "codes": pack_bits(codes, self.bits),
+            "scale": scale.half(),
+            "seed": torch.tensor([self.seed], dtype=torch.int64),
+        })
+
+    def decode(self, packed):
+        rows, cols = packed.shape
+        g = self.group_of(cols)
+        if int(packed.data["seed"][0]) != self.seed:
+            raise ValueError(f"turbo: packed seed {int(packed.data['seed'][0])} differs from this codec's {self.seed}")
+        codes = unpack_bits(packed.data["codes"], self.bits, rows * cols).reshape(rows, cols // g, g)
+        codes = codes.to(packed.data["scale"].device)
+        return self._reconstruct(codes, packed.data["scale"].float()).reshape(rows, cols)
+
+
+def codebook_for(bits: int, group: int, kind: str):
+    return codebook(bits, "sphere", group) if kind == "sphere" else codebook(bits, "gaussian")
+
+
+@register
+class LloydMax(Codec):
+    name = "lloyd_max"
+
+    def __init__(self, bits: int = 4, group: int | None = 128, scale: str = "rms"):
+        _check_bits("lloyd_max", bits)
+        if group is not None and (not isinstance(group, int) or isinstance(group, bool) or group <= 0):
+            raise ValueError(f"lloyd_max.group must be a positive integer or null (per row), got {group!r}")
+        if scale not in ("rms", "absmax"):
+            raise ValueError(f"lloyd_max.scale must be 'rms' or 'absmax', got {scale!r}")
+        self.bits, self.group_size, self.scale = bits, group, scale
+        cb = codebook(bits, "gaussian")
+        self.levels = _Levels(cb.levels, cb.thresholds)
+        self.top = float(cb.levels[-1])
+
+    def config(self):
+        return {"bits": self.bits, "group": self.group_size, "scale": self.scale}
+
+    def fit(self, w, importance=None):
+        w = w.float()
+        s = w.pow(2).mean(1).sqrt() if self.scale == "rms" else w.abs().amax(1) / self.top
+        return s.clamp(max=FP16_MAX).half().float()
+
+    def _codes(self, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        _, thresholds = self.levels.on(w.device)
+        inv = torch.where(s > 0, 1.0 / s.clamp_min(1e-30), torch.zeros_like(s))
+        return _nearest(w * inv[..., None], thresholds)
+
+    def quantize(self, w, params, col=0):
+        levels, _ = self.levels.on(w.device)
+        return levels[self._codes(w.float(), params)] * params[:, None]
+
+    def pack(self, w_hat, params):
+        rows, cols = w_hat.shape
+        g = self.group_of(cols)
+        scale = torch.stack(params, 1)                                       # [rows, groups]
+        codes = self._codes(w_hat.float().reshape(rows, cols // g, g), scale)
+        return Packed(self.name, self.config(), (rows, cols),
+                      {"codes": pack_bits(codes, self.bits), "scale": scale.half()})
+
+    def decode(self, packed):
+        rows, cols = packed.shape
+        g = self.group_of(cols)
+        scale = packed.data["scale"].float()
+        levels, _ = self.levels.on(scale.device)
+        codes = unpack_bits(packed.data["codes"], self.bits, rows * cols).reshape(rows, cols // g, g)
+        return (levels[codes.to(scale.device)] * scale[..., None]).reshape(rows, cols)

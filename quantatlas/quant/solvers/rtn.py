@@ -1,0 +1,20 @@
+"""Round to nearest: the codec on its own, no data beyond an optional per-column importance."""
+from __future__ import annotations
+
+import torch
+
+from quantatlas.quant.codecs.base import Codec, Packed
+
+
+def rtn(W: torch.Tensor, codec: Codec, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, Packed]:
+    """(Ŵ = decode(encode(W)) as float32, the Packed); `importance` [cols] goes to the codec's fit."""
+    if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.is_floating_point():
+        raise ValueError(f"rtn: W must be a 2-D float tensor [rows, cols], got "
+                         f"{tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__}")
+    if importance is not None:
+        importance = importance.detach().float().to(W.device)
+        if importance.shape != (W.shape[1],):
+            raise ValueError(f"rtn: importance must have one entry per column ({W.shape[1]}), "
+                             f"got shape {tuple(importance.shape)}")
+    packed = codec.encode(W.detach().float(), importance)
+    return codec.decode(packed), packed

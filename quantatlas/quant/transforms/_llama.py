@@ -1,0 +1,142 @@
+"""The pre-norm decoder layout that function-preserving folds rely on (Llama, Mistral, Qwen2/3, ...).
+
+    h ← h + o_proj(attn(q_proj(n1(h)), k_proj(n1(h)), v_proj(n1(h))))     n1 = input_layernorm
+    h ← h + down_proj(act(gate_proj(n2(h))) ⊙ up_proj(n2(h)))               n2 = post_attention_layernorm
+    logits = lm_head(norm(h))
+
+with RMSNorms computing weight ⊙ x / rms(x) (no bias, no 1 + weight). A fold moves a diagonal or
+orthogonal factor across one of these edges, so a model with another layout (post-norms,
+fused qkv, Gemma's 1 + w norms, LayerNorm with mean subtraction) is refused rather than
+silently changed into a different function.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Layer:
+    index: int
+    input_norm: nn.Module
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    post_norm: nn.Module
+    gate: nn.Linear
+    up: nn.Linear
+    down: nn.Linear
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+    def linears(self) -> dict[str, nn.Linear]:
+        return {"q": self.q, "k": self.k, "v": self.v, "o": self.o, "gate": self.gate, "up": self.up, "down": self.down}
+
+
+def _refuse(model: nn.Module, what: str) -> ValueError:
+    return ValueError(f"{type(model).__name__}: {what}; rotations, equalization and AWQ support pre-norm "
+                      f"Llama/Qwen-style decoders (input_layernorm → q/k/v, post_attention_layernorm → gate/up, "
+                      f"RMSNorm = weight ⊙ x / rms(x))")
+
+
+@torch.no_grad()
+def _check_rmsnorm(model: nn.Module, norm: nn.Module, where: str) -> None:
+    """The norm must compute weight ⊙ x / rms(x): checked on a random input (a behaviour, not a class name)."""
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 1 or getattr(norm, "bias", None) is not None:
+        raise _refuse(model, f"{where} is {type(norm).__name__}, not an RMSNorm with a gain vector")
+    x = torch.randn(3, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)) or 0.0
+    want = w * x / torch.sqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(w)
+    if not torch.allclose(norm(x), want, rtol=1e-3, atol=1e-4):
+        raise _refuse(model, f"{where} ({type(norm).__name__}) does not compute weight ⊙ x / rms(x)")
+
+
+def layers(model: nn.Module) -> list[Layer]:
+    from quantatlas.models.roles import decoder_layers
+
+    out = []
+    for i, block in enumerate(decoder_layers(model)):
+        attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+        parts = {
+            "input_norm": getattr(block, "input_layernorm", None),
+            "post_norm": getattr(block, "post_attention_layernorm", None),
+            **{p: getattr(attn, f"{p}_proj", None) for p in "qkvo"},
+            **{p: getattr(mlp, f"{p}_proj", None) for p in ("gate", "up", "down")},
+        }
+        missing = [k for k, v in parts.items() if v is None]
+        if missing:
+            raise _refuse(model, f"layer {i} lacks {', '.join(missing)}")
+        extra = [n for n, m in block.named_modules() if n and "norm" in type(m).__name__.lower()
+                 and n not in ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm")]
+        if extra:
+            raise _refuse(model, f"layer {i} has other norms ({', '.join(extra)})")
+        for name in ("q", "k", "v", "o", "gate", "up", "down"):
+            if not isinstance(parts[name], nn.Linear):
+                raise _refuse(model, f"layer {i} {name}_proj is {type(parts[name]).__name__}, not nn.Linear")
+        _check_rmsnorm(model, parts["input_norm"], f"layer {i} input_layernorm")
+        _check_rmsnorm(model, parts["post_norm"], f"layer {i} post_attention_layernorm")
+        cfg = getattr(attn, "config", None) or model.config
+        n_heads = cfg.num_attention_heads
+        n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+        head_dim = getattr(attn, "head_dim", None) or parts["q"].out_features // n_heads
+        out.append(Layer(i, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, **parts))
+    return out
+
+
+def embedding(model: nn.Module) -> nn.Embedding:
+    return model.get_input_embeddings()
+
+
+def head(model: nn.Module) -> nn.Linear:
+    h = model.get_output_embeddings()
+    if not isinstance(h, nn.Linear):
+        raise _refuse(model, "no nn.Linear output head")
+    return h
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    norm = getattr(base, "norm", None)
+    if norm is None:
+        raise _refuse(model, "no final norm (model.model.norm)")
+    _check_rmsnorm(model, norm, "the final norm")
+    return norm
+
+
+@torch.no_grad()
+def untie_head(model: nn.Module) -> None:
+    """Give the head its own weight tensor when it shares the embedding's (folds must differ)."""
+    h, e = head(model), embedding(model)
+    if h.weight is e.weight or h.weight.data_ptr() == e.weight.data_ptr():
+        h.weight = nn.Parameter(e.weight.detach().clone(), requires_grad=e.weight.requires_grad)
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.config.tie_word_embeddings = False
+
+
+# ---- in-place weight edits in float64 ------------------------------------------------------------
+
+@torch.no_grad()
+def scale_columns(linear: nn.Linear, s: torch.Tensor) -> None:
+    """W ← W diag(s) (the input channel j is multiplied by s_j)."""
+    w = linear.weight
+    w.copy_((w.double() * s.double().to(w.device)[None, :]).to(w.dtype))
+
+
+@torch.no_grad()
+def scale_rows(linear: nn.Linear, s: torch.Tensor) -> None:
+    """W ← diag(s) W, b ← s ⊙ b (the output channel i is multiplied by s_i)."""
+    w = linear.weight
+    s = s.double().to(w.device)
+    w.copy_((w.double() * s[:, None]).to(w.dtype))
+    if linear.bias is not None:
+        linear.bias.copy_((linear.bias.double() * s).to(linear.bias.dtype))
+
+
+@torch.no_grad()
+def scale_vector(p: torch.Tensor, s: torch.Tensor) -> None:
+    p.copy_((p.double() * s.double().to(p.device)).to(p.dtype))
