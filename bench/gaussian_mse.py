@@ -3,8 +3,8 @@
 For a memoryless Gaussian source of variance 1, no code of R bits per sample does better than
 D(R) = 2^(-2R); the gap 10·log10(MSE / D(R)) in dB is what a codec leaves on the table at its
 actual stored rate R (codes plus scales, norms, seeds, ... from Packed.bits_per_weight).
-The ideal scalar Lloyd-Max quantizer (no side information, R = b) sits 4.35 / 2.74 / 1.88 dB ...
-above D(R) at 1 / 2 / 3 bits and tends to 4.35 dB (πe/6) at high rate.
+The ideal scalar Lloyd-Max quantizer (no side information, R = b) sits 1.62 / 2.74 / 3.45 / 3.87 dB
+above D(R) at 1 / 2 / 3 / 4 bits, tending to 10·log10(√3·π/2) = 4.35 dB at high rate.
 
 Codecs that take `bits` are run at 2, 3, 4 bits (named variants below, defaults otherwise);
 fixed formats (ggml types) are listed at their nominal bits (the digit in their name).

@@ -122,17 +122,18 @@ def run_spec(spec: Spec | dict, json_path: str | Path | None = None, db_url: str
     }
     done = _stored_seeds(json_path)
     led = exp_id = None
+    in_ledger: dict[tuple[str, int], dict] = {}
     if ledger:
+        from quantatlas.atlas.ids import environment_key
         from quantatlas.atlas.ledger import Ledger
 
         led = Ledger(db_url)
         exp_id = led.register_experiment(spec.to_dict())
         doc["experiment_id"] = exp_id
-    env_key = None
-    if led is not None:
-        from quantatlas.atlas.ledger import environment_key
-
         env_key = environment_key(env)
+        in_ledger = {(r["arm"], r["seed"]): r["metrics"] for r in led.runs(exp_id)
+                     if r["environment_key"] == env_key and r["model_hash"] == lm.model_hash
+                     and r["eval_fingerprint"] == es.fingerprint}
 
     calib_stream = None
     with _Progress(progress) as bars:
@@ -146,8 +147,9 @@ def run_spec(spec: Spec | dict, json_path: str | Path | None = None, db_url: str
             seeded = recipe.needs_calibration
             first_result = None
             for seed in spec.seeds:
-                if (key, seed) in done:
-                    entry["seeds"][str(seed)] = done[(key, seed)]
+                stored = done.get((key, seed)) or in_ledger.get((name, seed))
+                if stored is not None:
+                    entry["seeds"][str(seed)] = stored
                     log(f"{name} seed {seed}: stored result reused")
                     continue
                 if not seeded and first_result is not None:
@@ -179,7 +181,7 @@ def _run_arm(lm, recipe, name, seed, es, ref, device, batch, spec, calib_stream,
     model = copy.deepcopy(lm.model)
     calib = None
     if calib_stream is not None:
-        c = spec.data.calib
+        c = spec.arms[name].calib or spec.data.calib
         calib = calibration_tokens(calib_stream, c.samples, c.seq_len, seed)
     n_tensors = sum(p.codec is not None for p in recipe.plan(tensors_to_quantize(model, recipe), model))
     packed = quantize_model(model, recipe, calib, seed, bars.task(f"{name} seed {seed}: quantize", n_tensors))

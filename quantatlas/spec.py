@@ -5,8 +5,6 @@ Errors name the file, the field (as a dotted path), its line and the offending v
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -83,6 +81,7 @@ class Arm(_Strict):
     overrides: list[Override] = []
     propagation: Literal["sequential", "parallel"] = "sequential"
     include_head: bool = False
+    calib: CalibData | None = None  # this arm's calibration draw, instead of data.calib
     kv: dict[str, Any] | None = None
     act: dict[str, Any] | None = None
 
@@ -125,11 +124,10 @@ class Spec(_Strict):
         return self.model_dump(mode="json")
 
     def spec_hash(self) -> str:
-        """Hash of the normalised spec without its free text (title, hypothesis, tags, notes)."""
-        d = self.to_dict()
-        for k in ("title", "hypothesis", "tags", "notes"):
-            d.pop(k, None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+        """Hash of the normalised spec without its free text: the ledger's experiment identity."""
+        from quantatlas.atlas.ids import normalise_spec, spec_hash
+
+        return spec_hash(normalise_spec(self.to_dict())[1])[:16]
 
 
 def _line_of(root: yaml.Node | None, path: tuple) -> int | None:

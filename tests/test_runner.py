@@ -70,3 +70,21 @@ def test_compressed_sizes_reported(tiny_dir, tmp_path):
     s.arms = {"int4": s.arms["int4"]}
     r = runner.run_spec(s, None, compress=True, ledger=False)["arms"]["int4"]["seeds"]["0"]
     assert 0 < r["bytes_zstd"] < r["bytes_packed"] and 0 < r["bytes_brotli"] < r["bytes_packed"]
+
+
+def test_ledger_records_each_run_and_resumes_without_json(tiny_dir, tmp_path, monkeypatch):
+    from quantatlas.atlas.ledger import Ledger
+
+    db = f"sqlite:///{tmp_path / 'l.db'}"
+    s = spec_for(tiny_dir, seeds=(0, 1, 2))
+    s.control = "q8_0"
+    doc = runner.run_spec(s, None, db_url=db, compress=False)
+    runs = Ledger(db).runs(doc["experiment_id"])
+    assert len(runs) == 4 * 3
+    assert all(r["n_tokens"] == doc["eval_tokens_scored"] for r in runs)
+    by_arm = {v["arm"]: v for v in doc["verdicts"]}
+    assert by_arm["q8_0"]["result"] == "baseline"
+    assert by_arm["int3"]["result"] in ("failure", "inconclusive")   # worse than the Q8_0 control
+    monkeypatch.setattr(runner, "quantize_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    again = runner.run_spec(s, None, db_url=db, compress=False)
+    assert again["arms"]["int4"]["seeds"]["2"]["kld_mean"] == doc["arms"]["int4"]["seeds"]["2"]["kld_mean"]

@@ -52,7 +52,8 @@ def _solve(plan: TensorPlan, W: torch.Tensor, stats: dict | None, opts: dict) ->
     if plan.solver == "rtn" or stats is None or "hessian" not in stats:
         imp = None if stats is None else stats.get("sq_mean")
         return rtn(W, plan.codec, importance=imp)
-    w_hat, packed, _info = gptq(W, stats["hessian"], plan.codec, H_cross=stats.get("cross"), **opts)
+    cross = stats.get("cross") if plan.solver == "gptaq" else None
+    w_hat, packed, _info = gptq(W, stats["hessian"], plan.codec, H_cross=cross, **opts)
     return w_hat, packed
 
 

@@ -87,6 +87,11 @@ def build_recipe(arm: Arm, where: str = "arm") -> Recipe:
 
     if arm.solver not in SOLVERS:
         raise ValueError(f"{where}.solver: unknown solver {arm.solver!r}; known: {', '.join(SOLVERS)}")
+    from quantatlas.quant.solvers import GPTQ_OPTIONS
+
+    unknown = sorted(set(arm.solver_options) - set(GPTQ_OPTIONS))
+    if unknown:
+        raise ValueError(f"{where}.solver_options: unknown option {unknown[0]!r}; known: {', '.join(GPTQ_OPTIONS)}")
     overrides = []
     for i, o in enumerate(arm.overrides):
         w = f"{where}.overrides.{i}"

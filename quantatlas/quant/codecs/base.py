@@ -98,20 +98,31 @@ class Codec(ABC):
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned integer codes (< 2**bits) into a little-endian bit stream of uint8."""
-    flat = codes.reshape(-1).to(torch.int32)
-    shifts = torch.arange(bits, device=flat.device, dtype=torch.int32)
-    stream = ((flat[:, None] >> shifts) & 1).to(torch.uint8).reshape(-1)
-    pad = (-stream.numel()) % 8
+    """Pack unsigned integer codes (< 2**bits) into a little-endian bit stream of uint8.
+
+    Code i occupies stream bits [bits*i, bits*i + bits). Eight codes make `bits` whole bytes,
+    so each chunk of eight is assembled as one 64-bit word and split into bytes.
+    """
+    flat = codes.reshape(-1).to(torch.int64)
+    n = flat.numel()
+    pad = (-n) % 8
     if pad:
-        stream = torch.cat([stream, stream.new_zeros(pad)])
-    weights = (1 << torch.arange(8, device=flat.device, dtype=torch.int32))
-    return (stream.reshape(-1, 8).to(torch.int32) * weights).sum(1).to(torch.uint8)
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    shifts = torch.arange(8, device=flat.device, dtype=torch.int64) * bits
+    words = (flat.reshape(-1, 8) << shifts).sum(1, dtype=torch.int64)           # [n/8], bits*8 <= 64
+    byte_shifts = torch.arange(bits, device=flat.device, dtype=torch.int64) * 8
+    stream = ((words[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+    return stream[:(n * bits + 7) // 8]
 
 
 def unpack_bits(stream: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of `pack_bits`: the first `count` codes as int64."""
-    shifts = torch.arange(8, device=stream.device, dtype=torch.int32)
-    bitv = ((stream.to(torch.int32)[:, None] >> shifts) & 1).reshape(-1)[:count * bits]
-    weights = (1 << torch.arange(bits, device=stream.device, dtype=torch.int64))
-    return (bitv.reshape(count, bits).to(torch.int64) * weights).sum(1)
+    chunks = (count + 7) // 8
+    s = stream.reshape(-1).to(torch.int64)
+    need = chunks * bits
+    if s.numel() < need:
+        s = torch.cat([s, s.new_zeros(need - s.numel())])
+    byte_shifts = torch.arange(bits, device=s.device, dtype=torch.int64) * 8
+    words = (s[:need].reshape(chunks, bits) << byte_shifts).sum(1, dtype=torch.int64)
+    shifts = torch.arange(8, device=s.device, dtype=torch.int64) * bits
+    return ((words[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:count]

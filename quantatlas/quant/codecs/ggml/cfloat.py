@@ -6,10 +6,12 @@ Byte-exact agreement with ggml needs its arithmetic, not just its formulas:
 - divisions as true divisions (torch turns `scalar / tensor` into reciprocal * scalar, and CUDA
   turns `tensor / cpu_scalar` into a multiply by the reciprocal, so `fdiv` makes both sides
   device tensors);
-- correctly rounded sqrt (`sqrtf`);
+- correctly rounded sqrt (`sqrtf`; torch's vectorised CPU sqrt is not);
 - ggml's rounding helpers: `nearest_int` (the 12582912 trick), C's `roundf` and integer casts;
 - running max/min that keep the first element reaching the extreme (it decides the sign of d).
-Compiled without FMA contraction (ggml's reference C is plain fp32 code).
+This is ggml-quants.c built as plain fp32 C (no FMA contraction, as an x86-64 baseline build of
+ggml-base); a build that fuses a*b + c into FMAs (-march=native with -ffp-contract=fast, or clang
+on arm64) rounds differently and makes different choices in near-tie searches.
 """
 from __future__ import annotations
 
