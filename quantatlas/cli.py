@@ -64,6 +64,40 @@ def run(spec: Path = typer.Argument(..., help="experiment spec (YAML)"),
         typer.echo(f"results: {json_path}")
 
 
+@app.command()
+def export(spec: Path = typer.Argument(..., help="experiment spec (YAML)"),
+           arm: str = typer.Option(..., help="the arm to export"),
+           seed: Optional[int] = typer.Option(None, help="seed (default: the spec's first)"),
+           format: str = typer.Option("gguf", "--format", help="gguf"),
+           out: Path = typer.Option(..., help="output file"),
+           device: Optional[str] = typer.Option(None)):
+    """Quantize one arm x seed of SPEC exactly as `run` does and write it as a file llama.cpp reads."""
+    from quantatlas.export.gguf import write_gguf
+    from quantatlas.models import ModelLoadError, load_model
+    from quantatlas.runner import default_device, quantize_arm
+    from quantatlas.spec import SpecError, load_spec
+
+    try:
+        s = load_spec(spec)
+        if arm not in s.arms:
+            raise SpecError(f"{spec}: --arm {arm!r} is not one of the arms ({', '.join(s.arms)})")
+        if format != "gguf":
+            raise SpecError(f"--format {format!r}: only gguf is supported")
+        from quantatlas.quant.recipe import build_recipe
+
+        recipe = build_recipe(s.arms[arm], f"arms.{arm}")
+        lm = load_model(s.model, device=device or default_device())
+        model, packed = quantize_arm(lm, s, arm, s.seeds[0] if seed is None else seed, recipe)
+        ftype = recipe.mixture.ftype if recipe.mixture is not None else None
+        types = write_gguf(out, model, packed, tokenizer=lm.tokenizer, ftype=ftype)
+    except (SpecError, ModelLoadError, ValueError) as e:
+        fail(_user_error(e, spec))
+    counts: dict[str, int] = {}
+    for t in types.values():
+        counts[t] = counts.get(t, 0) + 1
+    typer.echo(f"wrote {out} ({out.stat().st_size:,} bytes): " + ", ".join(f"{n} x {t}" for t, n in sorted(counts.items())))
+
+
 @reference_app.command("train")
 def reference_train(steps: int = typer.Option(1000), seed: int = typer.Option(0),
                     batch_size: int = typer.Option(8), seq_len: int = typer.Option(512),

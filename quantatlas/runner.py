@@ -175,16 +175,29 @@ def run_spec(spec: Spec | dict, json_path: str | Path | None = None, db_url: str
     return doc
 
 
-def _run_arm(lm, recipe, name, seed, es, ref, device, batch, spec, calib_stream, bars, compress=True):
-    t0 = time.time()
+def quantize_arm(lm: LoadedModel, spec: Spec, name: str, seed: int, recipe: Recipe | None = None,
+                 calib_stream: np.ndarray | None = None, bars=None):
+    """A quantized copy of the model for one arm and seed: (model, packed tensors by parameter name)."""
+    recipe = recipe or build_recipe(spec.arms[name], f"arms.{name}")
     torch.manual_seed(seed)
     model = copy.deepcopy(lm.model)
     calib = None
-    if calib_stream is not None:
+    if recipe.needs_calibration:
+        if calib_stream is None:
+            calib_stream = lm.text_tokens(spec.data.calib.source, "train")
         c = spec.arms[name].calib or spec.data.calib
         calib = calibration_tokens(calib_stream, c.samples, c.seq_len, seed)
-    n_tensors = sum(p.codec is not None for p in recipe.plan(tensors_to_quantize(model, recipe), model))
-    packed = quantize_model(model, recipe, calib, seed, bars.task(f"{name} seed {seed}: quantize", n_tensors))
+    task = None
+    if bars is not None:
+        n_tensors = sum(p.codec is not None for p in recipe.plan(tensors_to_quantize(model, recipe), model))
+        task = bars.task(f"{name} seed {seed}: quantize", n_tensors)
+    packed = quantize_model(model, recipe, calib, seed, task)
+    return model, packed
+
+
+def _run_arm(lm, recipe, name, seed, es, ref, device, batch, spec, calib_stream, bars, compress=True):
+    t0 = time.time()
+    model, packed = quantize_arm(lm, spec, name, seed, recipe, calib_stream, bars)
     metrics = evaluate(model, es, ref, device, batch, bars.task(f"{name} seed {seed}: evaluate", es.n_scored))
     stats = kld_statistics(metrics)
     sizes = artifact_of(model, packed).measure(compress)

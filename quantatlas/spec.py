@@ -56,6 +56,8 @@ def _named(value: Any, what: str) -> dict[str, dict] | None:
         (name, opts), = value.items()
         if opts is None:
             opts = {}
+        if name == "gguf" and isinstance(opts, str):  # {gguf: Q4_K_M} shorthand
+            opts = {"ftype": opts}
         if not isinstance(opts, dict):
             raise ValueError(f"{what} {name!r} options must be a mapping, got {opts!r}")
         return {str(name): opts}

@@ -179,3 +179,16 @@ class DuplicateFlag(Base):
     score: Mapped[float] = mapped_column(Float)
     status: Mapped[str] = mapped_column(String(20), default="flagged")     # flagged | merged
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiToken(Base):
+    """A contributor's bearer token for pushing runs to a shared server. Only the sha256 of the
+    token is stored: the token is 256 random bits, so a plain hash cannot be inverted by search."""
+    __tablename__ = "api_token"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    contributor_id: Mapped[int] = mapped_column(ForeignKey("contributor.id"), index=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))          # the token's first characters, to name it
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    contributor: Mapped[Contributor] = relationship()

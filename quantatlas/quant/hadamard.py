@@ -285,9 +285,14 @@ class RandomizedHadamard:
         hadamard_factors(block)  # raises a ValueError naming the size if no matrix exists
         self.size, self.block, self.seed = size, block, int(seed)
         self._signs = random_signs(size, seed, dtype=torch.float64)
+        self._cast: dict = {}  # (dtype, device) -> signs, so online rotations do not copy them per call
 
     def signs(self, like: torch.Tensor) -> torch.Tensor:
-        return self._signs.to(dtype=like.dtype if like.is_floating_point() else torch.float32, device=like.device)
+        dtype = like.dtype if like.is_floating_point() else torch.float32
+        key = (dtype, like.device)
+        if key not in self._cast:
+            self._cast[key] = self._signs.to(dtype=dtype, device=like.device)
+        return self._cast[key]
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)

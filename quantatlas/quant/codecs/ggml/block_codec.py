@@ -12,7 +12,11 @@ A format implements six small pieces:
 
 `fit` -> `quantize` -> `pack` reproduce ggml's bytes; `encode` does the same in one pass over
 all blocks of a matrix (fit_blocks is vectorised over blocks, rows included) and, for the
-legacy formats with an imatrix, hands over ggml's whole-row mean of x^2.
+legacy formats with an imatrix, hands over ggml's whole-row mean of x^2 (`fit` on a lone group
+can only use that group's mean). `importance` is llama.cpp's imatrix: per-column mean of x^2.
+
+Source: ggml/src/ggml-quants.c and ggml-common.h of llama.cpp (the quantize_* entry points that
+llama-quantize calls: *_ref without an imatrix, *_impl with one; IQ4_NL/IQ4_XS always ntry = 7).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from quantatlas.quant.codecs.ggml.cfloat import fdiv, seq_sum
 class BlockFit:
     """The fit of B blocks: stored fields, ggml's codes for the fitted weights, the coding rule."""
 
-    fields: dict[str, torch.Tensor]  # per block (leading dim B): fp16 scales, packed scale bytes, ...
+    fields: dict[str, torch.Tensor]  # per block (leading dim B): stored fp16 scales, scale bytes, ... (+ derived grid)
     codes: torch.Tensor              # [B, g] int32, the codes ggml stores for the fitted weights
     rule: dict[str, torch.Tensor]    # per block: what `rule_codes` needs to code new weights
 
@@ -58,7 +62,10 @@ def nibbles(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
 
 def per_weight(t: torch.Tensor, g: int, col: int, c: int) -> torch.Tensor:
     """Per-sub-block values [B, nsub] spread over the weights they cover, columns col..col+c."""
-    return t.repeat_interleave(g // t.shape[1], dim=1)[:, col:col + c]
+    sub = g // t.shape[1]
+    if col == 0 and c == g:
+        return t.repeat_interleave(sub, dim=1)
+    return t[:, torch.arange(col, col + c, device=t.device) // sub]
 
 
 def round_code(x: torch.Tensor, step: torch.Tensor, lo: int, hi: int, empty: int) -> torch.Tensor:

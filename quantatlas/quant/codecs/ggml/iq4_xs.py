@@ -38,12 +38,16 @@ class IQ4_XS(IQ4_NL):
         s = nearest_int(inv_d[:, None] * scales).clamp(-32, 31)
         dl = d[:, None] * s.float()
         inv_dl = torch.where(dl != 0, fdiv(1.0, dl), torch.zeros_like(dl))
-        fit = BlockFit({"d": to_fp16(d), "scales": (s + 32).to(torch.uint8)}, None, {"id": inv_dl})
+        fit = BlockFit(self.with_grid({"d": to_fp16(d), "scales": (s + 32).to(torch.uint8)}), None, {"id": inv_dl})
         fit.codes = self.rule_codes(x, fit, 0)
         return fit
 
-    def _step(self, fields):
-        return fields["d"].float()[:, None] * (fields["scales"].to(torch.int32) - 32).float()
+    def _step(self, fields):  # d*(s - 32) per block of 32, kept with the fields
+        return fields["step"]
+
+    @staticmethod
+    def with_grid(fields):
+        return {**fields, "step": fields["d"].float()[:, None] * (fields["scales"].to(torch.int32) - 32).float()}
 
     def to_bytes(self, codes, fields):
         s = fields["scales"].to(torch.int32)
@@ -61,4 +65,4 @@ class IQ4_XS(IQ4_NL):
         low = torch.stack([b[:, 4:8] & 0xF, b[:, 4:8] >> 4], 2).reshape(-1, 8)
         q = b[:, 8:136].reshape(-1, 8, 1, 16)
         codes = torch.cat([q & 0xF, q >> 4], 2).reshape(-1, QK_K)
-        return codes, {"d": bytes_fp16(blocks[:, :2]), "scales": (low | (high << 4)).to(torch.uint8)}
+        return codes, self.with_grid({"d": bytes_fp16(blocks[:, :2]), "scales": (low | (high << 4)).to(torch.uint8)})

@@ -77,17 +77,21 @@ class Q2_K(BlockCodec):
             scales, mins, L, *_ = make_qkx3_quants(xs, 3, weights, -0.9, 0.05, 36, False)
             d, ls = make_qp_quants(scales.reshape(B, 16), 15, sw)
             dmin, lm = make_qp_quants(mins.reshape(B, 16), 15, sw)
-        fields = {"scales": ((ls & 0xFF) | (lm << 4) & 0xFF).to(torch.uint8),
-                  "d": to_fp16(d), "dmin": to_fp16(dmin)}
+        fields = self.with_grid({"scales": ((ls & 0xFF) | (lm << 4) & 0xFF).to(torch.uint8),
+                                 "d": to_fp16(d), "dmin": to_fp16(dmin)})
         fit = BlockFit(fields, L.reshape(B, QK_K), {})
         fit.codes = self.rule_codes(x, fit, 0)
         return fit
 
-    def _grid(self, fields, col, c):
+    @staticmethod
+    def with_grid(fields):
+        """Add each sub-block's step d*sc and offset dmin*m (as dequantize_row_q2_K forms them)."""
         sc = fields["scales"].to(torch.int32)
-        step = fields["d"].float()[:, None] * (sc & 0xF).float()
-        offset = fields["dmin"].float()[:, None] * (sc >> 4).float()
-        return per_weight(step, QK_K, col, c), per_weight(offset, QK_K, col, c)
+        return {**fields, "step": fields["d"].float()[:, None] * (sc & 0xF).float(),
+                "offset": fields["dmin"].float()[:, None] * (sc >> 4).float()}
+
+    def _grid(self, fields, col, c):
+        return per_weight(fields["step"], QK_K, col, c), per_weight(fields["offset"], QK_K, col, c)
 
     def rule_codes(self, x, fit, col):
         step, offset = self._grid(fit.fields, col, x.shape[1])
@@ -107,4 +111,4 @@ class Q2_K(BlockCodec):
 
     def from_bytes(self, blocks):
         fields = {"scales": blocks[:, :16], "d": bytes_fp16(blocks[:, 80:82]), "dmin": bytes_fp16(blocks[:, 82:84])}
-        return unpack_2bit(blocks[:, 16:80]), fields
+        return unpack_2bit(blocks[:, 16:80]), self.with_grid(fields)

@@ -72,14 +72,18 @@ class Q3_K(BlockCodec):
             sw = seq_sum(weights).reshape(B, 16)
             scales, L, _, _ = make_qx_quants(xs, 4, weights)
             d, s, _, _ = make_qx_quants(scales.reshape(B, 16), 32, sw)
-        fields = {"scales": pack_scales(s), "d": to_fp16(d)}
+        fields = self.with_grid({"scales": pack_scales(s), "d": to_fp16(d)})
         fit = BlockFit(fields, L.reshape(B, QK_K), {})
         fit.codes = self.rule_codes(x, fit, 0)
         return fit
 
+    @staticmethod
+    def with_grid(fields):
+        """Add each sub-block's step d*(s - 32)."""
+        return {**fields, "step": fields["d"].float()[:, None] * unpack_scales(fields["scales"]).float()}
+
     def _step(self, fields, col, c):
-        step = fields["d"].float()[:, None] * unpack_scales(fields["scales"]).float()
-        return per_weight(step, QK_K, col, c)
+        return per_weight(fields["step"], QK_K, col, c)
 
     def rule_codes(self, x, fit, col):
         step = self._step(fit.fields, col, x.shape[1])
@@ -101,4 +105,4 @@ class Q3_K(BlockCodec):
         hm = blocks[:, :32].to(torch.int32)
         high = ((hm[:, None, :] >> BIT.to(hm.device)[:, None]) & 1).reshape(-1, QK_K)
         codes = unpack_2bit(blocks[:, 32:96]) | (high << 2)
-        return codes, {"scales": blocks[:, 96:108], "d": bytes_fp16(blocks[:, 108:110])}
+        return codes, self.with_grid({"scales": blocks[:, 96:108], "d": bytes_fp16(blocks[:, 108:110])})

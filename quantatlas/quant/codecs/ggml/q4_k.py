@@ -78,16 +78,20 @@ class Q4_K(BlockCodec):
             dmin, lm = make_qp_quants(mins.reshape(B, 8), 63, sw)
             if self.cap_imatrix_codes:
                 ls, lm = ls.clamp(max=63), lm.clamp(max=63)
-        fields = {"d": to_fp16(d), "dmin": to_fp16(dmin), "scales": pack_scales_k4(ls, lm)}
+        fields = self.with_grid({"d": to_fp16(d), "dmin": to_fp16(dmin), "scales": pack_scales_k4(ls, lm)})
         fit = BlockFit(fields, L.reshape(B, QK_K), {})
         fit.codes = self.rule_codes(x, fit, 0)
         return fit
 
-    def _grid(self, fields, col, c):
+    @staticmethod
+    def with_grid(fields):
+        """Add each sub-block's step d*sc and offset dmin*m (as dequantize_row_q4_K forms them)."""
         sc, m = unpack_scales_k4(fields["scales"])
-        step = fields["d"].float()[:, None] * sc.float()
-        offset = fields["dmin"].float()[:, None] * m.float()
-        return per_weight(step, QK_K, col, c), per_weight(offset, QK_K, col, c)
+        return {**fields, "step": fields["d"].float()[:, None] * sc.float(),
+                "offset": fields["dmin"].float()[:, None] * m.float()}
+
+    def _grid(self, fields, col, c):
+        return per_weight(fields["step"], QK_K, col, c), per_weight(fields["offset"], QK_K, col, c)
 
     def rule_codes(self, x, fit, col):
         step, offset = self._grid(fit.fields, col, x.shape[1])
@@ -114,6 +118,7 @@ class Q4_K(BlockCodec):
         q = qs.to(torch.int32).reshape(-1, 4, 1, 32)
         return torch.cat([q & 0xF, q >> 4], 2).reshape(-1, QK_K)
 
-    @staticmethod
-    def _fields(blocks):
-        return {"d": bytes_fp16(blocks[:, 0:2]), "dmin": bytes_fp16(blocks[:, 2:4]), "scales": blocks[:, 4:16]}
+    @classmethod
+    def _fields(cls, blocks):
+        return cls.with_grid({"d": bytes_fp16(blocks[:, 0:2]), "dmin": bytes_fp16(blocks[:, 2:4]),
+                              "scales": blocks[:, 4:16]})

@@ -45,13 +45,17 @@ class Q6_K(BlockCodec):
         s = torch.where(live[:, None], s, torch.zeros_like(s))
         d = torch.where(live, fdiv(1.0, iscale), torch.zeros_like(iscale))
         L = torch.where(live[:, None], L.reshape(B, QK_K), torch.zeros_like(L.reshape(B, QK_K)))
-        fit = BlockFit({"scales": s.to(torch.int8), "d": to_fp16(d)}, L, {})
+        fit = BlockFit(self.with_grid({"scales": s.to(torch.int8), "d": to_fp16(d)}), L, {})
         fit.codes = self.rule_codes(x, fit, 0)
         return fit
 
+    @staticmethod
+    def with_grid(fields):
+        """Add each sub-block's step d*s."""
+        return {**fields, "step": fields["d"].float()[:, None] * fields["scales"].float()}
+
     def _step(self, fields, col, c):
-        step = fields["d"].float()[:, None] * fields["scales"].float()
-        return per_weight(step, QK_K, col, c)
+        return per_weight(fields["step"], QK_K, col, c)
 
     def rule_codes(self, x, fit, col):
         step = self._step(fit.fields, col, x.shape[1])
@@ -77,4 +81,4 @@ class Q6_K(BlockCodec):
         high = (qh >> SHIFT2.to(qh.device)[:, None]) & 3                # [B, h, k, l]
         codes = (low | (high << 4)).reshape(-1, QK_K)
         fields = {"scales": blocks[:, 192:208].contiguous().view(torch.int8), "d": bytes_fp16(blocks[:, 208:210])}
-        return codes, fields
+        return codes, self.with_grid(fields)

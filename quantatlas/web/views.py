@@ -1,0 +1,110 @@
+"""What the list and experiment pages (and their JSON twins) show, computed from the ledger.
+
+No torch: numpy for the per-token KLD distributions, SQLAlchemy for the environments.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from sqlalchemy import select
+
+from quantatlas.atlas.models import Environment, RunSet
+from quantatlas.web.techniques import is_llamacpp_format, techniques
+
+if TYPE_CHECKING:
+    from quantatlas.atlas.ledger import Ledger
+
+ECDF_POINTS = 400          # evenly spaced order statistics per arm, plus the upper tail below
+ECDF_TAIL = 40             # log-spaced points in the top 1 %, so p99.9 and the max are on the curve
+SEED_COLUMNS = ("kld_mean", "kld_se", "kld_median", "kld_p99", "kld_max", "same_top", "ppl_ratio",
+                "bits_per_weight", "bits_per_param", "bytes_zstd")
+
+
+def matches(row: dict, q: str) -> bool:
+    """Case-insensitive substring search over a list row's id, title, hypothesis, model and tags."""
+    needle = q.strip().lower()
+    if not needle:
+        return True
+    hay = " ".join([row.get("id") or "", row.get("title") or "", row.get("hypothesis") or "",
+                    row.get("model") or "", " ".join(row.get("tags") or [])]).lower()
+    return all(word in hay for word in needle.split())
+
+
+def experiment_rows(led: Ledger, tag: str | None = None, model: str | None = None, result: str | None = None,
+                    q: str | None = None) -> list[dict]:
+    """The list, newest first, filtered like `atlas list` plus a text search (`q`, all words)."""
+    rows = led.rows(tag=tag or None, model=model or None, result=result or None)
+    if q:
+        rows = [r for r in rows if matches(r, q)]
+    return rows[::-1]
+
+
+def facets(led: Ledger) -> dict:
+    """Values for the list's filter menus: every tag and model in the (unmerged) ledger."""
+    rows = led.rows()
+    return {"tags": sorted({t for r in rows for t in r.get("tags") or []}),
+            "models": sorted({r["model"] for r in rows if r.get("model")})}
+
+
+def ecdf(values: np.ndarray, n_points: int = ECDF_POINTS, n_tail: int = ECDF_TAIL) -> dict:
+    """Points (x, F(x)) on the empirical CDF of `values`, F(x) = #{v <= x} / n exactly.
+
+    x are order statistics: evenly spaced ranks, plus ranks log-spaced towards the maximum so
+    the tail that dominates quantization error is drawn point by point. Non-finite values are
+    counted and left out."""
+    v = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(v)
+    v = np.sort(v[finite])
+    n = v.size
+    if n == 0:
+        return {"x": [], "y": [], "n": 0, "nonfinite": int((~finite).sum())}
+    ranks = np.rint(np.linspace(0, n - 1, min(n, n_points))).astype(np.int64)
+    if n > n_points:
+        top = n - 1 - np.rint(np.logspace(np.log10(max(1.0, 0.01 * n)), 0, n_tail) - 1).astype(np.int64)
+        ranks = np.concatenate([ranks, top])
+    x = v[np.unique(ranks)]
+    y = np.searchsorted(v, x, side="right") / n
+    return {"x": x.tolist(), "y": y.tolist(), "n": int(n), "nonfinite": int((~finite).sum())}
+
+
+def kld_distributions(runs: list[dict]) -> list[dict]:
+    """Per run set (in the order given), per arm: the ECDF of per-token KLD pooled over seeds."""
+    sets: dict[int, dict[str, list[np.ndarray]]] = {}
+    seeds: dict[int, dict[str, list[int]]] = {}
+    for r in runs:
+        tok = r.get("per_token_kld")
+        if tok is None:
+            continue
+        sets.setdefault(r["run_set"], {}).setdefault(r["arm"], []).append(tok)
+        seeds.setdefault(r["run_set"], {}).setdefault(r["arm"], []).append(r["seed"])
+    out = []
+    for rs, arms in sets.items():
+        out.append({"run_set": rs, "arms": [dict(ecdf(np.concatenate(parts)), arm=arm, seeds=sorted(seeds[rs][arm]))
+                                            for arm, parts in arms.items()]})
+    return out
+
+
+def experiment_view(led: Ledger, exp_id: str) -> dict:
+    """`Ledger.describe` plus each run set's full environment, each arm's techniques, and the
+    per-token KLD distributions of each run set."""
+    d = led.describe(exp_id)
+    keys = {rs["environment_key"] for rs in d["run_sets"]}
+    with led._reading() as s:
+        envs = {e.key: e for e in s.scalars(select(Environment).where(Environment.key.in_(keys)))} if keys else {}
+        created = {rs.id: rs.created_at for rs in s.scalars(select(RunSet).where(RunSet.experiment_id == d["id"]))}
+    for i, rs in enumerate(d["run_sets"]):
+        e = envs.get(rs["environment_key"])
+        rs["role"] = "primary" if i == 0 else "reproduction"
+        rs["python"] = e.python if e else None
+        rs["platform"] = e.platform if e else None
+        rs["packages"] = (e.packages or {}) if e else {}
+        rs["created_at"] = rs.get("created_at") or (created.get(rs["id"]).isoformat() if created.get(rs["id"]) else None)
+    for a in d.get("arms_config") or []:
+        a["techniques"] = sorted(techniques(a["config"]))
+        a["llamacpp"] = is_llamacpp_format(a["config"])
+    order = [rs["id"] for rs in d["run_sets"]]
+    dists = kld_distributions(led.runs(d["id"]))
+    d["kld_distributions"] = sorted(dists, key=lambda x: order.index(x["run_set"]) if x["run_set"] in order else 1e9)
+    d["seed_columns"] = list(SEED_COLUMNS)
+    return d
