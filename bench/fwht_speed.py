@@ -55,8 +55,8 @@ def main(argv=None) -> list[dict]:
     out = args.out or Path(__file__).parent / "results" / f"fwht_speed_{device.type}.json"
 
     rows_out = []
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}), "
-          f"{args.dtype}, threads {torch.get_num_threads()}; throughput in M elements/s")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"device {device} ({name}), {args.dtype}, threads {torch.get_num_threads()}; throughput in M elements/s")
     print(f"{'n':>6} {'rows':>6} {'fast':>10} {'butterfly':>10} {'dense':>10} {'fast/dense':>10} {'max err':>9}")
     for n in SIZES:
         rows = max(1, args.elements // n)

@@ -222,9 +222,9 @@ def format_table(doc: dict) -> str:
         def m(k):
             return float(np.mean([r[k] for r in rs]))
 
-        kld = "0" if m("kld_mean") == 0 else f"{m('kld_mean'):.5f} ± {m('kld_se'):.5f}"
+        kld = "0" if m("kld_mean") == 0 else f"{m('kld_mean'):.4g} ± {m('kld_se'):.2g}"
         row = (f"{name:<16} {m('bits_per_weight'):>7.3f} {m('bits_per_param'):>10.3f}  {kld:<22} "
-               f"{m('kld_p99'):>9.5f} {100 * m('same_top'):>7.2f}% {m('ppl_ratio'):>9.4f}  "
+               f"{m('kld_p99'):>9.4g} {100 * m('same_top'):>7.2f}% {m('ppl_ratio'):>9.4f}  "
                + (f"{m('bytes_zstd') / 1e6:>7.3f}" if "bytes_zstd" in rs[0] else f"{'-':>7}") + f"  {len(rs)}")
         v = verdicts.get(name)
         if v:

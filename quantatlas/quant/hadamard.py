@@ -204,19 +204,18 @@ def hadamard_matrix(n: int, dtype=torch.float64, device=None) -> torch.Tensor:
 # ---- fast transforms ----------------------------------------------------------------------
 
 @lru_cache(maxsize=64)
-def _factor(kind: str, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if kind == "sylvester":
-        return sylvester(size, dtype, device)
-    return torch.from_numpy(_base_matrix(size)).to(dtype=dtype, device=device)
+def _factor(kind: str, size: int, dtype: torch.dtype, device: torch.device, normalize: bool) -> torch.Tensor:
+    f = sylvester(size, torch.float64) if kind == "sylvester" else torch.from_numpy(_base_matrix(size)).double()
+    return (f / math.sqrt(size) if normalize else f).to(dtype=dtype, device=device)
 
 
-def _factors(n: int, dtype, device) -> list[torch.Tensor]:
-    """Small ±1 matrices whose Kronecker product (in order) is H_n."""
+def _factors(n: int, dtype, device, normalize: bool) -> list[torch.Tensor]:
+    """Small matrices whose Kronecker product (in order) is H_n, or H_n/√n with each factor F/√p."""
     m, k = hadamard_factors(n)
-    out = [] if m == 1 else [_factor("base", m, dtype, device)]
+    out = [] if m == 1 else [_factor("base", m, dtype, device, normalize)]
     if k:
         r = math.ceil(k / MAX_FACTOR_BITS)  # split k bits into r near-equal chunks
-        out += [_factor("sylvester", 1 << (k // r + (i < k % r)), dtype, device) for i in range(r)]
+        out += [_factor("sylvester", 1 << (k // r + (i < k % r)), dtype, device, normalize) for i in range(r)]
     return out
 
 
@@ -225,19 +224,19 @@ def hadamard_transform(x: torch.Tensor, normalize: bool = True, transpose: bool 
 
     With normalize=True this is an orthogonal map, and its inverse is the transpose=True call.
     Computed as one small GEMM per Kronecker factor: apply the factor on the last axis, then
-    rotate that axis to the front, so after all factors the axis order is restored.
+    rotate that axis to the front, so after all factors the axis order is restored. The 1/√n
+    is folded into the factors (F/√p each), so it costs no extra pass.
     """
     n = x.shape[-1]
     shape = x.shape
     dtype = x.dtype if x.is_floating_point() else torch.float32
     y = x.reshape(-1, n).to(dtype)
     rows = y.shape[0]
-    for f in reversed(_factors(n, dtype, x.device)):
+    for f in reversed(_factors(n, dtype, x.device, normalize)):
         p = f.shape[0]
         # row vectors: y ← y Fᵀ applies F; y F applies Fᵀ
         y = (y.reshape(-1, p) @ (f if transpose else f.T)).reshape(rows, n // p, p).transpose(1, 2)
-    y = y.reshape(shape)
-    return y * (1.0 / math.sqrt(n)) if normalize else y.contiguous()
+    return y.reshape(shape).contiguous()
 
 
 def fwht(x: torch.Tensor, normalize: bool = True) -> torch.Tensor:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
@@ -89,8 +90,14 @@ class RunIds(BaseModel):
     ids: list[str] = Field(max_length=MAX_IDS, description="run ids")
 
 
-class KnownRuns(BaseModel):
-    known: list[str]
+class KnownQuery(BaseModel):
+    runs: list[str] = Field(default_factory=list, max_length=MAX_IDS, description="run ids")
+    experiments: list[str] = Field(default_factory=list, max_length=MAX_IDS, description="experiment ids")
+
+
+class Known(BaseModel):
+    runs: list[str] = Field(description="the asked run ids the server holds")
+    experiments: list[str] = Field(description="the asked experiment ids the server holds")
 
 
 class AllRunIds(BaseModel):
@@ -191,6 +198,16 @@ def create_app(db_url: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY
             return views.experiment_view(led, exp_id)
         except LedgerError as e:
             raise HTTPException(404, str(e)) from None
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        # a one-line reason naming each field; the offending input is not echoed (it may be NaN,
+        # which JSON cannot carry, or megabytes long)
+        errors = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in exc.errors()]
+        reason = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors[:10])
+        if len(errors) > 10:
+            reason += f"; ... ({len(errors)} errors)"
+        return JSONResponse({"detail": reason, "errors": errors[:100]}, status_code=422)
 
     @app.exception_handler(records.PushRejected)
     async def _rejected(request: Request, exc: records.PushRejected):
@@ -314,10 +331,10 @@ def create_app(db_url: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY
         nothing, and no push alters or deletes a stored run."""
         return records.accept_push(led, who, payload)
 
-    @app.post("/api/runs/known", tags=["push"], summary="Which of these runs the server holds",
-              response_model=KnownRuns)
-    def api_known(body: RunIds):
-        return {"known": records.known_runs(led, body.ids)}
+    @app.post("/api/known", tags=["push"], summary="Which of these runs and experiments the server holds",
+              response_model=Known)
+    def api_known(body: KnownQuery):
+        return records.known(led, body.runs, body.experiments)
 
     @app.get("/api/runs/ids", tags=["pull"], summary="Every run id", response_model=AllRunIds)
     def api_run_ids():

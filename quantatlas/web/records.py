@@ -35,7 +35,6 @@ MAX_TOKENS = 1 << 24            # per-token KLD values in one run (16.7 M: 64 Mi
 MAX_RECORDS = 10_000            # experiments or runs in one push
 ID = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:\-]{1,64}$")]
 Name = Annotated[str, Field(min_length=1, max_length=200)]
-Number = Union[StrictInt, StrictFloat]
 MetricValue = Union[StrictInt, StrictFloat, Literal["nan", "inf", "-inf"]]
 NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
@@ -287,15 +286,23 @@ def experiment_records(led: Ledger) -> list[dict]:
 
 def run_records(led: Ledger, run_ids: list[str]) -> list[dict]:
     """The runs with these ids that the ledger holds, in ledger order."""
+    out = []
     with led._reading() as s:
-        q = (select(Run).join(Arm, Run.arm_id == Arm.id).where(Run.id.in_(run_ids))
-             .order_by(Arm.experiment_id, Run.run_set_id, Arm.position, Run.seed))
-        return [run_record(r) for r in s.scalars(q)]
+        for i in range(0, len(run_ids), 2000):
+            q = (select(Run).join(Arm, Run.arm_id == Arm.id).where(Run.id.in_(run_ids[i:i + 2000]))
+                 .order_by(Arm.experiment_id, Run.run_set_id, Arm.position, Run.seed))
+            out += [run_record(r) for r in s.scalars(q)]
+    return out
 
 
-def known_runs(led: Ledger, run_ids: list[str]) -> list[str]:
+def known(led: Ledger, run_ids: list[str], experiment_ids: list[str]) -> dict:
+    """Which of these run and experiment ids the ledger holds."""
+    out = {"runs": [], "experiments": []}
     with led._reading() as s:
-        return list(s.scalars(select(Run.id).where(Run.id.in_(run_ids))))
+        for key, column, asked in (("runs", Run.id, run_ids), ("experiments", Experiment.id, experiment_ids)):
+            for i in range(0, len(asked), 2000):        # stay under SQLite's bound-parameter limit
+                out[key] += list(s.scalars(select(column).where(column.in_(asked[i:i + 2000]))))
+    return out
 
 
 def all_run_ids(led: Ledger) -> list[str]:

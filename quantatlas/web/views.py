@@ -63,7 +63,7 @@ def ecdf(values: np.ndarray, n_points: int = ECDF_POINTS, n_tail: int = ECDF_TAI
     if n > n_points:
         top = n - 1 - np.rint(np.logspace(np.log10(max(1.0, 0.01 * n)), 0, n_tail) - 1).astype(np.int64)
         ranks = np.concatenate([ranks, top])
-    x = v[np.unique(ranks)]
+    x = np.unique(v[ranks])           # ties: one point per distinct value
     y = np.searchsorted(v, x, side="right") / n
     return {"x": x.tolist(), "y": y.tolist(), "n": int(n), "nonfinite": int((~finite).sum())}
 
@@ -101,10 +101,12 @@ def experiment_view(led: Ledger, exp_id: str) -> dict:
         rs["packages"] = (e.packages or {}) if e else {}
         rs["created_at"] = rs.get("created_at") or (created.get(rs["id"]).isoformat() if created.get(rs["id"]) else None)
     for a in d.get("arms_config") or []:
+        a["compact"] = {k: v for k, v in (a["config"] or {}).items() if v not in (None, [], {}, False)}
         a["techniques"] = sorted(techniques(a["config"]))
         a["llamacpp"] = is_llamacpp_format(a["config"])
     order = [rs["id"] for rs in d["run_sets"]]
     dists = kld_distributions(led.runs(d["id"]))
     d["kld_distributions"] = sorted(dists, key=lambda x: order.index(x["run_set"]) if x["run_set"] in order else 1e9)
-    d["seed_columns"] = list(SEED_COLUMNS)
+    present = {k for rs in d["run_sets"] for r in rs["runs"] for k, v in r["metrics"].items() if v is not None}
+    d["seed_columns"] = [c for c in SEED_COLUMNS if c in present]
     return d

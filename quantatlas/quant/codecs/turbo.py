@@ -55,7 +55,7 @@ class _Levels:
     """A codebook's levels and thresholds as tensors, per device."""
 
     def __init__(self, levels, thresholds):
-        self._cpu = (torch.tensor(np.array(levels), dtype=torch.float32), torch.tensor(np.array(thresholds), dtype=torch.float32))
+        self._cpu = tuple(torch.tensor(np.array(a), dtype=torch.float32) for a in (levels, thresholds))
         self._dev: dict = {}
 
     def on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
