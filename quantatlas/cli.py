@@ -117,15 +117,15 @@ def reference_train(steps: int = typer.Option(1000), seed: int = typer.Option(0)
     typer.echo(f"validation bits per byte: {card['validation_bits_per_byte']}  ({card['train_seconds']} s)")
 
 
-def _mount_optional() -> None:
-    try:  # DEVTEMP
-        from quantatlas.atlas.cli import app as atlas_app
-    except ImportError:
-        return
-    app.add_typer(atlas_app, name="atlas", help="The ledger: list, show, import, export, merge, reproduce.")
+def _mount_atlas() -> None:
+    from quantatlas.atlas.cli import app as atlas_app
+    from quantatlas.web.cli import register
+
+    app.add_typer(atlas_app, name="atlas", help="The ledger: list, show, import, export, merge, reproduce, tokens.")
+    register(app, atlas_app)  # serve, push, pull, atlas token ...
 
 
-_mount_optional()
+_mount_atlas()
 
 
 def main() -> None:
