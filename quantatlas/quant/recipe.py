@@ -5,7 +5,6 @@ name, in order, the last match winning; `codec: null` in an override keeps a ten
 """
 from __future__ import annotations
 
-import importlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,10 +13,6 @@ from quantatlas.quant.codecs import Codec, make_codec
 from quantatlas.spec import Arm
 
 SOLVERS = ("rtn", "gptq", "gptaq")
-
-#: transform name -> "module:Class"; classes take the YAML options as keyword arguments.
-TRANSFORMS: dict[str, str] = {}
-
 
 @dataclass
 class TensorPlan:
@@ -70,15 +65,17 @@ def _codec(spec: dict[str, dict] | None, where: str) -> Codec | None:
         raise ValueError(f"{where}: {e}") from None
 
 
-def _transform(spec: dict[str, dict], where: str):
+def _transform(spec: dict[str, dict], where: str, arm_codec: Codec | None):
+    from quantatlas.quant.transforms import make_transform
+
     (name, opts), = spec.items()
-    if name not in TRANSFORMS:
-        raise ValueError(f"{where}: unknown transform {name!r}; known: {', '.join(sorted(TRANSFORMS)) or 'none'}")
-    mod, cls = TRANSFORMS[name].split(":")
     try:
-        return getattr(importlib.import_module(mod), cls)(**opts)
-    except TypeError as e:
-        raise ValueError(f"{where}: transform {name!r}: {e}") from None
+        t = make_transform(name, opts)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if getattr(t, "codec", "absent") is None:  # AWQ searches its scales for the arm's own codec
+        t.codec = arm_codec
+    return t
 
 
 def build_recipe(arm: Arm, where: str = "arm") -> Recipe:
@@ -112,12 +109,13 @@ def build_recipe(arm: Arm, where: str = "arm") -> Recipe:
 
         mixture = GGUFMixture.from_options(codec_spec["gguf"], f"{where}.codec.gguf")
         codec_spec = None
+    codec = _codec(codec_spec, f"{where}.codec")
     return Recipe(
         mixture=mixture,
-        transforms=[_transform(t, f"{where}.transforms.{i}") for i, t in enumerate(arm.transforms)],
+        transforms=[_transform(t, f"{where}.transforms.{i}", codec) for i, t in enumerate(arm.transforms)],
         solver=arm.solver,
         solver_options=dict(arm.solver_options),
-        codec=_codec(codec_spec, f"{where}.codec"),
+        codec=codec,
         overrides=overrides,
         propagation=arm.propagation,
         include_head=arm.include_head,
