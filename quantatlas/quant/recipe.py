@@ -86,6 +86,10 @@ def build_recipe(arm: Arm, where: str = "arm") -> Recipe:
         raise ValueError(f"{where}.solver: unknown solver {arm.solver!r}; known: {', '.join(SOLVERS)}")
     from quantatlas.quant.solvers import GPTQ_OPTIONS
 
+    for block in ("kv", "act"):  # accepted by the spec so experiments can be written, refused until built
+        if getattr(arm, block) is not None:
+            what = "KV-cache" if block == "kv" else "activation"
+            raise ValueError(f"{where}.{block}: {what} quantization is not implemented yet")
     unknown = sorted(set(arm.solver_options) - set(GPTQ_OPTIONS))
     if unknown:
         raise ValueError(f"{where}.solver_options: unknown option {unknown[0]!r}; known: {', '.join(GPTQ_OPTIONS)}")
@@ -94,6 +98,8 @@ def build_recipe(arm: Arm, where: str = "arm") -> Recipe:
         w = f"{where}.overrides.{i}"
         if o.solver is not None and o.solver not in SOLVERS:
             raise ValueError(f"{w}.solver: unknown solver {o.solver!r}; known: {', '.join(SOLVERS)}")
+        if o.match in ("norm", "q_norm", "k_norm", "pos_embed"):
+            raise ValueError(f"{w}.match: {o.match!r} tensors are vectors; quantizing them is not implemented yet")
         if o.match in ROLES:
             match: re.Pattern | str = o.match
         else:
