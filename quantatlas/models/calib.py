@@ -65,9 +65,9 @@ def attach_accumulators(modules: dict[str, torch.nn.Module], hessian: bool = Tru
 
 
 @torch.no_grad()
-def input_statistics(model: torch.nn.Module, modules: dict[str, torch.nn.Module], tokens: torch.Tensor,
-                     batch_size: int = 8, hessian: bool = True) -> dict[str, InputStats]:
-    """Run `tokens` [n, seq] through `model` and return the input statistics of each module."""
+def accumulate_inputs(model: torch.nn.Module, modules: dict[str, torch.nn.Module], tokens: torch.Tensor,
+                      batch_size: int = 8, hessian: bool = True) -> dict[str, InputAccumulator]:
+    """Run `tokens` [n, seq] through `model`; the running sums of each module's inputs."""
     accs, handles = attach_accumulators(modules, hessian)
     try:
         dev = next(model.parameters()).device
@@ -76,4 +76,10 @@ def input_statistics(model: torch.nn.Module, modules: dict[str, torch.nn.Module]
     finally:
         for h in handles:
             h.remove()
-    return {k: a.result() for k, a in accs.items()}
+    return accs
+
+
+def input_statistics(model: torch.nn.Module, modules: dict[str, torch.nn.Module], tokens: torch.Tensor,
+                     batch_size: int = 8, hessian: bool = True) -> dict[str, InputStats]:
+    """Run `tokens` [n, seq] through `model` and return the input statistics of each module."""
+    return {k: a.result() for k, a in accumulate_inputs(model, modules, tokens, batch_size, hessian).items()}

@@ -72,21 +72,14 @@ def compute_imatrix(model, tokens: torch.Tensor, include_head: bool = False, bat
 
     `include_head` is llama-imatrix's --process-output.
     """
-    from quantatlas.models.calib import attach_accumulators
+    from quantatlas.models.calib import accumulate_inputs
 
     if tokens.dim() != 2 or tokens.shape[0] == 0:
         raise ValueError(f"compute_imatrix: tokens must be [samples, seq_len] with samples > 0, "
                          f"got {tuple(tokens.shape)}")
     modules = imatrix_modules(model, include_head)
-    # the accumulators of input_statistics, read directly to keep the fp64 sums (not just their means)
-    accs, handles = attach_accumulators(modules, hessian=False)
-    try:
-        dev = next(model.parameters()).device
-        for i in range(0, tokens.shape[0], batch_size):
-            model(tokens[i:i + batch_size].to(dev))
-    finally:
-        for h in handles:
-            h.remove()
+    # the accumulators themselves, to keep the fp64 sums (not just their means)
+    accs = accumulate_inputs(model, modules, tokens, batch_size, hessian=False)
     im = ImportanceMatrix(chunk_size=int(tokens.shape[1]), datasets=list(datasets or []))
     for name, acc in accs.items():
         im.sums[name] = acc.sq_sum.detach().cpu()
