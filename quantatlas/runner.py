@@ -144,7 +144,7 @@ def run_spec(spec: Spec | dict, json_path: str | Path | None = None, db_url: str
             cfg = arm.model_dump(mode="json")
             key = arm_key(cfg, lm.model_hash, es.fingerprint)
             entry = doc["arms"].setdefault(name, {"key": key, "config": cfg, "seeds": {}})
-            seeded = recipe.needs_calibration
+            seeded = recipe.uses_seed
             first_result = None
             for seed in spec.seeds:
                 stored = done.get((key, seed)) or in_ledger.get((name, seed))
@@ -157,10 +157,10 @@ def run_spec(spec: Spec | dict, json_path: str | Path | None = None, db_url: str
                     entry["seeds"][str(seed)] = res
                     per_token = first_per_token
                 else:
-                    if seeded and calib_stream is None:
+                    if recipe.needs_calibration and calib_stream is None:
                         calib_stream = lm.text_tokens(spec.data.calib.source, "train")
                     res, per_token = _run_arm(lm, recipe, name, seed, es, ref, device, ev.batch, spec,
-                                              calib_stream if seeded else None, bars, compress)
+                                              calib_stream, bars, compress)
                     entry["seeds"][str(seed)] = res
                     first_result, first_per_token = res, per_token
                 if json_path:

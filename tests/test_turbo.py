@@ -158,3 +158,21 @@ def test_turbo_on_cuda_matches_cpu():
     cpu = codec.decode(codec.encode(w))
     gpu = codec.decode(codec.encode(w.cuda()))
     assert gpu.device.type == "cuda" and torch.allclose(gpu.cpu(), cpu, atol=1e-5)
+
+
+def test_experiment_seed_redraws_turbo_signs():
+    """A seed changes what is random in an arm: turbo's rotation signs follow the run seed."""
+    import torch
+
+    from quantatlas.quant.codecs import make_codec
+    from quantatlas.quant.recipe import build_recipe
+    from quantatlas.spec import Arm
+
+    codec = make_codec("turbo", {"bits": 3, "group": 64, "seed": 5})
+    assert codec.seeded and codec.for_run(0) is codec
+    other = codec.for_run(2)
+    assert other.seed == 7 and other.config() == {**codec.config(), "seed": 7}
+    w = torch.randn(8, 128, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(codec.decode(codec.encode(w)), other.decode(other.encode(w)))
+    assert build_recipe(Arm(codec={"turbo": {"bits": 3}})).uses_seed
+    assert not build_recipe(Arm(codec={"uniform": {"bits": 3}})).uses_seed

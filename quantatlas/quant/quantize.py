@@ -63,6 +63,9 @@ def quantize_model(model: torch.nn.Module, recipe: Recipe, calib: torch.Tensor |
     for t in recipe.transforms:
         t.apply(model, calib, seed)
     plans = [p for p in recipe.plan(tensors_to_quantize(model, recipe), model) if p.codec is not None]
+    run_codecs: dict[int, object] = {}
+    for p in plans:  # one per-run codec per recipe codec (a turbo rotation is built once)
+        p.codec = run_codecs.setdefault(id(p.codec), p.codec.for_run(seed))
     importance = {}
     if recipe.mixture is not None and recipe.mixture.imatrix:
         from quantatlas.quant.imatrix import compute_imatrix

@@ -50,6 +50,12 @@ class Recipe:
         return plans
 
     @property
+    def uses_seed(self) -> bool:
+        """Whether results differ between experiment seeds (calibration draw, random signs)."""
+        codecs = [self.codec] + [c for _, c, _ in self.overrides]
+        return self.needs_calibration or any(c is not None and c.seeded for c in codecs)
+
+    @property
     def needs_calibration(self) -> bool:
         return (bool(self.transforms) or self.solver != "rtn" or any(s and s != "rtn" for _, _, s in self.overrides)
                 or bool(self.mixture is not None and self.mixture.imatrix))

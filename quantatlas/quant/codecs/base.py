@@ -81,6 +81,15 @@ class Codec(ABC):
     def config(self) -> dict[str, Any]:
         return {}
 
+    def for_run(self, seed: int) -> "Codec":
+        """The codec a run with this experiment seed uses; codecs with random parts (rotation
+        signs, k-means starts) derive them from the seed, the others are the same for every seed."""
+        return self
+
+    @property
+    def seeded(self) -> bool:
+        return type(self).for_run is not Codec.for_run
+
     def encode(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Packed:
         w = w.detach().float()
         g = self.group_of(w.shape[1])

@@ -96,6 +96,12 @@ class Turbo(Codec):
         self.levels = _Levels(cb.levels * (root if codebook == "sphere" else 1.0),
                               cb.thresholds * (root if codebook == "sphere" else 1.0))
 
+    def for_run(self, seed: int) -> "Turbo":
+        """Run seed s draws the signs from `seed + s`: seed 0 is the spec's own `seed`."""
+        if seed == 0:
+            return self
+        return Turbo(self.bits, self.group_size, (self.seed + seed) % 2 ** 63, self.codebook, self.norm_correction)
+
     def config(self):
         return {"bits": self.bits, "group": self.group_size, "seed": self.seed, "codebook": self.codebook,
                 "norm_correction": self.norm_correction}
