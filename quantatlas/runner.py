@@ -211,7 +211,8 @@ def _run_arm(lm, recipe, name, seed, es, ref, device, batch, spec, calib_stream,
 def format_table(doc: dict) -> str:
     """The summary table: one row per arm, metrics averaged over seeds."""
     verdicts = {v.get("arm"): v for v in doc.get("verdicts", []) or []}
-    head = f"{'arm':<16} {'bits/wt':>7} {'bits/param':>10}  {'KLD mean ± SE':<22} {'KLD p99':>9} " \
+    w = max([16] + [len(n) for n in doc["arms"]])
+    head = f"{'arm':<{w}} {'bits/wt':>7} {'bits/param':>10}  {'KLD mean ± SE':<22} {'KLD p99':>9} " \
            f"{'same-top':>8} {'PPL ratio':>9}  {'zstd MB':>7}  seeds"
     lines = [head]
     for name, arm in doc["arms"].items():
@@ -223,7 +224,7 @@ def format_table(doc: dict) -> str:
             return float(np.mean([r[k] for r in rs]))
 
         kld = "0" if m("kld_mean") == 0 else f"{m('kld_mean'):.4g} ± {m('kld_se'):.2g}"
-        row = (f"{name:<16} {m('bits_per_weight'):>7.3f} {m('bits_per_param'):>10.3f}  {kld:<22} "
+        row = (f"{name:<{w}} {m('bits_per_weight'):>7.3f} {m('bits_per_param'):>10.3f}  {kld:<22} "
                f"{m('kld_p99'):>9.4g} {100 * m('same_top'):>7.2f}% {m('ppl_ratio'):>9.4f}  "
                + (f"{m('bytes_zstd') / 1e6:>7.3f}" if "bytes_zstd" in rs[0] else f"{'-':>7}") + f"  {len(rs)}")
         v = verdicts.get(name)
