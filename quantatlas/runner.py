@@ -131,9 +131,11 @@ def run_spec(spec: Spec | dict, json_path: str | Path | None = None, db_url: str
         exp_id = led.register_experiment(spec.to_dict())
         doc["experiment_id"] = exp_id
         env_key = environment_key(env)
+        # only this contributor's runs in this environment resume: another contributor's are theirs,
+        # and running the spec again as someone else is a reproduction
         in_ledger = {(r["arm"], r["seed"]): r["metrics"] for r in led.runs(exp_id)
                      if r["environment_key"] == env_key and r["model_hash"] == lm.model_hash
-                     and r["eval_fingerprint"] == es.fingerprint}
+                     and r["eval_fingerprint"] == es.fingerprint and r["contributor"] == led.contributor}
 
     calib_stream = None
     with _Progress(progress) as bars:
