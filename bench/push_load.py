@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import base64
-import glob
 import hashlib
 import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from quantatlas.atlas import ids  # noqa: E402
 from quantatlas.atlas.ledger import Ledger  # noqa: E402
+from quantatlas.atlas.local_postgres import LocalPostgres, free_port  # noqa: E402
 from quantatlas.atlas.tokens import create_token  # noqa: E402
 
 SPEC = {"title": "push load", "hypothesis": "The server takes concurrent pushes without losing or doubling runs.",
@@ -41,51 +40,6 @@ SPEC = {"title": "push load", "hypothesis": "The server takes concurrent pushes 
         "arms": {"rtn4": {"codec": {"uniform": {"bits": 4}}},
                  "had_rtn4": {"codec": {"uniform": {"bits": 4}}, "transforms": [{"hadamard": {}}]}}}
 MODEL_HASH, EVAL_FP = "bench-model", "bench-eval"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# ---- PostgreSQL, ours for the duration --------------------------------------------------------
-
-class Postgres:
-    """initdb + pg_ctl in a temp folder, listening on 127.0.0.1 only (as the `postgres` user
-    when run as root: PostgreSQL refuses to run as root)."""
-
-    def __init__(self):
-        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
-        if not bins:
-            raise RuntimeError("the `postgresql` Debian package's binaries are not installed")
-        try:
-            import psycopg  # noqa: F401
-        except ImportError:
-            raise RuntimeError("psycopg is not installed (pip install 'quantatlas[postgres]')") from None
-        self.bin = Path(bins[-1]).parent
-        self.tmp = Path(tempfile.mkdtemp(prefix="qa-pg-"))
-        self.port = free_port()
-        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        if self.as_user:
-            shutil.chown(self.tmp, "postgres")
-
-    def _run(self, *cmd):
-        subprocess.run(self.as_user + [str(self.bin / cmd[0]), *cmd[1:]], check=True, capture_output=True, text=True)
-
-    def start(self) -> str:
-        data = self.tmp / "data"
-        self._run("initdb", "-D", str(data), "-U", "atlas", "--auth=trust", "-E", "UTF8")
-        self._run("pg_ctl", "-D", str(data), "-l", str(self.tmp / "log"), "-w", "-o",
-                  f"-p {self.port} -k {self.tmp} -c listen_addresses=127.0.0.1 -c max_connections=200", "start")
-        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "atlas", "atlas")
-        return f"postgresql://atlas@127.0.0.1:{self.port}/atlas"
-
-    def stop(self):
-        try:
-            self._run("pg_ctl", "-D", str(self.tmp / "data"), "-m", "fast", "-w", "stop")
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 # ---- the atlas server ------------------------------------------------------------------------
@@ -252,7 +206,7 @@ def main() -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
         elif name == "postgresql":
             try:
-                pg = Postgres()
+                pg = LocalPostgres()
             except RuntimeError as e:
                 print(f"postgresql: skipped: {e}")
                 skipped["postgresql"] = str(e)

@@ -1,4 +1,5 @@
-"""The ledger on SQLite: schema and migrations, runs recorded and read back exactly, resume,
+"""The ledger on SQLite, and on PostgreSQL where a local server can be started (the `new_db`
+fixture runs a test on both): schema and migrations, runs recorded and read back exactly, resume,
 reproductions, model families, cached verdicts, a writer killed mid-way, two writers at once."""
 import inspect
 import os
@@ -77,7 +78,8 @@ def test_fresh_ledger_is_migrated_in_wal_mode_and_matches_the_models(tmp_path, u
     Ledger(url).close()     # opening again is a no-op
 
 
-def test_the_migration_downgrades_and_upgrades_again(tmp_path, url):
+def test_the_migration_downgrades_and_upgrades_again(tmp_path, new_db):
+    url = new_db()
     from alembic import command
     from sqlalchemy import inspect
 
@@ -122,7 +124,8 @@ def test_a_schema_from_an_unknown_version_is_refused(tmp_path, url):
         Ledger(url)
 
 
-def test_runs_round_trip_exactly_and_record_is_idempotent(url):
+def test_runs_round_trip_exactly_and_record_is_idempotent(new_db):
+    url = new_db()
     led = Ledger(url, contributor="ann")
     e = led.register_experiment(SPEC)
     m, tok = synthetic("rtn4", 0)
@@ -143,7 +146,8 @@ def test_runs_round_trip_exactly_and_record_is_idempotent(url):
     assert run["per_token_kld"].dtype == np.float32 and np.array_equal(run["per_token_kld"], tok)
 
 
-def test_record_run_names_the_mistake(url):
+def test_record_run_names_the_mistake(new_db):
+    url = new_db()
     led = Ledger(url)
     e = led.register_experiment(SPEC)
     m, tok = synthetic("rtn4", 0)
@@ -158,7 +162,8 @@ def test_record_run_names_the_mistake(url):
         led.record_run(e, "gptq4", "zero", m, tok, ENV, "h", "f")
 
 
-def test_verdicts_for_the_runner_and_their_cache(url):
+def test_verdicts_for_the_runner_and_their_cache(new_db):
+    url = new_db()
     led = Ledger(url)
     e = led.register_experiment(SPEC)
     m, tok = synthetic("rtn4", 0)
@@ -176,7 +181,8 @@ def test_verdicts_for_the_runner_and_their_cache(url):
     assert {d["arm"]: d for d in led.verdicts(e)}["gptq4"]["n_seeds"] == 3
 
 
-def test_the_same_spec_resubmitted_is_a_reproduction_not_a_new_row(url):
+def test_the_same_spec_resubmitted_is_a_reproduction_not_a_new_row(new_db):
+    url = new_db()
     led = Ledger(url, contributor="ann")
     e = led.register_experiment(SPEC)
     fill(led, e)
@@ -189,13 +195,14 @@ def test_the_same_spec_resubmitted_is_a_reproduction_not_a_new_row(url):
     g = {d["arm"]: d for d in other.verdicts(e)}["gptq4"]
     assert g["reproductions"] == 1 and g["reproductions_agree"] == 1
     assert rows[0]["reproductions"] == 1
-    alone = Ledger(f"{url}-solo".replace("atlas.db-solo", "solo.db"))
+    alone = Ledger(new_db())
     e2 = alone.register_experiment(SPEC)
     fill(alone, e2)
     assert g["confidence"] > alone.verdicts(e2)[1]["confidence"]
 
 
-def test_conflicting_reproductions_make_a_conflict(url):
+def test_conflicting_reproductions_make_a_conflict(new_db):
+    url = new_db()
     led = Ledger(url, contributor="ann")
     e = led.register_experiment(SPEC)
     fill(led, e)
@@ -205,7 +212,8 @@ def test_conflicting_reproductions_make_a_conflict(url):
     assert led.rows()[0]["result"] == "conflict"
 
 
-def test_the_same_experiment_on_two_models_counts_models(url):
+def test_the_same_experiment_on_two_models_counts_models(new_db):
+    url = new_db()
     led = Ledger(url)
     a = led.register_experiment(SPEC)
     b = led.register_experiment(dict(SPEC, model="hf:Qwen/Qwen3-0.6B"))
@@ -218,7 +226,8 @@ def test_the_same_experiment_on_two_models_counts_models(url):
     assert all(r["duplicate_of"] is None for r in led.rows())   # a sibling, not a duplicate
 
 
-def test_list_filters(url):
+def test_list_filters(new_db):
+    url = new_db()
     led = Ledger(url)
     a = led.register_experiment(SPEC)
     b = led.register_experiment(dict(SPEC, model="other", tags=["x"], hypothesis="Something else entirely."))
@@ -275,7 +284,8 @@ def _check_intact(url, arm, seeds):
     return {r["seed"] for r in runs}
 
 
-def test_a_killed_writer_loses_no_committed_run_and_a_rerun_resumes(tmp_path, url):
+def test_a_killed_writer_loses_no_committed_run_and_a_rerun_resumes(tmp_path, new_db):
+    url = new_db()
     proc = _writer(tmp_path, url, "gptq4", 0, 80, 0.0)
     committed = []
     while len(committed) < 15:
@@ -286,9 +296,10 @@ def test_a_killed_writer_loses_no_committed_run_and_a_rerun_resumes(tmp_path, ur
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    db = sqlite3.connect(tmp_path / "atlas.db")
-    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    db.close()
+    if url.startswith("sqlite"):
+        db = sqlite3.connect(url.removeprefix("sqlite:///"))
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        db.close()
     stored = _check_intact(url, "gptq4", committed)
     assert len(stored) < 80
     proc = _writer(tmp_path, url, "gptq4", 0, 80, 0.0)
@@ -298,7 +309,8 @@ def test_a_killed_writer_loses_no_committed_run_and_a_rerun_resumes(tmp_path, ur
     assert _check_intact(url, "gptq4", range(80)) == set(range(80))
 
 
-def test_two_processes_writing_at_once_lose_nothing(tmp_path, url):
+def test_two_processes_writing_at_once_lose_nothing(tmp_path, new_db):
+    url = new_db()
     # both also race to create the schema, and both write arm rtn4 seeds 0..9 (one copy must survive)
     a = _writer(tmp_path, url, "gptq4", 0, 30, 0.0)
     b = _writer(tmp_path, url, "rtn4", 0, 30, 0.0)
@@ -308,3 +320,17 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path, url):
         assert p.returncode == 0
     assert _check_intact(url, "gptq4", range(30)) == set(range(30))
     assert _check_intact(url, "rtn4", range(30)) == set(range(30))
+
+
+def test_processes_opening_a_fresh_ledger_at_once_create_the_schema_once(tmp_path, new_db):
+    url = new_db()
+    start = time.time() + 3.0                          # every process imports first, then all open at once
+    code = ("import sys, time\nsys.modules['torch'] = None\nfrom quantatlas.atlas.ledger import Ledger\n"
+            "from quantatlas.atlas.db import head_revision\nhead_revision()\n"      # alembic loaded: a tight race
+            f"time.sleep(max(0.0, {start!r} - time.time()))\nLedger({url!r}).close()\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                              stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, "\n".join(errors)
+    from quantatlas.atlas.db import current_revision, head_revision
+    assert current_revision(Ledger(url)._write) == head_revision()
