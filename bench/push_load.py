@@ -207,12 +207,13 @@ def main() -> None:
         elif name == "postgresql":
             try:
                 pg = LocalPostgres()
+                url = pg.start()
             except RuntimeError as e:
                 print(f"postgresql: skipped: {e}")
                 skipped["postgresql"] = str(e)
                 continue
             try:
-                results.append(bench_backend("postgresql", pg.start(), a))
+                results.append(bench_backend("postgresql", url, a))
             finally:
                 pg.stop()
         else:

@@ -1,6 +1,5 @@
+import itertools
 import os
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -19,19 +18,15 @@ def _isolated_state(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def postgres_server():
-    """A PostgreSQL server of our own on loopback (Debian's `postgresql` + psycopg), or a skip."""
-    from quantatlas.atlas.local_postgres import LocalPostgres, unavailable
+    """A PostgreSQL server of our own on loopback (Debian's `postgresql` + psycopg), or a skip that
+    says why (binaries or driver missing, or the server did not start)."""
+    from quantatlas.atlas.local_postgres import LocalPostgres
 
-    why = unavailable()
-    if why:
-        pytest.skip(f"PostgreSQL tests need a local server: {why}")
-    pg = LocalPostgres()
     try:
+        pg = LocalPostgres()
         pg.start()
-    except subprocess.CalledProcessError as e:      # binaries present but no server: say why, do not hide it
-        shutil.rmtree(pg.tmp, ignore_errors=True)
-        pytest.skip(f"PostgreSQL tests: the local server did not start: {' '.join(map(str, e.cmd))}: "
-                    f"{(e.stderr or '').strip()[-300:]}")
+    except RuntimeError as e:
+        pytest.skip(f"PostgreSQL tests need a local server: {e}")
     yield pg
     pg.stop()
 
@@ -41,5 +36,5 @@ def new_db(request, tmp_path):
     """A factory of empty ledger URLs on each backend: SQLite files, or fresh PostgreSQL databases."""
     if request.param == "postgresql":
         return request.getfixturevalue("postgres_server").database
-    count = iter(range(1_000_000))
+    count = itertools.count()
     return lambda: f"sqlite:///{tmp_path / f'ledger{next(count)}.db'}"

@@ -333,4 +333,22 @@ def test_processes_opening_a_fresh_ledger_at_once_create_the_schema_once(tmp_pat
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 6, "\n".join(errors)
     from quantatlas.atlas.db import current_revision, head_revision
-    assert current_revision(Ledger(url)._write) == head_revision()
+    with Ledger(url) as led:
+        assert current_revision(led._write) == head_revision()
+
+
+def test_a_local_postgres_that_cannot_start_says_why_and_cleans_up():
+    import socket
+
+    from quantatlas.atlas.local_postgres import LocalPostgres, unavailable
+
+    if unavailable():
+        pytest.skip(unavailable())
+    with socket.socket() as busy:                      # the port it was given is taken
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        pg = LocalPostgres()
+        pg.port = busy.getsockname()[1]
+        with pytest.raises(RuntimeError, match="(?s)pg_ctl failed.*server log:.*TCP/IP"):
+            pg.start()
+    assert not pg.tmp.exists()

@@ -85,11 +85,10 @@ def test_ledger_records_each_run_and_resumes_without_json(tiny_dir, tmp_path, mo
     by_arm = {v["arm"]: v for v in doc["verdicts"]}
     assert by_arm["q8_0"]["result"] == "baseline"
     assert by_arm["int3"]["result"] in ("failure", "inconclusive")   # worse than the Q8_0 control
-    quantize_model = runner.quantize_model
-    monkeypatch.setattr(runner, "quantize_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
-    again = runner.run_spec(s, None, db_url=db, compress=False)
+    with monkeypatch.context() as m:
+        m.setattr(runner, "quantize_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+        again = runner.run_spec(s, None, db_url=db, compress=False)
     assert again["arms"]["int4"]["seeds"]["2"]["kld_mean"] == doc["arms"]["int4"]["seeds"]["2"]["kld_mean"]
-    monkeypatch.setattr(runner, "quantize_model", quantize_model)
     # another contributor on the same machine reproduces rather than reuses: one more run set
     monkeypatch.setenv("QUANTATLAS_CONTRIBUTOR", "second-contributor")
     assert runner.run_spec(s, None, db_url=db, compress=False)["experiment_id"] == doc["experiment_id"]
