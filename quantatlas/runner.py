@@ -18,7 +18,7 @@ from quantatlas.eval.bits import artifact_of
 from quantatlas.eval.kld import concat_metrics, kld_statistics, token_metrics
 from quantatlas.eval.windows import EvalSet, make_eval_set, reference_logprobs, scored_logits
 from quantatlas.models import LoadedModel, load_model
-from quantatlas.quant.quantize import calibration_tokens, quantize_model, tensors_to_quantize
+from quantatlas.quant.quantize import attach_runtime, calibration_tokens, quantize_model, tensors_to_quantize
 from quantatlas.quant.recipe import Recipe, build_recipe
 from quantatlas.spec import Spec, parse_spec
 
@@ -200,37 +200,53 @@ def quantize_arm(lm: LoadedModel, spec: Spec, name: str, seed: int, recipe: Reci
 def _run_arm(lm, recipe, name, seed, es, ref, device, batch, spec, calib_stream, bars, compress=True):
     t0 = time.time()
     model, packed = quantize_arm(lm, spec, name, seed, recipe, calib_stream, bars)
+    runtime_bits = attach_runtime(model, recipe, seed)  # KV-cache and activation steps act in the evaluation
     metrics = evaluate(model, es, ref, device, batch, bars.task(f"{name} seed {seed}: evaluate", es.n_scored))
     stats = kld_statistics(metrics)
     sizes = artifact_of(model, packed).measure(compress)
     res = {k: float(v) for k, v in stats.items()}
     res.update({k: float(v) for k, v in sizes.items()})
+    res.update(runtime_bits)
     res["seconds"] = round(time.time() - t0, 3)
     del model
     return res, metrics.kld.astype(np.float32)
 
 
-def format_table(doc: dict) -> str:
-    """The summary table: one row per arm, metrics averaged over seeds."""
-    verdicts = {v.get("arm"): v for v in doc.get("verdicts", []) or []}
-    w = max([16] + [len(n) for n in doc["arms"]])
-    head = f"{'arm':<{w}} {'bits/wt':>7} {'bits/param':>10}  {'KLD mean ± SE':<22} {'KLD p99':>9} " \
-           f"{'same-top':>8} {'PPL ratio':>9}  {'zstd MB':>7}  seeds"
-    lines = [head]
-    for name, arm in doc["arms"].items():
-        rs = list(arm["seeds"].values())
-        if not rs:
-            continue
+def format_table(doc: dict, width: int = 160) -> str:
+    """The summary table: one row per arm, metrics averaged over seeds (KV and activation bits per
+    stored value beside the weight bits when an arm quantizes them)."""
+    from io import StringIO
 
+    from rich.console import Console
+    from rich.table import Table
+
+    verdicts = {v.get("arm"): v for v in doc.get("verdicts", []) or []}
+    runs = {name: list(arm["seeds"].values()) for name, arm in doc["arms"].items() if arm["seeds"]}
+    has = {k: any(k in r for rs in runs.values() for r in rs) for k in ("kv_bits", "act_bits", "bytes_zstd")}
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    table.add_column("arm", no_wrap=True)
+    for col in ["bits/wt", "bits/param"] + (["KV bits"] if has["kv_bits"] else []) + \
+            (["act bits"] if has["act_bits"] else []):
+        table.add_column(col, justify="right")
+    table.add_column("KLD mean ± SE")
+    for col in ("KLD p99", "same-top", "PPL ratio", "zstd MB", "seeds"):
+        table.add_column(col, justify="right")
+    if verdicts:
+        table.add_column("verdict")
+    for name, rs in runs.items():
         def m(k):
-            return float(np.mean([r[k] for r in rs]))
+            vals = [r[k] for r in rs if k in r]
+            return float(np.mean(vals)) if vals else float("nan")
 
         kld = "0" if m("kld_mean") == 0 else f"{m('kld_mean'):.4g} ± {m('kld_se'):.2g}"
-        row = (f"{name:<{w}} {m('bits_per_weight'):>7.3f} {m('bits_per_param'):>10.3f}  {kld:<22} "
-               f"{m('kld_p99'):>9.4g} {100 * m('same_top'):>7.2f}% {m('ppl_ratio'):>9.4f}  "
-               + (f"{m('bytes_zstd') / 1e6:>7.3f}" if "bytes_zstd" in rs[0] else f"{'-':>7}") + f"  {len(rs)}")
-        v = verdicts.get(name)
-        if v:
-            row += f"  {v.get('result', '')}"
-        lines.append(row)
-    return "\n".join(lines)
+        row = [name, f"{m('bits_per_weight'):.3f}", f"{m('bits_per_param'):.3f}"]
+        row += [f"{m('kv_bits'):.3f}" if "kv_bits" in rs[0] else "16"] if has["kv_bits"] else []
+        row += [f"{m('act_bits'):.3f}" if "act_bits" in rs[0] else "16"] if has["act_bits"] else []
+        row += [kld, f"{m('kld_p99'):.4g}", f"{100 * m('same_top'):.2f}%", f"{m('ppl_ratio'):.4f}",
+                f"{m('bytes_zstd') / 1e6:.3f}" if "bytes_zstd" in rs[0] else "-", str(len(rs))]
+        if verdicts:
+            row.append(verdicts.get(name, {}).get("result", ""))
+        table.add_row(*row)
+    out = StringIO()
+    Console(file=out, width=width, color_system=None, highlight=False).print(table)
+    return "\n".join(line.rstrip() for line in out.getvalue().splitlines())

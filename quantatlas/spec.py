@@ -6,10 +6,16 @@ Errors name the file, the field (as a dotted path), its line and the offending v
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, ValidationError, ValidationInfo, field_validator,
+                      model_serializer)
+from pydantic_core import PydanticCustomError
+
+from quantatlas.quant.act import ActConfig
+from quantatlas.quant.config import ConfigError, SolverConfig, config_field, error_parts, parse_config
+from quantatlas.quant.kv import KVCacheConfig
 
 
 class SpecError(ValueError):
@@ -46,60 +52,82 @@ class Criterion(_Strict):
     alpha: float = Field(0.01, gt=0, lt=1)
 
 
-def _named(value: Any, what: str) -> dict[str, dict] | None:
-    """`name`, `{name: {opts}}` or null -> {name: opts}; one name only."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return {value: {}}
-    if isinstance(value, dict) and len(value) == 1:
-        (name, opts), = value.items()
-        if opts is None:
-            opts = {}
-        if name == "gguf" and isinstance(opts, str):  # {gguf: Q4_K_M} shorthand
-            opts = {"ftype": opts}
-        if not isinstance(opts, dict):
-            raise ValueError(f"{what} {name!r} options must be a mapping, got {opts!r}")
-        return {str(name): opts}
-    raise ValueError(f"{what} must be a name or a mapping with one name, got {value!r}")
+def _known_solver(name: str | None) -> str | None:
+    from quantatlas.quant.config import registry
+
+    known = registry("solver")
+    if name is not None and name not in known:
+        raise ValueError(f"unknown solver {name!r}; known: {', '.join(sorted(known))}")
+    return name
 
 
 class Override(_Strict):
-    match: str                       # a regex searched in the module name, or a role name (k, down, ...)
-    codec: dict[str, dict] | None = None  # null keeps the tensor in fp16
+    match: str                                # a regex searched in the module name, or a role name (k, down, ...)
+    codec: config_field("codec") = None       # null keeps the tensor in fp16
     solver: str | None = None
 
-    @field_validator("codec", mode="before")
-    @classmethod
-    def _codec(cls, v):
-        return _named(v, "codec")
+    _solver = field_validator("solver")(classmethod(lambda cls, v: _known_solver(v)))
 
 
 class Arm(_Strict):
     solver: str = "rtn"
-    solver_options: dict[str, Any] = {}
-    codec: dict[str, dict] | None = None   # null: keep fp16 (the unquantized arm)
-    transforms: list[dict[str, dict]] = []
+    solver_options: Annotated[Any, PlainSerializer(lambda v, info: v.options(bool(info.exclude_defaults)))] = \
+        Field({}, validate_default=True)
+    codec: config_field("codec") = None       # null: keep fp16 (the unquantized arm)
+    transforms: list[config_field("transform", nullable=False)] = []
     overrides: list[Override] = []
     propagation: Literal["sequential", "parallel"] = "sequential"
     include_head: bool = False
     calib: CalibData | None = None  # this arm's calibration draw, instead of data.calib
-    kv: dict[str, Any] | None = None
-    act: dict[str, Any] | None = None
+    kv: KVCacheConfig | None = None
+    act: ActConfig | None = None
+    #: null: inferred from the recipe (see `seeded`); true/false: the author says so
+    deterministic: bool | None = None
 
-    @field_validator("codec", mode="before")
-    @classmethod
-    def _codec(cls, v):
-        return _named(v, "codec")
+    _solver = field_validator("solver")(classmethod(lambda cls, v: _known_solver(v)))
 
-    @field_validator("transforms", mode="before")
+    @field_validator("solver_options", mode="before")
     @classmethod
-    def _transforms(cls, v):
-        return [_named(t, "transform") for t in (v or [])]
+    def _solver_options(cls, v, info: ValidationInfo):
+        """The solver's typed config; errors keep the option's name (solver_options.damp)."""
+        solver = info.data.get("solver")
+        if solver is None:  # the solver itself did not validate; that error is reported
+            return v
+        if not isinstance(v, dict):
+            raise ValueError(f"must be a mapping of {solver}'s options, got {v!r}")
+        try:
+            return parse_config("solver", {solver: v})
+        except ConfigError as e:
+            raise PydanticCustomError("config", "{message}", {"message": e.message, "subloc": e.loc[1:],
+                                                             "value": e.value, "has_value": e.has_value}) from None
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler, info):
+        d = handler(self)
+        if info.exclude_defaults and d.get("solver_options") == {}:  # the solver's defaults are not a choice
+            d.pop("solver_options")
+        return d
+
+    @property
+    def solver_config(self) -> SolverConfig:
+        return self.solver_options
 
     @property
     def codec_name(self) -> str | None:
-        return None if self.codec is None else next(iter(self.codec))
+        return None if self.codec is None else self.codec.name
+
+    @property
+    def seeded(self) -> bool:
+        """Whether this arm's results depend on the experiment seed (calibration draw, random
+        rotation signs, k-means starts). `deterministic: true` in the spec says they do not."""
+        if self.deterministic is not None:
+            return not self.deterministic
+        configs = [self.codec, self.solver_options, *self.transforms]
+        for o in self.overrides:
+            configs.append(o.codec)
+            if o.solver is not None:
+                configs.append(parse_config("solver", o.solver))
+        return any(c is not None and c.seeded for c in configs)
 
 
 class Spec(_Strict):
@@ -112,14 +140,16 @@ class Spec(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     arms: dict[str, Arm] = Field(min_length=1)
     control: str | None = None  # after arms, so its validator sees them
+    #: the arm that stands for the experiment in the list (default: the best treatment)
+    primary: str | None = None
     criterion: Criterion = Criterion()
 
-    @field_validator("control")
+    @field_validator("control", "primary")
     @classmethod
     def _control_is_an_arm(cls, v, info: ValidationInfo):
         arms = info.data.get("arms")
         if v is not None and arms is not None and v not in arms:
-            raise ValueError(f"control {v!r} is not one of the arms ({', '.join(arms)})")
+            raise ValueError(f"{info.field_name} {v!r} is not one of the arms ({', '.join(arms)})")
         return v
 
     def to_dict(self) -> dict:
@@ -151,29 +181,17 @@ def _line_of(root: yaml.Node | None, path: tuple) -> int | None:
     return line
 
 
-def _value_at(data: Any, path: tuple) -> Any:
-    for key in path:
-        try:
-            data = data[key]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return data
-
-
 def parse_spec(data: Any, source: str = "<spec>", root: yaml.Node | None = None) -> Spec:
     if not isinstance(data, dict):
         raise SpecError(f"{source}: a spec must be a YAML mapping, got {type(data).__name__}")
     try:
         return Spec.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        loc, msg, value, has_value = error_parts(e.errors()[0])
         field = ".".join(str(x) for x in loc) or "(top level)"
         line = _line_of(root, loc)
         where = f"{source}:{line}" if line else source
-        msg = err["msg"].removeprefix("Value error, ")
-        value = _value_at(data, loc)
-        shown = "" if value is None or err["type"] == "missing" else f" (value: {value!r})"
+        shown = f" (value: {value!r})" if has_value and value is not None else ""
         raise SpecError(f"{where}: field {field}: {msg}{shown}") from None
 
 

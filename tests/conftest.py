@@ -38,3 +38,21 @@ def new_db(request, tmp_path):
         return request.getfixturevalue("postgres_server").database
     count = itertools.count()
     return lambda: f"sqlite:///{tmp_path / f'ledger{next(count)}.db'}"
+
+
+@pytest.fixture(scope="session")
+def tiny_reference():
+    """A tiny random Qwen3 with the reference model's byte vocabulary, as a LoadedModel (fast end-to-end runs)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from quantatlas.models.load import LoadedModel
+    from quantatlas.reference.corpus import VOCAB_SIZE
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                      tie_word_embeddings=False)
+    model = Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # a less flat output distribution than the default init gives
+        model.lm_head.weight.mul_(20)
+    return LoadedModel(model, "tiny", "tiny-qwen3-seed0", None)

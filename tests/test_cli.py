@@ -21,9 +21,10 @@ CASES = {
     "unknown model": (BASE.replace("model: reference", "model: no_such_model"),
                       r"spec.yaml:2: field model: model 'no_such_model': not 'reference'"),
     "unknown codec": (BASE.replace("uniform:", "uniformm:"),
-                      r"spec.yaml:5: arms.a.codec: unknown codec 'uniformm'"),
+                      r"spec.yaml:5: field arms.a.codec: unknown codec 'uniformm'; known: .*uniform"),
     "bits out of range": (BASE.replace("bits: 4", "bits: 9"),
-                          r"spec.yaml:5: arms.a.codec: .*uniform.bits must be an integer from 2 to 8, got 9"),
+                          r"spec.yaml:5: field arms.a.codec.uniform.bits: Input should be less than or equal to 8 "
+                          r"\(value: 9\)"),
     "eval too short": (BASE.replace("tokens: 4096, ctx: 256", "tokens: 100, ctx: 256"),
                        r"spec.yaml:3: data.eval: 100 tokens available is shorter than one window of ctx=256"),
 }
@@ -48,4 +49,4 @@ def test_console_script_exit_code(tmp_path):
     p.write_text(BASE.replace("bits: 4", "bits: 1"))
     r = subprocess.run([sys.executable, "-m", "quantatlas.cli", "run", str(p)], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "uniform.bits must be an integer from 2 to 8, got 1" in r.stderr
+    assert "field arms.a.codec.uniform.bits: Input should be greater than or equal to 2 (value: 1)" in r.stderr

@@ -74,10 +74,16 @@ def test_clip_search_never_worse_than_minmax(clip):
     assert e1.sum() < e0.sum()
 
 
-@pytest.mark.parametrize("opts", [{"bits": 1}, {"bits": 9}, {"bits": 4, "group": 0}, {"bits": 4, "clip": "foo"},
-                                  {"bits": 4, "nonsense": 1}])
-def test_uniform_rejects_bad_options(opts):
-    with pytest.raises(ValueError, match="uniform"):
+@pytest.mark.parametrize("opts,message", [
+    ({"bits": 1}, r"uniform\.bits: Input should be greater than or equal to 2 \(value: 1\)"),
+    ({"bits": 9}, r"uniform\.bits: Input should be less than or equal to 8 \(value: 9\)"),
+    ({"bits": True}, r"uniform\.bits: Input should be a valid integer"),
+    ({"bits": 4, "group": 0}, r"uniform\.group: Input should be greater than 0"),
+    ({"bits": 4, "clip": "foo"}, r"uniform\.clip: Input should be 'minmax', 'mse' or 'hessian'"),
+    ({"bits": 4, "nonsense": 1}, r"uniform\.nonsense: Extra inputs are not permitted"),
+    ({}, r"uniform\.bits: Field required")])
+def test_uniform_rejects_bad_options(opts, message):
+    with pytest.raises(ValueError, match=message):
         make_codec("uniform", opts)
 
 

@@ -101,8 +101,9 @@ def test_decode_equals_gguf_dequantize_bitwise(name, with_importance):
         # fit -> quantize -> pack, group by group as a solver does: the values it returns are the
         # decoded values, and (where ggml's search sees one block at a time) the same bytes
         params = [codec.fit(w[:, c:c + g], None if imp is None else imp[c:c + g]) for c in range(0, cols, g)]
-        w_hat = torch.cat([codec.quantize(w[:, c:c + g], p) for c, p in zip(range(0, cols, g), params)], 1)
-        repacked = codec.pack(w_hat, params)
+        parts = [codec.quantize(w[:, c:c + g], p) for c, p in zip(range(0, cols, g), params)]
+        w_hat = torch.cat([q.values for q in parts], 1)
+        repacked = codec.pack(torch.cat([q.codes for q in parts], 1), params)
         assert np.array_equal(bits_of(w_hat.numpy()), bits_of(codec.decode(repacked).numpy())), f"{name} {kind}"
         if not (with_importance and codec.uses_row_sigma2):  # those weight by the whole row's mean x^2
             assert torch.equal(repacked.data["blocks"], packed.data["blocks"]), f"{name} {kind}"
@@ -110,18 +111,19 @@ def test_decode_equals_gguf_dequantize_bitwise(name, with_importance):
 
 @pytest.mark.parametrize("name", TYPES)
 def test_pack_codes_values_a_solver_moved(name):
-    """quantize on changed weights (as GPTQ does after error feedback) -> pack -> decode is lossless."""
+    """quantize on changed weights (as GPTQ does after error feedback) -> pack the codes -> decode is lossless."""
     codec = make_codec(name)
     g = codec.group_size
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(4, 2 * g, generator=gen)
     params = [codec.fit(w[:, c:c + g]) for c in range(0, 2 * g, g)]
     moved = w + 0.3 * torch.randn(w.shape, generator=gen)
-    w_hat = torch.cat([torch.cat([codec.quantize(moved[:, c + k:c + k + 8], params[c // g], col=k)
-                                  for k in range(0, g, 8)], 1) for c in range(0, 2 * g, g)], 1)
-    decoded = codec.decode(codec.pack(w_hat, params))
+    parts = [codec.quantize(moved[:, c + k:c + k + 8], params[c // g], col=k) for c in range(0, 2 * g, g)
+             for k in range(0, g, 8)]
+    w_hat = torch.cat([q.values for q in parts], 1)
+    decoded = codec.decode(codec.pack(torch.cat([q.codes for q in parts], 1), params))
     assert torch.equal(decoded, w_hat)
-    assert not torch.equal(w_hat, torch.cat([codec.quantize(w[:, c:c + g], params[c // g])
+    assert not torch.equal(w_hat, torch.cat([codec.quantize(w[:, c:c + g], params[c // g]).values
                                              for c in range(0, 2 * g, g)], 1))
 
 

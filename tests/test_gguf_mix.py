@@ -268,15 +268,19 @@ def test_imatrix_gguf_file_round_trip(tmp_path):
 
 
 def test_from_spec_options():
-    m = GGUFMixture.from_options({"ftype": "Q4_K_M", "imatrix": True})
+    from quantatlas.quant.config import build
+
+    m = build("codec", {"gguf": {"ftype": "Q4_K_M", "imatrix": True}})
     assert (m.ftype, m.imatrix) == ("Q4_K_M", True)
-    assert GGUFMixture.from_options("q6_k").default_type == "q6_k"
-    with pytest.raises(ValueError, match="unknown option.*bits"):
-        GGUFMixture.from_options({"ftype": "Q4_K_M", "bits": 4})
-    with pytest.raises(ValueError, match="ftype: missing"):
-        GGUFMixture.from_options({"imatrix": True})
-    with pytest.raises(ValueError, match="imatrix must be true or false"):
-        GGUFMixture.from_options({"ftype": "Q4_K_M", "imatrix": "yes"})
+    assert build("codec", {"gguf": "q6_k"}).default_type == "q6_k"
+    with pytest.raises(ValueError, match=r"gguf\.bits: Extra inputs are not permitted"):
+        build("codec", {"gguf": {"ftype": "Q4_K_M", "bits": 4}})
+    with pytest.raises(ValueError, match=r"gguf\.ftype: Field required"):
+        build("codec", {"gguf": {"imatrix": True}})
+    with pytest.raises(ValueError, match=r"gguf\.imatrix: Input should be a valid boolean"):
+        build("codec", {"gguf": {"ftype": "Q4_K_M", "imatrix": "yes"}})
+    with pytest.raises(ValueError, match="Q2_K_S requires imatrix"):
+        build("codec", {"gguf": "Q2_K_S"})
 
 
 def test_frontier_spec_arms_are_valid_mixtures():
@@ -285,7 +289,7 @@ def test_frontier_spec_arms_are_valid_mixtures():
     from quantatlas.spec import load_spec
 
     spec = load_spec(Path(__file__).parent.parent / "experiments" / "llamacpp_frontier.yaml")
-    mixtures = {name: GGUFMixture.from_options(arm.codec["gguf"]) for name, arm in spec.arms.items() if arm.codec}
+    mixtures = {name: arm.codec.build() for name, arm in spec.arms.items() if arm.codec}
     assert {m.ftype for m in mixtures.values()} == {"Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "Q2_K"}
     assert mixtures["q4_k_m_imatrix"].imatrix and not mixtures["q4_k_m"].imatrix
     assert spec.arms["fp16"].codec is None

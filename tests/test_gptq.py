@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from quantatlas.quant.codecs import make_codec
-from quantatlas.quant.codecs.base import Codec, Packed
+from quantatlas.quant.codecs.base import Codec, Packed, Quantized
 from quantatlas.quant.solvers import MAX_DAMP_RAISES, gptq, rtn
 
 ROWS, COLS = 64, 256
@@ -81,7 +81,7 @@ def direct_obs(W, H, codec, *, damp=0.01, order=None, static=False, H_cross=None
         if gi not in params:
             params[gi] = codec.fit(W[:, B[0]:B[0] + g].float(), None if imp is None else imp[B[0]:B[0] + g].float())
         w = W[:, B].clone()
-        qhat = codec.quantize(w.float(), params[gi], col).to(dtype)
+        qhat = codec.quantize(w.float(), params[gi], col).values.to(dtype)
         Q[:, B] = qhat
         for b in B:
             free.remove(b)
@@ -256,13 +256,13 @@ class ToyVector(Codec):
 
     def quantize(self, w, params, col=0):
         assert w.shape[1] % 2 == 0 and col % 2 == 0
-        pts = self.POINTS.to(w.device)[self._codes(w.float(), params)]
-        return pts.reshape(w.shape) * params.scale[:, None]   # float32, as every codec returns
+        codes = self._codes(w.float(), params)                   # one code per pair: [rows, c / 2]
+        pts = self.POINTS.to(w.device)[codes]
+        return Quantized(pts.reshape(w.shape) * params.scale[:, None], codes)  # float32, as every codec returns
 
-    def pack(self, w_hat, params):
-        rows, cols = w_hat.shape
-        g = self.group_of(cols)
-        codes = torch.cat([self._codes(w_hat[:, i * g:(i + 1) * g], p) for i, p in enumerate(params)], 1)
+    def pack(self, codes, params):
+        rows, cols = codes.shape[0], 2 * codes.shape[1]
+        self.group_of(cols)
         return Packed(self.name, {}, (rows, cols), {"codes": codes.to(torch.uint8),
                                                    "scale": torch.stack([p.scale for p in params], 1)})
 

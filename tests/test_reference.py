@@ -23,7 +23,7 @@ def test_split_is_deterministic_disjoint_and_roughly_90_5_5():
 
 
 def test_token_stream_is_bytes_with_bos_eos():
-    toks = corpus.corpus_tokens("eval")
+    toks = corpus.stdlib_tokens("eval")       # the live standard library (what training reads for train)
     first = corpus.corpus_files("eval")[0].read_bytes()
     assert toks[0] == corpus.BOS and toks[len(first) + 1] == corpus.EOS
     assert bytes(toks[1:len(first) + 1].astype(np.uint8)) == first
@@ -48,9 +48,13 @@ def test_committed_checkpoint_and_card():
     model = load_reference()
     assert any("q_norm" in n for n, _ in model.named_parameters())
     assert card["parameters"] == sum(p.numel() for p in model.parameters())
-    # the card's validation bits per byte is exactly what the stored weights give
+    # the card's validation bits per byte is exactly what the stored weights give on the fixed
+    # validation split shipped with the package (the same tokens on every Python)
+    from quantatlas.reference import data
     from quantatlas.reference.train import bits_per_byte
-    val = corpus.corpus_tokens("validation", card["train"]["val_tokens"] + 1)
+    assert card["validation_split_sha256"] == data.manifest()["files"]["validation"]["sha256"]
+    val = corpus.fixed_tokens("validation", card["train"]["val_tokens"] + 1)
+    assert np.array_equal(val, corpus.corpus_tokens("validation", card["train"]["val_tokens"] + 1))
     bpb = bits_per_byte(model, val, card["train"]["seq_len"], "cpu")
     assert bpb == pytest.approx(card["validation_bits_per_byte"], abs=2e-4)
     assert bpb < 4.0  # far better than a uniform byte model (8 bits)

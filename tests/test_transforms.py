@@ -7,7 +7,7 @@ from torch import nn
 
 from quantatlas.quant.codecs import make_codec
 from quantatlas.quant.hadamard import RandomizedHadamard
-from quantatlas.quant.transforms import TRANSFORMS, _llama, make_transform
+from quantatlas.quant.transforms import _llama, make_transform, transform_names
 from quantatlas.quant.transforms.base import subseed
 
 VOCAB, HIDDEN = 128, 64
@@ -212,6 +212,6 @@ def test_refuses_other_layouts():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=32)).eval()
-    for name in TRANSFORMS:
+    for name in transform_names():
         with pytest.raises(ValueError, match="Llama/Qwen-style"):
-            make_transform(name, {"codec": {"uniform": {}}} if name == "awq" else {}).apply(gpt2, TOKENS)
+            make_transform(name, {"codec": {"uniform": {"bits": 4}}} if name == "awq" else {}).apply(gpt2, TOKENS)

@@ -4,7 +4,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from quantatlas.quant.codecs import CODECS, make_codec
+from quantatlas.quant.codecs import codec_names, make_codec
 from quantatlas.quant.hadamard import hadamard_matrix
 from quantatlas.quant.lloyd_max import codebook
 
@@ -86,19 +86,20 @@ def test_sphere_codebook_beats_gaussian_in_small_groups():
 
 
 def test_turbo_as_a_block_quantizer():
-    """The solver path: fit a whole group, quantize it, pack the grid values; the seed drives the signs."""
+    """The solver path: fit a whole group, quantize it, pack its codes; the seed drives the signs."""
     w = torch.randn(16, 256, generator=torch.Generator().manual_seed(3))
     codec = make_codec("turbo", {"bits": 3, "group": 128, "seed": 11})
     assert codec.block_width == codec.group_size == 128
     params = [codec.fit(w[:, c:c + 128]) for c in (0, 128)]
-    grid = torch.cat([codec.quantize(w[:, c:c + 128], p) for c, p in zip((0, 128), params)], 1)
-    packed = codec.pack(grid, params)
+    parts = [codec.quantize(w[:, c:c + 128], p) for c, p in zip((0, 128), params)]
+    grid = torch.cat([q.values for q in parts], 1)
+    packed = codec.pack(torch.cat([q.codes for q in parts], 1), params)
     assert torch.allclose(codec.decode(packed), grid, atol=1e-6)
     assert torch.equal(codec.decode(packed), codec.decode(codec.encode(w)))
     # an updated block (as GPTQ hands over after error feedback) is still coded with the fitted scale
     moved = codec.quantize(w[:, :128] + 0.01, params[0])
-    assert torch.allclose(codec.decode(codec.pack(torch.cat([moved, grid[:, 128:]], 1), params))[:, :128], moved,
-                          atol=1e-6)
+    repacked = codec.pack(torch.cat([moved.codes, parts[1].codes], 1), params)
+    assert torch.allclose(codec.decode(repacked)[:, :128], moved.values, atol=1e-6)
     with pytest.raises(ValueError, match="whole groups"):
         codec.quantize(w[:, :64], params[0])
     other = make_codec("turbo", {"bits": 3, "group": 128, "seed": 12})
@@ -135,20 +136,21 @@ def test_lloyd_max_codec_matches_direct(bits, g, scale):
 
 @pytest.mark.parametrize("name,opts,field", [
     ("turbo", {"bits": 0}, "turbo.bits"), ("turbo", {"bits": 9}, "turbo.bits"),
-    ("turbo", {"group": 90}, "turbo.group"), ("turbo", {"group": 1}, "turbo.group"),
-    ("turbo", {"seed": -1}, "turbo.seed"), ("turbo", {"codebook": "laplace"}, "turbo.codebook"),
-    ("turbo", {"norm_correction": "yes"}, "turbo.norm_correction"), ("turbo", {"nonsense": 1}, "turbo"),
-    ("lloyd_max", {"bits": 2.5}, "lloyd_max.bits"), ("lloyd_max", {"scale": "max"}, "lloyd_max.scale"),
-    ("lloyd_max", {"group": 0}, "lloyd_max.group")])
+    ("turbo", {"bits": 2, "group": 90}, "turbo.group"), ("turbo", {"bits": 2, "group": 1}, "turbo.group"),
+    ("turbo", {"bits": 2, "seed": -1}, "turbo.seed"), ("turbo", {"bits": 2, "codebook": "laplace"}, "turbo.codebook"),
+    ("turbo", {"bits": 2, "norm_correction": "yes"}, "turbo.norm_correction"),
+    ("turbo", {"bits": 2, "nonsense": 1}, "turbo.nonsense"), ("turbo", {}, "turbo.bits: Field required"),
+    ("lloyd_max", {"bits": 2.5}, "lloyd_max.bits"), ("lloyd_max", {"bits": 2, "scale": "max"}, "lloyd_max.scale"),
+    ("lloyd_max", {"bits": 2, "group": 0}, "lloyd_max.group")])
 def test_bad_options(name, opts, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         make_codec(name, opts)
 
 
 def test_registered():
-    assert {"turbo", "lloyd_max"} <= set(CODECS)
+    assert {"turbo", "lloyd_max"} <= set(codec_names())
     with pytest.raises(ValueError, match="multiple of group size"):
-        make_codec("turbo", {"group": 64}).encode(torch.zeros(2, 96))
+        make_codec("turbo", {"bits": 4, "group": 64}).encode(torch.zeros(2, 96))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -174,5 +176,6 @@ def test_experiment_seed_redraws_turbo_signs():
     assert other.seed == 7 and other.config() == {**codec.config(), "seed": 7}
     w = torch.randn(8, 128, generator=torch.Generator().manual_seed(0))
     assert not torch.equal(codec.decode(codec.encode(w)), other.decode(other.encode(w)))
-    assert build_recipe(Arm(codec={"turbo": {"bits": 3}})).uses_seed
+    assert build_recipe(Arm(codec={"turbo": {"bits": 3}})).uses_seed and Arm(codec={"turbo": {"bits": 3}}).seeded
     assert not build_recipe(Arm(codec={"uniform": {"bits": 3}})).uses_seed
+    assert not Arm(codec={"uniform": {"bits": 3}}).seeded

@@ -1,7 +1,9 @@
 """Write a quantized model as a .gguf file that llama.cpp loads.
 
 What convert_hf_to_gguf.py + llama-quantize would produce for the same weights:
-- tensor names from the `gguf` package's TensorNameMap (token_embd, blk.N.attn_q, ..., output);
+- tensor names from the model layout (quantatlas.models.layout: each module's role or norm
+  position), spelled as the `gguf` package's TENSOR_NAMES (token_embd, blk.N.attn_q, ..., output);
+  head counts, tying and RoPE parameters come from the layout too;
 - quantized tensors as the ggml bytes our codecs stored (Packed.data["blocks"], [rows, row bytes]
   in ggml's block layout), unquantized matrices as F16, norms and other 1-D tensors as F32;
 - shapes: we hand the writer [out, in]; GGUF stores ggml's ne = [in, out] (reversed), which the
@@ -29,21 +31,21 @@ import numpy as np
 import torch
 
 from quantatlas.quant.codecs.base import Packed
+from quantatlas.quant.codecs.ggml.block_codec import formats
 
 #: model_type of a HF config -> llama.cpp architecture, for the architectures we write
 ARCHES: dict[str, str] = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
-#: ggml block types a Packed can carry into GGUF (codec name == lower-case ggml type name)
-GGML_TYPES: tuple[str, ...] = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
-                               "q6_k", "iq4_nl", "iq4_xs")
+#: ggml block types a Packed can carry into GGUF: the ggml formats' table (codec name == lower-case type)
+GGML_TYPES: tuple[str, ...] = tuple(formats())
 
 #: llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer, by architecture
 _BPE_PRE: dict[str, str] = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe"}
 
 
 def gguf_arch(model, arch_hint: str | None = None) -> str:
-    """llama.cpp's architecture name for a HF model (or the hint), e.g. "qwen3"."""
-    model_type = arch_hint or getattr(getattr(model, "config", None), "model_type", None)
+    """llama.cpp's architecture name for a HF model (or its ModelLayout, or the hint), e.g. "qwen3"."""
+    model_type = arch_hint or _layout(model).arch
     if model_type not in ARCHES:
         raise ValueError(f"gguf export: architecture {model_type!r} is not supported "
                          f"(supported model_type: {', '.join(sorted(ARCHES))}); pass arch_hint to override")
@@ -56,44 +58,71 @@ def _arch_enum(arch: str):
     return next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
 
 
+def _layout(model):
+    """The model's layout (quantatlas.models.layout): what each module is, heads, tying, RoPE."""
+    from quantatlas.models.layout import ModelLayout, layout
+
+    return model if isinstance(model, ModelLayout) else layout(model)
+
+
 def _parameters(model) -> dict[str, torch.nn.Parameter]:
     """Named parameters, each storage once (a tied head shares the embedding's)."""
     return dict(model.named_parameters())
 
 
-def gguf_tensor_names(model, arch_hint: str | None = None) -> dict[str, str]:
-    """Parameter name (model.layers.0.mlp.down_proj.weight) -> GGUF name (blk.0.ffn_down.weight)."""
+#: layout role or norm position -> llama.cpp tensor (gguf.MODEL_TENSOR member name)
+_LAYER_TENSORS: dict[str, str] = {
+    "q": "ATTN_Q", "k": "ATTN_K", "v": "ATTN_V", "o": "ATTN_OUT", "qkv": "ATTN_QKV",
+    "gate": "FFN_GATE", "up": "FFN_UP", "down": "FFN_DOWN", "gate_up": "FFN_UP",
+    "attn_norm": "ATTN_NORM", "ffn_norm": "FFN_NORM", "post_attn_norm": "ATTN_POST_NORM",
+    "post_ffn_norm": "FFN_POST_NORM", "q_norm": "ATTN_Q_NORM", "k_norm": "ATTN_K_NORM",
+}
+_MODEL_TENSORS: dict[str, str] = {"embed": "TOKEN_EMBD", "pos_embed": "POS_EMBD", "head": "OUTPUT",
+                                  "final_norm": "OUTPUT_NORM"}
+
+
+def _module_names(m, arch: str) -> dict[str, str]:
+    """Module path -> llama.cpp tensor base name (blk.0.attn_q), for the tensors `arch` has."""
     import gguf
 
-    arch = gguf_arch(model, arch_hint)
-    n_layers = model.config.num_hidden_layers
-    name_map = gguf.get_tensor_name_map(_arch_enum(arch), n_layers)
-    out = {}
-    for name in _parameters(model):
-        g = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
-        if g is None:
-            raise ValueError(f"gguf export: no llama.cpp tensor name for {name!r} in architecture {arch}")
-        out[name] = g
+    known = set(gguf.MODEL_TENSORS[_arch_enum(arch)])
+
+    def base(kind: str, layer: int | None = None) -> str | None:
+        tensor = getattr(gguf.MODEL_TENSOR, kind)
+        if tensor not in known:
+            return None
+        name = gguf.TENSOR_NAMES[tensor]
+        return name.format(bid=layer) if layer is not None else name
+
+    out: dict[str, str] = {}
+    for key, kind in _MODEL_TENSORS.items():
+        t = getattr(m, key)
+        if t is not None and (g := base(kind)) is not None:
+            out[t.name] = g
+    for layer in m.layers:
+        for key, t in (*layer.matrices.items(), *layer.norms.items()):
+            if key in _LAYER_TENSORS and (g := base(_LAYER_TENSORS[key], layer.index)) is not None:
+                out[t.name] = g
     return out
 
 
-def _head_name(model) -> str | None:
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if out is None:
-        return None
-    return next((n + ".weight" for n, m in model.named_modules() if m is out), None)
+def gguf_tensor_names(model, arch_hint: str | None = None) -> dict[str, str]:
+    """Parameter name (model.layers.0.mlp.down_proj.weight) -> GGUF name (blk.0.ffn_down.weight),
+    from the layout's roles and norm positions."""
+    return _tensor_names(model, _layout(model), arch_hint)
 
 
-def _embed_name(model) -> str:
-    emb = model.get_input_embeddings()
-    return next(n + ".weight" for n, m in model.named_modules() if m is emb)
-
-
-def _tied(model) -> bool:
-    from quantatlas.models.roles import is_tied
-
-    tied = getattr(model.config, "tie_word_embeddings", None)
-    return bool(tied) if tied is not None else is_tied(model)
+def _tensor_names(model, m, arch_hint: str | None) -> dict[str, str]:
+    arch = gguf_arch(m, arch_hint)
+    modules = _module_names(m, arch)
+    out = {}
+    for name in _parameters(model):
+        module, _, suffix = name.rpartition(".")
+        g = modules.get(module) if suffix in ("weight", "bias") else None
+        if g is None:
+            raise ValueError(f"gguf export: no llama.cpp tensor name for {name!r} in architecture {arch}")
+        out[name] = f"{g}.{suffix}"
+    return out
 
 
 def llama_permute(rows: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
@@ -112,7 +141,7 @@ def _qtype(name: str, p: Packed):
     if p.codec not in GGML_TYPES:
         raise ValueError(f"gguf export: tensor {name!r} uses codec {p.codec!r}, which has no GGUF type; "
                          f"only ggml block codecs ({', '.join(GGML_TYPES)}) can be exported")
-    return gguf.GGMLQuantizationType[p.codec.upper()]
+    return gguf.GGMLQuantizationType[formats()[p.codec].ggml_type]
 
 
 def _packed_rows(name: str, p: Packed, shape: tuple[int, int]) -> np.ndarray:
@@ -136,51 +165,47 @@ def _packed_rows(name: str, p: Packed, shape: tuple[int, int]) -> np.ndarray:
     return arr
 
 
-def _rope(config) -> tuple[float, dict]:
-    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
-    if theta is None:
+def _rope(m) -> tuple[float, dict]:
+    if m.rope_theta is None:
         raise ValueError("gguf export: the config has no rope_theta")
-    return float(theta), params
+    return m.rope_theta, dict(m.rope_parameters)
 
 
-def _write_hparams(w, model, arch: str) -> dict[str, np.ndarray]:
-    """Model hyper-parameters; returns extra tensors the metadata needs (llama3 rope_freqs)."""
+def _write_hparams(w, model, arch: str, m) -> dict[str, np.ndarray]:
+    """Model hyper-parameters (head counts, layers and RoPE from the layout `m`); returns extra
+    tensors the metadata needs (llama3 rope_freqs)."""
     import gguf
 
     c = model.config
-    n_head = c.num_attention_heads
-    w.add_block_count(c.num_hidden_layers)
+    w.add_block_count(m.n_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(getattr(c, "num_key_value_heads", None) or n_head)
-    theta, rope = _rope(c)
+    w.add_head_count(m.n_heads)
+    w.add_head_count_kv(m.n_kv_heads)
+    theta, rope = _rope(m)
     w.add_rope_freq_base(theta)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    head_dim = getattr(c, "head_dim", None)
-    if head_dim is not None:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
+    if getattr(c, "head_dim", None) is not None:  # the converter writes key/value_length only for configs with head_dim
+        w.add_key_length(m.head_dim)
+        w.add_value_length(m.head_dim)
     if arch == "llama":
         w.add_vocab_size(c.vocab_size)
-        w.add_rope_dimension_count(head_dim or c.hidden_size // n_head)
+        w.add_rope_dimension_count(m.head_dim)
     extra = {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
     if rope_type == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rope["factor"]))
     elif rope_type == "llama3" and arch == "llama":
-        extra["rope_freqs.weight"] = _llama3_rope_factors(c, theta, rope)
+        extra["rope_freqs.weight"] = _llama3_rope_factors(m.head_dim, theta, rope)
     elif rope_type != "default":
         raise ValueError(f"gguf export: rope scaling {rope_type!r} is not supported for {arch}")
     return extra
 
 
-def _llama3_rope_factors(c, theta: float, rope: dict) -> np.ndarray:
-    """The rope_freqs tensor convert_hf_to_gguf.py generates for Llama-3.1-style rope scaling."""
-    dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+def _llama3_rope_factors(dim: int, theta: float, rope: dict) -> np.ndarray:
+    """The rope_freqs tensor convert_hf_to_gguf.py generates for Llama-3.1-style rope scaling (head_dim `dim`)."""
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     factor = rope.get("factor", 8.0)
     low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
@@ -305,12 +330,14 @@ def write_gguf(path: str | Path, model, packed: dict[str, Packed], arch_hint: st
     """
     import gguf
 
-    arch = gguf_arch(model, arch_hint)
+    m = _layout(model)
+    arch = gguf_arch(m, arch_hint)
     c = model.config
-    names = gguf_tensor_names(model, arch_hint)
+    names = _tensor_names(model, m, arch_hint)
     params = _parameters(model)
-    tied = _tied(model)
-    embed, head = _embed_name(model), _head_name(model)
+    tied = m.config_tied
+    embed = m.embed.name + ".weight"
+    head = None if m.head is None else m.head.name + ".weight"
 
     packed = dict(packed)
     if tied and head is not None and head in packed:
@@ -323,22 +350,22 @@ def write_gguf(path: str | Path, model, packed: dict[str, Packed], arch_hint: st
     if unknown:
         raise ValueError(f"gguf export: packed tensors that are not parameters of the model: {', '.join(unknown[:5])}")
 
-    n_head = c.num_attention_heads
-    n_head_kv = getattr(c, "num_key_value_heads", None) or n_head
+    # llama's q/k rows go from HF's rotate-half RoPE layout to ggml's interleaved one
+    heads_of_rows = {}
+    for layer in m.layers:
+        for role, heads in (("q", layer.n_heads), ("k", layer.n_kv_heads)):
+            if role in layer.matrices:
+                heads_of_rows.update({f"{layer.matrices[role].name}.{s}": heads for s in ("weight", "bias")})
 
     def permute(pname: str, rows: np.ndarray) -> np.ndarray:
-        if arch != "llama":
+        if arch != "llama" or pname not in heads_of_rows:
             return rows
-        if pname.endswith(("q_proj.weight", "q_proj.bias")):
-            return llama_permute(rows, n_head, n_head)
-        if pname.endswith(("k_proj.weight", "k_proj.bias")):
-            return llama_permute(rows, n_head, n_head_kv)
-        return rows
+        return llama_permute(rows, heads_of_rows[pname])
 
     w = gguf.GGUFWriter(str(path), arch)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name or getattr(c, "_name_or_path", "") or arch)
-    extra = _write_hparams(w, model, arch)
+    extra = _write_hparams(w, model, arch, m)
     file_type = _file_type(ftype, packed)
     if file_type is not None:
         w.add_file_type(int(file_type))

@@ -26,27 +26,32 @@ class LoadedModel:
     tokenizer: object | None  # None for the byte-level reference model
 
     def text_tokens(self, source: str, split: str) -> np.ndarray:
-        """Token stream for evaluation/calibration: `stdlib` (the reference corpus split) or a text file."""
-        from quantatlas.reference import corpus
+        """Token stream for evaluation/calibration: `stdlib` (or `reference`), the reference corpus's
+        fixed splits shipped with the package (`eval`, `validation`; `train` gives the fixed calibration
+        sample of the train split), the same on every Python; or a path to a text file."""
+        from quantatlas.reference import corpus, data as fixed_data
 
-        if source == "stdlib":
+        if source in ("stdlib", "reference"):
+            fixed = {"eval": "eval", "validation": "validation", "train": "calib", "calib": "calib"}.get(split)
+            if fixed is None:
+                raise ModelLoadError(f"data source {source!r}: unknown split {split!r}")
             if self.tokenizer is None:
-                return corpus.corpus_tokens(split)
-            return self._tokenize_files(corpus.corpus_files(split))
+                return corpus.fixed_tokens(fixed)
+            return self._tokenize_texts(d.decode("utf-8", errors="replace") for d in fixed_data.documents(fixed))
         path = Path(source)
         if not path.is_file():
             raise ModelLoadError(f"data source {source!r}: no such file (use 'stdlib' or a path to a text file)")
         if self.tokenizer is None:
             data = path.read_bytes()
             return np.concatenate([[corpus.BOS], np.frombuffer(data, np.uint8).astype(np.int64), [corpus.EOS]])
-        return self._tokenize_files([path])
+        return self._tokenize_texts([path.read_text(errors="replace")])
 
-    def _tokenize_files(self, files) -> np.ndarray:
+    def _tokenize_texts(self, texts) -> np.ndarray:
         tok = self.tokenizer
         sep = tok.eos_token_id if tok.eos_token_id is not None else 0
         parts = []
-        for f in files:
-            ids = tok(f.read_text(errors="replace"), add_special_tokens=False)["input_ids"]
+        for text in texts:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
             parts.append(np.asarray(ids + [sep], dtype=np.int64))
         return np.concatenate(parts)
 

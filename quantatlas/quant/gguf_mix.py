@@ -54,12 +54,12 @@ _DEFAULT_TYPE: dict[str, str] = {
     "IQ4_NL": "iq4_nl", "IQ4_XS": "iq4_xs",
 }
 
-# weights per block (ggml_blck_size) of every type a mixture can produce
-BLOCK_SIZE: dict[str, int] = {
-    "q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32, "q8_0": 32, "iq4_nl": 32,
-    "q2_k": 256, "q3_k": 256, "q4_k": 256, "q5_k": 256, "q6_k": 256, "iq4_xs": 256,
-    "f16": 1, "f32": 1,
-}
+
+def block_size(type_name: str) -> int:
+    """Weights per block (ggml_blck_size) of a type a mixture can produce, from the formats' table."""
+    from quantatlas.quant.codecs.ggml.block_codec import formats
+
+    return 1 if type_name in ("f16", "f32") else formats()[type_name].group_size
 
 # tensor_type_fallback: a 256-block type whose block does not divide the row width
 FALLBACK: dict[str, str] = {
@@ -118,23 +118,6 @@ class GGUFMixture:
             # tensor_requires_imatrix: llama-quantize refuses Q2_K_S without one
             raise ValueError("gguf ftype Q2_K_S requires imatrix: true (llama-quantize refuses it without one)")
 
-    @classmethod
-    def from_options(cls, options, where: str = "codec.gguf") -> GGUFMixture:
-        """From a spec's `{gguf: Q4_K_M}` or `{gguf: {ftype: Q4_K_M, imatrix: true}}` options."""
-        if isinstance(options, str):
-            options = {"ftype": options}
-        if not isinstance(options, dict):
-            raise ValueError(f"{where}: expected a file type or {{ftype: ..., imatrix: ...}}, got {options!r}")
-        unknown = sorted(set(options) - {"ftype", "imatrix"})
-        if unknown:
-            raise ValueError(f"{where}: unknown option(s) {', '.join(unknown)} (known: ftype, imatrix)")
-        if "ftype" not in options:
-            raise ValueError(f"{where}.ftype: missing (one of {', '.join(cls.FTYPES)})")
-        try:
-            return cls(options["ftype"], options.get("imatrix", False))
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-
     def __repr__(self) -> str:
         return f"GGUFMixture({self.ftype!r}, imatrix={self.imatrix})"
 
@@ -170,10 +153,11 @@ class GGUFMixture:
 
     def plan(self, model, roles=None) -> dict[str, str]:
         """Module name -> ggml type for every role of a Hugging Face causal LM (norms included)."""
-        from quantatlas.models.roles import find_roles
+        from quantatlas.models.layout import layout
 
-        shape = model_shape(model)
-        roles = find_roles(model) if roles is None else roles
+        model_layout = layout(model)
+        shape = model_shape(model_layout)
+        roles = model_layout.check().roles if roles is None else roles
         return {t.name: self.tensor_type(t.role, t.layer, tuple(t.shape), shape) for t in roles}
 
     # -- the rules --------------------------------------------------------------------------
@@ -196,7 +180,7 @@ class GGUFMixture:
         ft, t = self.ftype, self.default_type
         n = m.n_layers
         if category == "output" or (m.tied and category == "token_embd"):
-            if width % BLOCK_SIZE[t] != 0 or m.arch == "falcon":
+            if width % block_size(t) != 0 or m.arch == "falcon":
                 return "q8_0"
             return t if t == "q8_0" else "q6_k"
         if category == "token_embd":
@@ -266,30 +250,25 @@ class GGUFMixture:
         return t  # attn_q, ffn_gate, ffn_up: only IQ ftypes outside this set change them
 
     def _fallback(self, t: str, width: int, role: str, layer: int | None) -> str:
-        if width % BLOCK_SIZE[t] == 0:
+        if width % block_size(t) == 0:
             return t
         where = role if layer is None else f"{role} of layer {layer}"
         if t not in FALLBACK:
             raise ValueError(f"gguf {self.ftype}: {where} has rows of {width} weights, not a multiple of "
-                             f"{BLOCK_SIZE[t]} for {t}, and llama.cpp defines no fallback for {t}")
+                             f"{block_size(t)} for {t}, and llama.cpp defines no fallback for {t}")
         fb = FALLBACK[t]
-        return fb if width % BLOCK_SIZE[fb] == 0 else "f16"
+        return fb if width % block_size(fb) == 0 else "f16"
 
 
 def model_shape(model) -> ModelShape:
-    """n_layers, GQA factor, expert count, architecture and tying, from a HF model's config."""
-    from quantatlas.models.roles import decoder_layers, is_tied
-
-    cfg = getattr(model, "config", None)
-    n_layers = getattr(cfg, "num_hidden_layers", None) or len(decoder_layers(model))
-    n_head = getattr(cfg, "num_attention_heads", None) or 1
-    n_head_kv = getattr(cfg, "num_key_value_heads", None) or n_head
-    n_expert = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0
-    tied = getattr(cfg, "tie_word_embeddings", None)
-    if tied is None:
-        tied = is_tied(model)
+    """n_layers, GQA factor, expert count, architecture and tying, from the model layout
+    (`model` is a causal LM or its `quantatlas.models.layout.ModelLayout`)."""
     from quantatlas.export.gguf import ARCHES  # model_type -> llama.cpp arch (mistral is llama)
+    from quantatlas.models.layout import ModelLayout, layout
 
-    model_type = getattr(cfg, "model_type", "") or ""
+    m = model if isinstance(model, ModelLayout) else layout(model)
+    n_head = m.n_heads or 1
+    n_head_kv = m.n_kv_heads or n_head
+    model_type = m.arch or ""
     arch = ARCHES.get(model_type, model_type)
-    return ModelShape(int(n_layers), int(n_head) // int(n_head_kv), int(n_expert), arch, bool(tied))
+    return ModelShape(m.n_layers, int(n_head) // int(n_head_kv), m.n_experts, arch, m.config_tied)

@@ -24,7 +24,7 @@ import math
 from functools import lru_cache
 
 import numpy as np
-import torch
+from quantatlas._lazy import torch
 
 # Williamson quadruples: first rows of the symmetric circulants A, B, C, D ('+' = +1, '-' = -1).
 # Read off the first row of N. J. A. Sloane's had.156.will and had.172.will (the matrices QuIP#
@@ -181,10 +181,11 @@ def _base_matrix(m: int) -> np.ndarray:
     raise ValueError(f"no base Hadamard matrix of order {m}")
 
 
-def sylvester(n: int, dtype=torch.float64, device=None) -> torch.Tensor:
+def sylvester(n: int, dtype=None, device=None) -> torch.Tensor:
     """The ±1 Sylvester matrix of order n = 2^k: S[i, j] = (-1)^popcount(i & j)."""
     if n < 1 or n & (n - 1):
         raise ValueError(f"Sylvester order must be a power of two, got {n}")
+    dtype = dtype or torch.float64
     i = torch.arange(n, device=device)
     bits = i[:, None] & i[None, :]
     parity = torch.zeros_like(bits)
@@ -194,9 +195,10 @@ def sylvester(n: int, dtype=torch.float64, device=None) -> torch.Tensor:
     return (1 - 2 * parity).to(dtype)
 
 
-def hadamard_matrix(n: int, dtype=torch.float64, device=None) -> torch.Tensor:
+def hadamard_matrix(n: int, dtype=None, device=None) -> torch.Tensor:
     """The ±1 Hadamard matrix H_n = H_m ⊗ S_{2^k} that `hadamard_transform` applies (unnormalised)."""
     m, k = hadamard_factors(n)
+    dtype = dtype or torch.float64
     base = torch.from_numpy(_base_matrix(m)).to(dtype=dtype, device=device)
     return torch.kron(base, sylvester(1 << k, dtype, device))
 
@@ -263,10 +265,10 @@ def fwht_butterfly(x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
 
 # ---- randomized Hadamard rotations ----------------------------------------------------------
 
-def random_signs(size: int, seed: int, device=None, dtype=torch.float32) -> torch.Tensor:
+def random_signs(size: int, seed: int, device=None, dtype=None) -> torch.Tensor:
     """±1 vector from a CPU generator (identical on every device and platform)."""
     g = torch.Generator().manual_seed(int(seed))
-    return (torch.randint(0, 2, (size,), generator=g) * 2 - 1).to(dtype=dtype, device=device)
+    return (torch.randint(0, 2, (size,), generator=g) * 2 - 1).to(dtype=dtype or torch.float32, device=device)
 
 
 class RandomizedHadamard:
@@ -303,9 +305,9 @@ class RandomizedHadamard:
         blocks = y.reshape(*y.shape[:-1], self.size // self.block, self.block)
         return hadamard_transform(blocks, transpose=True).reshape(y.shape) * self.signs(y)
 
-    def matrix(self, dtype=torch.float64) -> torch.Tensor:
+    def matrix(self, dtype=None) -> torch.Tensor:
         """Dense Q [size, size] (for tests and small folds)."""
-        return self.rotate(torch.eye(self.size, dtype=dtype)).T
+        return self.rotate(torch.eye(self.size, dtype=dtype or torch.float64)).T
 
     def _check(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.size:

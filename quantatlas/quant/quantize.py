@@ -23,7 +23,8 @@ from quantatlas.models.calib import InputAccumulator
 from quantatlas.models.roles import (decoder_layers, find_roles, get_weight, is_tied, quantizable, sequential_groups,
                                      set_weight)
 from quantatlas.quant.codecs.base import Packed
-from quantatlas.quant.recipe import Recipe, TensorPlan
+from quantatlas.quant.recipe import VECTOR_ROLES, Recipe, TensorPlan
+from quantatlas.quant.solvers.rtn import rtn
 
 
 def calibration_tokens(stream: np.ndarray, samples: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -36,30 +37,37 @@ def calibration_tokens(stream: np.ndarray, samples: int, seq_len: int, seed: int
 
 
 def tensors_to_quantize(model, recipe: Recipe):
-    """The decoder matrices (and the head if asked); a llama.cpp mixture also takes the head and
-    token embeddings, as llama-quantize does (a tied head is the embedding, stored once)."""
+    """The decoder matrices (and the head if asked), and the norm vectors an override names; a
+    llama.cpp mixture also takes the head and token embeddings, as llama-quantize does (a tied
+    head is the embedding, stored once)."""
     if recipe.mixture is None:
-        return quantizable(model, include_head=recipe.include_head)
+        roles = find_roles(model)
+        vectors = [t for t in roles if t.role in VECTOR_ROLES and _overridden(recipe, t)]
+        return quantizable(model, include_head=recipe.include_head) + vectors
     roles = [t for t in find_roles(model) if t.kind in ("linear", "conv1d") or t.role == "embed"]
     if is_tied(model):
         roles = [t for t in roles if t.role != "head"]
     return roles
 
 
-def _solve(plan: TensorPlan, W: torch.Tensor, stats: dict | None, opts: dict) -> tuple[torch.Tensor, Packed]:
-    from quantatlas.quant.solvers import gptq, rtn
+def _overridden(recipe: Recipe, t) -> bool:
+    return any((m == t.role) if isinstance(m, str) else bool(m.search(t.name)) for m, _, _ in recipe.overrides)
 
-    if plan.solver == "rtn" or stats is None or "hessian" not in stats:
-        imp = None if stats is None else stats.get("sq_mean")
-        return rtn(W, plan.codec, importance=imp)
-    cross = stats.get("cross") if plan.solver == "gptaq" else None
-    w_hat, packed, _info = gptq(W, stats["hessian"], plan.codec, H_cross=cross, **opts)
-    return w_hat, packed
+
+def _solve(plan: TensorPlan, W: torch.Tensor, stats: dict | None) -> tuple[torch.Tensor, Packed]:
+    """A matrix through its solver; a vector (a norm's gain) as one row, always round to nearest."""
+    if W.dim() == 1:
+        w_hat, packed = rtn(W[None], plan.codec)
+        return w_hat[0], packed
+    if plan.solver.needs and (stats is None or "hessian" not in stats):
+        return rtn(W, plan.codec, importance=None if stats is None else stats.get("sq_mean"))
+    return plan.solver.solve(W, stats, plan.codec)
 
 
 def quantize_model(model: torch.nn.Module, recipe: Recipe, calib: torch.Tensor | None, seed: int,
                    progress=None) -> dict[str, Packed]:
-    """Quantize `model` in place; returns the packed matrices by parameter name (`<module>.weight`)."""
+    """The recipe's transforms and weight step on `model`, in place (`attach_runtime` adds the
+    KV-cache and activation steps). Returns the packed tensors by parameter name (`<module>.weight`)."""
     for t in recipe.transforms:
         t.apply(model, calib, seed)
     plans = [p for p in recipe.plan(tensors_to_quantize(model, recipe), model) if p.codec is not None]
@@ -73,12 +81,12 @@ def quantize_model(model: torch.nn.Module, recipe: Recipe, calib: torch.Tensor |
         im = compute_imatrix(model, calib)
         importance = {p.name: im.importance(p.name) for p in plans if recipe.mixture.uses_importance(p.target)}
     packed: dict[str, Packed] = {}
-    layered = [p for p in plans if p.solver != "rtn" and p.layer is not None]
+    layered = [p for p in plans if p.solver.needs and p.layer is not None and not p.is_vector]
     direct = [p for p in plans if p not in layered]
     for p in direct:
         W = get_weight(p.target)
         imp = importance.get(p.name)
-        w_hat, packed[p.name + ".weight"] = _solve(p, W, None if imp is None else {"sq_mean": imp}, {})
+        w_hat, packed[p.name + ".weight"] = _solve(p, W, None if imp is None else {"sq_mean": imp})
         set_weight(p.target, w_hat)
         if progress:
             progress(1)
@@ -87,6 +95,27 @@ def quantize_model(model: torch.nn.Module, recipe: Recipe, calib: torch.Tensor |
             raise ValueError("a GPTQ-family solver needs calibration data")
         _layerwise(model, recipe, layered, calib, packed, progress)
     return packed
+
+
+def attach_runtime(model, recipe: Recipe, seed: int) -> dict[str, float]:
+    """The KV-cache and activation steps: hooks that act in every later forward pass. Returns
+    their bits per stored value (kv_bits_k, kv_bits_v, kv_bits, act_bits)."""
+    bits: dict[str, float] = {}
+    if recipe.kv is not None:
+        from quantatlas.models.layout import layout
+        from quantatlas.quant.kv import KVCacheQuantizer
+
+        kv = KVCacheQuantizer(recipe.kv, seed)
+        kv.attach(model)
+        head_dim = next(layer.head_dim for layer in layout(model).layers)
+        bits.update(kv.bits(head_dim))
+    if recipe.act is not None:
+        from quantatlas.quant.act import ActivationQuantizer
+
+        act = ActivationQuantizer(recipe.act, seed)
+        act.attach(model)
+        bits.update(act.bits())
+    return bits
 
 
 class _Stop(Exception):
@@ -135,8 +164,7 @@ def _layerwise(model, recipe: Recipe, plans: list[TensorPlan], calib, packed, pr
     inputs = _capture_layer0_inputs(model, layers[0], calib, batch)
     q_hidden = [h for h, _, _ in inputs]
     fp_hidden = list(q_hidden)  # the fp model's stream, for parallel propagation and GPTAQ
-    opts = recipe.solver_options
-    gptaq = any(p.solver == "gptaq" for p in plans)
+    gptaq = any("cross" in p.solver.needs for p in plans)
     track_fp = recipe.propagation == "parallel" or gptaq
 
     for li, layer in enumerate(layers):
@@ -157,7 +185,7 @@ def _layerwise(model, recipe: Recipe, plans: list[TensorPlan], calib, packed, pr
                 stats = _collect(layer, group, src, inputs, fp_layer if gptaq else None, fp_hidden)
                 for p in group:
                     W = get_weight(p.target)
-                    w_hat, packed[p.name + ".weight"] = _solve(p, W, stats[p.name], opts)
+                    w_hat, packed[p.name + ".weight"] = _solve(p, W, stats[p.name])
                     set_weight(p.target, w_hat)
                     if progress:
                         progress(1)

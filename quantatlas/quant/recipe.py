@@ -1,7 +1,14 @@
-"""A recipe: what an arm does to a model — transforms, then a solver with a codec per tensor.
+"""A recipe: what an arm does to a model, as an ordered plan of steps.
 
-Overrides pick tensors by role name (k, down, ...) or by a regex searched in the module
-name, in order, the last match winning; `codec: null` in an override keeps a tensor fp16.
+    1. transforms      function-preserving re-parametrisations (rotations, scales)
+    2. weights         a solver with a codec per tensor (overrides), or a llama.cpp mixture
+    3. kv              KV-cache quantization in the forward pass (quant/kv.py)
+    4. act             activation quantization of Linear inputs (quant/act.py)
+
+Each step says which statistics it needs; the runner collects only those. Overrides pick
+tensors by role name (k, down, q_norm, ...) or by a regex searched in the module name, in order,
+the last match winning; `codec: null` in an override keeps a tensor fp16. The arm's codec
+applies to matrices; norm vectors are quantized only where an override gives them a codec.
 """
 from __future__ import annotations
 
@@ -9,10 +16,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from quantatlas.quant.codecs import Codec, make_codec
+from quantatlas.quant.act import ActConfig
+from quantatlas.quant.codecs import Codec
+from quantatlas.quant.codecs.gguf import GGUFConfig
+from quantatlas.quant.config import parse_config
+from quantatlas.quant.kv import KVCacheConfig
+from quantatlas.quant.solvers.base import Solver
 from quantatlas.spec import Arm
 
-SOLVERS = ("rtn", "gptq", "gptaq")
+VECTOR_ROLES = ("norm", "q_norm", "k_norm")
+
 
 @dataclass
 class TensorPlan:
@@ -20,27 +33,43 @@ class TensorPlan:
     role: str
     layer: int | None
     codec: Codec | None  # None: stays fp16
-    solver: str
+    solver: Solver
     target: Any = None  # the TensorRole
+
+    @property
+    def is_vector(self) -> bool:
+        return self.role in VECTOR_ROLES
 
 
 @dataclass
 class Recipe:
     transforms: list = field(default_factory=list)
-    solver: str = "rtn"
-    solver_options: dict = field(default_factory=dict)
+    solver: Solver | None = None
     codec: Codec | None = None
-    overrides: list[tuple[re.Pattern | str, Codec | None, str | None]] = field(default_factory=list)
+    overrides: list[tuple[re.Pattern | str, Codec | None, Solver | None]] = field(default_factory=list)
     propagation: str = "sequential"
     include_head: bool = False
     mixture: Any = None  # a GGUFMixture: llama.cpp's per-tensor types instead of one codec
+    kv: KVCacheConfig | None = None
+    act: ActConfig | None = None
+
+    def __post_init__(self):
+        if self.solver is None:
+            self.solver = parse_config("solver", "rtn").build()
+
+    @property
+    def steps(self) -> list[str]:
+        """The steps this recipe runs, in order."""
+        return ([("transforms")] if self.transforms else []) + ["weights"] + \
+            (["kv"] if self.kv is not None else []) + (["act"] if self.act is not None else [])
 
     def plan(self, roles, model=None) -> list[TensorPlan]:
         types = self.mixture.plan(model) if self.mixture is not None else {}
         plans = []
         for t in roles:
-            codec, solver = self.codec, self.solver
-            if self.mixture is not None:
+            vector = t.role in VECTOR_ROLES
+            codec, solver = (None if vector else self.codec), self.solver
+            if self.mixture is not None and not vector:
                 codec = self.mixture.codec_of(types.get(t.name, "f16"))
             for match, o_codec, o_solver in self.overrides:
                 hit = (match == t.role) if isinstance(match, str) else bool(match.search(t.name))
@@ -50,85 +79,60 @@ class Recipe:
         return plans
 
     @property
+    def solvers(self) -> list[Solver]:
+        return [self.solver] + [s for _, _, s in self.overrides if s is not None]
+
+    @property
+    def statistics(self) -> frozenset[str]:
+        """What the weight step's solvers need from calibration (see solvers/base.py)."""
+        out = frozenset().union(*(s.needs for s in self.solvers))
+        if self.mixture is not None and self.mixture.imatrix:
+            out |= {"sq_mean"}
+        return out
+
+    @property
     def uses_seed(self) -> bool:
         """Whether results differ between experiment seeds (calibration draw, random signs)."""
         codecs = [self.codec] + [c for _, c, _ in self.overrides]
-        return self.needs_calibration or any(c is not None and c.seeded for c in codecs)
+        runtime = [c for c in (self.kv, self.act) if c is not None]
+        return self.needs_calibration or any(c is not None and c.seeded for c in codecs) or \
+            any(c.seeded for c in runtime)
 
     @property
     def needs_calibration(self) -> bool:
-        return (bool(self.transforms) or self.solver != "rtn" or any(s and s != "rtn" for _, _, s in self.overrides)
-                or bool(self.mixture is not None and self.mixture.imatrix))
+        return bool(self.transforms) or bool(self.statistics)
 
 
-def _codec(spec: dict[str, dict] | None, where: str) -> Codec | None:
-    if spec is None:
-        return None
-    (name, opts), = spec.items()
+def _match(pattern: str, where: str) -> re.Pattern | str:
+    from quantatlas.models.roles import ROLES
+
+    if pattern in ROLES:
+        return pattern
     try:
-        return make_codec(name, opts)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-
-
-def _transform(spec: dict[str, dict], where: str, arm_codec: Codec | None):
-    from quantatlas.quant.transforms import make_transform
-
-    (name, opts), = spec.items()
-    try:
-        t = make_transform(name, opts)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-    if getattr(t, "codec", "absent") is None:  # AWQ searches its scales for the arm's own codec
-        t.codec = arm_codec
-    return t
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{where}.match: bad regex {pattern!r}: {e}") from None
 
 
 def build_recipe(arm: Arm, where: str = "arm") -> Recipe:
-    """Turn a validated arm into codecs and transforms; ValueErrors name the field."""
-    from quantatlas.models.roles import ROLES
-
-    if arm.solver not in SOLVERS:
-        raise ValueError(f"{where}.solver: unknown solver {arm.solver!r}; known: {', '.join(SOLVERS)}")
-    from quantatlas.quant.solvers import GPTQ_OPTIONS
-
-    for block in ("kv", "act"):  # accepted by the spec so experiments can be written, refused until built
-        if getattr(arm, block) is not None:
-            what = "KV-cache" if block == "kv" else "activation"
-            raise ValueError(f"{where}.{block}: {what} quantization is not implemented yet")
-    unknown = sorted(set(arm.solver_options) - set(GPTQ_OPTIONS))
-    if unknown:
-        raise ValueError(f"{where}.solver_options: unknown option {unknown[0]!r}; known: {', '.join(GPTQ_OPTIONS)}")
+    """Turn a validated arm (typed configs) into the objects that run; ValueErrors name the field."""
+    solver = arm.solver_options.build()
     overrides = []
     for i, o in enumerate(arm.overrides):
-        w = f"{where}.overrides.{i}"
-        if o.solver is not None and o.solver not in SOLVERS:
-            raise ValueError(f"{w}.solver: unknown solver {o.solver!r}; known: {', '.join(SOLVERS)}")
-        if o.match in ("norm", "q_norm", "k_norm", "pos_embed"):
-            raise ValueError(f"{w}.match: {o.match!r} tensors are vectors; quantizing them is not implemented yet")
-        if o.match in ROLES:
-            match: re.Pattern | str = o.match
-        else:
-            try:
-                match = re.compile(o.match)
-            except re.error as e:
-                raise ValueError(f"{w}.match: bad regex {o.match!r}: {e}") from None
-        overrides.append((match, _codec(o.codec, f"{w}.codec"), o.solver))
-    mixture = None
-    codec_spec = arm.codec
-    if codec_spec is not None and next(iter(codec_spec)) == "gguf":
-        from quantatlas.quant.gguf_mix import GGUFMixture
-
-        mixture = GGUFMixture.from_options(codec_spec["gguf"], f"{where}.codec.gguf")
-        codec_spec = None
-    codec = _codec(codec_spec, f"{where}.codec")
-    return Recipe(
-        mixture=mixture,
-        transforms=[_transform(t, f"{where}.transforms.{i}", codec) for i, t in enumerate(arm.transforms)],
-        solver=arm.solver,
-        solver_options=dict(arm.solver_options),
-        codec=codec,
-        overrides=overrides,
-        propagation=arm.propagation,
-        include_head=arm.include_head,
-    )
+        o_solver = None
+        if o.solver is not None:
+            o_solver = solver if o.solver == arm.solver else parse_config("solver", o.solver).build()
+        overrides.append((_match(o.match, f"{where}.overrides.{i}"), None if o.codec is None else o.codec.build(),
+                          o_solver))
+    mixture = codec = None
+    if isinstance(arm.codec, GGUFConfig):
+        mixture = arm.codec.build()
+    elif arm.codec is not None:
+        codec = arm.codec.build()
+    transforms = [t.build() for t in arm.transforms]
+    for t in transforms:
+        if getattr(t, "codec", "absent") is None:  # AWQ searches its scales for the arm's own codec
+            t.codec = codec
+    return Recipe(transforms=transforms, solver=solver, codec=codec, overrides=overrides,
+                  propagation=arm.propagation, include_head=arm.include_head, mixture=mixture, kv=arm.kv,
+                  act=arm.act)

@@ -1,8 +1,13 @@
-"""Corpus: the running interpreter's standard-library sources, byte-tokenised.
+"""Corpus: Python standard-library sources, byte-tokenised.
 
-Every machine with Python has it, so nothing is downloaded. Files are split into
-train / validation / eval by a hash of their path relative to the stdlib root, which
-keeps the split stable as files are added or removed elsewhere.
+Files are split into train / validation / eval by a hash of their path relative to the
+stdlib root, which keeps the split stable as files are added or removed elsewhere.
+
+What is measured is fixed: the eval and validation splits, and a calibration sample of
+the train split, were cut once from Python 3.11.7's standard library and ship with the
+package (`quantatlas/reference/data/`, see data.py), so every Python gives the same tokens
+and the same eval fingerprint. Only training reads the running interpreter's standard
+library (`stdlib_tokens("train")`); nothing is downloaded either way.
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ import numpy as np
 
 BOS, EOS = 256, 257
 VOCAB_SIZE = 258
-SPLITS = ("train", "validation", "eval")
+SPLITS = ("train", "validation", "eval")          # of the live standard library
+FIXED_SPLITS = ("validation", "eval", "calib")     # shipped with the package (calib: a sample of train)
 
 
 def stdlib_root() -> Path:
@@ -43,28 +49,54 @@ def corpus_files(split: str) -> tuple[Path, ...]:
     return tuple(files)
 
 
-@lru_cache(maxsize=None)
-def _split_tokens(split: str) -> np.ndarray:
+def stream_of(files) -> np.ndarray:
+    """For each file in the order given: BOS + its bytes + EOS."""
     parts = []
-    for p in corpus_files(split):
+    for p in files:
         data = p.read_bytes()
         parts.append(np.array([BOS], dtype=np.int64))
         parts.append(np.frombuffer(data, dtype=np.uint8).astype(np.int64))
         parts.append(np.array([EOS], dtype=np.int64))
-    out = np.concatenate(parts)
+    return np.concatenate(parts)
+
+
+@lru_cache(maxsize=None)
+def _split_tokens(split: str) -> np.ndarray:
+    out = stream_of(corpus_files(split))
     out.setflags(write=False)
     return out
 
 
-def corpus_tokens(split: str, max_tokens: int | None = None) -> np.ndarray:
-    """The split's token stream: for each file, BOS + its bytes + EOS, files in path order."""
+def stdlib_tokens(split: str, max_tokens: int | None = None) -> np.ndarray:
+    """A split of the running interpreter's standard library (differs between Python versions)."""
     toks = _split_tokens(split)
     return toks if max_tokens is None else toks[:max_tokens]
+
+
+def fixed_tokens(split: str, max_tokens: int | None = None) -> np.ndarray:
+    """A shipped split (`validation`, `eval`, or `calib`, the calibration sample of train): the
+    same tokens on every Python."""
+    from quantatlas.reference import data
+
+    if split not in FIXED_SPLITS:
+        raise ValueError(f"unknown fixed split {split!r}; expected one of {FIXED_SPLITS}")
+    toks = data.tokens(split)
+    return toks if max_tokens is None else toks[:max_tokens]
+
+
+def corpus_tokens(split: str, max_tokens: int | None = None) -> np.ndarray:
+    """The reference corpus: `eval`, `validation` and `calib` are the shipped fixed splits;
+    `train` (training only) is the running interpreter's standard library.
+
+    Each stream is, for each file in path order, BOS + its bytes + EOS."""
+    if split == "train":
+        return stdlib_tokens(split, max_tokens)
+    return fixed_tokens(split, max_tokens)
 
 
 def eval_fingerprint(tokens: np.ndarray, ctx: int, score_all: bool = False) -> str:
     """Hash of the exact token stream and windowing that a KLD evaluation scores."""
     h = hashlib.sha256()
     h.update(f"ctx={ctx};score_all={score_all};n={len(tokens)};".encode())
-    h.update(np.ascontiguousarray(tokens, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(tokens, dtype="<i8").tobytes())  # little-endian on every machine
     return h.hexdigest()[:16]

@@ -3,6 +3,11 @@
     quantatlas reference train --steps 1000 --seed 0
 
 Writes checkpoint/model.safetensors (fp16), checkpoint/config.json and checkpoint/CARD.md.
+Training reads the running interpreter's standard library (train split); the validation
+bits per byte are measured on the fixed validation split shipped with the package, so the
+number is comparable across machines:
+
+    python -m quantatlas.reference.train validate     # the committed checkpoint's validation bpb
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantatlas.reference.corpus import corpus_files, corpus_tokens, stdlib_root
+from quantatlas.reference.corpus import corpus_files, fixed_tokens, stdlib_tokens
 from quantatlas.reference.model import CHECKPOINT_DIR, reference_config
 
 
@@ -66,8 +71,8 @@ def train(cfg: TrainConfig, out_dir: Path = CHECKPOINT_DIR, progress=None) -> di
     config = reference_config()
     model = Qwen3ForCausalLM(config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    train_tokens = corpus_tokens("train")
-    val_tokens = corpus_tokens("validation", cfg.val_tokens + 1)
+    train_tokens = stdlib_tokens("train")
+    val_tokens = fixed_tokens("validation", cfg.val_tokens + 1)
     rng = np.random.default_rng(cfg.seed)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -107,10 +112,13 @@ def train(cfg: TrainConfig, out_dir: Path = CHECKPOINT_DIR, progress=None) -> di
         "training_tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
         "corpus": f"Python {'.'.join(map(str, __import__('sys').version_info[:3]))} standard library sources "
                   f"({len(corpus_files('train'))} train / {len(corpus_files('validation'))} validation / "
-                  f"{len(corpus_files('eval'))} eval files), byte tokens, BOS/EOS around each file",
+                  f"{len(corpus_files('eval'))} eval files), byte tokens, BOS/EOS around each file; "
+                  f"validation and eval are the fixed splits shipped in quantatlas/reference/data "
+                  f"(cut from {_fixed_source()})",
         "train_corpus_tokens": int(len(train_tokens)),
         "validation_bits_per_byte": round(val_bpb, 4),
         "validation_tokens_scored": int(((len(val_tokens) - 1) // cfg.seq_len) * cfg.seq_len),
+        "validation_split_sha256": _fixed_sha256("validation"),
         "train_seconds": round(seconds, 1),
         "device": str(device),
         "torch": torch.__version__,
@@ -119,6 +127,30 @@ def train(cfg: TrainConfig, out_dir: Path = CHECKPOINT_DIR, progress=None) -> di
     (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     (out_dir / "CARD.md").write_text(_card_markdown(card))
     return card
+
+
+def _fixed_source() -> str:
+    from quantatlas.reference import data
+
+    return data.manifest()["built_from"]
+
+
+def _fixed_sha256(name: str) -> str:
+    from quantatlas.reference import data
+
+    return data.manifest()["files"][name]["sha256"]
+
+
+def validation_bpb(model=None, val_tokens: int | None = None, seq_len: int | None = None) -> float:
+    """Bits per byte of `model` (default: the committed checkpoint) on the fixed validation split,
+    with the card's val_tokens and seq_len unless given."""
+    from quantatlas.reference.model import load_reference
+
+    card = json.loads((CHECKPOINT_DIR / "card.json").read_text())
+    val_tokens = val_tokens or card["train"]["val_tokens"]
+    seq_len = seq_len or card["train"]["seq_len"]
+    model = model if model is not None else load_reference()
+    return bits_per_byte(model, fixed_tokens("validation", val_tokens + 1), seq_len, "cpu")
 
 
 def _card_markdown(card: dict) -> str:
@@ -136,7 +168,19 @@ def _card_markdown(card: dict) -> str:
   AdamW (lr {t['lr']} cosine to {t['min_lr']}, warmup {t['warmup']}, wd {t['weight_decay']}), seed {t['seed']},
   on {card['device']} in {card['train_seconds']} s with torch {card['torch']}.
 - Validation: {card['validation_bits_per_byte']} bits per byte over {card['validation_tokens_scored']:,} tokens
-  (the fp16 weights as stored).
+  of the fixed validation split shipped in `quantatlas/reference/data/` (the fp16 weights as stored;
+  `python -m quantatlas.reference.train validate` measures it).
 
 Reproduce: `quantatlas reference train --steps {t['steps']} --seed {t['seed']}`.
 """
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["validate"]:
+        print("usage: python -m quantatlas.reference.train validate", file=sys.stderr)
+        raise SystemExit(2)
+    _card = json.loads((CHECKPOINT_DIR / "card.json").read_text())
+    print(f"validation bits per byte: {validation_bpb():.4f} over {_card['train']['val_tokens']:,} tokens "
+          f"of the fixed validation split (seq_len {_card['train']['seq_len']})")

@@ -4,11 +4,16 @@ A codec splits each row into column groups that share parameters (scales, zero p
 norms, ...). The same three steps serve plain encoding and GPTQ-style solvers:
 
     params = codec.fit(w_group, importance)      # parameters for one column group
-    w_hat  = codec.quantize(w_cols, params, col)  # values on the grid, columns col.. of the group
-    packed = codec.pack(w_hat, params_per_group)  # the bytes that are stored
+    q      = codec.quantize(w_cols, params, col)  # q.values on the grid and q.codes that store them
+    packed = codec.pack(codes, params_per_group)  # the bytes that are stored
 
-`encode` is just these steps over every group; GPTQ interleaves them with its error
-feedback. Bits are counted from `Packed.nbytes`, i.e. from what is stored.
+`codes` is the concatenation (along columns, in column order) of the codes of every quantize
+call, so packing never searches again: a code found by a search (a trellis path, a lattice
+point, ggml's scale search) is stored as found. `encode` is these steps over every group; GPTQ
+interleaves them with its error feedback. Bits are counted from `Packed.nbytes`, i.e. from
+what is stored.
+
+A codec is built from its config (`quantatlas.quant.config`); a family is one file with both.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
+from quantatlas._lazy import torch
 
 
 @dataclass
@@ -42,6 +47,14 @@ class Packed:
                         for k in sorted(self.data))
 
 
+@dataclass
+class Quantized:
+    """What `quantize` returns for some columns: the grid values and the codes that store them."""
+
+    values: torch.Tensor  # [rows, c] float32
+    codes: torch.Tensor   # [rows, m] integer codes, laid out as the codec's `pack` reads them
+
+
 class Codec(ABC):
     """Base class for inner quantizers. Subclasses set `name` and implement the four steps."""
 
@@ -50,6 +63,9 @@ class Codec(ABC):
     group_size: int | None = None
     #: columns a solver must hand to `quantize` together (1 for scalar codecs).
     block_width: int = 1
+
+    def __init__(self, cfg=None):
+        self.cfg = cfg
 
     def groups(self, cols: int) -> int:
         g = self.group_of(cols)
@@ -67,19 +83,19 @@ class Codec(ABC):
         """Parameters for one column group `w` [rows, g]; `importance` [g] weights the columns."""
 
     @abstractmethod
-    def quantize(self, w: torch.Tensor, params: Any, col: int = 0) -> torch.Tensor:
-        """Grid values for columns `col .. col + w.shape[1]` of a group whose parameters are `params`."""
+    def quantize(self, w: torch.Tensor, params: Any, col: int = 0) -> Quantized:
+        """Grid values and codes for columns `col .. col + w.shape[1]` of a group with parameters `params`."""
 
     @abstractmethod
-    def pack(self, w_hat: torch.Tensor, params: list[Any]) -> Packed:
-        """Store a matrix whose values lie on the grid; `params` holds one entry per group."""
+    def pack(self, codes: torch.Tensor, params: list[Any]) -> Packed:
+        """Store a matrix from its codes (all quantize calls' codes, in column order); one `params` per group."""
 
     @abstractmethod
     def decode(self, packed: Packed) -> torch.Tensor:
         """The float32 matrix that `packed` represents."""
 
     def config(self) -> dict[str, Any]:
-        return {}
+        return {} if self.cfg is None else self.cfg.options()
 
     def for_run(self, seed: int) -> "Codec":
         """The codec a run with this experiment seed uses; codecs with random parts (rotation
@@ -93,13 +109,23 @@ class Codec(ABC):
     def encode(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Packed:
         w = w.detach().float()
         g = self.group_of(w.shape[1])
-        params, parts = [], []
+        params, codes = [], []
         for c in range(0, w.shape[1], g):
             imp = None if importance is None else importance[c:c + g].float()
             p = self.fit(w[:, c:c + g], imp)
             params.append(p)
-            parts.append(self.quantize(w[:, c:c + g], p, 0))
-        return self.pack(torch.cat(parts, dim=1), params)
+            codes.append(self.quantize(w[:, c:c + g], p, 0).codes)
+        return self.pack(torch.cat(codes, dim=1), params)
+
+    def fake_quantize(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+        """decode(encode(w)) without packing: the grid values of every group (for activations, KV)."""
+        w = w.detach().float()
+        g = self.group_of(w.shape[1])
+        out = []
+        for c in range(0, w.shape[1], g):
+            imp = None if importance is None else importance[c:c + g].float()
+            out.append(self.quantize(w[:, c:c + g], self.fit(w[:, c:c + g], imp), 0).values)
+        return torch.cat(out, dim=1)
 
     def bits_per_weight(self, shape: tuple[int, int]) -> float:
         """Stored bits per weight for a matrix of this shape (from an actual pack)."""

@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
-import torch
+from pydantic import Field, field_validator
 
-from quantatlas.quant.codecs import register
-from quantatlas.quant.codecs.base import Codec, Packed, pack_bits, unpack_bits
+from quantatlas._lazy import torch
+from quantatlas.quant.codecs.base import Codec, Packed, Quantized, pack_bits, unpack_bits
+from quantatlas.quant.config import CodecConfig
 from quantatlas.quant.hadamard import RandomizedHadamard, has_hadamard
 from quantatlas.quant.lloyd_max import codebook
 
@@ -41,9 +43,34 @@ FP16_MAX = 65504.0
 SEED_BYTES = 8
 
 
-def _check_bits(codec: str, bits) -> None:
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
-        raise ValueError(f"{codec}.bits must be an integer from 1 to 8, got {bits!r}")
+class TurboConfig(CodecConfig):
+    name = "turbo"
+    seeded = True
+    bits: int = Field(ge=1, le=8)
+    group: int = Field(128, ge=2)
+    seed: int = Field(0, ge=0, lt=2 ** 63)
+    codebook: Literal["sphere", "gaussian"] = "sphere"
+    norm_correction: bool = True
+
+    @field_validator("group")
+    @classmethod
+    def _hadamard_size(cls, g):
+        if not has_hadamard(g):
+            raise ValueError(f"needs a Hadamard matrix of this size (m·2^k, e.g. 64, 128, 256, 96 = 12·8), got {g}")
+        return g
+
+    def build(self):
+        return Turbo(self)
+
+
+class LloydMaxConfig(CodecConfig):
+    name = "lloyd_max"
+    bits: int = Field(ge=1, le=8)
+    group: int | None = Field(128, gt=0)
+    scale: Literal["rms", "absmax"] = "rms"
+
+    def build(self):
+        return LloydMax(self)
 
 
 def _nearest(z: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -71,26 +98,16 @@ class TurboParams:
     scale: torch.Tensor  # [rows] σ, rounded to fp16 (stored)
 
 
-@register
 class Turbo(Codec):
     name = "turbo"
 
-    def __init__(self, bits: int = 4, group: int = 128, seed: int = 0, codebook: str = "sphere",
-                 norm_correction: bool = True):
-        _check_bits("turbo", bits)
-        if not isinstance(group, int) or isinstance(group, bool) or group < 2 or not has_hadamard(group):
-            raise ValueError(f"turbo.group must be an integer >= 2 with a Hadamard matrix (m·2^k, e.g. 64, 128, "
-                             f"256, 96 = 12·8), got {group!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
-            raise ValueError(f"turbo.seed must be an integer in [0, 2^63), got {seed!r}")
-        if codebook not in ("sphere", "gaussian"):
-            raise ValueError(f"turbo.codebook must be 'sphere' or 'gaussian', got {codebook!r}")
-        if not isinstance(norm_correction, bool):
-            raise ValueError(f"turbo.norm_correction must be true or false, got {norm_correction!r}")
-        self.bits, self.group_size, self.seed = bits, group, seed
-        self.codebook, self.norm_correction = codebook, norm_correction
+    def __init__(self, cfg: TurboConfig):
+        super().__init__(cfg)
+        bits, group, codebook = cfg.bits, cfg.group, cfg.codebook
+        self.bits, self.group_size, self.seed = bits, group, cfg.seed
+        self.codebook, self.norm_correction = codebook, cfg.norm_correction
         self.block_width = group
-        self.rotation = RandomizedHadamard(group, seed)
+        self.rotation = RandomizedHadamard(group, cfg.seed)
         root = math.sqrt(group)
         cb = codebook_for(bits, group, codebook)
         self.levels = _Levels(cb.levels * (root if codebook == "sphere" else 1.0),
@@ -100,11 +117,7 @@ class Turbo(Codec):
         """Run seed s draws the signs from `seed + s`: seed 0 is the spec's own `seed`."""
         if seed == 0:
             return self
-        return Turbo(self.bits, self.group_size, (self.seed + seed) % 2 ** 63, self.codebook, self.norm_correction)
-
-    def config(self):
-        return {"bits": self.bits, "group": self.group_size, "seed": self.seed, "codebook": self.codebook,
-                "norm_correction": self.norm_correction}
+        return Turbo(self.cfg.model_copy(update={"seed": (self.seed + seed) % 2 ** 63}))
 
     # -- the recipe ------------------------------------------------------------------------
     def _codes(self, w: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -133,15 +146,13 @@ class Turbo(Codec):
         if col != 0 or w.shape[1] != self.group_size:
             raise ValueError(f"turbo quantizes whole groups: got columns {col}..{col + w.shape[1]} of a group of "
                              f"{self.group_size} (a solver must pass block_width = group_size columns)")
-        return self._reconstruct(self._codes(w.float(), params.norm), params.scale)
+        codes = self._codes(w.float(), params.norm)
+        return Quantized(self._reconstruct(codes, params.scale), codes)
 
-    def pack(self, w_hat, params):
-        rows, cols = w_hat.shape
-        g = self.group_of(cols)
+    def pack(self, codes, params):
+        rows, cols = codes.shape
+        self.group_of(cols)
         scale = torch.stack([p.scale for p in params], 1)                   # [rows, groups]
-        groups = w_hat.float().reshape(rows, cols // g, g)
-        # ŵ/σ = Qᵀ ẑ, so Q ŵ/σ gives the levels back; nearest level recovers the codes exactly
-        codes = self._codes(groups.reshape(-1, g), scale.reshape(-1) * math.sqrt(g))
         return Packed(self.name, self.config(), (rows, cols), {
             "codes": pack_bits(codes, self.bits),
             "scale": scale.half(),
@@ -162,23 +173,15 @@ def codebook_for(bits: int, group: int, kind: str):
     return codebook(bits, "sphere", group) if kind == "sphere" else codebook(bits, "gaussian")
 
 
-@register
 class LloydMax(Codec):
     name = "lloyd_max"
 
-    def __init__(self, bits: int = 4, group: int | None = 128, scale: str = "rms"):
-        _check_bits("lloyd_max", bits)
-        if group is not None and (not isinstance(group, int) or isinstance(group, bool) or group <= 0):
-            raise ValueError(f"lloyd_max.group must be a positive integer or null (per row), got {group!r}")
-        if scale not in ("rms", "absmax"):
-            raise ValueError(f"lloyd_max.scale must be 'rms' or 'absmax', got {scale!r}")
-        self.bits, self.group_size, self.scale = bits, group, scale
-        cb = codebook(bits, "gaussian")
+    def __init__(self, cfg: LloydMaxConfig):
+        super().__init__(cfg)
+        self.bits, self.group_size, self.scale = cfg.bits, cfg.group, cfg.scale
+        cb = codebook(cfg.bits, "gaussian")
         self.levels = _Levels(cb.levels, cb.thresholds)
         self.top = float(cb.levels[-1])
-
-    def config(self):
-        return {"bits": self.bits, "group": self.group_size, "scale": self.scale}
 
     def fit(self, w, importance=None):
         w = w.float()
@@ -192,13 +195,13 @@ class LloydMax(Codec):
 
     def quantize(self, w, params, col=0):
         levels, _ = self.levels.on(w.device)
-        return levels[self._codes(w.float(), params)] * params[:, None]
+        codes = self._codes(w.float(), params)
+        return Quantized(levels[codes] * params[:, None], codes)
 
-    def pack(self, w_hat, params):
-        rows, cols = w_hat.shape
-        g = self.group_of(cols)
+    def pack(self, codes, params):
+        rows, cols = codes.shape
+        self.group_of(cols)
         scale = torch.stack(params, 1)                                       # [rows, groups]
-        codes = self._codes(w_hat.float().reshape(rows, cols // g, g), scale)
         return Packed(self.name, self.config(), (rows, cols),
                       {"codes": pack_bits(codes, self.bits), "scale": scale.half()})
 

@@ -11,13 +11,27 @@ of each group, minimising sum_j imp_j (w_j - w_hat_j)^2 with imp = 1 (mse) or im
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-import torch
+from pydantic import Field
 
-from quantatlas.quant.codecs import register
-from quantatlas.quant.codecs.base import Codec, Packed, pack_bits, unpack_bits
+from quantatlas._lazy import torch
+from quantatlas.quant.codecs.base import Codec, Packed, Quantized, pack_bits, unpack_bits
+from quantatlas.quant.config import CodecConfig
 
-CLIP_GRID = torch.linspace(1.0, 0.5, 26)
+#: shrink factors 1.0, 0.98, ..., 0.5 searched by clip: mse / hessian
+CLIP_STEPS = 26
+
+
+class UniformConfig(CodecConfig):
+    name = "uniform"
+    bits: int = Field(ge=2, le=8)
+    group: int | None = Field(128, gt=0)   # null: one group per row
+    symmetric: bool = True
+    clip: Literal["minmax", "mse", "hessian"] = "minmax"
+
+    def build(self):
+        return Uniform(self)
 
 
 @dataclass
@@ -26,21 +40,12 @@ class UniformParams:
     zero: torch.Tensor | None  # [rows] integer-valued, asymmetric only
 
 
-@register
 class Uniform(Codec):
     name = "uniform"
 
-    def __init__(self, bits: int = 4, group: int | None = 128, symmetric: bool = True, clip: str = "minmax"):
-        if not isinstance(bits, int) or not 2 <= bits <= 8:
-            raise ValueError(f"uniform.bits must be an integer from 2 to 8, got {bits!r}")
-        if group is not None and (not isinstance(group, int) or group <= 0):
-            raise ValueError(f"uniform.group must be a positive integer or null (per row), got {group!r}")
-        if clip not in ("minmax", "mse", "hessian"):
-            raise ValueError(f"uniform.clip must be minmax, mse or hessian, got {clip!r}")
-        self.bits, self.group_size, self.symmetric, self.clip = bits, group, symmetric, clip
-
-    def config(self):
-        return {"bits": self.bits, "group": self.group_size, "symmetric": self.symmetric, "clip": self.clip}
+    def __init__(self, cfg: UniformConfig):
+        super().__init__(cfg)
+        self.bits, self.group_size, self.symmetric, self.clip = cfg.bits, cfg.group, cfg.symmetric, cfg.clip
 
     # -- grid -----------------------------------------------------------------------------
     def _levels(self) -> tuple[int, int]:
@@ -63,13 +68,21 @@ class Uniform(Codec):
         zero = torch.round(-wmin / scale).clamp(lo, hi)
         return UniformParams(scale, zero)
 
-    def _round(self, w: torch.Tensor, p: UniformParams) -> torch.Tensor:
+    def _codes(self, w: torch.Tensor, p: UniformParams) -> torch.Tensor:
+        """Grid indices q in [lo, hi] (q - z is the multiple of the scale), as float."""
         lo, hi = self._levels()
-        s = p.scale.unsqueeze(-1)
-        if p.zero is None:
-            return torch.clamp(torch.round(w / s), lo, hi) * s
-        z = p.zero.unsqueeze(-1)
-        return (torch.clamp(torch.round(w / s) + z, lo, hi) - z) * s
+        q = torch.round(w / p.scale.unsqueeze(-1))
+        if p.zero is not None:
+            q = q + p.zero.unsqueeze(-1)
+        return torch.clamp(q, lo, hi)
+
+    def _values(self, q: torch.Tensor, p: UniformParams) -> torch.Tensor:
+        if p.zero is not None:
+            q = q - p.zero.unsqueeze(-1)
+        return q * p.scale.unsqueeze(-1)
+
+    def _round(self, w: torch.Tensor, p: UniformParams) -> torch.Tensor:
+        return self._values(self._codes(w, p), p)
 
     # -- codec steps ------------------------------------------------------------------------
     def fit(self, w, importance=None):
@@ -79,7 +92,7 @@ class Uniform(Codec):
             return self._params(w, torch.ones(rows, device=w.device))
         imp = torch.ones(w.shape[1], device=w.device) if self.clip == "mse" or importance is None \
             else importance.float().to(w.device)
-        grid = CLIP_GRID.to(w.device)
+        grid = torch.linspace(1.0, 0.5, CLIP_STEPS, device=w.device)
         shrink = grid[:, None].expand(len(grid), rows)                   # [k, rows]
         p = self._params(w.unsqueeze(0).expand(len(grid), *w.shape), shrink)
         err = ((self._round(w.unsqueeze(0), p) - w) ** 2 * imp).sum(-1)  # [k, rows]
@@ -88,21 +101,16 @@ class Uniform(Codec):
         return UniformParams(p.scale[best, idx], None if p.zero is None else p.zero[best, idx])
 
     def quantize(self, w, params, col=0):
-        return self._round(w.float(), params)
+        q = self._codes(w.float(), params)
+        return Quantized(self._values(q, params), (q - self._levels()[0]).to(torch.int64))
 
-    def pack(self, w_hat, params):
-        rows, cols = w_hat.shape
-        g = self.group_of(cols)
-        lo, _ = self._levels()
-        scale = torch.stack([p.scale for p in params], 1)                  # [rows, groups]
-        s = scale.repeat_interleave(g, 1)
-        q = torch.round(w_hat.float() / s)
-        data = {"scale": scale.half()}
+    def pack(self, codes, params):
+        rows, cols = codes.shape
+        self.group_of(cols)
+        data = {"scale": torch.stack([p.scale for p in params], 1).half()}   # [rows, groups]
         if not self.symmetric:
-            zero = torch.stack([p.zero for p in params], 1)
-            q = q + zero.repeat_interleave(g, 1)
-            data["zero"] = zero.half()
-        data["codes"] = pack_bits((q - lo).to(torch.int64), self.bits)
+            data["zero"] = torch.stack([p.zero for p in params], 1).half()
+        data["codes"] = pack_bits(codes, self.bits)
         return Packed(self.name, self.config(), (rows, cols), data)
 
     def decode(self, packed):

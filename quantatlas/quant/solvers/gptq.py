@@ -20,7 +20,8 @@ bw = 1 gives GPTQ back). block_size must be a multiple of bw.
 
 Codec parameters. At each group boundary, params = codec.fit(current weights of the
 group, importance) with importance = diag(H) of the group (`importance_from_hessian`),
-then codec.quantize(bw columns, params, offset in group). "Current" means with every
+then codec.quantize(bw columns, params, offset in group), which gives the grid values and
+the codes; the codes are what `pack` stores (no second search). "Current" means with every
 update so far applied, also to columns past the current lazy block, so the result does
 not depend on block_size. (The reference fits on W as of the block's start, which can
 differ when a group starts inside a block.) `static_groups` fits every group up front
@@ -63,14 +64,51 @@ import time
 import warnings
 from typing import Any
 
-import torch
+from pydantic import Field
 
+from quantatlas._lazy import torch
 from quantatlas.quant.codecs.base import Codec, Packed
+from quantatlas.quant.config import SolverConfig
+from quantatlas.quant.solvers.base import Solver
 
 #: how many times damp is multiplied by 10 before giving up on a Hessian
 MAX_DAMP_RAISES = 4
-#: keyword options of `gptq` a recipe's solver_options may set
-GPTQ_OPTIONS = ("block_size", "damp", "act_order", "static_groups", "importance_from_hessian", "gptaq_alpha")
+
+
+class GPTQConfig(SolverConfig):
+    name = "gptq"
+    seeded = True   # the calibration draw follows the seed
+    block_size: int = Field(128, gt=0)
+    damp: float = Field(0.01, ge=0, allow_inf_nan=False)
+    act_order: bool = False
+    static_groups: bool = False
+    importance_from_hessian: bool = True
+
+    def build(self):
+        return GPTQ(self)
+
+
+class GPTAQConfig(GPTQConfig):
+    name = "gptaq"
+    gptaq_alpha: float = Field(1.0, allow_inf_nan=False)
+
+    def build(self):
+        return GPTQ(self)
+
+
+class GPTQ(Solver):
+    """GPTQ (and GPTAQ when the config is gptaq: the cross term joins the statistics)."""
+
+    def __init__(self, cfg: GPTQConfig):
+        super().__init__(cfg)
+        self.name = cfg.name
+        self.needs = frozenset({"hessian", "cross"} if cfg.name == "gptaq" else {"hessian"})
+
+    def solve(self, W, stats, codec):
+        opts = self.cfg.model_dump()
+        cross = stats.get("cross") if "cross" in self.needs else None
+        w_hat, packed, _info = gptq(W, stats["hessian"], codec, H_cross=cross, **opts)
+        return w_hat, packed
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, codec: Codec, *, block_size: int = 128, damp: float = 0.01,
@@ -125,6 +163,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec: Codec, *, block_size: int = 12
         del C, later
 
     Q = torch.empty_like(Wq)
+    codes: list = [None] * (cols // bw)  # the codec's codes per bw-column block, in original column order
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = Wq[:, i1:i2].clone()   # this block; its columns keep their pre-rounding values (GPTAQ uses them)
@@ -136,7 +175,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec: Codec, *, block_size: int = 12
                 cur = _current(Wq, W1, E1, U, P, i1, i2, j, p, p + g)
                 params[gi] = codec.fit(cur, _slice(importance, p, g))
             w = W1[:, j:j + bw]
-            q = codec.quantize(w, params[gi], col).to(dtype)
+            quantized = codec.quantize(w, params[gi], col)
+            codes[column_at[p] // bw] = quantized.codes
+            q = quantized.values.to(dtype)
             Q[:, p:p + bw] = q
             if bw == 1:
                 e = (w - q) / U[p, p]
@@ -155,7 +196,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec: Codec, *, block_size: int = 12
     if order is not None:
         Q = Q[:, torch.argsort(order)]
     W_hat = Q.float()
-    packed = codec.pack(W_hat, params)
+    packed = codec.pack(torch.cat(codes, 1), params)
 
     D = Q - W_orig
     info = {"damp": damp, "proxy_loss": float(((D @ H_orig) * D).sum()), "dead_columns": int(dead.numel())}

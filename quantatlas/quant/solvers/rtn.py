@@ -1,9 +1,26 @@
 """Round to nearest: the codec on its own, no data beyond an optional per-column importance."""
 from __future__ import annotations
 
-import torch
-
+from quantatlas._lazy import torch
 from quantatlas.quant.codecs.base import Codec, Packed
+from quantatlas.quant.config import SolverConfig
+from quantatlas.quant.solvers.base import Solver
+
+
+class RTNConfig(SolverConfig):
+    name = "rtn"
+
+    def build(self):
+        return RTN(self)
+
+
+class RTN(Solver):
+    """The codec alone; an imatrix (sq_mean), when the recipe collects one, goes to the codec's fit."""
+
+    name = "rtn"
+
+    def solve(self, W, stats, codec):
+        return rtn(W, codec, importance=(stats or {}).get("sq_mean"))
 
 
 def rtn(W: torch.Tensor, codec: Codec, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, Packed]:

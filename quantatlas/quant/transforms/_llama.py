@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import nn
+from quantatlas._lazy import nn, no_grad, torch
 
 
 @dataclass
@@ -43,7 +42,7 @@ def _refuse(model: nn.Module, what: str) -> ValueError:
                       f"RMSNorm = weight ⊙ x / rms(x))")
 
 
-@torch.no_grad()
+@no_grad
 def _check_rmsnorm(model: nn.Module, norm: nn.Module, where: str) -> None:
     """The norm must compute weight ⊙ x / rms(x): checked on a random input (a behaviour, not a class name)."""
     w = getattr(norm, "weight", None)
@@ -57,22 +56,22 @@ def _check_rmsnorm(model: nn.Module, norm: nn.Module, where: str) -> None:
 
 
 def layers(model: nn.Module) -> list[Layer]:
-    from quantatlas.models.roles import decoder_layers
+    """The decoder layers as folds see them, read from the model layout; other layouts are refused."""
+    from quantatlas.models.layout import layout
 
     out = []
-    for i, block in enumerate(decoder_layers(model)):
-        attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+    for layer in layout(model).layers:
+        i = layer.index
         parts = {
-            "input_norm": getattr(block, "input_layernorm", None),
-            "post_norm": getattr(block, "post_attention_layernorm", None),
-            **{p: getattr(attn, f"{p}_proj", None) for p in "qkvo"},
-            **{p: getattr(mlp, f"{p}_proj", None) for p in ("gate", "up", "down")},
+            "input_norm": layer.module("attn_norm"),
+            "post_norm": layer.module("ffn_norm"),
+            **{p: layer.module(p) for p in ("q", "k", "v", "o", "gate", "up", "down")},
         }
         missing = [k for k, v in parts.items() if v is None]
         if missing:
             raise _refuse(model, f"layer {i} lacks {', '.join(missing)}")
-        extra = [n for n, m in block.named_modules() if n and "norm" in type(m).__name__.lower()
-                 and n not in ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm")]
+        extra = [t.name[len(layer.name) + 1:] for position, t in layer.norms.items()
+                 if position not in ("attn_norm", "ffn_norm", "q_norm", "k_norm")]
         if extra:
             raise _refuse(model, f"layer {i} has other norms ({', '.join(extra)})")
         for name in ("q", "k", "v", "o", "gate", "up", "down"):
@@ -80,35 +79,39 @@ def layers(model: nn.Module) -> list[Layer]:
                 raise _refuse(model, f"layer {i} {name}_proj is {type(parts[name]).__name__}, not nn.Linear")
         _check_rmsnorm(model, parts["input_norm"], f"layer {i} input_layernorm")
         _check_rmsnorm(model, parts["post_norm"], f"layer {i} post_attention_layernorm")
-        cfg = getattr(attn, "config", None) or model.config
-        n_heads = cfg.num_attention_heads
-        n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-        head_dim = getattr(attn, "head_dim", None) or parts["q"].out_features // n_heads
-        out.append(Layer(i, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, **parts))
+        out.append(Layer(i, n_heads=layer.n_heads, n_kv_heads=layer.n_kv_heads, head_dim=layer.head_dim, **parts))
     return out
 
 
 def embedding(model: nn.Module) -> nn.Embedding:
-    return model.get_input_embeddings()
+    from quantatlas.models.layout import layout
+
+    embed = layout(model).embed
+    if embed is None:
+        raise _refuse(model, "no token embedding")
+    return embed.module
 
 
 def head(model: nn.Module) -> nn.Linear:
-    h = model.get_output_embeddings()
-    if not isinstance(h, nn.Linear):
+    from quantatlas.models.layout import layout
+
+    h = layout(model).head
+    if h is None or not isinstance(h.module, nn.Linear):
         raise _refuse(model, "no nn.Linear output head")
-    return h
+    return h.module
 
 
 def final_norm(model: nn.Module) -> nn.Module:
-    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-    norm = getattr(base, "norm", None)
+    from quantatlas.models.layout import layout
+
+    norm = layout(model).final_norm
     if norm is None:
-        raise _refuse(model, "no final norm (model.model.norm)")
-    _check_rmsnorm(model, norm, "the final norm")
-    return norm
+        raise _refuse(model, "no final norm")
+    _check_rmsnorm(model, norm.module, "the final norm")
+    return norm.module
 
 
-@torch.no_grad()
+@no_grad
 def untie_head(model: nn.Module) -> None:
     """Give the head its own weight tensor when it shares the embedding's (folds must differ)."""
     h, e = head(model), embedding(model)
@@ -120,14 +123,14 @@ def untie_head(model: nn.Module) -> None:
 
 # ---- in-place weight edits in float64 ------------------------------------------------------------
 
-@torch.no_grad()
+@no_grad
 def scale_columns(linear: nn.Linear, s: torch.Tensor) -> None:
     """W ← W diag(s) (the input channel j is multiplied by s_j)."""
     w = linear.weight
     w.copy_((w.double() * s.double().to(w.device)[None, :]).to(w.dtype))
 
 
-@torch.no_grad()
+@no_grad
 def scale_rows(linear: nn.Linear, s: torch.Tensor) -> None:
     """W ← diag(s) W, b ← s ⊙ b (the output channel i is multiplied by s_i)."""
     w = linear.weight
@@ -137,6 +140,6 @@ def scale_rows(linear: nn.Linear, s: torch.Tensor) -> None:
         linear.bias.copy_((linear.bias.double() * s).to(linear.bias.dtype))
 
 
-@torch.no_grad()
+@no_grad
 def scale_vector(p: torch.Tensor, s: torch.Tensor) -> None:
     p.copy_((p.double() * s.double().to(p.device)).to(p.dtype))

@@ -14,8 +14,7 @@ o's input are averaged over those query heads first.
 """
 from __future__ import annotations
 
-import torch
-from torch import nn
+from quantatlas._lazy import nn, no_grad, torch
 
 from quantatlas.quant.transforms import _llama
 
@@ -47,7 +46,7 @@ def expand_scale(layer: _llama.Layer, group: str, s: torch.Tensor) -> torch.Tens
 
 
 def check_foldable(layer: _llama.Layer, group: str, transform: str) -> None:
-    from quantatlas.quant.transforms.rotation import has_online_rotation
+    from quantatlas.quant.online import has_online_rotation
 
     for lin in consumers(layer, group):
         if has_online_rotation(lin):
@@ -55,7 +54,7 @@ def check_foldable(layer: _llama.Layer, group: str, transform: str) -> None:
                              f"apply {transform} before hadamard (or drop {group} from {transform}.roles)")
 
 
-@torch.no_grad()
+@no_grad
 def fold(layer: _llama.Layer, group: str, s: torch.Tensor) -> None:
     """W_c ← W_c diag(s) for the consumers; the producer's output ← / s."""
     s = s.double()

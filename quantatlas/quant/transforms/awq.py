@@ -17,37 +17,35 @@ outputs, which needs only H. llm-awq's separate weight-clipping search is not pa
 """
 from __future__ import annotations
 
-import torch
+from pydantic import Field
 
-from quantatlas.quant.codecs import Codec, make_codec
-from quantatlas.quant.transforms import _llama, _scales, register
-from quantatlas.quant.transforms.base import ROLE_GROUPS, Transform, check_calib, check_roles
-
-
-def _codec(value) -> Codec | None:
-    if value is None or isinstance(value, Codec):
-        return value
-    if isinstance(value, dict) and len(value) == 1:
-        (name, options), = value.items()
-        return make_codec(name, options)
-    raise ValueError(f"awq.codec must be a codec or a mapping {{name: options}} with one entry, got {value!r}")
+from quantatlas._lazy import no_grad, torch
+from quantatlas.quant.config import TransformConfig, config_field
+from quantatlas.quant.transforms import _llama, _scales
+from quantatlas.quant.transforms.base import ROLE_GROUPS, RoleGroup, Transform, check_calib
 
 
-@register
+class AWQConfig(TransformConfig):
+    name = "awq"
+    grid: int = Field(20, ge=1)
+    codec: config_field("codec") = None   # null: the arm's own codec
+    roles: list[RoleGroup] = list(ROLE_GROUPS)
+
+    def build(self):
+        return AWQ(self)
+
+
 class AWQ(Transform):
     name = "awq"
+    batch_size = 8
+    #: consecutive layers whose fp32 Hessians are held together at most
+    max_hessian_bytes = 2 ** 31
 
-    def __init__(self, grid: int = 20, codec=None, roles=ROLE_GROUPS, batch_size: int = 8,
-                 max_hessian_bytes: int = 2 ** 31):
-        if not isinstance(grid, int) or isinstance(grid, bool) or grid < 1:
-            raise ValueError(f"awq.grid must be a positive integer, got {grid!r}")
-        self.grid, self.codec, self.roles = grid, _codec(codec), check_roles("awq", roles)
-        self.batch_size, self.max_hessian_bytes = batch_size, max_hessian_bytes
+    def __init__(self, cfg: AWQConfig):
+        super().__init__(cfg)
+        self.grid, self.roles = cfg.grid, tuple(cfg.roles)
+        self.codec = None if cfg.codec is None else cfg.codec.build()
         self.chosen: dict[tuple[int, str], float] = {}  # (layer, group) → alpha*, for the record
-
-    def config(self):
-        return {"grid": self.grid, "roles": list(self.roles),
-                "codec": None if self.codec is None else {self.codec.name: self.codec.config()}}
 
     def alphas(self) -> list[float]:
         return [i / self.grid for i in range(self.grid)]
@@ -89,7 +87,7 @@ class AWQ(Transform):
             used += size(layer)
         return chunks + ([current] if current else [])
 
-    @torch.no_grad()
+    @no_grad
     def apply(self, model, calib_tokens, seed=0):
         from quantatlas.models.calib import input_statistics
 

@@ -9,36 +9,33 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-import torch
-from torch import nn
+from quantatlas._lazy import nn, torch
 
 # One consumer group per input that can absorb a diagonal scale from the op before it.
 ROLE_GROUPS = ("qkv", "gate_up", "o", "down")
+RoleGroup = Literal["qkv", "gate_up", "o", "down"]
 
 
 class Transform(ABC):
     name: ClassVar[str]
+
+    def __init__(self, cfg=None):
+        self.cfg = cfg
 
     @abstractmethod
     def apply(self, model: nn.Module, calib_tokens: torch.Tensor | None, seed: int = 0) -> None:
         """Edit `model` in place, keeping its function."""
 
     def config(self) -> dict[str, Any]:
-        return {}
+        return {} if self.cfg is None else self.cfg.options()
 
 
 def subseed(seed: int, *tags: object) -> int:
     """A seed for one rotation, derived from the experiment seed and a tag (stable across runs)."""
     digest = hashlib.sha256("/".join(map(str, (seed, *tags))).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-def check_roles(transform: str, roles) -> tuple[str, ...]:
-    if isinstance(roles, str) or not all(r in ROLE_GROUPS for r in roles):
-        raise ValueError(f"{transform}.roles must be a list drawn from {', '.join(ROLE_GROUPS)}, got {roles!r}")
-    return tuple(roles)
 
 
 def check_calib(transform: str, calib_tokens) -> torch.Tensor:

@@ -8,27 +8,32 @@ amplify most. See _scales.py for where 1/s goes in each group (qkv, gate_up, o, 
 """
 from __future__ import annotations
 
-import math
+from pydantic import Field
 
-import torch
+from quantatlas._lazy import no_grad
+from quantatlas.quant.config import TransformConfig
+from quantatlas.quant.transforms import _llama, _scales
+from quantatlas.quant.transforms.base import ROLE_GROUPS, RoleGroup, Transform, check_calib
 
-from quantatlas.quant.transforms import _llama, _scales, register
-from quantatlas.quant.transforms.base import ROLE_GROUPS, Transform, check_calib, check_roles
+
+class EqualizeConfig(TransformConfig):
+    name = "equalize"
+    alpha: float = Field(0.15, ge=0, allow_inf_nan=False)
+    roles: list[RoleGroup] = list(ROLE_GROUPS)
+
+    def build(self):
+        return Equalize(self)
 
 
-@register
 class Equalize(Transform):
     name = "equalize"
+    batch_size = 8
 
-    def __init__(self, alpha: float = 0.15, roles=ROLE_GROUPS, batch_size: int = 8):
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-            raise ValueError(f"equalize.alpha must be a finite number >= 0, got {alpha!r}")
-        self.alpha, self.roles, self.batch_size = float(alpha), check_roles("equalize", roles), batch_size
+    def __init__(self, cfg: EqualizeConfig):
+        super().__init__(cfg)
+        self.alpha, self.roles = cfg.alpha, tuple(cfg.roles)
 
-    def config(self):
-        return {"alpha": self.alpha, "roles": list(self.roles)}
-
-    @torch.no_grad()
+    @no_grad
     def apply(self, model, calib_tokens, seed=0):
         from quantatlas.models.calib import input_statistics
 

@@ -18,56 +18,23 @@ online    For o/down: W ← W Qᵀ and a forward pre-hook rotates the input x �
 """
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import Literal
 
+from pydantic import Field
+
+from quantatlas._lazy import no_grad, torch
+from quantatlas.quant.config import TransformConfig
 from quantatlas.quant.hadamard import RandomizedHadamard
-from quantatlas.quant.transforms import _llama, register
+from quantatlas.quant.transforms import _llama
 from quantatlas.quant.transforms.base import Transform, subseed
 
-ONLINE_ROLES = ("o", "down")
-
-
-class OnlineRotation(nn.Module):
-    """x ↦ Q x on the last dim, computed in fp32 and returned in x's dtype."""
-
-    def __init__(self, rotation: RandomizedHadamard):
-        super().__init__()
-        self.rotation = rotation
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rotation.rotate(x.float()).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"size={self.rotation.size}, block={self.rotation.block}, seed={self.rotation.seed}"
-
-
-def _rotate_input_hook(module: nn.Module, args):
-    return (module.input_rotation(args[0]),) + tuple(args[1:])
-
-
-def has_online_rotation(linear: nn.Module) -> bool:
-    return isinstance(getattr(linear, "input_rotation", None), OnlineRotation)
-
-
-@torch.no_grad()
-def attach_online_rotation(linear: nn.Linear, rotation: OnlineRotation) -> None:
-    """W ← W Qᵀ and rotate the input on every call, so linear(x) is unchanged."""
-    if has_online_rotation(linear):
-        raise ValueError("this linear already has an online rotation (apply hadamard once)")
-    w = linear.weight
-    w.copy_(rotation.rotation.rotate(w.double()).to(w.dtype))
-    linear.input_rotation = rotation.to(w.device)
-    linear.register_forward_pre_hook(_rotate_input_hook)
-
-
-@torch.no_grad()
+@no_grad
 def _rotate_rows(p: torch.Tensor, q: RandomizedHadamard) -> None:
     """Rows r ← Q r (a matrix read as row vectors: W ← W Qᵀ; a vector: b ← Q b)."""
     p.copy_(q.rotate(p.double()).to(p.dtype))
 
 
-@torch.no_grad()
+@no_grad
 def _rotate_output(linear: nn.Linear, q: RandomizedHadamard) -> None:
     """W ← Q W, b ← Q b."""
     w = linear.weight
@@ -76,7 +43,7 @@ def _rotate_output(linear: nn.Linear, q: RandomizedHadamard) -> None:
         _rotate_rows(linear.bias, q)
 
 
-@torch.no_grad()
+@no_grad
 def fuse_norm_gains(model: nn.Module, layers: list[_llama.Layer]) -> None:
     """W ← W diag(γ), γ ← 1 for every RMSNorm and the linears it feeds (the head untied first)."""
     _llama.untie_head(model)
@@ -90,22 +57,24 @@ def fuse_norm_gains(model: nn.Module, layers: list[_llama.Layer]) -> None:
         norm.weight.fill_(1.0)
 
 
-@register
+class HadamardConfig(TransformConfig):
+    name = "hadamard"
+    seeded = True
+    residual: bool = True
+    heads: bool = True
+    online: list[Literal["o", "down"]] = ["down"]
+    block: int | None = Field(None, ge=1)   # null: the full width
+
+    def build(self):
+        return HadamardRotation(self)
+
+
 class HadamardRotation(Transform):
     name = "hadamard"
 
-    def __init__(self, residual: bool = True, heads: bool = True, online=("down",), block: int | None = None):
-        for field, value in (("residual", residual), ("heads", heads)):
-            if not isinstance(value, bool):
-                raise ValueError(f"hadamard.{field} must be true or false, got {value!r}")
-        if isinstance(online, str) or not all(r in ONLINE_ROLES for r in online):
-            raise ValueError(f"hadamard.online must be a list drawn from {', '.join(ONLINE_ROLES)}, got {online!r}")
-        if block is not None and (not isinstance(block, int) or isinstance(block, bool) or block < 1):
-            raise ValueError(f"hadamard.block must be a positive integer or null (full width), got {block!r}")
-        self.residual, self.heads, self.online, self.block = residual, heads, tuple(online), block
-
-    def config(self):
-        return {"residual": self.residual, "heads": self.heads, "online": list(self.online), "block": self.block}
+    def __init__(self, cfg: HadamardConfig):
+        super().__init__(cfg)
+        self.residual, self.heads, self.online, self.block = cfg.residual, cfg.heads, tuple(cfg.online), cfg.block
 
     def _rotation(self, size: int, seed: int) -> RandomizedHadamard:
         try:
@@ -113,8 +82,10 @@ class HadamardRotation(Transform):
         except ValueError as e:
             raise ValueError(f"hadamard: width {size}: {e}") from None
 
-    @torch.no_grad()
+    @no_grad
     def apply(self, model, calib_tokens=None, seed=0):
+        from quantatlas.quant.online import OnlineRotation, attach_online_rotation, has_online_rotation
+
         layers = _llama.layers(model)
         # build (and so validate) every rotation before the first edit: an error leaves the model as it was
         residual = None
@@ -143,7 +114,7 @@ class HadamardRotation(Transform):
             attach_online_rotation(lin, OnlineRotation(rotation))
 
 
-@torch.no_grad()
+@no_grad
 def _rotate_heads(layer: _llama.Layer, qh: RandomizedHadamard) -> None:
     """v_proj rows of each kv head ← Q_h ·, o_proj columns of each query head ← · Q_hᵀ."""
     hd, n_kv, n_heads = layer.head_dim, layer.n_kv_heads, layer.n_heads

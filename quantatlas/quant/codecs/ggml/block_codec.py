@@ -1,14 +1,17 @@
 """What every ggml block codec shares: blocks along rows, ggml's bytes per block.
 
 A block is `group_size` consecutive weights of one row (32, or a 256-weight super-block).
-A format implements six small pieces:
+A format implements five small pieces:
 
     fit_blocks(x [B, g], qw [B, g] | None, sigma2 [B] | None) -> BlockFit   ggml's search
     rule_codes(x, fit, col)           ggml's final coding step for weights x (columns col..)
     values(codes, fields, col)        ggml's dequantize_row_* for those codes
-    invert(x, fields, col)            the code of an on-grid value (for values a solver produced)
     to_bytes(codes, fields)           ggml's block layout, uint8 [B, type_size]
     from_bytes(blocks)                the inverse: (codes, fields)
+
+A format takes no options: defining the class registers a config of that name (`{q4_k: {}}`).
+`ggml_type` names its entry in the `gguf` package's GGMLQuantizationType (the one table of
+ggml types: export and the web read it from the formats; a test checks the sizes).
 
 `fit` -> `quantize` -> `pack` reproduce ggml's bytes; `encode` does the same in one pass over
 all blocks of a matrix (fit_blocks is vectorised over blocks, rows included) and, for the
@@ -22,9 +25,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from quantatlas._lazy import torch
 
-from quantatlas.quant.codecs.base import Codec, Packed
+from quantatlas.quant.codecs.base import Codec, Packed, Quantized
+from quantatlas.quant.config import CodecConfig
 from quantatlas.quant.codecs.ggml.cfloat import fdiv, seq_sum
 
 
@@ -68,21 +72,37 @@ def per_weight(t: torch.Tensor, g: int, col: int, c: int) -> torch.Tensor:
     return t[:, torch.arange(col, col + c, device=t.device) // sub]
 
 
-def round_code(x: torch.Tensor, step: torch.Tensor, lo: int, hi: int, empty: int) -> torch.Tensor:
-    """The code q in [lo, hi] with q*step nearest x (`empty` where step is 0)."""
-    q = torch.round(x / torch.where(step != 0, step, torch.ones_like(step)))
-    q = q.clamp(lo, hi).to(torch.int32)
-    return torch.where(step != 0, q, torch.full_like(q, empty))
+#: every ggml format by name (each BlockCodec subclass with a `name` adds itself)
+FORMATS: dict[str, type[BlockCodec]] = {}
+
+
+def formats() -> dict[str, type[BlockCodec]]:
+    """The ggml formats we implement, by name: the one table of ggml types (block, type_size,
+    ggml_type) that export, the web and gguf_mix read."""
+    from quantatlas.quant.config import load_families
+
+    load_families()
+    return FORMATS
 
 
 class BlockCodec(Codec):
     """Base of the ggml formats; `group_size` weights per block, `type_size` bytes per block."""
 
     type_size: int
+    #: the GGMLQuantizationType member of this format (upper-case name, e.g. "Q4_K")
+    ggml_type: str
     #: ggml's imatrix path for Q4_0/Q4_1/Q5_0/Q5_1 weights with the mean of x^2 over the whole row
     uses_row_sigma2 = False
     #: weights per step of `encode`, to bound temporary memory on large matrices
     encode_chunk = 1 << 20
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:  # a format: register its (option-free) config
+            cls.ggml_type = cls.name.upper()
+            FORMATS[cls.name] = cls
+            type(f"{cls.__name__}Config", (CodecConfig,), {"__module__": cls.__module__, "name": cls.name,
+                                                          "build": lambda self, codec=cls: codec(self)})
 
     def fit_blocks(self, x, qw, sigma2) -> BlockFit:
         raise NotImplementedError
@@ -91,9 +111,6 @@ class BlockCodec(Codec):
         raise NotImplementedError
 
     def values(self, codes, fields, col: int) -> torch.Tensor:
-        raise NotImplementedError
-
-    def invert(self, x, fields, col: int) -> torch.Tensor:
         raise NotImplementedError
 
     def to_bytes(self, codes, fields) -> torch.Tensor:
@@ -112,21 +129,16 @@ class BlockCodec(Codec):
         return self.fit_blocks(x, qw, None)
 
     def quantize(self, w, params: BlockFit, col=0):
-        x = w.detach().float()
-        return self.values(self.rule_codes(x, params, col), params.fields, col)
+        codes = self.rule_codes(w.detach().float(), params, col)
+        return Quantized(self.values(codes, params.fields, col), codes)
 
-    def pack(self, w_hat, params):
-        rows, cols = w_hat.shape
+    def pack(self, codes, params):
+        rows, cols = codes.shape
         g = self.group_of(cols)
         if len(params) != cols // g:
             raise ValueError(f"{self.name}: pack needs one fit per group ({cols // g}), got {len(params)}")
         fit = BlockFit.stack(list(params))
-        x = w_hat.detach().float().reshape(-1, g)
-        # the fitted codes where they give exactly these values (always, after fit+quantize);
-        # otherwise the code of the value (a solver moved it); blocks with a zero step keep theirs
-        same = self.values(fit.codes, fit.fields, 0) == x
-        codes = torch.where(same, fit.codes, self.invert(x, fit.fields, 0))
-        return self._packed(self.to_bytes(codes, fit.fields), rows, cols)
+        return self._packed(self.to_bytes(codes.reshape(-1, g), fit.fields), rows, cols)
 
     def encode(self, w, importance=None):
         w = w.detach().float()

@@ -16,7 +16,7 @@ on arm64) rounds differently and makes different choices in near-tie searches.
 from __future__ import annotations
 
 import numpy as np
-import torch
+from quantatlas._lazy import torch
 
 #: ggml's GROUP_MAX_EPS: blocks whose largest magnitude is below it count as all zero.
 GROUP_MAX_EPS = float(np.float32(1e-15))

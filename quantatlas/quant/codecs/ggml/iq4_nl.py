@@ -10,9 +10,8 @@ with the nearest level (best_index_int8), refit d by weighted least squares, the
 """
 from __future__ import annotations
 
-import torch
+from quantatlas._lazy import torch
 
-from quantatlas.quant.codecs import register
 from quantatlas.quant.codecs.ggml.block_codec import BlockFit, fp16_bytes, nibbles, per_weight
 from quantatlas.quant.codecs.ggml.cfloat import (
     GROUP_MAX_EPS, best_index_int8, best_level, c_absmax, f32, fdiv, seq_sum, sqrtf, to_fp16,
@@ -58,7 +57,6 @@ def iq4_weights(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     return qw * sqrtf(sigma2[:, None] + x * x)
 
 
-@register
 class IQ4_NL(Q4_0):
     name = "iq4_nl"
     uses_row_sigma2 = False
@@ -76,10 +74,6 @@ class IQ4_NL(Q4_0):
     def values(self, codes, fields, col):
         step = per_weight(self._step(fields), self.group_size, col, codes.shape[1])
         return step * level_values(codes)
-
-    def invert(self, x, fields, col):
-        step = per_weight(self._step(fields), self.group_size, col, x.shape[1])
-        return best_index_int8(KVALUES, x / torch.where(step != 0, step, torch.ones_like(step)))
 
     def _step(self, fields):
         return fields["d"].float()[:, None]

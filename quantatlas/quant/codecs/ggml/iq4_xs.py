@@ -11,18 +11,15 @@ using the fp32 d.
 """
 from __future__ import annotations
 
-import torch
+from quantatlas._lazy import torch
 
-from quantatlas.quant.codecs import register
 from quantatlas.quant.codecs.ggml.block_codec import BlockFit, bytes_fp16, fp16_bytes, nibbles
 from quantatlas.quant.codecs.ggml.cfloat import c_absmax, fdiv, nearest_int, to_fp16
 from quantatlas.quant.codecs.ggml.iq4_nl import IQ4_NL, iq4_block_scales, iq4_weights
 
 QK_K = 256
-SHIFT_H = torch.arange(0, 16, 2, dtype=torch.int32)
 
 
-@register
 class IQ4_XS(IQ4_NL):
     name = "iq4_xs"
     group_size = QK_K
@@ -51,7 +48,7 @@ class IQ4_XS(IQ4_NL):
 
     def to_bytes(self, codes, fields):
         s = fields["scales"].to(torch.int32)
-        scales_h = ((s >> 4) << SHIFT_H.to(s.device)).sum(1)
+        scales_h = ((s >> 4) << torch.arange(0, 16, 2, dtype=torch.int32, device=s.device)).sum(1)
         scales_h = torch.stack([scales_h & 0xFF, scales_h >> 8], 1).to(torch.uint8)
         scales_l = nibbles(s[:, 0::2], s[:, 1::2])
         c = codes.reshape(-1, 8, 2, 16)
@@ -61,7 +58,7 @@ class IQ4_XS(IQ4_NL):
     def from_bytes(self, blocks):
         b = blocks.to(torch.int32)
         scales_h = b[:, 2] | (b[:, 3] << 8)
-        high = (scales_h[:, None] >> SHIFT_H.to(b.device)) & 3
+        high = (scales_h[:, None] >> torch.arange(0, 16, 2, dtype=torch.int32, device=b.device)) & 3
         low = torch.stack([b[:, 4:8] & 0xF, b[:, 4:8] >> 4], 2).reshape(-1, 8)
         q = b[:, 8:136].reshape(-1, 8, 1, 16)
         codes = torch.cat([q & 0xF, q >> 4], 2).reshape(-1, QK_K)

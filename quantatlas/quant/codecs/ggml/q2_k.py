@@ -15,29 +15,27 @@ q = clamp(nearest_int((x + dmin*m)/(d*sc)), 0, 3) (sub-blocks with d*sc = 0 keep
 """
 from __future__ import annotations
 
-import torch
+from quantatlas._lazy import torch
 
-from quantatlas.quant.codecs import register
 from quantatlas.quant.codecs.ggml.block_codec import (
-    BlockCodec, BlockFit, bytes_fp16, fp16_bytes, per_weight, round_code,
+    BlockCodec, BlockFit, bytes_fp16, fp16_bytes, per_weight,
 )
 from quantatlas.quant.codecs.ggml.cfloat import fdiv, nearest_int, seq_sum, sqrtf, to_fp16
 from quantatlas.quant.codecs.ggml.search import make_qkx2_quants, make_qkx3_quants, make_qp_quants
 
 QK_K = 256
-SHIFT2 = torch.tensor([0, 2, 4, 6], dtype=torch.int32)
 
 
 def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
     """[B, 256] codes (low 2 bits used) -> [B, 64] bytes in ggml's order."""
     c = (codes & 3).reshape(-1, 2, 4, 32)
-    return (c << SHIFT2.to(c.device)[:, None]).sum(2).reshape(-1, 64).to(torch.uint8)
+    return (c << torch.arange(0, 8, 2, dtype=torch.int32, device=c.device)[:, None]).sum(2).reshape(-1, 64).to(torch.uint8)
 
 
 def unpack_2bit(qs: torch.Tensor) -> torch.Tensor:
     """[B, 64] bytes -> [B, 256] 2-bit codes."""
     q = qs.to(torch.int32).reshape(-1, 2, 1, 32)
-    return ((q >> SHIFT2.to(q.device)[:, None]) & 3).reshape(-1, QK_K)
+    return ((q >> torch.arange(0, 8, 2, dtype=torch.int32, device=q.device)[:, None]) & 3).reshape(-1, QK_K)
 
 
 def requantize_affine(x, codes, step, offset, nmax):
@@ -52,7 +50,6 @@ def positive_max(t: torch.Tensor) -> torch.Tensor:
     return torch.where(m > 0, m, torch.zeros_like(m))
 
 
-@register
 class Q2_K(BlockCodec):
     name = "q2_k"
     group_size = QK_K
@@ -100,10 +97,6 @@ class Q2_K(BlockCodec):
     def values(self, codes, fields, col):
         step, offset = self._grid(fields, col, codes.shape[1])
         return step * codes.float() - offset
-
-    def invert(self, x, fields, col):
-        step, offset = self._grid(fields, col, x.shape[1])
-        return round_code(x + offset, step, 0, 3, 0)
 
     def to_bytes(self, codes, fields):
         return torch.cat([fields["scales"], pack_2bit(codes), fp16_bytes(fields["d"]),

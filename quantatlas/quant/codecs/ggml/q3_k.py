@@ -13,18 +13,15 @@ the sub-block weight sums. Both re-round with the stored values: q = clamp(neare
 """
 from __future__ import annotations
 
-import torch
+from quantatlas._lazy import torch
 
-from quantatlas.quant.codecs import register
 from quantatlas.quant.codecs.ggml.block_codec import (
-    BlockCodec, BlockFit, bytes_fp16, fp16_bytes, per_weight, round_code,
+    BlockCodec, BlockFit, bytes_fp16, fp16_bytes, per_weight,
 )
 from quantatlas.quant.codecs.ggml.cfloat import c_absmax, fdiv, nearest_int, seq_sum, sqrtf, to_fp16
 from quantatlas.quant.codecs.ggml.q2_k import QK_K, pack_2bit, unpack_2bit
 from quantatlas.quant.codecs.ggml.search import make_q3_quants, make_qx_quants
 
-BIT = torch.arange(8, dtype=torch.int32)
-SHIFT2 = torch.tensor([0, 2, 4, 6], dtype=torch.int32)
 
 
 def int8(v: torch.Tensor) -> torch.Tensor:
@@ -36,7 +33,7 @@ def pack_scales(s: torch.Tensor) -> torch.Tensor:
     """[B, 16] 6-bit values -> [B, 12] bytes."""
     low = (s[:, :8] & 0xF) | ((s[:, 8:] & 0xF) << 4)
     top = ((s >> 4) & 3).reshape(-1, 4, 4)  # [B, j//4, j%4]
-    high = (top << SHIFT2.to(s.device)[:, None]).sum(1)
+    high = (top << torch.arange(0, 8, 2, dtype=torch.int32, device=s.device)[:, None]).sum(1)
     return torch.cat([low, high], 1).to(torch.uint8)
 
 
@@ -44,11 +41,10 @@ def unpack_scales(b: torch.Tensor) -> torch.Tensor:
     """[B, 12] bytes -> [B, 16] signed sub-block scales (s - 32)."""
     b = b.to(torch.int32)
     low = torch.cat([b[:, :8] & 0xF, b[:, :8] >> 4], 1)
-    high = ((b[:, None, 8:12] >> SHIFT2.to(b.device)[:, None]) & 3).reshape(-1, 16)
+    high = ((b[:, None, 8:12] >> torch.arange(0, 8, 2, dtype=torch.int32, device=b.device)[:, None]) & 3).reshape(-1, 16)
     return (low | (high << 4)) - 32
 
 
-@register
 class Q3_K(BlockCodec):
     name = "q3_k"
     group_size = QK_K
@@ -93,16 +89,13 @@ class Q3_K(BlockCodec):
     def values(self, codes, fields, col):
         return self._step(fields, col, codes.shape[1]) * (codes - 4).float()
 
-    def invert(self, x, fields, col):
-        return round_code(x, self._step(fields, col, x.shape[1]), -4, 3, 0) + 4
-
     def to_bytes(self, codes, fields):
         high = (codes > 3).to(torch.int32).reshape(-1, 8, 32)
-        hmask = (high << BIT.to(codes.device)[:, None]).sum(1).to(torch.uint8)
+        hmask = (high << torch.arange(8, dtype=torch.int32, device=codes.device)[:, None]).sum(1).to(torch.uint8)
         return torch.cat([hmask, pack_2bit(codes), fields["scales"], fp16_bytes(fields["d"])], 1)
 
     def from_bytes(self, blocks):
         hm = blocks[:, :32].to(torch.int32)
-        high = ((hm[:, None, :] >> BIT.to(hm.device)[:, None]) & 1).reshape(-1, QK_K)
+        high = ((hm[:, None, :] >> torch.arange(8, dtype=torch.int32, device=hm.device)[:, None]) & 1).reshape(-1, QK_K)
         codes = unpack_2bit(blocks[:, 32:96]) | (high << 2)
         return codes, self.with_grid({"scales": blocks[:, 96:108], "d": bytes_fp16(blocks[:, 108:110])})

@@ -10,11 +10,10 @@ scales by weighted least squares; its codes are kept as they are (no re-rounding
 """
 from __future__ import annotations
 
-import torch
+from quantatlas._lazy import torch
 
-from quantatlas.quant.codecs import register
 from quantatlas.quant.codecs.ggml.block_codec import (
-    BlockCodec, BlockFit, bytes_fp16, fp16_bytes, nibbles, round_code,
+    BlockCodec, BlockFit, bytes_fp16, fp16_bytes, nibbles,
 )
 from quantatlas.quant.codecs.ggml.cfloat import c_absmax, fdiv, nearest_int, seq_sum, sqrtf, to_fp16, trunc_int
 from quantatlas.quant.codecs.ggml.search import make_qx_quants
@@ -27,7 +26,6 @@ def imatrix_weights(x, qw, sigma2):
     return qw * sqrtf(sigma2[:, None] + x * x)
 
 
-@register
 class Q4_0(BlockCodec):
     name = "q4_0"
     group_size = 32
@@ -55,10 +53,6 @@ class Q4_0(BlockCodec):
 
     def values(self, codes, fields, col):
         return (codes - self.nmax).float() * fields["d"].float()[:, None]
-
-    def invert(self, x, fields, col):
-        d = fields["d"].float()[:, None].expand_as(x)
-        return round_code(x, d, -self.nmax, self.nmax - 1, 0) + self.nmax
 
     def to_bytes(self, codes, fields):
         return torch.cat([fp16_bytes(fields["d"]), nibbles(codes[:, :16], codes[:, 16:])], 1)

@@ -10,18 +10,16 @@ the whole row, make_qkx3_quants(nmax = 15, rmin = -0.9, rdelta = 0.05, nstep = 3
 """
 from __future__ import annotations
 
-import torch
+from quantatlas._lazy import torch
 
-from quantatlas.quant.codecs import register
 from quantatlas.quant.codecs.ggml.block_codec import (
-    BlockCodec, BlockFit, bytes_fp16, fp16_bytes, nibbles, round_code,
+    BlockCodec, BlockFit, bytes_fp16, fp16_bytes, nibbles,
 )
 from quantatlas.quant.codecs.ggml.cfloat import c_max, c_min, fdiv, nearest_int, to_fp16, trunc_int
 from quantatlas.quant.codecs.ggml.q4_0 import imatrix_weights
 from quantatlas.quant.codecs.ggml.search import make_qkx3_quants
 
 
-@register
 class Q4_1(BlockCodec):
     name = "q4_1"
     group_size = 32
@@ -53,10 +51,6 @@ class Q4_1(BlockCodec):
 
     def values(self, codes, fields, col):
         return codes.float() * fields["d"].float()[:, None] + fields["m"].float()[:, None]
-
-    def invert(self, x, fields, col):
-        d = fields["d"].float()[:, None].expand_as(x)
-        return round_code(x - fields["m"].float()[:, None], d, 0, self.nmax, 0)
 
     def to_bytes(self, codes, fields):
         return torch.cat([fp16_bytes(fields["d"]), fp16_bytes(fields["m"]),

@@ -14,11 +14,10 @@ Both re-round: q = clamp(nearest_int((x + dmin*m_j)/(d*sc_j)), 0, 15) where d*sc
 """
 from __future__ import annotations
 
-import torch
+from quantatlas._lazy import torch
 
-from quantatlas.quant.codecs import register
 from quantatlas.quant.codecs.ggml.block_codec import (
-    BlockCodec, BlockFit, bytes_fp16, fp16_bytes, nibbles, per_weight, round_code,
+    BlockCodec, BlockFit, bytes_fp16, fp16_bytes, nibbles, per_weight,
 )
 from quantatlas.quant.codecs.ggml.cfloat import fdiv, nearest_int, seq_sum, sqrtf, to_fp16
 from quantatlas.quant.codecs.ggml.q2_k import QK_K, positive_max, requantize_affine
@@ -47,7 +46,6 @@ def six_bit_code(inv: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (nearest_int(inv[:, None] * v) & 0xFF).clamp(max=63)
 
 
-@register
 class Q4_K(BlockCodec):
     name = "q4_k"
     group_size = QK_K
@@ -100,10 +98,6 @@ class Q4_K(BlockCodec):
     def values(self, codes, fields, col):
         step, offset = self._grid(fields, col, codes.shape[1])
         return step * codes.float() - offset
-
-    def invert(self, x, fields, col):
-        step, offset = self._grid(fields, col, x.shape[1])
-        return round_code(x + offset, step, 0, self.nmax, 0)
 
     def to_bytes(self, codes, fields):
         c = codes.reshape(-1, 4, 2, 32)

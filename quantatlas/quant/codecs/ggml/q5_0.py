@@ -6,27 +6,24 @@ weight k is bit k of qh read as a little-endian uint32. Quantization is Q4_0's w
 """
 from __future__ import annotations
 
-import torch
+from quantatlas._lazy import torch
 
-from quantatlas.quant.codecs import register
 from quantatlas.quant.codecs.ggml.block_codec import bytes_fp16, fp16_bytes, nibbles
 from quantatlas.quant.codecs.ggml.q4_0 import Q4_0
 
-BIT = torch.arange(8)
 
 
 def high_bits(codes: torch.Tensor) -> torch.Tensor:
     """[B, 32] codes -> [B, 4] bytes: bit k of the uint32 is bit 4 of code k."""
     h = ((codes >> 4) & 1).reshape(-1, 4, 8)
-    return (h << BIT.to(codes.device)).sum(-1).to(torch.uint8)
+    return (h << torch.arange(8, device=codes.device)).sum(-1).to(torch.uint8)
 
 
 def unpack_high_bits(qh: torch.Tensor) -> torch.Tensor:
     """[B, 4] bytes -> [B, 32] values 0 or 16."""
-    return (((qh.to(torch.int32)[..., None] >> BIT.to(qh.device)) & 1) << 4).reshape(-1, 32)
+    return (((qh.to(torch.int32)[..., None] >> torch.arange(8, device=qh.device)) & 1) << 4).reshape(-1, 32)
 
 
-@register
 class Q5_0(Q4_0):
     name = "q5_0"
     type_size = 22

@@ -5,15 +5,13 @@ nmax = 31 (ref: d = (max - min)/31, q = (uint8)((x - min)/d + 0.5); imatrix: mak
 """
 from __future__ import annotations
 
-import torch
+from quantatlas._lazy import torch
 
-from quantatlas.quant.codecs import register
 from quantatlas.quant.codecs.ggml.block_codec import bytes_fp16, fp16_bytes, nibbles
 from quantatlas.quant.codecs.ggml.q4_1 import Q4_1
 from quantatlas.quant.codecs.ggml.q5_0 import high_bits, unpack_high_bits
 
 
-@register
 class Q5_1(Q4_1):
     name = "q5_1"
     type_size = 24

@@ -9,16 +9,13 @@ nstep 15; the imatrix path caps the make_qp_quants codes at 63 (quantize_row_q5_
 """
 from __future__ import annotations
 
-import torch
+from quantatlas._lazy import torch
 
-from quantatlas.quant.codecs import register
 from quantatlas.quant.codecs.ggml.block_codec import fp16_bytes, nibbles
 from quantatlas.quant.codecs.ggml.q4_k import Q4_K
 
-BIT = torch.arange(8, dtype=torch.int32)
 
 
-@register
 class Q5_K(Q4_K):
     name = "q5_k"
     type_size = 176
@@ -30,10 +27,10 @@ class Q5_K(Q4_K):
         c = codes.reshape(-1, 4, 2, 32)
         qs = nibbles(c[:, :, 0], c[:, :, 1]).reshape(-1, 128)
         high = ((codes >> 4) & 1).reshape(-1, 8, 32)  # [B, 2i + s, l]
-        qh = (high << BIT.to(codes.device)[:, None]).sum(1).to(torch.uint8)
+        qh = (high << torch.arange(8, dtype=torch.int32, device=codes.device)[:, None]).sum(1).to(torch.uint8)
         return torch.cat([fp16_bytes(fields["d"]), fp16_bytes(fields["dmin"]), fields["scales"], qh, qs], 1)
 
     def from_bytes(self, blocks):
         qh = blocks[:, 16:48].to(torch.int32)
-        high = ((qh[:, None, :] >> BIT.to(qh.device)[:, None]) & 1).reshape(-1, 256)
+        high = ((qh[:, None, :] >> torch.arange(8, dtype=torch.int32, device=qh.device)[:, None]) & 1).reshape(-1, 256)
         return self._low_nibbles(blocks[:, 48:176]) | (high << 4), self._fields(blocks)

@@ -12,21 +12,18 @@ GROUP_MAX_EPS is stored as zeros. Then q = clamp(nearest_int(x/(d*s_j)), -32, 31
 """
 from __future__ import annotations
 
-import torch
+from quantatlas._lazy import torch
 
-from quantatlas.quant.codecs import register
 from quantatlas.quant.codecs.ggml.block_codec import (
-    BlockCodec, BlockFit, bytes_fp16, fp16_bytes, nibbles, per_weight, round_code,
+    BlockCodec, BlockFit, bytes_fp16, fp16_bytes, nibbles, per_weight,
 )
 from quantatlas.quant.codecs.ggml.cfloat import GROUP_MAX_EPS, c_absmax, fdiv, nearest_int, to_fp16
 from quantatlas.quant.codecs.ggml.q2_k import QK_K
 from quantatlas.quant.codecs.ggml.q3_k import int8
 from quantatlas.quant.codecs.ggml.search import make_qx_quants
 
-SHIFT2 = torch.tensor([0, 2, 4, 6], dtype=torch.int32)
 
 
-@register
 class Q6_K(BlockCodec):
     name = "q6_k"
     group_size = QK_K
@@ -65,20 +62,17 @@ class Q6_K(BlockCodec):
     def values(self, codes, fields, col):
         return self._step(fields, col, codes.shape[1]) * (codes - 32).float()
 
-    def invert(self, x, fields, col):
-        return round_code(x, self._step(fields, col, x.shape[1]), -32, 31, 0) + 32
-
     def to_bytes(self, codes, fields):
         c = codes.reshape(-1, 2, 4, 32)  # [B, h, k, l]
         ql = torch.cat([nibbles(c[:, :, 0], c[:, :, 2]), nibbles(c[:, :, 1], c[:, :, 3])], 2).reshape(-1, 128)
-        qh = (((c >> 4) & 3) << SHIFT2.to(c.device)[:, None]).sum(2).reshape(-1, 64).to(torch.uint8)
+        qh = (((c >> 4) & 3) << torch.arange(0, 8, 2, dtype=torch.int32, device=c.device)[:, None]).sum(2).reshape(-1, 64).to(torch.uint8)
         return torch.cat([ql, qh, fields["scales"].view(torch.uint8), fp16_bytes(fields["d"])], 1)
 
     def from_bytes(self, blocks):
         ql = blocks[:, :128].to(torch.int32).reshape(-1, 2, 2, 32)    # [B, h, half of ql, l]
         low = torch.cat([ql & 0xF, ql >> 4], 2)                        # [B, h, k = 0, 1, 2, 3, l]
         qh = blocks[:, 128:192].to(torch.int32).reshape(-1, 2, 1, 32)
-        high = (qh >> SHIFT2.to(qh.device)[:, None]) & 3                # [B, h, k, l]
+        high = (qh >> torch.arange(0, 8, 2, dtype=torch.int32, device=qh.device)[:, None]) & 3                # [B, h, k, l]
         codes = (low | (high << 4)).reshape(-1, QK_K)
         fields = {"scales": blocks[:, 192:208].contiguous().view(torch.int8), "d": bytes_fp16(blocks[:, 208:210])}
         return codes, self.with_grid(fields)

@@ -5,16 +5,14 @@ fp32 d, stored d = fp16(d); dequantize: q * d. ggml ignores an imatrix for Q8_0.
 """
 from __future__ import annotations
 
-import torch
+from quantatlas._lazy import torch
 
-from quantatlas.quant.codecs import register
-from quantatlas.quant.codecs.ggml.block_codec import BlockCodec, BlockFit, bytes_fp16, fp16_bytes, round_code
+from quantatlas.quant.codecs.ggml.block_codec import BlockCodec, BlockFit, bytes_fp16, fp16_bytes
 from quantatlas.quant.codecs.ggml.cfloat import fdiv, roundf, to_fp16
 
 QK8_0 = 32
 
 
-@register
 class Q8_0(BlockCodec):
     name = "q8_0"
     group_size = QK8_0
@@ -32,9 +30,6 @@ class Q8_0(BlockCodec):
 
     def values(self, codes, fields, col):
         return codes.float() * fields["d"].float()[:, None]
-
-    def invert(self, x, fields, col):
-        return round_code(x, fields["d"].float()[:, None].expand_as(x), -128, 127, 0)
 
     def to_bytes(self, codes, fields):
         return torch.cat([fp16_bytes(fields["d"]), codes.to(torch.int8).view(torch.uint8)], 1)

@@ -18,7 +18,7 @@ Codes come back [B, n] as int32 holding the value C stores in its int8_t/uint8_t
 """
 from __future__ import annotations
 
-import torch
+from quantatlas._lazy import torch
 
 from quantatlas.quant.codecs.ggml.cfloat import (
     GROUP_MAX_EPS, c_absmax, c_max, c_min, f32, fdiv, nearest_int, seq_sum,
