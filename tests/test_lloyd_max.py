@@ -101,6 +101,50 @@ def test_every_rate_converges(kind, d):
             assert 3.0 < prev / cb.mse < 5.0
 
 
+def _half_beta_exact(b):
+    """B(1/2, b) for b = n or n + 1/2 exactly (as a rational, times pi for half-integers), then rounded."""
+    from fractions import Fraction
+    from math import factorial
+    n = int(b)
+    if b == n:   # Γ(1/2)Γ(n)/Γ(n+1/2) = 4^n (n!)^2 / (n (2n)!)
+        return float(Fraction(4 ** n * factorial(n) ** 2, n * factorial(2 * n)))
+    # Γ(1/2)Γ(n+1/2)/Γ(n+1) = π (2n)! / (4^n (n!)^2)
+    return np.pi * float(Fraction(factorial(2 * n), 4 ** n * factorial(n) ** 2))
+
+
+@pytest.mark.parametrize("d", [2, 3, 4, 5, 16, 63, 64, 65, 66, 129, 512, 1001, 4096, 4097, 20000, 65536])
+def test_sphere_normaliser_is_accurate_at_every_dimension(d):
+    # scipy's beta(1/2, b) is off by 2.6e-12 at d = 4096 (4e-11 at d = 65536): the codebook must not use it there
+    b = (d - 1) / 2
+    assert abs(np.exp(lloyd_max._log_half_beta(b)) / _half_beta_exact(b) - 1) < 1e-14
+
+
+def test_sphere_density_and_first_moment_tail_are_exact_at_large_d():
+    # d = 4097: k = 2047 and B(1/2, 2048) are rational, so f(t) and T_1(t) are exact rationals at a float t
+    from fractions import Fraction
+    from math import factorial
+    d, n = 4097, 2048
+    den = lloyd_max._density("sphere", d)
+    inv_b = Fraction(n * factorial(2 * n), 4 ** n * factorial(n) ** 2)
+    ts = np.array([0.0, 3e-4, 0.0021, 0.013, 0.0377, 0.061, 0.08])
+    t0, t1, t2 = den.tails(ts)
+    for i, t in enumerate(ts):
+        w = 1 - Fraction(float(t)) ** 2
+        pdf, tail1 = float(w ** (n - 1) * inv_b), float(w ** n * inv_b / (2 * n))
+        assert abs(den.pdf(np.array(t)) / pdf - 1) < 5e-15
+        assert abs(t1[i] / tail1 - 1) < 5e-15     # the naive (1 - t²)^2048 is off by up to ~2e-13
+    assert t0[0] == 0.5 and abs(t2[0] * 2 * d - 1) < 1e-15   # half the mass and half of E[X²] = 1/d
+
+
+@pytest.mark.parametrize("d", [4096, 8192, 20000])
+def test_large_dimension_eight_bits_converges_quickly(d):
+    # with noisy tails Newton stalled at a residual ~2.5e-13 and never met its tolerance
+    cb = codebook(8, "sphere", d)
+    assert cb.iterations <= 10
+    new = lloyd_max._lloyd_step(lloyd_max._density("sphere", d), cb.levels)[0]
+    assert np.abs(new - cb.levels).max() < 1e-14
+
+
 def test_bad_arguments():
     for bits in (0, 9, 2.0, True):
         with pytest.raises(ValueError, match="bits"):
