@@ -11,10 +11,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, ValidationError, ValidationInfo, field_validator,
                       model_serializer)
-from pydantic_core import PydanticCustomError
 
 from quantatlas.quant.act import ActConfig
-from quantatlas.quant.config import ConfigError, SolverConfig, config_field, error_parts, parse_config
+from quantatlas.quant.config import ConfigError, config_field, error_parts, parse_config, pydantic_error
 from quantatlas.quant.kv import KVCacheConfig
 
 
@@ -97,9 +96,8 @@ class Arm(_Strict):
             raise ValueError(f"must be a mapping of {solver}'s options, got {v!r}")
         try:
             return parse_config("solver", {solver: v})
-        except ConfigError as e:
-            raise PydanticCustomError("config", "{message}", {"message": e.message, "subloc": e.loc[1:],
-                                                             "value": e.value, "has_value": e.has_value}) from None
+        except ConfigError as e:  # the path inside solver_options, without the solver's name
+            raise pydantic_error(e, skip=1) from None
 
     @model_serializer(mode="wrap")
     def _dump(self, handler, info):
@@ -107,10 +105,6 @@ class Arm(_Strict):
         if info.exclude_defaults and d.get("solver_options") == {}:  # the solver's defaults are not a choice
             d.pop("solver_options")
         return d
-
-    @property
-    def solver_config(self) -> SolverConfig:
-        return self.solver_options
 
     @property
     def codec_name(self) -> str | None:

@@ -139,6 +139,19 @@ def test_bits_per_weight_equal_ggml(name):
     assert codec.bits_per_weight((3, 2 * 256)) == 8 * type_size / block == BPW[name]
 
 
+def test_the_formats_table_is_ggmls():
+    """One table of ggml types (the formats themselves) serves export, the mixtures and the web: it
+    must list exactly these formats, each with the gguf package's block and type sizes."""
+    from quantatlas.export import GGML_TYPES
+    from quantatlas.quant.codecs.ggml.block_codec import formats
+    from quantatlas.quant.gguf_mix import block_size
+
+    assert sorted(formats()) == sorted(TYPES) == sorted(GGML_TYPES)
+    for name, fmt in formats().items():
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[fmt.ggml_type]]
+        assert (fmt.group_size, fmt.type_size) == (block, type_size) == (block_size(name), type_size), name
+
+
 @pytest.mark.parametrize("name", TYPES)
 def test_width_not_a_multiple_of_the_block_raises(name):
     codec = make_codec(name)

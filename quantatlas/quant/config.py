@@ -139,6 +139,12 @@ def error_parts(err: dict) -> tuple[tuple, str, Any, bool]:
     return loc, err["msg"].removeprefix("Value error, "), err.get("input"), err["type"] != "missing" and loc != ()
 
 
+def pydantic_error(e: ConfigError, skip: int = 0) -> PydanticCustomError:
+    """A ConfigError as a pydantic error that keeps its path (less the first `skip` parts) for `error_parts`."""
+    return PydanticCustomError("config", "{message}", {"message": e.message, "subloc": e.loc[skip:],
+                                                      "value": e.value, "has_value": e.has_value})
+
+
 def config_field(kind: str, nullable: bool = True):
     """An annotated type for a field holding a `kind` config written as in a spec (name or {name: opts}).
 
@@ -151,8 +157,7 @@ def config_field(kind: str, nullable: bool = True):
         try:
             return parse_config(kind, value)
         except ConfigError as e:
-            raise PydanticCustomError("config", "{message}", {"message": e.message, "subloc": e.loc,
-                                                             "value": e.value, "has_value": e.has_value}) from None
+            raise pydantic_error(e) from None
 
     def serialize(value, info):
         return None if value is None else value.to_spec(exclude_defaults=bool(info.exclude_defaults))

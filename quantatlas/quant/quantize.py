@@ -1,4 +1,5 @@
-"""Run a recipe on a model: transforms, then each tensor's solver with its codec.
+"""Run a recipe on a model: transforms, then each tensor's solver with its codec, then the
+KV-cache and activation hooks (`attach_runtime`).
 
 RTN needs no data. GPTQ-family solvers go decoder layer by decoder layer: the inputs of
 layer 0 are captured once, then each layer is replayed on them, so only one layer and its
@@ -42,16 +43,12 @@ def tensors_to_quantize(model, recipe: Recipe):
     head is the embedding, stored once)."""
     if recipe.mixture is None:
         roles = find_roles(model)
-        vectors = [t for t in roles if t.role in VECTOR_ROLES and _overridden(recipe, t)]
+        vectors = [t for t in roles if t.role in VECTOR_ROLES and recipe.overridden(t)]
         return quantizable(model, include_head=recipe.include_head) + vectors
     roles = [t for t in find_roles(model) if t.kind in ("linear", "conv1d") or t.role == "embed"]
     if is_tied(model):
         roles = [t for t in roles if t.role != "head"]
     return roles
-
-
-def _overridden(recipe: Recipe, t) -> bool:
-    return any((m == t.role) if isinstance(m, str) else bool(m.search(t.name)) for m, _, _ in recipe.overrides)
 
 
 def _solve(plan: TensorPlan, W: torch.Tensor, stats: dict | None) -> tuple[torch.Tensor, Packed]:

@@ -57,12 +57,6 @@ class Recipe:
         if self.solver is None:
             self.solver = parse_config("solver", "rtn").build()
 
-    @property
-    def steps(self) -> list[str]:
-        """The steps this recipe runs, in order."""
-        return ([("transforms")] if self.transforms else []) + ["weights"] + \
-            (["kv"] if self.kv is not None else []) + (["act"] if self.act is not None else [])
-
     def plan(self, roles, model=None) -> list[TensorPlan]:
         types = self.mixture.plan(model) if self.mixture is not None else {}
         plans = []
@@ -72,11 +66,14 @@ class Recipe:
             if self.mixture is not None and not vector:
                 codec = self.mixture.codec_of(types.get(t.name, "f16"))
             for match, o_codec, o_solver in self.overrides:
-                hit = (match == t.role) if isinstance(match, str) else bool(match.search(t.name))
-                if hit:
+                if _hits(match, t):
                     codec, solver = o_codec, (o_solver or solver)
             plans.append(TensorPlan(t.name, t.role, t.layer, codec, solver, t))
         return plans
+
+    def overridden(self, t) -> bool:
+        """Whether an override names tensor `t` (a TensorRole)."""
+        return any(_hits(match, t) for match, _, _ in self.overrides)
 
     @property
     def solvers(self) -> list[Solver]:
@@ -101,6 +98,10 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         return bool(self.transforms) or bool(self.statistics)
+
+
+def _hits(match: re.Pattern | str, t) -> bool:
+    return (match == t.role) if isinstance(match, str) else bool(match.search(t.name))
 
 
 def _match(pattern: str, where: str) -> re.Pattern | str:
