@@ -44,8 +44,10 @@ def test_importing_the_openquant_listing_flags_exactly_the_four_repeats(led):
     assert flagged == repeats
     assert all(r["duplicate_score"] == 1.0 for r in listed if r["duplicate_of"])
     by_id = {r["id"]: r for r in listed}
-    for r in rows:   # results and the other platform's columns are kept
-        assert by_id[r["id"]]["result"] == r["result"]
+    for r in rows:   # the other platform's columns are kept; its results are claims, not verdicts
+        assert by_id[r["id"]]["result"] is None
+        assert by_id[r["id"]]["claim"] == r["result"]
+        assert by_id[r["id"]]["claim_status"] == "imported claim, unverified"
         assert by_id[r["id"]]["reproductions_column"] == r["reproductions_column"]
         assert by_id[r["id"]]["confidence"] is None
     again = led.import_lines(LISTING.read_text().splitlines(), str(LISTING))

@@ -32,8 +32,8 @@ def arm_runs(scale: float, seeds=(0, 1, 2), bits: float = 4.5, seed_jitter: floa
     return out
 
 
-def judge(arms, control="ctl", crit=None):
-    return judge_run_set(arms, list(arms), control, crit or Criterion(), SPEC)
+def judge(arms, control="ctl", crit=None, seeded=None):
+    return judge_run_set(arms, list(arms), control, crit or Criterion(), SPEC, seeded)
 
 
 def test_success_failure_and_baseline_on_clear_effects():
@@ -88,15 +88,56 @@ def test_holm_across_arms_turns_a_lone_success_inconclusive():
 def test_too_few_seeds_and_no_tokens_means_no_test():
     crit = Criterion(metric="ppl")
     out = judge_run_set({"ctl": {0: SeedRun(0, {"ppl": 10.0})}, "a": {0: SeedRun(0, {"ppl": 5.0})}},
-                        ["ctl", "a"], "ctl", crit, None)
+                        ["ctl", "a"], "ctl", crit, None, seeded={"ctl": False, "a": False})
     assert out["a"].result == "inconclusive" and out["a"].rule == "no_test"
     assert any("seed" in n for n in out["a"].notes)
 
 
 def test_one_seed_uses_the_within_seed_token_bootstrap():
-    out = judge({"ctl": arm_runs(1.0, seeds=(0,)), "good": arm_runs(0.8, seeds=(0,))})
+    """Deterministic arms (RTN, fixed formats): one seed and the token bootstrap decide."""
+    out = judge({"ctl": arm_runs(1.0, seeds=(0,)), "good": arm_runs(0.8, seeds=(0,))},
+                seeded={"ctl": False, "good": False})
     assert out["good"].p_seed is None and out["good"].p_tokens is not None
     assert out["good"].result == "success"
+
+
+def test_seeded_arms_with_fewer_than_three_seeds_are_inconclusive():
+    """The same clear effect, but the arms depend on the seed: 1 or 2 seeds cannot decide."""
+    for seeds in ((0,), (0, 1)):
+        for seeded in ({"ctl": True, "good": True}, {"ctl": False, "good": True}, None):   # None: no spec
+            out = judge({"ctl": arm_runs(1.0, seeds=seeds), "good": arm_runs(0.8, seeds=seeds)}, seeded=seeded)
+            j = out["good"]
+            assert j.p_tokens is not None and j.p_tokens < 1e-6           # the token test alone would call it
+            assert (j.result, j.rule, j.p_adjusted) == ("inconclusive", "too_few_seeds", None), (seeds, seeded)
+            assert any("fewer than 3" in n for n in j.notes)
+    three = judge({"ctl": arm_runs(1.0), "good": arm_runs(0.8)}, seeded={"ctl": True, "good": True})
+    assert three["good"].result == "success"
+    # the rule from a spec: GPTQ and a Hadamard rotation are seeded, RTN is not, unless the author says so
+    from quantatlas.atlas.verdict import seeded_arms
+
+    spec = {"title": "t", "hypothesis": "h", "model": "reference", "control": "rtn",
+            "arms": {"rtn": {"codec": {"uniform": {"bits": 4}}},
+                     "gptq": {"solver": "gptq", "codec": {"uniform": {"bits": 4}}},
+                     "had": {"codec": {"uniform": {"bits": 4}}, "transforms": [{"hadamard": {}}]},
+                     "gptq_fixed": {"solver": "gptq", "codec": {"uniform": {"bits": 4}}, "deterministic": True}}}
+    assert seeded_arms(spec) == {"rtn": False, "gptq": True, "had": True, "gptq_fixed": False}
+    assert seeded_arms(None) == {} and seeded_arms({"arms": {"x": {"codec": 7}}}) == {}
+    arms = {a: arm_runs(1.0 if a == "rtn" else 0.8, seeds=(0,)) for a in spec["arms"]}
+    out = judge_run_set(arms, list(arms), "rtn", Criterion(), spec)
+    assert {a: out[a].result for a in ("gptq", "had", "gptq_fixed")} == \
+        {"gptq": "inconclusive", "had": "inconclusive", "gptq_fixed": "success"}
+
+
+def test_an_arm_without_a_spec_whose_seeds_agree_exactly_is_deterministic():
+    same = lambda scale: {s: SeedRun(s, {"kld_mean": float(token_klds(scale, 0).mean(dtype=np.float64))},  # noqa
+                                     token_klds(scale, 0)) for s in (0, 1)}
+    out = judge({"ctl": same(1.0), "rtn": same(0.8)})                  # 2 identical seeds, no spec
+    assert out["rtn"].result == "success" and not out["rtn"].seed_dependent
+    reused = {0: arm_runs(0.8, seeds=(0,))[0]}
+    reused[0].metrics["reused_from_seed"] = 0                            # the runner reused seed 0's result
+    out = judge({"ctl": {0: SeedRun(0, dict(reused[0].metrics, kld_mean=reused[0].metrics["kld_mean"] / 0.8),
+                                    reused[0].per_token / 0.8)}, "rtn": reused})
+    assert out["rtn"].result == "success"
 
 
 def test_deterministic_arms_skip_the_seed_test():

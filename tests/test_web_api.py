@@ -159,9 +159,9 @@ def test_techniques_of_arm_configs():
 
 
 def test_every_registered_ggml_codec_is_a_llamacpp_reference_type():
-    from quantatlas.quant.codecs import CODECS       # the registry needs torch; the web app does not
+    from quantatlas.quant.codecs.ggml.block_codec import formats
 
-    ggml = {name for name, cls in CODECS.items() if ".codecs.ggml." in cls.__module__}
+    ggml = set(formats())
     assert ggml and ggml <= GGML_TYPES, ggml - GGML_TYPES
     assert not {"uniform", "turbo", "lloyd_max"} & GGML_TYPES
 
@@ -219,7 +219,7 @@ def test_experiment_page_shows_spec_arms_seeds_verdict_and_reproductions(atlas):
     assert verdict["result"] == "success"
     assert "A Hadamard rotation before 4-bit RTN lowers KLD by 5 %." in html
     assert verdict["text"][:60].replace('"', "&#34;") in html          # the reasoning
-    assert "transform:hadamard" in html and "hadamard: {}" in html        # techniques; the spec as YAML
+    assert "transform:hadamard" in html and "- hadamard:" in html         # techniques; the spec as YAML
     runs = led.runs(ids["hadamard"])
     assert len(runs) == 12
     for r in runs[:3]:   # per-seed figures, as the page formats them (4 significant digits)
@@ -374,14 +374,18 @@ def test_openapi_documents_the_api_and_pages_load_nothing_from_elsewhere(atlas):
 def test_the_web_app_imports_and_serves_without_torch(tmp_path):
     code = f"""
 import sys
-sys.modules["torch"] = None
+class NoTorch:          # as if torch were not installed (scipy.stats trips on a None in sys.modules)
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is not installed here")
+sys.meta_path.insert(0, NoTorch())
 from fastapi.testclient import TestClient
 from quantatlas.web import create_app
 import quantatlas.web.cli, quantatlas.atlas.push, quantatlas.atlas.tokens
 client = TestClient(create_app("sqlite:///{tmp_path / 'a.db'}"))
 for path in ("/", "/landscape", "/composition", "/left-to-try", "/api", "/api/landscape"):
     assert client.get(path).status_code == 200, path
-assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules if sys.modules[m] is not None)
+assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
 print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,

@@ -1,22 +1,20 @@
-"""Export and import the ledger as JSON lines.
+"""Export and import the ledger as JSON lines, and the one write path that import and a push
+share. The record shapes and their checks are `quantatlas.atlas.records` (one model for export,
+import, push and pull).
 
-One record per line:
-    {"type": "experiment", "id", "title", "hypothesis", "notes", "tags", "spec", "contributor",
-     "created_at", "merged_into", "source", "imported"}
-    {"type": "run", "id", "experiment", "arm", "seed", "contributor", "environment", "model_hash",
-     "eval_fingerprint", "created_at", "metrics", "extra", "per_token_kld": {n, sha256, zlib_f32_base64} | null}
-Import also takes hypothesis-only rows with no "type", shaped like another platform's listing:
+Import takes experiment and run records (as export writes them) and hypothesis-only rows with
+no "type", shaped like another platform's listing:
     {"id": "cexp_2067d8", "hypothesis": "...", "result": "inconclusive", "reproductions_column": "1/5",
      "metrics_column": "..."}
-and keeps their ids. Every line is checked before anything is written; the import then runs in
-one transaction, so a bad file changes nothing. An experiment whose spec is already in the
-ledger under another id is the same experiment: its runs land there (as reproductions).
+and keeps their ids; a result such a row states is stored as an imported claim (shown as
+"imported claim, unverified"), never as a verdict. Every line is checked before anything is
+written; the import then runs in one transaction, so a bad file changes nothing. An experiment
+whose spec is already in the ledger under another id is the same experiment: its runs land there
+(as reproductions), and the stored experiment is left as it is (see `write_records`).
 """
 from __future__ import annotations
 
-import json
-import math
-import re
+import base64
 from datetime import datetime
 from typing import TYPE_CHECKING, Iterable
 
@@ -24,214 +22,204 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from quantatlas.atlas import ids
-from quantatlas.atlas.models import DuplicateFlag, Experiment
-from quantatlas.atlas.verdict import RESULTS
+from quantatlas.atlas.models import DuplicateFlag, Experiment, Run
+from quantatlas.atlas.records import ExperimentRecord, ListingRow, RecordError, RunRecord, parse_line, plain
 
 if TYPE_CHECKING:
     from quantatlas.atlas.ledger import Ledger
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+
+# ---- export (and pull) ---------------------------------------------------------------------------
+
+def experiment_record(s: Session, e: Experiment) -> dict:
+    """An experiment as export writes it and a pull fetches it."""
+    from quantatlas.atlas.ledger import _iso, contributed_tags
+
+    return plain({
+        "type": "experiment", "id": e.id, "title": e.title, "hypothesis": e.hypothesis, "notes": e.notes,
+        "tags": [t.name for t in e.tags], "contributed_tags": contributed_tags(s, e.id), "spec": e.spec,
+        "source": e.source, "imported": e.imported, "contributor": e.contributor.name if e.contributor else None,
+        "created_at": _iso(e.created_at), "merged_into": e.merged_into,
+    })
+
+
+def run_record(r: Run) -> dict:
+    """A run as export writes it and a pull fetches it: non-finite metrics as the strings 'nan',
+    'inf', '-inf'; the per-token KLD as stored (zlib of float32), only base64-encoded."""
+    from quantatlas.atlas.ledger import _iso
+
+    metrics = {m.name: m.value if m.nonfinite is None else m.nonfinite for m in r.metrics}
+    tokens = None
+    if r.per_token_kld is not None:
+        tokens = {"n": r.n_tokens, "sha256": r.per_token_sha256,
+                  "zlib_f32_base64": base64.b64encode(r.per_token_kld).decode()}
+    rs = r.run_set
+    return {"type": "run", "id": r.id, "experiment": r.arm.experiment_id, "arm": r.arm.name, "seed": r.seed,
+            "contributor": rs.contributor.name, "environment": plain(rs.environment.full or {}),
+            "model_hash": rs.model_hash, "eval_fingerprint": rs.eval_fingerprint, "created_at": _iso(r.created_at),
+            "metrics": metrics, "extra": plain(r.extra), "per_token_kld": tokens}
 
 
 def export_records(led: Ledger) -> Iterable[dict]:
-    from quantatlas.atlas.ledger import _iso, _jsonable, _metric_value, decode_tokens, encode_tokens_b64
-
     with led._reading() as s:
         exps = s.scalars(select(Experiment).order_by(Experiment.created_at, Experiment.id)).all()
         for e in exps:
-            yield _jsonable({
-                "type": "experiment", "id": e.id, "title": e.title, "hypothesis": e.hypothesis, "notes": e.notes,
-                "tags": [t.name for t in e.tags], "spec": e.spec, "source": e.source, "imported": e.imported,
-                "contributor": e.contributor.name if e.contributor else None, "created_at": _iso(e.created_at),
-                "merged_into": e.merged_into,
-            })
+            yield experiment_record(s, e)
         for e in exps:
             for r in led._runs(s, e.id):
-                rs = r.run_set
-                metrics = {}
-                for m in r.metrics:
-                    v = _metric_value(m)
-                    metrics[m.name] = v if math.isfinite(v) else m.nonfinite
-                tokens = None if r.per_token_kld is None else decode_tokens(r.per_token_kld, r.per_token_sha256)
-                yield {
-                    "type": "run", "id": r.id, "experiment": e.id, "arm": r.arm.name, "seed": r.seed,
-                    "contributor": rs.contributor.name, "environment": rs.environment.full or {},
-                    "model_hash": rs.model_hash, "eval_fingerprint": rs.eval_fingerprint,
-                    "created_at": _iso(r.created_at), "metrics": metrics, "extra": r.extra,
-                    "per_token_kld": encode_tokens_b64(tokens),
-                }
+                yield run_record(r)
 
 
-class _Bad(ValueError):
-    pass
+# ---- checking records before a write -------------------------------------------------------------
+
+def _time(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
 
 
-def _need(obj: dict, key: str, kind, what: str, optional: bool = False):
-    v = obj.get(key)
-    if v is None and optional:
-        return None
-    if not isinstance(v, kind) or isinstance(v, bool) and kind is not bool:
-        raise _Bad(f"{what} field {key!r} must be {getattr(kind, '__name__', kind)}, got {v!r}")
-    return v
-
-
-def _time(obj: dict) -> datetime | None:
-    v = obj.get("created_at")
-    if v is None:
-        return None
-    try:
-        return datetime.fromisoformat(v)
-    except (TypeError, ValueError):
-        raise _Bad(f"created_at {v!r} is not an ISO date-time") from None
-
-
-def _check_id(v) -> str:
-    if not isinstance(v, str) or not ID_PATTERN.match(v):
-        raise _Bad(f"id {v!r} must be 1-64 characters of letters, digits, _ . : -")
-    return v
-
-
-def _parse(line: str) -> tuple[str, dict]:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise _Bad(f"malformed JSON: {e.msg} (column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise _Bad(f"expected a JSON object, got {type(obj).__name__}")
-    kind = obj.get("type")
-    if kind == "experiment":
-        _check_id(obj.get("id"))
-        if obj.get("spec") is not None:
-            obj["_normal"] = ids.normalise_spec(obj["spec"])
-        else:
-            _need(obj, "hypothesis", str, "experiment")
-        for key in ("title", "hypothesis", "notes", "contributor", "merged_into"):
-            _need(obj, key, str, "experiment", optional=True)
-        tags = obj.get("tags") or []
-        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise _Bad(f"tags must be a list of strings, got {tags!r}")
-        if obj.get("result") is not None and obj["result"] not in RESULTS:
-            raise _Bad(f"result {obj['result']!r} is not one of {', '.join(RESULTS)}")
-        obj["_time"] = _time(obj)
-        return "experiment", obj
-    if kind == "run":
-        _need(obj, "experiment", str, "run")
-        _need(obj, "arm", str, "run")
-        _need(obj, "seed", int, "run")
-        _need(obj, "metrics", dict, "run")
-        _need(obj, "environment", dict, "run")
-        _need(obj, "model_hash", str, "run")
-        _need(obj, "eval_fingerprint", str, "run")
-        _need(obj, "contributor", str, "run", optional=True)
-        metrics = {}
-        for k, v in obj["metrics"].items():
-            if isinstance(v, str) and v in ("nan", "inf", "-inf"):
-                v = float(v)
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise _Bad(f"metric {k!r} must be a number, got {v!r}")
-            metrics[k] = v
-        metrics.update(obj.get("extra") or {})
-        obj["_metrics"] = metrics
-        from quantatlas.atlas.ledger import decode_tokens_b64
-
+def prepare_experiment(rec: ExperimentRecord | ListingRow, where: str) -> tuple:
+    """(record, normalised spec or None, created_at): the spec validated with the typed configs of
+    `quantatlas run` (`quantatlas.spec.parse_spec`); its error is passed on word for word."""
+    normal = None
+    if isinstance(rec, ExperimentRecord) and rec.spec is not None:
         try:
-            obj["_tokens"] = decode_tokens_b64(obj.get("per_token_kld"))
-        except (KeyError, TypeError, ValueError) as e:
-            raise _Bad(f"per_token_kld: {e}") from None
-        obj["_time"] = _time(obj)
-        return "run", obj
-    if kind is not None:
-        raise _Bad(f"unknown record type {kind!r} (experiment or run)")
-    if "id" in obj and "hypothesis" in obj:
-        _check_id(obj["id"])
-        _need(obj, "hypothesis", str, "row")
-        if obj.get("result") is not None and obj["result"] not in RESULTS:
-            raise _Bad(f"result {obj['result']!r} is not one of {', '.join(RESULTS)}")
-        return "hypothesis", obj
-    raise _Bad("not an experiment, run or hypothesis row (needs 'type', or 'id' and 'hypothesis')")
+            normal = ids.normalise_spec(rec.spec)
+        except ValueError as e:
+            raise RecordError(f"{where}.spec: {e}") from None
+    created = _time(rec.created_at) if isinstance(rec, ExperimentRecord) else None
+    return rec, normal, created
+
+
+def prepare_run(rec: RunRecord, where: str) -> tuple:
+    """(record, metrics, per-token KLD array or None, created_at), through the bounded decoder."""
+    tokens = rec.per_token_kld.decode(f"{where}.per_token_kld") if rec.per_token_kld is not None else None
+    return rec, rec.metric_values(), tokens, _time(rec.created_at)
+
+
+# ---- the one write path --------------------------------------------------------------------------
+
+def write_records(led: Ledger, s: Session, experiments: list[tuple], runs: list[tuple],
+                  pusher: str | None = None) -> dict:
+    """Write prepared experiments [(where, (record, normal, created))] and runs
+    [(where, (record, metrics, tokens, created))] in the caller's transaction.
+
+    Ownership: an experiment the ledger holds (same spec; or the same id of a hypothesis-only
+    row) is left as it is: title, hypothesis, spec and tags. Tags a record adds are stored as
+    the contributor's tags; the fields it would have changed are listed in `kept`.
+    `pusher` (a push): runs and new experiments are the pusher's, contributed tags are the
+    pusher's only, merges are not applied. Without it (import): as the records say.
+    Errors raise RecordError naming `where`."""
+    from quantatlas.atlas.ledger import LedgerError
+
+    out = {"experiments": 0, "experiments_existing": 0, "runs": 0, "runs_existing": 0, "renamed": {},
+           "run_ids": [], "kept": {}, "merged": 0, "flagged": []}
+    mapping: dict[str, str] = {}
+    created_ids: set[str] = set()
+    merges = []
+    touched: set[str] = set()
+    for where, (rec, normal, created) in experiments:
+        try:
+            owner = pusher or (rec.contributor if isinstance(rec, ExperimentRecord) else None)
+            tagger = owner or led.contributor
+            if normal is not None:
+                full, identity = normal
+                old = s.scalars(select(Experiment).where(Experiment.spec_hash == ids.spec_hash(identity))).first()
+            else:
+                old = s.get(Experiment, rec.id)
+            if old is not None:
+                got = old.id
+                kept = [f for f, mine in (("title", old.title), ("hypothesis", old.hypothesis))
+                        if (getattr(rec, f) or "").strip() not in ("", mine)]
+                if normal is not None and old.spec is None:
+                    kept.append("spec")
+                added = led._contribute_tags(s, old, tagger, rec.tags)
+                if added:
+                    kept.append("tags")
+                if kept:
+                    out["kept"][rec.id] = kept
+                out["experiments_existing"] += 1
+            elif normal is not None:
+                full = dict(full, title=rec.title or full.get("title"), hypothesis=rec.hypothesis or full.get("hypothesis"),
+                            tags=list(dict.fromkeys((full.get("tags") or []) + rec.tags)))
+                got = led._register(s, full, identity, owner, given_id=rec.id, created_at=created)
+                out["experiments"] += 1
+                created_ids.add(got)
+            else:
+                if isinstance(rec, ListingRow):
+                    led._add_hypothesis(s, rec.id, rec.hypothesis, rec.result, rec.title or "", rec.tags,
+                                        {k: v for k, v in rec.imported().items() if k != "result"})
+                else:
+                    imported = rec.imported or {}
+                    led._add_hypothesis(s, rec.id, rec.hypothesis or "", imported.get("result") or None,
+                                        rec.title or "", rec.tags, {k: v for k, v in imported.items() if k != "result"},
+                                        created_at=created, contributor=owner)
+                got = rec.id
+                out["experiments"] += 1
+                created_ids.add(got)
+            exp = s.get(Experiment, got)
+            for who, tags in getattr(rec, "contributed_tags", {}).items():
+                if pusher is None or who == pusher:
+                    led._contribute_tags(s, exp, who, tags)
+            mapping[rec.id] = got
+            if got != rec.id:
+                out["renamed"][rec.id] = got
+            if pusher is None and getattr(rec, "merged_into", None):
+                merges.append((where, rec.merged_into, rec.id))
+        except (LedgerError, ValueError) as e:
+            raise RecordError(f"{where}: {e}") from None
+    for where, (rec, metrics, tokens, created) in runs:
+        exp_id = mapping.get(rec.experiment, rec.experiment)
+        try:
+            rid, new = led._record(s, exp_id, rec.arm, rec.seed, metrics, tokens, rec.environment, rec.model_hash,
+                                   rec.eval_fingerprint, pusher or rec.contributor or led.contributor,
+                                   created_at=created, extra=rec.extra)
+        except (LedgerError, ValueError) as e:
+            raise RecordError(f"{where}: {e}") from None
+        out["runs" if new else "runs_existing"] += 1
+        out["run_ids"].append(rid)
+        if new:
+            touched.add(exp_id)
+    for where, keep, other in merges:
+        keep, other = mapping.get(keep, keep), mapping.get(other, other)
+        a, b = s.get(Experiment, keep), s.get(Experiment, other)
+        if a is None:
+            raise RecordError(f"{where}: merged_into {keep!r} is not in the file or the ledger")
+        if b.merged_into is None and a.id != b.id:
+            try:
+                led._merge(s, a, b)
+            except ValueError as e:
+                raise RecordError(f"{where}: {e}") from None
+            out["merged"] += 1
+            touched |= {a.id, b.id}
+    s.flush()
+    for f in s.scalars(select(DuplicateFlag).where(DuplicateFlag.experiment_id.in_(created_ids))
+                       .order_by(DuplicateFlag.experiment_id)).all():
+        out["flagged"].append({"id": f.experiment_id, "duplicate_of": f.other_id, "score": f.score})
+    out["touched"] = sorted(touched)
+    return out
 
 
 def import_lines(led: Ledger, lines: Iterable[str], source: str = "<input>") -> dict:
     """Check every line, then import all in one transaction. Errors name `source:line`."""
     from quantatlas.atlas.ledger import LedgerError
 
-    records = []
+    experiments, runs = [], []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        where = f"{source}:{n}"
         try:
-            records.append((n, *_parse(line)))
-        except (_Bad, ValueError) as e:
-            raise LedgerError(f"{source}:{n}: {e}") from None
-
-    def fn(s: Session) -> dict:
-        summary = {"experiments": 0, "existing": 0, "runs": 0, "runs_existing": 0, "merged": 0,
-                   "renamed": {}, "flagged": []}
-        mapping: dict[str, str] = {}
-        created: set[str] = set()
-        merges = []
-        for n, kind, obj in records:
-            try:
-                if kind == "hypothesis":
-                    imported = {k: v for k, v in obj.items()
-                                if k not in ("id", "hypothesis", "result", "title", "tags")}
-                    new = led._add_hypothesis(s, obj["id"], obj["hypothesis"], obj.get("result"),
-                                              obj.get("title") or "", obj.get("tags"), imported)
-                    summary["experiments" if new else "existing"] += 1
-                    mapping[obj["id"]] = obj["id"]
-                    if new:
-                        created.add(obj["id"])
-                elif kind == "experiment":
-                    if obj.get("spec") is not None:
-                        full, identity = obj["_normal"]
-                        full = dict(full, title=obj.get("title") or full.get("title"),
-                                    hypothesis=obj.get("hypothesis") or full.get("hypothesis"),
-                                    tags=list(dict.fromkeys((full.get("tags") or []) + (obj.get("tags") or []))))
-                        h = ids.spec_hash(identity)
-                        before = s.scalars(select(Experiment.id).where(Experiment.spec_hash == h)).first()
-                        got = led._register(s, full, identity, obj.get("contributor"), given_id=obj["id"],
-                                            created_at=obj["_time"])
-                        summary["existing" if before else "experiments"] += 1
-                        if not before:
-                            created.add(got)
-                        if got != obj["id"]:
-                            summary["renamed"][obj["id"]] = got
-                        mapping[obj["id"]] = got
-                    else:
-                        new = led._add_hypothesis(s, obj["id"], obj.get("hypothesis") or "",
-                                                  (obj.get("imported") or {}).get("result") or obj.get("result"),
-                                                  obj.get("title") or "", obj.get("tags"), obj.get("imported"),
-                                                  created_at=obj["_time"], contributor=obj.get("contributor"))
-                        summary["experiments" if new else "existing"] += 1
-                        mapping[obj["id"]] = obj["id"]
-                        if new:
-                            created.add(obj["id"])
-                    if obj.get("merged_into"):
-                        merges.append((n, obj["merged_into"], obj["id"]))
-                else:
-                    exp_id = mapping.get(obj["experiment"], obj["experiment"])
-                    _, new = led._record(s, exp_id, obj["arm"], obj["seed"], obj["_metrics"], obj["_tokens"],
-                                         obj["environment"], obj["model_hash"], obj["eval_fingerprint"],
-                                         obj.get("contributor") or led.contributor, created_at=obj["_time"])
-                    summary["runs" if new else "runs_existing"] += 1
-            except ValueError as e:
-                raise LedgerError(f"{source}:{n}: {e}") from None
-        for n, keep, other in merges:
-            keep, other = mapping.get(keep, keep), mapping.get(other, other)
-            a, b = s.get(Experiment, keep), s.get(Experiment, other)
-            if a is None:
-                raise LedgerError(f"{source}:{n}: merged_into {keep!r} is not in the file or the ledger")
-            if b.merged_into is None and a.id != b.id:
-                try:
-                    led._merge(s, a, b)
-                except ValueError as e:
-                    raise LedgerError(f"{source}:{n}: {e}") from None
-                summary["merged"] += 1
-        s.flush()
-        for f in s.scalars(select(DuplicateFlag).where(DuplicateFlag.experiment_id.in_(created))
-                           .order_by(DuplicateFlag.experiment_id)).all():
-            summary["flagged"].append({"id": f.experiment_id, "duplicate_of": f.other_id, "score": f.score})
-        return summary
-
-    return led._writing(fn)
-
+            rec = parse_line(line)
+            if isinstance(rec, RunRecord):
+                runs.append((where, prepare_run(rec, "run")))
+            else:
+                experiments.append((where, prepare_experiment(rec, "experiment")))
+        except RecordError as e:
+            raise LedgerError(f"{where}: {e}") from None
+    try:
+        got = led._writing(lambda s: write_records(led, s, experiments, runs))
+    except RecordError as e:
+        raise LedgerError(str(e)) from None
+    led.refresh_verdicts(got["touched"])
+    return {"experiments": got["experiments"], "existing": got["experiments_existing"], "runs": got["runs"],
+            "runs_existing": got["runs_existing"], "merged": got["merged"], "renamed": got["renamed"],
+            "flagged": got["flagged"], "kept": got["kept"]}

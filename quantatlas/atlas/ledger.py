@@ -10,12 +10,19 @@ for the list, merges. Used by the runner, the CLI and the web app; imports no to
 A run is committed in its own transaction and is never overwritten: recording the same
 arm × seed × environment × contributor × model × eval tokens again returns the stored run's
 id, so a killed runner resumes and two runners racing on one run keep one copy.
+
+Reads never write: `rows`, `verdicts` and `describe` use the cached verdicts while they are
+current and compute stale ones in memory without storing them. The cache is refreshed when
+runs are written (`record_run`, `import_lines`, `merge`; the web app after each push), by
+`refresh_verdicts`.
+
+An experiment belongs to the atlas, not to whoever registers it again: registering (or
+importing, or pushing) a spec the ledger holds changes neither its title, hypothesis, spec nor
+tags; tags it brings are stored as that contributor's tags, beside the original ones.
 """
 from __future__ import annotations
 
-import base64
 import getpass
-import hashlib
 import math
 import os
 import zlib
@@ -29,11 +36,12 @@ from sqlalchemy.orm import Session
 from quantatlas.atlas import ids
 from quantatlas.atlas.db import migrate, open_engines, resolve_url, write_transaction
 from quantatlas.atlas.ids import environment_key
-from quantatlas.atlas.models import (Arm, Contributor, DuplicateFlag, Environment, Experiment, Metric, Reproduction,
-                                     Run, RunSet, Tag, Verdict)
+from quantatlas.atlas.models import (Arm, ContributedTag, Contributor, DuplicateFlag, Environment, Experiment, Metric,
+                                     Reproduction, Run, RunSet, Tag, Verdict)
+from quantatlas.atlas.records import PerTokenKLD, RecordError, decode_per_token, encode_per_token, plain
 from quantatlas.atlas.similarity import DUPLICATE_THRESHOLD, dice, trigrams
 from quantatlas.atlas.verdict import (RESULTS, Criterion, FinalVerdict, RunSetInfo, SeedRun, combine_run_sets,
-                                      experiment_result, judge_run_set)
+                                      experiment_result, is_reference_arm, judge_run_set, seeded_arms)
 
 __all__ = ["Ledger", "LedgerError", "environment_key"]
 
@@ -59,15 +67,27 @@ def default_contributor() -> str:
 # ---- per-token KLD storage ---------------------------------------------------------------
 
 def encode_tokens(values: np.ndarray) -> tuple[bytes, str, int]:
-    raw = np.ascontiguousarray(values, dtype="<f4").tobytes()
-    return zlib.compress(raw, 6), hashlib.sha256(raw).hexdigest(), len(raw) // 4
+    return encode_per_token(values)
 
 
-def decode_tokens(blob: bytes, sha256: str | None = None) -> np.ndarray:
-    raw = zlib.decompress(blob)
-    if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
-        raise LedgerError("stored per-token KLD does not match its checksum (corrupted run)")
-    return np.frombuffer(raw, dtype="<f4").astype(np.float32)
+def decode_tokens(blob: bytes, sha256: str | None = None, n: int | None = None) -> np.ndarray:
+    """A stored array, through the bounded decoder of push and import (`records.decode_per_token`):
+    never more than the run's n_tokens values are inflated."""
+    if n is None:            # rows written before n_tokens was kept: bounded by the per-run limit
+        from quantatlas.atlas.records import MAX_TOKENS
+
+        d = zlib.decompressobj()
+        try:
+            raw = d.decompress(blob, 4 * MAX_TOKENS + 1)
+        except zlib.error as e:
+            raise LedgerError(f"stored per-token KLD is not zlib data ({e})") from None
+        if not d.eof or len(raw) % 4:
+            raise LedgerError("stored per-token KLD is over the per-run limit or truncated")
+        n = len(raw) // 4
+    try:
+        return decode_per_token(blob, n, sha256, "stored per-token KLD", check_values=False)
+    except RecordError as e:
+        raise LedgerError(f"{e} (corrupted run)") from None
 
 
 def _metric_rows(metrics: dict) -> tuple[list[tuple[str, float | None, str | None]], dict]:
@@ -141,14 +161,12 @@ class Ledger:
 
     def _register(self, s: Session, full: dict, identity: dict, contributor: str | None,
                   given_id: str | None = None, created_at: datetime | None = None) -> str:
+        """The experiment of this spec: a new row, or the stored one left as it is (tags that
+        `full` adds become `contributor`'s tags)."""
         h = ids.spec_hash(identity)
         old = s.scalars(select(Experiment).where(Experiment.spec_hash == h)).first()
         if old is not None:
-            have = {t.name for t in old.tags}
-            for tag in full.get("tags") or []:
-                if tag not in have:
-                    old.tags.append(Tag(name=tag))
-                    have.add(tag)
+            self._contribute_tags(s, old, contributor, full.get("tags") or [])
             return old.id
         exp_id = given_id if given_id and s.get(Experiment, given_id) is None else None
         digits = ids.ID_HEX_DIGITS
@@ -185,8 +203,9 @@ class Ledger:
             return False
         if result is not None and result not in RESULTS:
             raise LedgerError(f"result {result!r} is not one of {', '.join(RESULTS)}")
+        # a result the row states is an imported claim: kept in `imported`, never the verdict
         exp = Experiment(id=exp_id, title=(title or "").strip(), hypothesis=(hypothesis or "").strip(), source="import",
-                         imported=dict(imported or {}, result=result), result=result,
+                         imported=dict(imported or {}, result=result), result=None,
                          contributor=self._contributor(s, contributor) if contributor else None)
         if created_at is not None:
             exp.created_at = created_at
@@ -195,6 +214,27 @@ class Ledger:
         s.flush()
         self._flag_duplicates(s, exp)
         return True
+
+    def _contribute_tags(self, s: Session, exp: Experiment, contributor: str | None, tags: Iterable[str]) -> list[str]:
+        """Store `tags` that `exp` lacks as `contributor`'s tags (never its original tags). The
+        tags added."""
+        if not contributor:
+            return []
+        have = {t.name for t in exp.tags}
+        new = [t for t in dict.fromkeys(tags) if t not in have]
+        if not new:
+            return []
+        who = self._contributor(s, contributor)
+        mine = set(s.scalars(select(ContributedTag.name).where(ContributedTag.experiment_id == exp.id,
+                                                               ContributedTag.contributor_id == who.id)))
+        added = [t for t in new if t not in mine]
+        for t in added:
+            s.add(ContributedTag(experiment_id=exp.id, contributor_id=who.id, name=t))
+        s.flush()
+        return added
+
+    def _contributed_tags(self, s: Session, exp_id: str) -> dict[str, list[str]]:
+        return contributed_tags(s, exp_id)
 
     def _trigrams(self, exp_id: str, text: str) -> frozenset:
         key = f"{exp_id}\0{text}"
@@ -268,14 +308,18 @@ class Ledger:
     def record_run(self, exp_id: str, arm: str, seed: int, metrics: dict[str, float],
                    per_token_kld: np.ndarray | None, environment: dict, model_hash: str, eval_fingerprint: str,
                    contributor: str | None = None) -> str:
-        """Store one finished arm × seed in one transaction; returns the run id. Idempotent."""
+        """Store one finished arm × seed in one transaction; returns the run id. Idempotent.
+        The experiment's (and its family's) cached verdicts are refreshed after the write."""
         who = contributor or self.contributor
-        return self._writing(lambda s: self._record(s, exp_id, arm, seed, metrics, per_token_kld, environment,
-                                                    model_hash, eval_fingerprint, who)[0])
+        rid, new = self._writing(lambda s: self._record(s, exp_id, arm, seed, metrics, per_token_kld, environment,
+                                                        model_hash, eval_fingerprint, who))
+        if new:
+            self.refresh_verdicts([exp_id])
+        return rid
 
     def _record(self, s: Session, exp_id: str, arm: str, seed: int, metrics: dict, per_token_kld,
                 environment: dict, model_hash: str, eval_fingerprint: str, contributor: str,
-                created_at: datetime | None = None) -> tuple[str, bool]:
+                created_at: datetime | None = None, extra: dict | None = None) -> tuple[str, bool]:
         """(run id, whether it is new)."""
         exp = s.get(Experiment, exp_id)
         if exp is None:
@@ -293,7 +337,8 @@ class Ledger:
         rid = ids.run_id(exp_id, arm, int(seed), env_key, contributor, model_hash, eval_fingerprint)
         if s.get(Run, rid) is not None:
             return rid, False
-        rows, extra = _metric_rows(metrics)
+        rows, loose = _metric_rows(metrics)
+        extra = {**loose, **(extra or {})}
         blob = digest = n_tokens = None
         if per_token_kld is not None:
             values = np.asarray(per_token_kld)
@@ -351,8 +396,7 @@ class Ledger:
              "created_at": _iso(r.created_at), "metrics": {m.name: _metric_value(m) for m in r.metrics},
              "extra": r.extra, "n_tokens": r.n_tokens}
         if tokens:
-            d["per_token_kld"] = None if r.per_token_kld is None else decode_tokens(r.per_token_kld,
-                                                                                   r.per_token_sha256)
+            d["per_token_kld"] = _stored_tokens(r)
         return d
 
     # ---- verdicts ---------------------------------------------------------------------------
@@ -383,11 +427,13 @@ class Ledger:
                 host = env.hostname or "?"
                 infos[rs.id] = RunSetInfo(rs.id, ((host, env.device or "?"), rs.contributor.name),
                                           f"{rs.contributor.name}@{host}")
-            per_token = None if r.per_token_kld is None else decode_tokens(r.per_token_kld, r.per_token_sha256)
+            per_token = _stored_tokens(r)
             metrics = {m.name: _metric_value(m) for m in r.metrics}
             sets.setdefault(rs.id, {}).setdefault(r.arm.name, {})[r.seed] = SeedRun(r.seed, metrics, per_token)
         ordered = sorted(infos.values(), key=lambda i: (s.get(RunSet, i.id).created_at, i.id))
-        judged = [(info, judge_run_set(sets[info.id], order, exp.control, crit, exp.spec)) for info in ordered]
+        seeded = seeded_arms(exp.spec)
+        judged = [(info, judge_run_set(sets[info.id], order, exp.control, crit, exp.spec, seeded))
+                  for info in ordered]
         return crit, order, judged
 
     def _compute(self, s: Session, exp: Experiment) -> tuple[list[FinalVerdict], Criterion]:
@@ -412,22 +458,65 @@ class Ledger:
         ledger and recomputed when the experiment's (or its family's) runs change."""
         with self._reading() as s:
             exp = self._experiment(s, exp_id)
-            exp_id = exp.id
             if exp.spec is None:
                 return []
-            if exp.verdict_stamp == self._stamp(s, exp):
-                rows = s.scalars(select(Verdict).where(Verdict.experiment_id == exp_id).order_by(Verdict.id)).all()
-                return [dict(v.details["summary"]) for v in rows]
-        return self._writing(lambda s: self._refresh(s, s.get(Experiment, exp_id)))
+            return [dict(v) for v in self._state(s, exp)["summaries"]]
 
-    def _refresh(self, s: Session, exp: Experiment) -> list[dict]:
+    def _state(self, s: Session, exp: Experiment) -> dict:
+        """The experiment's verdicts (summaries, details per arm, result, confidence): from the
+        cache while it is current, else computed in memory and not stored (reads never write)."""
+        if exp.spec is None:
+            return {"summaries": [], "details": {}, "result": exp.result, "confidence": exp.confidence,
+                    "stale": False}
+        if exp.verdict_stamp == self._stamp(s, exp):
+            rows = s.scalars(select(Verdict).where(Verdict.experiment_id == exp.id).order_by(Verdict.id)).all()
+            return {"summaries": [plain(v.details["summary"]) for v in rows],
+                    "details": {v.arm: plain(v.details) for v in rows},
+                    "result": exp.result, "confidence": exp.confidence, "stale": False}
         finals, crit = self._compute(s, exp)
+        has_treatments = exp.control is not None and len(exp.arms) > 1
+        result, confidence, _ = experiment_result(finals, has_treatments)
+        summaries = [_jsonable(fv.as_dict(crit)) for fv in finals]
+        details = {fv.arm: _jsonable({"summary": fv.as_dict(crit), **fv.details()}) for fv in finals}
+        return {"summaries": summaries, "details": details, "result": result, "confidence": confidence,
+                "stale": True}
+
+    def refresh_verdicts(self, exp_ids: Iterable[str] | None = None) -> list[str]:
+        """Recompute and store the cached verdicts of these experiments and of their families'
+        (all experiments when None) where they are stale; one write transaction each. Called
+        when runs are written; the ids refreshed."""
+        with self._reading() as s:
+            q = select(Experiment).where(Experiment.spec.is_not(None))
+            if exp_ids is not None:
+                wanted = set(exp_ids)
+                fams = set(s.scalars(select(Experiment.family_hash).where(Experiment.id.in_(wanted),
+                                                                           Experiment.family_hash.is_not(None))))
+                q = q.where(Experiment.id.in_(wanted) | Experiment.family_hash.in_(fams))
+            stale = [e.id for e in s.scalars(q).all() if e.verdict_stamp != self._stamp(s, e)]
+        done = []
+        for exp_id in stale:
+            # the statistics are computed in a read session: the write lock is held only to store them
+            with self._reading() as s:
+                exp = s.get(Experiment, exp_id)
+                stamp = self._stamp(s, exp)
+                finals, crit = self._compute(s, exp)
+                has_treatments = exp.control is not None and len(exp.arms) > 1
+            if self._writing(lambda s, i=exp_id: self._store(s, s.get(Experiment, i), finals, crit, has_treatments,
+                                                             stamp)):
+                done.append(exp_id)
+        return done
+
+    def _store(self, s: Session, exp: Experiment, finals: list[FinalVerdict], crit: Criterion, has_treatments: bool,
+               stamp: str) -> bool:
+        """Store computed verdicts as the cache, unless runs arrived since they were computed
+        (then the refresh those runs start stores theirs)."""
+        if self._stamp(s, exp) != stamp:
+            return False
         for old in s.scalars(select(Verdict).where(Verdict.experiment_id == exp.id)).all():
             s.delete(old)
         for old in s.scalars(select(Reproduction).where(Reproduction.experiment_id == exp.id)).all():
             s.delete(old)
         s.flush()
-        out = []
         for fv in finals:
             summary = fv.as_dict(crit)
             j = fv.primary
@@ -439,12 +528,10 @@ class Ledger:
             for rs, rj, agree, independent in fv.reproductions:
                 s.add(Reproduction(experiment_id=exp.id, run_set_id=rs.id, arm=fv.arm, result=rj.result,
                                    agrees=agree, independent=independent))
-            out.append(_jsonable(summary))
-        has_treatments = exp.control is not None and len(exp.arms) > 1
         result, confidence, _ = experiment_result(finals, has_treatments)
         exp.result, exp.confidence = result, confidence
-        exp.verdict_stamp = self._stamp(s, exp)
-        return out
+        exp.verdict_stamp = stamp
+        return True
 
     # ---- merge ------------------------------------------------------------------------------
 
@@ -452,7 +539,9 @@ class Ledger:
         """Merge experiment `other` into `keep` after a look: `other` becomes an alias that the
         list hides; its tags join `keep`'s; its runs stay with its own spec. A hypothesis-only
         `keep` shows the verdict of its merged experiments."""
-        return self._writing(lambda s: self._merge(s, self._experiment(s, keep), self._experiment(s, other)))
+        out = self._writing(lambda s: self._merge(s, self._experiment(s, keep), self._experiment(s, other)))
+        self.refresh_verdicts([out["kept"], out["merged"]])
+        return out
 
     def _merge(self, s: Session, a: Experiment, b: Experiment) -> dict:
         if a.id == b.id:
@@ -462,6 +551,7 @@ class Ledger:
         if b.merged_into is not None:
             raise LedgerError(f"{b.id} is already merged into {b.merged_into}")
         b.merged_into = a.id
+        b.verdict_stamp = None
         for c in s.scalars(select(Experiment).where(Experiment.merged_into == b.id)).all():
             c.merged_into = a.id
         have = {t.name for t in a.tags}
@@ -481,22 +571,13 @@ class Ledger:
 
     # ---- rows for the list and the page ---------------------------------------------------
 
-    def _fresh(self, ids_: Iterable[str] | None = None) -> None:
-        """Recompute stale verdicts (one write transaction per stale experiment)."""
-        with self._reading() as s:
-            q = select(Experiment).where(Experiment.spec.is_not(None))
-            stale = [e.id for e in s.scalars(q).all() if e.spec is not None and (ids_ is None or e.id in ids_)
-                     and e.verdict_stamp != self._stamp(s, e)]
-        for exp_id in stale:
-            self._writing(lambda s, i=exp_id: self._refresh(s, s.get(Experiment, i)))
-
     def rows(self, tag: str | None = None, model: str | None = None, result: str | None = None,
              include_merged: bool = False) -> list[dict]:
         """The list: one row per experiment (id, hypothesis, result, confidence, reproductions,
-        duplicate_of, key metrics), oldest first. Merged experiments are hidden unless asked."""
+        duplicate_of, key metrics), oldest first. Merged experiments are hidden unless asked.
+        Writes nothing (stale verdicts are computed in memory)."""
         if result is not None and result not in RESULTS:
             raise LedgerError(f"--result {result!r} is not one of {', '.join(RESULTS)}")
-        self._fresh()
         with self._reading() as s:
             q = select(Experiment).order_by(Experiment.created_at, Experiment.id)
             if not include_merged:
@@ -517,28 +598,35 @@ class Ledger:
                           .order_by(DuplicateFlag.score.desc(), Experiment.created_at, Experiment.id)).all()
         aliases = s.scalars(select(Experiment.id).where(Experiment.merged_into == e.id)
                             .order_by(Experiment.created_at)).all()
-        verdicts = s.scalars(select(Verdict).where(Verdict.experiment_id == e.id).order_by(Verdict.id)).all()
-        result, confidence, via = e.result, e.confidence, None
-        summaries = [v.details["summary"] for v in verdicts]
+        state = self._state(s, e)
+        result, confidence, via, summaries = state["result"], state["confidence"], None, state["summaries"]
+        spec = e.spec
         if not summaries:
             for alias in aliases:
                 a = s.get(Experiment, alias)
-                if a.spec is not None and a.result is not None:
-                    result, confidence, via = a.result, a.confidence, a.id
-                    summaries = [v.details["summary"] for v in s.scalars(
-                        select(Verdict).where(Verdict.experiment_id == a.id).order_by(Verdict.id)).all()]
+                if a.spec is None:
+                    continue
+                st = self._state(s, a)
+                if st["result"] is not None:
+                    result, confidence, via, summaries, spec = st["result"], st["confidence"], a.id, \
+                        st["summaries"], a.spec
                     break
         deciding = _deciding(summaries, result)
         metrics = self._arm_means(s, via or e.id)
+        primary = _primary(spec, summaries, deciding, metrics)
+        claim = (e.imported or {}).get("result") if e.spec is None else None
         row = {
             "id": e.id, "title": e.title, "hypothesis": e.hypothesis, "result": result,
-            "confidence": confidence, "result_via": via,
+            "confidence": confidence, "result_via": via, "verdict_stale": state["stale"],
+            "claim": claim, "claim_status": "imported claim, unverified" if claim else None,
+            "primary": primary.get("arm"),
             "reproductions": deciding.get("reproductions") if summaries else None,
             "reproductions_agree": deciding.get("reproductions_agree") if summaries else None,
             "duplicate_of": flags[0].other_id if flags else None,
             "duplicate_score": flags[0].score if flags else None,
             "merged_into": e.merged_into, "aliases": list(aliases),
             "model": e.model, "tags": sorted(t.name for t in e.tags), "source": e.source,
+            "contributed_tags": self._contributed_tags(s, e.id),
             "control": e.control, "criterion": (e.spec or {}).get("criterion", {}).get("metric") if e.spec else None,
             "arms": [{k: v.get(k) for k in ("arm", "result", "effect", "p_adjusted", "confidence", "bits_delta",
                                             "treatment_mean", "control_mean")} for v in summaries],
@@ -548,7 +636,7 @@ class Ledger:
             row["imported"] = e.imported
             if row["reproductions"] is None:
                 row["reproductions_column"] = e.imported.get("reproductions_column")
-        row["key_metrics"] = _key_metrics(row, deciding)
+        row["key_metrics"] = _key_metrics(row, primary)
         return row
 
     def _arm_means(self, s: Session, exp_id: str) -> dict[str, dict]:
@@ -572,9 +660,10 @@ class Ledger:
         """Everything `atlas show` prints: the experiment, its arms, run sets with per-seed
         figures, verdicts with their reasoning, duplicate flags and aliases."""
         exp_id = self.resolve(exp_id)
-        verdicts = self.verdicts(exp_id)
         with self._reading() as s:
             e = s.get(Experiment, exp_id)
+            state = self._state(s, e)
+            verdicts = [dict(v) for v in state["summaries"]]
             row = self._row(s, e)
             run_sets = []
             for rs in s.scalars(select(RunSet).where(RunSet.experiment_id == e.id)
@@ -588,7 +677,7 @@ class Ledger:
                                  "environment_key": rs.environment_key, "model_hash": rs.model_hash,
                                  "eval_fingerprint": rs.eval_fingerprint, "created_at": _iso(rs.created_at),
                                  "runs": runs})
-            details = {v.arm: v.details for v in s.scalars(select(Verdict).where(Verdict.experiment_id == e.id))}
+            details = state["details"]
             flags_out = [{"other": f.other_id, "score": f.score, "status": f.status} for f in s.scalars(
                 select(DuplicateFlag).where(DuplicateFlag.experiment_id == e.id))]
             flags_in = [{"other": f.experiment_id, "score": f.score, "status": f.status} for f in s.scalars(
@@ -614,6 +703,28 @@ class Ledger:
         return import_lines(self, lines, source)
 
 
+def _stored_tokens(r: Run) -> np.ndarray | None:
+    """A run's per-token KLD, or None when it has none or the stored bytes are damaged (a page
+    and a verdict still work without it; `atlas export` reports the damage)."""
+    if r.per_token_kld is None:
+        return None
+    try:
+        return decode_tokens(r.per_token_kld, r.per_token_sha256, r.n_tokens)
+    except LedgerError:
+        return None
+
+
+def contributed_tags(s: Session, exp_id: str) -> dict[str, list[str]]:
+    """Contributor -> the tags they added to the experiment (sorted)."""
+    out: dict[str, list[str]] = {}
+    for name, tag in s.execute(select(Contributor.name, ContributedTag.name)
+                               .join(Contributor, ContributedTag.contributor_id == Contributor.id)
+                               .where(ContributedTag.experiment_id == exp_id)
+                               .order_by(Contributor.name, ContributedTag.name)):
+        out.setdefault(name, []).append(tag)
+    return out
+
+
 def _deciding(summaries: list[dict], result: str | None) -> dict:
     treat = [v for v in summaries if v.get("result") != "baseline"] or summaries
     same = [v for v in treat if v.get("result") == result] or treat
@@ -623,8 +734,30 @@ def _deciding(summaries: list[dict], result: str | None) -> dict:
         min(same, key=lambda v: v.get("confidence") or 0.0)
 
 
+def _primary(spec: dict | None, summaries: list[dict], deciding: dict, metrics: dict) -> dict:
+    """The arm that stands for the experiment in the list: the spec's `primary`, else the best
+    treatment on the criterion among arms that quantize something (an fp16 reference arm never
+    stands for an experiment), else the deciding verdict."""
+    by_arm = {v.get("arm"): v for v in summaries}
+    named = (spec or {}).get("primary")
+    if named:
+        return by_arm.get(named) or {"arm": named}
+    arms_cfg = (spec or {}).get("arms") or {}
+    crit = Criterion.from_spec(spec)
+    treat = [v for v in summaries if v.get("result") != "baseline" and v.get("treatment_mean") is not None
+             and not is_reference_arm(arms_cfg.get(v.get("arm")))]
+    if treat:
+        return (min if crit.lower_is_better else max)(treat, key=lambda v: v["treatment_mean"])
+    if deciding and not is_reference_arm(arms_cfg.get(deciding.get("arm"))):
+        return deciding
+    quantized = [a for a in metrics if not is_reference_arm(arms_cfg.get(a))]
+    if quantized and spec:
+        return by_arm.get(quantized[0]) or {"arm": quantized[0]}
+    return deciding
+
+
 def _key_metrics(row: dict, deciding: dict) -> str:
-    """A short metrics cell: the deciding arm against the control, or the baseline's figures."""
+    """A short metrics cell: the primary arm against the control, or the baseline's figures."""
     metrics = row["metrics"]
     if not metrics:
         return (row.get("imported") or {}).get("metrics_column") or ""
@@ -634,7 +767,7 @@ def _key_metrics(row: dict, deciding: dict) -> str:
     if m.get("kld_mean") is not None:
         s = f"KLD {m['kld_mean']:.4g}"
         c = metrics.get(row.get("control") or "", {}).get("kld_mean")
-        if deciding.get("result") not in (None, "baseline") and c is not None:
+        if deciding.get("result") not in (None, "baseline") and c is not None and arm != row.get("control"):
             s += f" vs {c:.4g}"
         parts.append(s)
     if deciding.get("effect") is not None and deciding.get("result") != "baseline":
@@ -656,35 +789,18 @@ def _s(v: Any) -> str | None:
 
 def _jsonable(value: Any) -> Any:
     """Plain JSON values: numpy scalars to Python, non-finite floats to None, tuples to lists."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.bool_, bool)):
-        return bool(value)
-    if isinstance(value, (np.integer, int)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        v = float(value)
-        return v if math.isfinite(v) else None
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, (str, type(None))):
-        return value
-    return str(value)
+    return plain(value)
 
 
 def encode_tokens_b64(values: np.ndarray | None) -> dict | None:
-    if values is None:
-        return None
-    blob, digest, n = encode_tokens(values)
-    return {"n": n, "sha256": digest, "zlib_f32_base64": base64.b64encode(blob).decode()}
+    return PerTokenKLD.of(values)
 
 
 def decode_tokens_b64(obj: dict | None) -> np.ndarray | None:
+    """The wire form ({n, sha256, zlib_f32_base64}) through the one bounded decoder."""
     if obj is None:
         return None
-    arr = decode_tokens(base64.b64decode(obj["zlib_f32_base64"]), obj.get("sha256"))
-    if "n" in obj and arr.size != int(obj["n"]):
-        raise LedgerError(f"per_token_kld has {arr.size} values, the record says {obj['n']}")
-    return arr
+    try:
+        return PerTokenKLD.model_validate(obj).decode()
+    except (RecordError, ValueError) as e:
+        raise LedgerError(f"per_token_kld: {e}") from None

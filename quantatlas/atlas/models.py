@@ -192,3 +192,12 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     contributor: Mapped[Contributor] = relationship()
+
+
+class ContributedTag(Base):
+    """A tag a contributor added to an experiment that someone else registered first: shown as
+    theirs, beside (never instead of) the experiment's own tags."""
+    __tablename__ = "contributed_tag"
+    experiment_id: Mapped[str] = mapped_column(ForeignKey("experiment.id"), primary_key=True)
+    contributor_id: Mapped[int] = mapped_column(ForeignKey("contributor.id"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from quantatlas.atlas.ledger import Ledger
 
 BATCH_BYTES = 8 << 20          # a push request's approximate size (the server's default limit is 64 MiB)
+BATCH_TOKENS = 1 << 24         # per-token KLD values in one request (the server's default limit is 2**25)
 PULL_CHUNK = 500               # runs fetched per request
 KNOWN_CHUNK = 20_000           # ids asked per request
 TIMEOUT_S = 300.0
@@ -67,17 +68,21 @@ def _known(client, url, token, runs: list[str], experiments: list[str]) -> tuple
     return have_runs, have_exps
 
 
-def _batches(exp_records: dict[str, dict], runs: list[dict], extra_exps: list[str], limit: int) -> Iterable[dict]:
-    """Payloads of about `limit` bytes: runs with the experiment records they refer to."""
-    exps, batch, size = dict.fromkeys(extra_exps), [], 0
+def _batches(exp_records: dict[str, dict], runs: list[dict], extra_exps: list[str], limit: int,
+             token_limit: int = BATCH_TOKENS) -> Iterable[dict]:
+    """Payloads of about `limit` bytes and at most `token_limit` per-token values: runs with the
+    experiment records they refer to."""
+    exps, batch, size, tokens = dict.fromkeys(extra_exps), [], 0, 0
     for r in runs:
         n = len(json.dumps(r, separators=(",", ":")))
-        if batch and size + n > limit:
+        k = (r.get("per_token_kld") or {}).get("n") or 0
+        if batch and (size + n > limit or tokens + k > token_limit):
             yield {"schema_version": 1, "experiments": [exp_records[e] for e in exps], "runs": batch}
-            exps, batch, size = {}, [], 0
+            exps, batch, size, tokens = {}, [], 0, 0
         batch.append(r)
         exps.setdefault(r["experiment"])
         size += n
+        tokens += k
     if batch or exps:
         yield {"schema_version": 1, "experiments": [exp_records[e] for e in exps], "runs": batch}
 
@@ -86,7 +91,8 @@ def push(led: Ledger, url: str, token: str | None, client: httpx.Client | None =
          batch_bytes: int = BATCH_BYTES) -> dict:
     """Send this ledger's runs by the token's contributor that the server lacks (and the
     experiments they belong to, and experiments the server lacks). Returns counts."""
-    from quantatlas.web.records import experiment_record, run_records
+    from quantatlas.atlas.io import experiment_record
+    from quantatlas.web.records import run_records
 
     url = _base(url, "--to")
     if not token:
@@ -98,7 +104,7 @@ def push(led: Ledger, url: str, token: str | None, client: httpx.Client | None =
         with led._reading() as s:
             local = s.execute(select(Run.id, Contributor.name).join(RunSet, Run.run_set_id == RunSet.id)
                               .join(Contributor, RunSet.contributor_id == Contributor.id)).all()
-            exp_records = {e.id: experiment_record(e) for e in s.scalars(
+            exp_records = {e.id: experiment_record(s, e) for e in s.scalars(
                 select(Experiment).order_by(Experiment.created_at, Experiment.id))}
         mine = sorted(rid for rid, name in local if name == who)
         others = sum(1 for _, name in local if name != who)
@@ -107,7 +113,7 @@ def push(led: Ledger, url: str, token: str | None, client: httpx.Client | None =
         runs = run_records(led, missing)
         runless = [e for e in exp_records if e not in have_exps]
         total = {"contributor": who, "experiments": 0, "experiments_existing": 0, "runs": 0, "runs_existing": 0,
-                 "renamed": {}, "skipped_other_contributors": others, "batches": 0}
+                 "renamed": {}, "kept": {}, "skipped_other_contributors": others, "batches": 0}
         for payload in _batches(exp_records, runs, runless, batch_bytes):
             try:
                 got = _call(http, "POST", "/api/runs", url, token, json=payload).json()
@@ -118,6 +124,7 @@ def push(led: Ledger, url: str, token: str | None, client: httpx.Client | None =
             for k in ("experiments", "experiments_existing", "runs", "runs_existing"):
                 total[k] += got[k]
             total["renamed"].update(got.get("renamed") or {})
+            total["kept"].update(got.get("kept") or {})
         return total
     finally:
         if client is None:

@@ -1,5 +1,6 @@
 """The statistics behind a verdict: paired t-test across seeds, paired block bootstrap over
-per-token KLD, Holm's step-down correction. numpy + scipy.special only (no torch).
+per-token KLD, Holm's step-down correction. numpy + scipy (`scipy.stats` for the t-test and its
+interval; no torch).
 
 All differences are "improvements": positive means the treatment is better than the control
 (control - treatment when lower is better).
@@ -12,19 +13,19 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def _special():
-    from scipy import special   # imported when a verdict is computed, not by every ledger writer
+def _stats():
+    from scipy import stats   # imported when a verdict is computed, not by every ledger writer
 
-    return special
+    return stats
 
 
 def t_sf(t: float, df: int) -> float:
     """P(T > t) for Student's t with df degrees of freedom."""
-    return float(_special().stdtr(df, -t))
+    return float(_stats().t.sf(t, df))
 
 
 def t_quantile(q: float, df: int) -> float:
-    return float(_special().stdtrit(df, q))
+    return float(_stats().t.ppf(q, df))
 
 
 def normal_two_sided_p(z: float) -> float:
@@ -32,7 +33,7 @@ def normal_two_sided_p(z: float) -> float:
 
 
 def normal_quantile(q: float) -> float:
-    return float(_special().ndtri(q))
+    return float(_stats().norm.ppf(q))
 
 
 @dataclass
@@ -56,11 +57,10 @@ def paired_t(improvements: np.ndarray, alpha: float) -> PairedT:
         mean = float(d[0])
         p = 1.0 if mean == 0.0 else 0.0
         return PairedT(n, mean, 0.0, math.copysign(math.inf, mean) if mean else 0.0, p, (mean, mean))
-    mean = float(d.mean())
+    res = _stats().ttest_1samp(d, 0.0)         # = ttest_rel(control, treatment) on the improvements
+    ci = res.confidence_interval(confidence_level=1 - alpha)
     se = float(d.std(ddof=1)) / math.sqrt(n)
-    t = mean / se
-    half = t_quantile(1 - alpha / 2, n - 1) * se
-    return PairedT(n, mean, se, t, 2 * t_sf(abs(t), n - 1), (mean - half, mean + half))
+    return PairedT(n, float(d.mean()), se, float(res.statistic), float(res.pvalue), (float(ci.low), float(ci.high)))
 
 
 def holm(p_values: list[float | None]) -> list[float | None]:

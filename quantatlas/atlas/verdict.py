@@ -13,7 +13,18 @@ Within one run set (one environment, one contributor, one model hash, one eval f
 4. p = the larger of the two p-values when both exist (the claim must beat seed noise *and*
    token noise: an intersection-union test), else the one that exists; the CI is the hull of
    the two (1 - alpha) intervals. Holm's correction across the treatment arms of the run set.
-5. success      effect >= min_effect and Holm p < alpha;
+5. Too few seeds. When the comparison depends on the seed (the treatment or the control is a
+   seeded arm: a calibration draw, random rotation signs, k-means starts), the token bootstrap
+   sees only token noise: two identical recipes differ by their seeds' luck, which with one or
+   two seeds no test can tell from an effect (a null simulation calls such pairs "success" or
+   "failure" far more often than alpha). So with fewer than 3 paired seeds such an arm is
+   "inconclusive (too few seeds)" whatever its p-values, and takes no part in Holm's family.
+   Whether an arm is seeded comes from its spec (`quantatlas.spec.Arm.seeded`: the author's
+   `deterministic:`, else inferred from solver, transforms and codecs); deterministic arms
+   (RTN, fixed formats) keep the token-level test with any number of seeds. Without a spec
+   (imported runs) an arm counts as seeded unless all its seeds gave identical numbers (or the
+   runner marked them `reused_from_seed`).
+6. success      effect >= min_effect and Holm p < alpha;
    failure      worse (improvement < 0) with Holm p < alpha, or the CI's upper end
                 < min_effect (the data exclude an improvement of min_effect);
    inconclusive otherwise (including: no test possible);
@@ -42,6 +53,7 @@ from quantatlas.atlas.stats import block_bootstrap, holm, paired_t
 
 BITS_TOLERANCE = 0.001       # bits/param: smaller differences are rounding, not cost
 MIN_SEEDS_FOR_T = 3
+MIN_SEEDS_SEEDED = 3         # a seeded comparison with fewer paired seeds is inconclusive
 RESULTS = ("success", "failure", "inconclusive", "baseline", "conflict")
 
 
@@ -68,6 +80,48 @@ class Criterion:
     @property
     def lower_is_better(self) -> bool:
         return self.better != "higher"
+
+
+def seeded_arms(spec: dict | None) -> dict[str, bool]:
+    """Arm name -> whether its results depend on the experiment seed, from the spec's typed
+    arms (`quantatlas.spec.Arm.seeded`). Empty when there is no spec or it no longer validates
+    (then every arm is judged as seeded unless its runs show otherwise)."""
+    if not spec or not isinstance(spec.get("arms"), dict):
+        return {}
+    from quantatlas.spec import parse_spec    # pydantic + yaml: no torch
+
+    try:
+        model = parse_spec(spec, "spec")
+    except Exception:
+        return {}
+    return {name: bool(arm.seeded) for name, arm in model.arms.items()}
+
+
+def is_reference_arm(config: dict | None) -> bool:
+    """An arm that quantizes nothing (fp16: no codec, no override codec, no KV/activation
+    scheme): a reference point, never the arm that stands for an experiment."""
+    if not isinstance(config, dict):
+        return False
+    return (config.get("codec") is None and not any(isinstance(o, dict) and o.get("codec")
+                                                    for o in config.get("overrides") or [])
+            and not config.get("kv") and not config.get("act"))
+
+
+def _seed_dependent(name: str, runs: dict[int, SeedRun], seeded: dict[str, bool] | None, metric: str) -> bool:
+    if seeded and name in seeded:
+        return seeded[name]
+    if any("reused_from_seed" in r.metrics for r in runs.values()):
+        return False
+    if len(runs) < 2:
+        return True
+    first = next(iter(runs.values()))
+    for r in runs.values():
+        if r.metrics.get(metric) != first.metrics.get(metric):
+            return True
+        a, b = r.per_token, first.per_token
+        if (a is None) != (b is None) or (a is not None and not np.array_equal(a, b)):
+            return True
+    return False
 
 
 def bits_of(metrics: dict[str, float]) -> float | None:
@@ -104,6 +158,7 @@ class ArmJudgement:
     se_seed: float | None = None
     se_tokens: float | None = None
     deterministic: bool = False
+    seed_dependent: bool = True         # the comparison depends on the seed (rule 5)
     bits_control: float | None = None
     bits_treatment: float | None = None
     dominated_by: str | None = None
@@ -154,9 +209,11 @@ def _block_length(n_tokens: int, spec: dict | None) -> int:
 
 
 def judge_arm(arm: str, control: str, c_runs: dict[int, SeedRun], t_runs: dict[int, SeedRun],
-              crit: Criterion, spec: dict | None) -> ArmJudgement:
+              crit: Criterion, spec: dict | None, seeded: dict[str, bool] | None = None) -> ArmJudgement:
     """Everything but Holm and the final rules (those need all arms)."""
     j = ArmJudgement(arm, control)
+    j.seed_dependent = (_seed_dependent(arm, t_runs, seeded, crit.metric)
+                        or _seed_dependent(control, c_runs, seeded, crit.metric))
     seeds = sorted(s for s in c_runs if s in t_runs and crit.metric in c_runs[s].metrics
                    and crit.metric in t_runs[s].metrics)
     j.seeds = seeds
@@ -227,9 +284,18 @@ def judge_arm(arm: str, control: str, c_runs: dict[int, SeedRun], t_runs: dict[i
     return j
 
 
+def too_few_seeds(j: ArmJudgement) -> bool:
+    return j.rule != "no_pairs" and j.seed_dependent and len(j.seeds) < MIN_SEEDS_SEEDED
+
+
 def decide(j: ArmJudgement, crit: Criterion) -> None:
     if j.rule == "no_pairs":
         j.result = "inconclusive"
+        return
+    if too_few_seeds(j):
+        j.result, j.rule = "inconclusive", "too_few_seeds"
+        j.notes.append(f"the comparison depends on the seed and has {len(j.seeds)} seed(s): seed-to-seed noise "
+                       f"cannot be told from an effect with fewer than {MIN_SEEDS_SEEDED}")
         return
     a = crit.alpha
     significant = j.p_adjusted is not None and j.p_adjusted < a
@@ -246,8 +312,12 @@ def decide(j: ArmJudgement, crit: Criterion) -> None:
 
 
 def judge_run_set(arms: dict[str, dict[int, SeedRun]], arm_order: list[str], control: str | None,
-                  crit: Criterion, spec: dict | None) -> dict[str, ArmJudgement]:
-    """Judge every treatment arm of one run set; the control (or every arm without one) is baseline."""
+                  crit: Criterion, spec: dict | None, seeded: dict[str, bool] | None = None
+                  ) -> dict[str, ArmJudgement]:
+    """Judge every treatment arm of one run set; the control (or every arm without one) is baseline.
+    `seeded`: arm -> depends on the seed (default: from the spec, see `seeded_arms`)."""
+    if seeded is None:
+        seeded = seeded_arms(spec)
     out: dict[str, ArmJudgement] = {}
     if control is None or control not in arm_order or len(arm_order) < 2:
         for name in arm_order:
@@ -258,8 +328,8 @@ def judge_run_set(arms: dict[str, dict[int, SeedRun]], arm_order: list[str], con
         return out
     c_runs = arms.get(control) or {}
     treatments = [a for a in arm_order if a != control and arms.get(a)]
-    judged = [judge_arm(a, control, c_runs, arms[a], crit, spec) for a in treatments]
-    for j, p_adj in zip(judged, holm([j.p_value for j in judged])):
+    judged = [judge_arm(a, control, c_runs, arms[a], crit, spec, seeded) for a in treatments]
+    for j, p_adj in zip(judged, holm([None if too_few_seeds(j) else j.p_value for j in judged])):
         j.p_adjusted = p_adj
         decide(j, crit)
         out[j.arm] = j
@@ -403,6 +473,8 @@ def verdict_text(fv: FinalVerdict, crit: Criterion) -> str:
         parts.append(f"baseline: {fv.arm} is the reference point ({m} {v}{bits}, {len(j.seeds)} seed(s)).")
     else:
         lead = {"success": "success", "failure": "failure", "inconclusive": "inconclusive"}[j.result]
+        if j.rule == "too_few_seeds":
+            lead = "inconclusive (too few seeds)"
         if j.rule == "no_pairs":
             parts.append(f"inconclusive: {'; '.join(j.notes)}.")
         else:
@@ -416,6 +488,8 @@ def verdict_text(fv: FinalVerdict, crit: Criterion) -> str:
                 "worse": f"worse than the control with Holm p {format_p(j.p_adjusted)} < {a:g}",
                 "ci_excludes_min_effect": f"the CI excludes an improvement of {100 * crit.min_effect:.1f} %",
                 "no_test": "no statistical test possible",
+                "too_few_seeds": f"the arm depends on the seed and {len(j.seeds)} seed(s) cannot separate seed "
+                                 f"noise from an effect (at least {MIN_SEEDS_SEEDED} are needed)",
                 "not_decided": f"neither better by {100 * crit.min_effect:.1f} % with p < {a:g} nor ruled out "
                                f"(Holm p {format_p(j.p_adjusted)})",
             }[j.rule]

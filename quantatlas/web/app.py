@@ -5,11 +5,21 @@
 Pages: / (experiments), /experiments/{id}, /landscape, /composition, /left-to-try, /api (the
 API's reference, rendered from its OpenAPI document at /api/openapi.json). Everything the
 pages load comes from this server: plotly.js from the installed plotly package, no CDN.
+
+At the door: request bodies over `max_body_bytes` are refused (413) and JSON nested deeper than
+`records.MAX_DEPTH` (422) before it is parsed; a push's per-token KLD over `max_request_tokens`
+values in all is refused (413) before it is decompressed. Whatever is stored renders: pages and
+JSON answers go through `records.plain` (no NaN or Infinity, no nesting past the limit).
+Reads never write; after a push a background thread refreshes the verdicts it made stale.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
+import threading
+import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,6 +32,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import BaseModel, Field
 
 from quantatlas.atlas.ledger import Ledger, LedgerError
+from quantatlas.atlas.records import MAX_DEPTH, json_depth, plain
 from quantatlas.atlas.tokens import contributor_for_token
 from quantatlas.atlas.verdict import RESULTS
 from quantatlas.web import landscape as land
@@ -43,8 +54,83 @@ def plotly_js() -> Path:
     return path
 
 
+class StrictJSON(JSONResponse):
+    """JSON answers through `records.plain`: stored data never makes a 500 (NaN, Infinity, depth)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(plain(content), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+class VerdictRefresher:
+    """Refreshes cached verdicts after pushes, off the request path: pushes hand over the
+    experiments they touched; one thread recomputes them once pushes have paused for `delay_s`
+    (at most `max_wait_s` after the first), so a burst of pushes costs one pass, not one each."""
+
+    def __init__(self, led: Ledger, delay_s: float = 0.5, max_wait_s: float = 10.0):
+        self.led, self.delay_s, self.max_wait_s = led, delay_s, max_wait_s
+        self._last = 0.0
+        self._pending: set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    def schedule(self, exp_ids) -> None:
+        exp_ids = set(exp_ids)
+        if not exp_ids:
+            return
+        with self._lock:
+            self._pending |= exp_ids
+            self._last = time.monotonic()
+            self._idle.clear()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="verdict-refresher", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def _loop(self) -> None:
+        try:                       # Linux: this thread yields the CPU to request handlers
+            import os
+
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
+        while not self._stop:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stop:
+                break
+            first = time.monotonic()
+            while not self._stop:                        # let a burst of pushes land first
+                quiet = time.monotonic() - self._last
+                if quiet >= self.delay_s or time.monotonic() - first >= self.max_wait_s:
+                    break
+                time.sleep(min(self.delay_s - quiet, 0.1) if quiet < self.delay_s else 0.01)
+            with self._lock:
+                todo, self._pending = self._pending, set()
+            try:
+                self.led.refresh_verdicts(sorted(todo))
+            except Exception:                            # the cache stays stale; reads compute in memory
+                logging.getLogger("quantatlas.web").exception("verdict refresh failed")
+            with self._lock:
+                if not self._pending:
+                    self._idle.set()
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        return self._idle.wait(timeout)
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+
 class BodyLimit:
-    """Reject a request body larger than `limit` bytes with 413 before the app reads it."""
+    """Reject a request body larger than `limit` bytes with 413 before the app reads it, and a
+    JSON body nested deeper than `records.MAX_DEPTH` with 422 before anything parses it."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -67,6 +153,10 @@ class BodyLimit:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body, sent = b"".join(chunks), False
+        depth = json_depth(body) if body else 0
+        if depth > MAX_DEPTH:
+            return await self._reject(send, size, status=422, reason=f"the JSON body is nested {depth} levels deep; "
+                                                                     f"the limit is {MAX_DEPTH}")
 
         async def replay():
             nonlocal sent
@@ -77,10 +167,11 @@ class BodyLimit:
 
         return await self.app(scope, replay, send)
 
-    async def _reject(self, send, size: int):
-        msg = json.dumps({"detail": f"request body of {size} bytes is over this server's limit of {self.limit} "
-                                    f"bytes: push fewer runs at a time"}).encode()
-        await send({"type": "http.response.start", "status": 413,
+    async def _reject(self, send, size: int, status: int = 413, reason: str | None = None):
+        reason = reason or (f"request body of {size} bytes is over this server's limit of {self.limit} "
+                            f"bytes: push fewer runs at a time")
+        msg = json.dumps({"detail": reason}).encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(msg)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": msg})
@@ -146,24 +237,39 @@ def _templates() -> Environment:
     env = Environment(loader=FileSystemLoader(str(HERE / "templates")), autoescape=select_autoescape(default=True),
                       trim_blocks=True, lstrip_blocks=True)
     env.filters.update(fmt=_fmt, pct=_pct, short=_short, repro=_repro)
+    # figures and other embedded JSON: strict (plotly.js's JSON.parse refuses NaN and Infinity)
+    env.policies["json.dumps_function"] = lambda obj, **kw: json.dumps(plain(obj), allow_nan=False, **kw)
     return env
 
 
-def create_app(db_url: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
+def create_app(db_url: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
+               max_request_tokens: int = records.DEFAULT_MAX_REQUEST_TOKENS) -> FastAPI:
     """The atlas server over the ledger at `db_url` (None: $QUANTATLAS_DB, else sqlite:///runs/atlas.db),
-    migrated on open. Request bodies over `max_body_bytes` are refused with 413."""
+    migrated on open. Request bodies over `max_body_bytes` are refused with 413, and so is a push
+    whose runs hold more than `max_request_tokens` per-token KLD values in all (checked on the
+    declared counts, before anything is decompressed)."""
     if not isinstance(max_body_bytes, int) or max_body_bytes < 1024:
         raise ValueError(f"max_body_bytes must be an integer >= 1024, got {max_body_bytes!r}")
+    if isinstance(max_request_tokens, bool) or not isinstance(max_request_tokens, int) or max_request_tokens < 1:
+        raise ValueError(f"max_request_tokens must be a positive integer, got {max_request_tokens!r}")
     led = Ledger(db_url)
+    refresher = VerdictRefresher(led)
     env = _templates()
     from quantatlas import __version__ as version
 
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        refresher.stop()
+
     app = FastAPI(title="quantatlas", version=version, docs_url=None, redoc_url=None,
-                  openapi_url="/api/openapi.json",
+                  openapi_url="/api/openapi.json", default_response_class=StrictJSON, lifespan=lifespan,
                   description="The quantatlas ledger: experiments, verdicts, the KLD-vs-bits landscape, the "
                               "composition matrix, what is left to try; and a push API for contributors "
                               "(bearer tokens from `quantatlas atlas token create NAME`).")
     app.state.ledger = led
+    app.state.refresher = refresher
+    app.state.max_request_tokens = max_request_tokens
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     plotly_path = plotly_js()
@@ -190,7 +296,9 @@ def create_app(db_url: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY
 
     def rows(tag, model, result, q) -> list[dict]:
         if result == "pending":
-            return [r for r in views.experiment_rows(led, tag, model, None, q) if r["result"] is None]
+            # pending: a spec waiting for runs (a hypothesis-only row is not pending: it has no spec to run)
+            return [r for r in views.experiment_rows(led, tag, model, None, q)
+                    if r["result"] is None and r.get("source") != "import"]
         return views.experiment_rows(led, tag, model, result, q)
 
     def experiment_or_404(exp_id: str) -> dict:
@@ -203,11 +311,12 @@ def create_app(db_url: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY
     async def _invalid(request: Request, exc: RequestValidationError):
         # a one-line reason naming each field; the offending input is not echoed (it may be NaN,
         # which JSON cannot carry, or megabytes long)
-        errors = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in exc.errors()]
+        errors = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", "")).removeprefix("Value error, ")}
+                  for e in exc.errors()]
         reason = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors[:10])
         if len(errors) > 10:
             reason += f"; ... ({len(errors)} errors)"
-        return JSONResponse({"detail": reason, "errors": errors[:100]}, status_code=422)
+        return StrictJSON({"detail": reason, "errors": errors[:100]}, status_code=422)
 
     @app.exception_handler(records.PushRejected)
     async def _rejected(request: Request, exc: records.PushRejected):
@@ -279,19 +388,19 @@ def create_app(db_url: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY
                                                                     "hypothesis, model or tags")) -> list[dict]:
         """One row per experiment, newest first: id, hypothesis, result, confidence, reproductions,
         duplicate flags, per-arm verdicts and key metrics (as `quantatlas atlas list --json`)."""
-        return rows(tag, model, result_filter(result), q)
+        return plain(rows(tag, model, result_filter(result), q))
 
     @app.get("/api/experiments/{exp_id}", tags=["read"], summary="One experiment")
     def api_experiment(exp_id: str) -> dict:
         """Everything on the experiment page: spec, arms (with techniques), run sets with their
         environments and per-seed figures, verdicts with their reasoning, duplicates, and per run
         set and arm the empirical CDF of per-token KLD (points x, y with y = #{KLD <= x} / n)."""
-        return experiment_or_404(exp_id)
+        return plain(experiment_or_404(exp_id))
 
     @app.get("/api/experiments/{exp_id}/kld", tags=["read"], summary="Per-token KLD distributions")
     def api_kld(exp_id: str) -> list[dict]:
         """Per run set and arm: the empirical CDF of per-token KLD pooled over seeds."""
-        return experiment_or_404(exp_id)["kld_distributions"]
+        return plain(experiment_or_404(exp_id)["kld_distributions"])
 
     @app.get("/api/landscape", tags=["read"], summary="KLD vs bits per model, with the Pareto frontier")
     def api_landscape(bits: str = Query("bits_per_weight", description="bits_per_weight | bits_per_param")) -> dict:
@@ -300,19 +409,19 @@ def create_app(db_url: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY
         `not_drawn` for arms without bits or with KLD <= 0."""
         if bits not in land.BITS_METRICS:
             raise HTTPException(422, f"bits {bits!r} is not one of {', '.join(land.BITS_METRICS)}")
-        return land.landscape(led, bits)
+        return plain(land.landscape(led, bits))
 
     @app.get("/api/composition", tags=["read"], summary="Technique x technique verdicts")
     def api_composition() -> dict:
         """Cells (a, b): counts of verdicts of treatment arms that stacked a and b (holding both,
         adding at least one to their control); (a, a): arms that added a."""
-        return land.composition(led)
+        return plain(land.composition(led))
 
     @app.get("/api/left-to-try", tags=["read"], summary="Technique pairs and bit budgets not yet covered")
     def api_left() -> dict:
         """Compatible technique pairs no measured arm holds; bit budgets (floor of bits per weight)
         each stacked pair and each technique lacks."""
-        return land.left_to_try(led)
+        return plain(land.left_to_try(led))
 
     # ---- JSON API: push and pull --------------------------------------------------------------
 
@@ -328,8 +437,11 @@ def create_app(db_url: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY
     def api_push(payload: records.PushPayload, who: str = Depends(contributor)):
         """Add runs (and the experiments they belong to) as the token's contributor, all or nothing.
         Runs the server holds already are left as they are (`runs_existing`): pushing twice adds
-        nothing, and no push alters or deletes a stored run."""
-        return records.accept_push(led, who, payload)
+        nothing, and no push alters or deletes a stored run. An experiment the server holds is left
+        as it is: the answer's `kept` names the fields not applied; new tags are stored as yours."""
+        got = records.accept_push(led, who, payload, max_request_tokens)
+        refresher.schedule(got.pop("touched"))
+        return got
 
     @app.post("/api/known", tags=["push"], summary="Which of these runs and experiments the server holds",
               response_model=Known)
@@ -356,5 +468,5 @@ def create_app(db_url: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY
 
 
 def _ndjson(items: list[dict]) -> Response:
-    body = "".join(json.dumps(x, separators=(",", ":"), allow_nan=False) + "\n" for x in items)
+    body = "".join(json.dumps(plain(x), separators=(",", ":"), allow_nan=False) + "\n" for x in items)
     return Response(body, media_type="application/x-ndjson")

@@ -27,7 +27,10 @@ def _ledger(db: str | None):
 def serve(db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
           host: str = typer.Option("127.0.0.1", "--host", help="address to bind (loopback unless told otherwise)"),
           port: int = typer.Option(8000, "--port", min=1, max=65535),
-          max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="largest request body accepted (MiB)")):
+          max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="largest request body accepted (MiB)"),
+          max_request_tokens: int = typer.Option(1 << 25, "--max-request-tokens", min=1,
+                                                 help="per-token KLD values one push may carry in all its runs "
+                                                      "(decompressed: 4 bytes each), checked before decompressing")):
     """Serve the atlas (pages and JSON API) over the ledger."""
     import uvicorn
 
@@ -35,7 +38,8 @@ def serve(db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
 
     if not max_body_mb > 0:
         raise ValueError(f"--max-body-mb must be positive, got {max_body_mb}")
-    app = create_app(db, max_body_bytes=max(1024, int(max_body_mb * (1 << 20))))
+    app = create_app(db, max_body_bytes=max(1024, int(max_body_mb * (1 << 20))),
+                     max_request_tokens=max_request_tokens)
     typer.echo(f"quantatlas atlas on http://{host}:{port}  (ledger {app.state.ledger.url})", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
@@ -57,6 +61,9 @@ def push(to: str = typer.Option(..., "--to", help="the atlas server, e.g. http:/
                    f"(each contributor pushes their own)")
     for old, new in s["renamed"].items():
         typer.echo(f"  {old} is {new} on the server (same spec)")
+    for exp, fields in (s.get("kept") or {}).items():
+        typer.echo(f"  {exp}: the server keeps its own {', '.join(fields)} (an experiment belongs to the atlas; "
+                   f"your tags are stored as yours)")
 
 
 @_user_errors

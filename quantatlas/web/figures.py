@@ -1,11 +1,18 @@
-"""Plotly figures as plain JSON (data + layout), drawn in the page by plotly.js.
+"""Plotly figures, built with plotly's figure objects (plotly.graph_objects, which validate every
+property) and handed to the page as plain JSON (data + layout) for plotly.js.
 
 User strings (arm names, titles) reach plotly's hover text, which understands a few HTML
-tags; they are escaped here so they show as text.
+tags; they are escaped here so they show as text. A point with a non-finite coordinate is left
+out (the rest still draws), and the JSON never holds NaN or Infinity (`records.plain`).
 """
 from __future__ import annotations
 
 import html
+import math
+
+import plotly.graph_objects as go
+
+from quantatlas.atlas.records import plain
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")
@@ -14,6 +21,17 @@ BITS_TITLES = {"bits_per_weight": "bits per quantized weight", "bits_per_param":
 
 def _e(s) -> str:
     return html.escape(str(s if s is not None else ""), quote=True)
+
+
+def _finite(*values) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
+def _as_json(fig: go.Figure) -> dict:
+    """data + layout as plain JSON, without the template plotly.py adds (plotly.js's defaults)."""
+    d = fig.to_plotly_json()
+    d["layout"].pop("template", None)
+    return plain({"data": d["data"], "layout": d["layout"]})
 
 
 def _hover(p: dict) -> str:
@@ -25,27 +43,28 @@ def _hover(p: dict) -> str:
 def landscape_figure(group: dict, bits: str) -> dict:
     """Mean KLD (log) against bits: arms, llama.cpp reference points, the Pareto frontier (a
     staircase: what the best known arm at most this many bits reaches)."""
-    ours = [p for p in group["points"] if not p["llamacpp"]]
-    refs = [p for p in group["points"] if p["llamacpp"]]
+    drawable = [p for p in group["points"] if _finite(p.get("bits"), p.get("kld_mean"))]
+    ours = [p for p in drawable if not p["llamacpp"]]
+    refs = [p for p in drawable if p["llamacpp"]]
+    frontier = [f for f in group["frontier"] if _finite(f.get("bits"), f.get("kld_mean"))]
 
     def trace(points, name, symbol, colour, text_labels=False):
-        t = {"type": "scatter", "mode": "markers+text" if text_labels else "markers", "name": name,
-             "x": [p["bits"] for p in points], "y": [p["kld_mean"] for p in points],
-             "customdata": [[p["url"]] for p in points], "hovertext": [_hover(p) for p in points],
-             "hoverinfo": "text",
-             "marker": {"symbol": symbol, "size": 11, "color": colour,
-                        "line": {"width": [2.5 if p["pareto"] else 0.5 for p in points], "color": "#111"}}}
+        t = go.Scatter(mode="markers+text" if text_labels else "markers", name=name,
+                       x=[p["bits"] for p in points], y=[p["kld_mean"] for p in points],
+                       customdata=[[p["url"]] for p in points], hovertext=[_hover(p) for p in points],
+                       hoverinfo="text",
+                       marker={"symbol": symbol, "size": 11, "color": colour,
+                               "line": {"width": [2.5 if p["pareto"] else 0.5 for p in points], "color": "#111"}})
         if text_labels:
-            t["text"] = [_e(p["arm"]) for p in points]
-            t["textposition"] = "top center"
-            t["textfont"] = {"size": 10, "color": "#555"}
+            t.update(text=[_e(p["arm"]) for p in points], textposition="top center",
+                     textfont={"size": 10, "color": "#555"})
         return t
 
     data = []
-    if group["frontier"]:
-        data.append({"type": "scatter", "mode": "lines", "name": "Pareto frontier", "hoverinfo": "skip",
-                     "x": [f["bits"] for f in group["frontier"]], "y": [f["kld_mean"] for f in group["frontier"]],
-                     "line": {"shape": "hv", "dash": "dot", "color": "#444", "width": 1.5}})
+    if frontier:
+        data.append(go.Scatter(mode="lines", name="Pareto frontier", hoverinfo="skip",
+                               x=[f["bits"] for f in frontier], y=[f["kld_mean"] for f in frontier],
+                               line={"shape": "hv", "dash": "dot", "color": "#444", "width": 1.5}))
     if ours:
         data.append(trace(ours, "arms", "circle", PALETTE[0]))
     if refs:
@@ -56,20 +75,21 @@ def landscape_figure(group: dict, bits: str) -> dict:
         "hovermode": "closest", "height": 460, "margin": {"l": 70, "r": 20, "t": 20, "b": 50},
         "legend": {"orientation": "h", "y": -0.18}, "plot_bgcolor": "#fbfbfd",
     }
-    return {"data": data, "layout": layout}
+    return _as_json(go.Figure(data=data, layout=go.Layout(template="none", **layout)))
 
 
 def kld_ecdf_figure(dist: dict) -> dict:
     """Per arm, the empirical CDF of per-token KLD (pooled over seeds), KLD on a log axis."""
     data = []
     for i, a in enumerate(dist["arms"]):
-        data.append({"type": "scatter", "mode": "lines", "name": _e(a["arm"]), "x": a["x"], "y": a["y"],
-                     "line": {"shape": "hv", "width": 1.8, "color": PALETTE[i % len(PALETTE)]},
-                     "hovertemplate": "KLD %{x:.4g}<br>F %{y:.4f}<extra>" + _e(a["arm"]) + "</extra>"})
+        xy = [(x, y) for x, y in zip(a["x"], a["y"]) if _finite(x, y)]
+        data.append(go.Scatter(mode="lines", name=_e(a["arm"]), x=[x for x, _ in xy], y=[y for _, y in xy],
+                               line={"shape": "hv", "width": 1.8, "color": PALETTE[i % len(PALETTE)]},
+                               hovertemplate="KLD %{x:.4g}<br>F %{y:.4f}<extra>" + _e(a["arm"]) + "</extra>"))
     layout = {
         "xaxis": {"title": {"text": "per-token KLD (log)"}, "type": "log"},
         "yaxis": {"title": {"text": "fraction of tokens with KLD ≤ x"}, "range": [0, 1.02]},
         "height": 360, "margin": {"l": 70, "r": 20, "t": 10, "b": 50}, "hovermode": "closest",
         "legend": {"orientation": "h", "y": -0.25}, "plot_bgcolor": "#fbfbfd",
     }
-    return {"data": data, "layout": layout}
+    return _as_json(go.Figure(data=data, layout=go.Layout(template="none", **layout)))

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import math
 
-# ggml's quantized tensor types (ggml.h `enum ggml_type`, lower case): an arm whose codec is one
-# of these, or a {gguf: ...} mixture, is a llama.cpp format and a reference point on the landscape.
-GGML_TYPES = frozenset({
-    "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q8_1",
-    "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_k",
-    "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq4_nl", "iq4_xs",
-    "tq1_0", "tq2_0", "mxfp4",
-})
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+# ggml's quantized tensor types (the gguf package's GGMLQuantizationType with blocks of more than one
+# weight, lower case): an arm whose codec is one of these, or a {gguf: ...} mixture, is a llama.cpp
+# format and a reference point on the landscape. Our own formats are a subset (a test checks).
+GGML_TYPES = frozenset(t.name.lower() for t in GGMLQuantizationType if GGML_QUANT_SIZES[t][0] > 1)
 
 KINDS_ONE_PER_ARM = ("solver", "codec")      # an arm has one solver and one default codec
 
