@@ -1,5 +1,6 @@
 """Eval overhead: wall time of a full KLD evaluation of a quantized reference model divided by
-the wall time of bare forward passes over the same tokens (target: at most 1.3).
+the wall time of bare forward passes over the same tokens (target: at most 1.3); and KV rows: a
+KLD evaluation with a quantized KV cache over a plain one (target: at most 1.5).
 
     python bench/eval_overhead.py [--tokens 65536] [--ctx 512] [--device cpu] [--repeats 3]
 """
@@ -60,8 +61,55 @@ def main() -> None:
            "target": 1.3}
     print(f"bare forward {res['bare_forward_s']:.3f} s, KLD evaluation {res['kld_eval_s']:.3f} s, "
           f"ratio {res['ratio']:.3f} (target <= 1.3) over {res['tokens']} tokens on {a.device}")
+    res["kv"] = kv_rows(es, ref, a, sync)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+
+
+#: KV rows: the fp16-weight model with a quantized cache against the same model without one
+KV_ROWS = {
+    "q8_0 K+V": {"k": "q8_0", "v": "q8_0"},
+    "q4_0 K rotated": {"k": "q4_0", "rotate": True},
+    "KIVI-2 R=128": {"k": {"uniform": {"bits": 2, "group": None, "symmetric": False}},
+                     "v": {"uniform": {"bits": 2, "group": 32, "symmetric": False}},
+                     "k_granularity": "channel", "residual": 128},
+}
+
+
+def kv_rows(es, ref, a, sync) -> dict:
+    """KLD evaluation with a quantized KV cache over a plain KLD evaluation of the same (fp16-weight)
+    model (target: at most 1.5)."""
+    import copy
+
+    from quantatlas.quant.kv import KVCacheConfig, KVCacheQuantizer
+
+    fp = load_model("reference", device=a.device).model   # main() quantized the weights of its copy
+    models = {"plain": fp}
+    for name, cfg in KV_ROWS.items():
+        m = copy.deepcopy(fp)
+        KVCacheQuantizer(KVCacheConfig(**cfg)).attach(m)
+        models[name] = m
+
+    def timed(m):
+        t0 = time.perf_counter()
+        evaluate(m, es, ref, a.device, a.batch)
+        sync()
+        return time.perf_counter() - t0
+
+    times = {name: [] for name in models}
+    for m in models.values():
+        timed(m)  # warm-up
+    for _ in range(a.repeats):
+        for name, m in models.items():
+            times[name].append(timed(m))
+    best = {name: min(t) for name, t in times.items()}
+    out = {"plain_eval_s": best["plain"], "target": 1.5, "rows": {}}
+    for name in KV_ROWS:
+        ratio = best[name] / best["plain"]
+        out["rows"][name] = {"eval_s": best[name], "ratio": ratio}
+        print(f"KV {name}: KLD evaluation {best[name]:.3f} s vs plain {best['plain']:.3f} s, "
+              f"ratio {ratio:.3f} (target <= 1.5)")
+    return out
 
 
 if __name__ == "__main__":

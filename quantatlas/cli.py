@@ -117,6 +117,80 @@ def reference_train(steps: int = typer.Option(1000), seed: int = typer.Option(0)
     typer.echo(f"validation bits per byte: {card['validation_bits_per_byte']}  ({card['train_seconds']} s)")
 
 
+@app.command("context-slope")
+def context_slope_cmd(runs: list[Path] = typer.Argument(..., help="result JSONs (`run --json`) of one spec at several ctx"),
+                      arm: str = typer.Option("k_int4", help="the arm whose KLD the gap starts from"),
+                      minus: str = typer.Option("v_int4", help="the arm subtracted")):
+    """Slope of the KLD gap (arm − minus) against the eval ctx, with a 95 % interval over seeds × ctx."""
+    from quantatlas.context_slope import context_slope, format_slope, load_docs
+
+    try:
+        typer.echo(format_slope(context_slope(load_docs(runs), arm, minus)))
+    except (ValueError, KeyError, OSError) as e:
+        fail(str(e))
+
+
+@app.command()
+def sensitivity(spec: Path = typer.Argument(..., help="experiment spec (YAML) with an arm that has `allocate:`"),
+                arm: Optional[str] = typer.Option(None, help="the arm (default: the first with `allocate:`)"),
+                seeds: Optional[str] = typer.Option(None, help="calibration seeds, comma-separated (default: the spec's)"),
+                grouping: Optional[str] = typer.Option(None, help="role_layer, role or layer (default: the arm's)"),
+                limit: int = typer.Option(30, help="rows of the ROI table to print"),
+                json_path: Optional[Path] = typer.Option(None, "--json", help="write the measurements here"),
+                ledger: bool = typer.Option(True, help="store the measurements in the ledger"),
+                db: Optional[str] = typer.Option(None, "--db", help="ledger URL (default $QUANTATLAS_DB or sqlite:///runs/atlas.db)"),
+                device: Optional[str] = typer.Option(None)):
+    """ΔKLD of moving each tensor group from the arm's codec to each `allocate.candidates` codec, on
+    calibration tokens, and the bits it costs: the ranked ROI table and the per-role summary."""
+    import json
+
+    from quantatlas.models import ModelLoadError, load_model
+    from quantatlas.quant.quantize import calibration_tokens
+    from quantatlas.quant.sensitivity import GROUPINGS, format_roi, measure_sensitivity, role_summary
+    from quantatlas.spec import SpecError, load_spec
+
+    try:
+        s = load_spec(spec)
+        name = arm or next((n for n, a in s.arms.items() if a.allocate is not None), None)
+        if name is None or name not in s.arms or s.arms[name].allocate is None:
+            fail(f"{spec}: no arm {name or ''} with an `allocate:` block (its candidates are what is measured)")
+        a = s.arms[name]
+        group = grouping or a.allocate.grouping
+        if group not in GROUPINGS:
+            fail(f"--grouping must be one of {', '.join(GROUPINGS)}, got {group!r}")
+        seed_list = [int(x) for x in seeds.split(",")] if seeds else list(s.seeds)
+        lm = load_model(s.model, device=device or "cpu")
+        stream = lm.text_tokens(s.data.calib.source, "train")
+        c = a.calib or s.data.calib
+        led = exp_id = None
+        if ledger:
+            from quantatlas.atlas.ledger import Ledger
+
+            led = Ledger(db)
+            exp_id = led.register_experiment(s.to_dict())
+        out = []
+        for seed in seed_list:
+            calib = calibration_tokens(stream, c.samples, c.seq_len, seed)
+            sens = measure_sensitivity(lm, a.model_copy(update={"allocate": None}), list(a.allocate.candidates),
+                                       calib, seed, group)
+            typer.echo(f"seed {seed}:")
+            typer.echo(format_roi(sens, limit))
+            typer.echo(f"per role (first candidate; ΔKLD summed over the role's {group} groups):")
+            for r in role_summary(sens):
+                typer.echo(f"  {r['role']:<6} {r['candidate']:<28} ΔKLD {r['delta_kld']:+.5f} ± {r['delta_kld_se']:.5f}"
+                           f"  Δbits/wt {r['delta_bpw']:+.4f}  ROI {r['roi']:.4g}")
+            out.append(sens.to_dict())
+            if led is not None:
+                led.record_sensitivity(exp_id, name, seed, out[-1], sens.rows(), lm.model_hash)
+                typer.echo(f"ledger: experiment {exp_id}, arm {name}, seed {seed}")
+    except (SpecError, ModelLoadError, ValueError) as e:
+        fail(_user_error(e, spec))
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"spec": str(spec), "arm": name, "model": s.model, "seeds": out}, indent=1))
+        typer.echo(f"measurements: {json_path}")
+
+
 def _mount_atlas() -> None:
     from quantatlas.atlas.cli import app as atlas_app
     from quantatlas.web.cli import register

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from quantatlas.environment import environment
-from quantatlas.eval.bits import artifact_of
+from quantatlas.eval.bits import artifact_of, cap_check
+from quantatlas.eval.bpb import bpb_metrics, eval_bytes
 from quantatlas.eval.kld import concat_metrics, kld_statistics, token_metrics
 from quantatlas.eval.windows import EvalSet, make_eval_set, reference_logprobs, scored_logits
 from quantatlas.models import LoadedModel, load_model
@@ -23,8 +24,8 @@ from quantatlas.quant.recipe import Recipe, build_recipe
 from quantatlas.spec import Spec, parse_spec
 
 RESULT_KEYS = ("kld_mean", "kld_se", "kld_median", "kld_p99", "kld_max", "same_top", "rms_dp", "ppl", "ppl_base",
-               "ppl_ratio", "bits_per_weight", "bits_per_param", "bytes_packed", "bytes_zstd", "bytes_brotli",
-               "seconds")
+               "ppl_ratio", "bpb", "bpb_base", "delta_bpb", "bits_per_weight", "bits_per_param", "bytes_packed",
+               "bytes_file", "bytes_zstd", "bytes_brotli", "seconds")
 
 
 def default_device() -> str:
@@ -118,7 +119,7 @@ def run_spec(spec: Spec | dict, json_path: str | Path | None = None, db_url: str
     doc = {
         "title": spec.title, "hypothesis": spec.hypothesis, "spec": spec.to_dict(), "spec_hash": spec.spec_hash(),
         "model": spec.model, "model_hash": lm.model_hash, "eval_fingerprint": es.fingerprint,
-        "eval_tokens_scored": es.n_scored, "n_params": lm.n_params, "environment": env, "arms": {},
+        "eval_tokens_scored": es.n_scored, "eval_bytes_scored": eval_bytes(es, lm.tokenizer), "n_params": lm.n_params, "environment": env, "arms": {},
     }
     done = _stored_seeds(json_path)
     led = exp_id = None
@@ -146,7 +147,7 @@ def run_spec(spec: Spec | dict, json_path: str | Path | None = None, db_url: str
             cfg = arm.model_dump(mode="json")
             key = arm_key(cfg, lm.model_hash, es.fingerprint)
             entry = doc["arms"].setdefault(name, {"key": key, "config": cfg, "seeds": {}})
-            seeded = recipe.uses_seed
+            seeded = recipe.uses_seed or arm.seeded and arm.allocate is not None
             first_result = None
             for seed in spec.seeds:
                 stored = done.get((key, seed)) or in_ledger.get((name, seed))
@@ -159,18 +160,27 @@ def run_spec(spec: Spec | dict, json_path: str | Path | None = None, db_url: str
                     entry["seeds"][str(seed)] = res
                     per_token = first_per_token
                 else:
-                    if recipe.needs_calibration and calib_stream is None:
+                    if (recipe.needs_calibration or arm.allocate is not None) and calib_stream is None:
                         calib_stream = lm.text_tokens(spec.data.calib.source, "train")
+                    info: dict = {}
                     res, per_token = _run_arm(lm, recipe, name, seed, es, ref, device, ev.batch, spec,
-                                              calib_stream, bars, compress)
+                                              calib_stream, bars, compress, doc["eval_bytes_scored"], info)
                     entry["seeds"][str(seed)] = res
+                    if "allocation" in info:  # the chosen codec per group: `allocate.assignment` reruns it
+                        entry.setdefault("allocations", {})[str(seed)] = info["allocation"]
+                        if led is not None and info["allocation"].get("measured"):
+                            from quantatlas.quant.sensitivity import Sensitivity
+
+                            sens = info["allocation"]["sensitivity"]
+                            led.record_sensitivity(exp_id, name, seed, sens, Sensitivity.from_dict(sens).rows(),
+                                                   lm.model_hash)
                     first_result, first_per_token = res, per_token
                 if json_path:
                     _write_json(json_path, doc)
                 if led is not None:
                     led.record_run(exp_id, name, seed, res, per_token, env, lm.model_hash, es.fingerprint)
     if led is not None and spec.control is not None:
-        doc["verdicts"] = led.verdicts(exp_id)
+        doc["verdicts"] = mark_over_cap(led.verdicts(exp_id), doc)
     doc["seconds"] = round(time.time() - t_start, 2)
     if json_path:
         _write_json(json_path, doc)
@@ -178,13 +188,26 @@ def run_spec(spec: Spec | dict, json_path: str | Path | None = None, db_url: str
 
 
 def quantize_arm(lm: LoadedModel, spec: Spec, name: str, seed: int, recipe: Recipe | None = None,
-                 calib_stream: np.ndarray | None = None, bars=None):
-    """A quantized copy of the model for one arm and seed: (model, packed tensors by parameter name)."""
-    recipe = recipe or build_recipe(spec.arms[name], f"arms.{name}")
+                 calib_stream: np.ndarray | None = None, bars=None, info: dict | None = None):
+    """A quantized copy of the model for one arm and seed: (model, packed tensors by parameter name).
+    An arm with `allocate:` is resolved first (quant/sensitivity.py); `info["allocation"]` gets its choice."""
+    arm = spec.arms[name]
+    recipe = recipe or build_recipe(arm, f"arms.{name}")
+    calib = None
+    if arm.allocate is not None:
+        from quantatlas.quant.sensitivity import allocated_arm
+
+        if calib_stream is None:
+            calib_stream = lm.text_tokens(spec.data.calib.source, "train")
+        c = arm.calib or spec.data.calib
+        calib = calibration_tokens(calib_stream, c.samples, c.seq_len, seed)
+        arm, allocation = allocated_arm(lm, arm, calib, seed)
+        recipe = build_recipe(arm, f"arms.{name}")
+        if info is not None:
+            info["allocation"] = allocation
     torch.manual_seed(seed)
     model = copy.deepcopy(lm.model)
-    calib = None
-    if recipe.needs_calibration:
+    if recipe.needs_calibration and calib is None:
         if calib_stream is None:
             calib_stream = lm.text_tokens(spec.data.calib.source, "train")
         c = spec.arms[name].calib or spec.data.calib
@@ -197,19 +220,50 @@ def quantize_arm(lm: LoadedModel, spec: Spec, name: str, seed: int, recipe: Reci
     return model, packed
 
 
-def _run_arm(lm, recipe, name, seed, es, ref, device, batch, spec, calib_stream, bars, compress=True):
+def _run_arm(lm, recipe, name, seed, es, ref, device, batch, spec, calib_stream, bars, compress=True,
+             n_bytes: int | None = None, info: dict | None = None):
     t0 = time.time()
-    model, packed = quantize_arm(lm, spec, name, seed, recipe, calib_stream, bars)
-    runtime_bits = attach_runtime(model, recipe, seed)  # KV-cache and activation steps act in the evaluation
+    model, packed = quantize_arm(lm, spec, name, seed, recipe, calib_stream, bars, info)
+    runtime_bits = attach_runtime(model, recipe, seed, ctx=es.ctx)  # KV-cache and activation steps act in the evaluation
     metrics = evaluate(model, es, ref, device, batch, bars.task(f"{name} seed {seed}: evaluate", es.n_scored))
     stats = kld_statistics(metrics)
-    sizes = artifact_of(model, packed).measure(compress)
+    art = artifact_of(model, packed)
+    sizes = art.measure(compress, seed)
     res = {k: float(v) for k, v in stats.items()}
+    if n_bytes:  # bits per byte of the eval text, and its change against the fp model (eval/bpb.py)
+        res.update(bpb_metrics(metrics, n_bytes))
     res.update({k: float(v) for k, v in sizes.items()})
+    if spec.artifact is not None:  # the real file's bytes after the cap's compressor
+        res.update(cap_check(art.to_bytes(seed), spec.artifact.max_bytes, spec.artifact.compressor))
     res.update(runtime_bits)
     res["seconds"] = round(time.time() - t0, 3)
     del model
     return res, metrics.kld.astype(np.float32)
+
+
+def over_cap_arms(doc: dict) -> dict[str, float]:
+    """Arms whose artifact exceeds the spec's `artifact:` cap in any seed: arm -> largest compressed bytes."""
+    out = {}
+    for name, arm in doc.get("arms", {}).items():
+        sizes = [r["artifact_bytes"] for r in arm["seeds"].values() if r.get("over_cap")]
+        if sizes:
+            out[name] = max(sizes)
+    return out
+
+
+def mark_over_cap(verdicts: list[dict], doc: dict) -> list[dict]:
+    """Verdicts with `over_cap: true` and the text prefixed for arms whose artifact exceeds the cap."""
+    over = over_cap_arms(doc)
+    cap = (doc.get("spec") or {}).get("artifact") or {}
+    out = []
+    for v in verdicts or []:
+        v = dict(v)
+        if v.get("arm") in over:
+            v["over_cap"] = True
+            v["text"] = (f"OVER THE ARTIFACT CAP ({over[v['arm']]:.0f} > {cap.get('max_bytes')} bytes "
+                         f"{cap.get('compressor')}); " + str(v.get("text", "")))
+        out.append(v)
+    return out
 
 
 def format_table(doc: dict, width: int = 160) -> str:
@@ -222,14 +276,19 @@ def format_table(doc: dict, width: int = 160) -> str:
 
     verdicts = {v.get("arm"): v for v in doc.get("verdicts", []) or []}
     runs = {name: list(arm["seeds"].values()) for name, arm in doc["arms"].items() if arm["seeds"]}
-    has = {k: any(k in r for rs in runs.values() for r in rs) for k in ("kv_bits", "act_bits", "bytes_zstd")}
+    has = {k: any(k in r for rs in runs.values() for r in rs)
+           for k in ("kv_bits", "act_bits", "bytes_zstd", "delta_bpb", "artifact_bytes")}
+    over = over_cap_arms(doc)
+    cap = (doc.get("spec") or {}).get("artifact") or {}
     table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
     table.add_column("arm", no_wrap=True)
     for col in ["bits/wt", "bits/param"] + (["KV bits"] if has["kv_bits"] else []) + \
             (["act bits"] if has["act_bits"] else []):
         table.add_column(col, justify="right")
     table.add_column("KLD mean ± SE")
-    for col in ("KLD p99", "same-top", "PPL ratio", "zstd MB", "seeds"):
+    for col in ("KLD p99", "same-top", "PPL ratio") + (("Δbpb",) if has["delta_bpb"] else ()) + ("zstd MB",) + \
+            ((f"{cap.get('compressor', '')} MB / cap {cap.get('max_bytes', 0) / 1e6:g}",) if has["artifact_bytes"] else ()) + \
+            ("seeds",):
         table.add_column(col, justify="right")
     if verdicts:
         table.add_column("verdict")
@@ -242,10 +301,15 @@ def format_table(doc: dict, width: int = 160) -> str:
         row = [name, f"{m('bits_per_weight'):.3f}", f"{m('bits_per_param'):.3f}"]
         row += [f"{m('kv_bits'):.3f}" if "kv_bits" in rs[0] else "16"] if has["kv_bits"] else []
         row += [f"{m('act_bits'):.3f}" if "act_bits" in rs[0] else "16"] if has["act_bits"] else []
-        row += [kld, f"{m('kld_p99'):.4g}", f"{100 * m('same_top'):.2f}%", f"{m('ppl_ratio'):.4f}",
-                f"{m('bytes_zstd') / 1e6:.3f}" if "bytes_zstd" in rs[0] else "-", str(len(rs))]
+        row += [kld, f"{m('kld_p99'):.4g}", f"{100 * m('same_top'):.2f}%", f"{m('ppl_ratio'):.4f}"]
+        row += [f"{m('delta_bpb'):+.4f}" if "delta_bpb" in rs[0] else "-"] if has["delta_bpb"] else []
+        row.append(f"{m('bytes_zstd') / 1e6:.3f}" if "bytes_zstd" in rs[0] else "-")
+        if has["artifact_bytes"]:
+            size = max((r["artifact_bytes"] for r in rs if "artifact_bytes" in r), default=None)
+            row.append("-" if size is None else f"{size / 1e6:.3f}" + (" OVER" if name in over else ""))
+        row.append(str(len(rs)))
         if verdicts:
-            row.append(verdicts.get(name, {}).get("result", ""))
+            row.append(verdicts.get(name, {}).get("result", "") + (" (over cap)" if name in over else ""))
         table.add_row(*row)
     out = StringIO()
     Console(file=out, width=width, color_system=None, highlight=False).print(table)

@@ -13,6 +13,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, ValidationE
                       model_serializer)
 
 from quantatlas.quant.act import ActConfig
+from quantatlas.quant.allocate import AllocateConfig
 from quantatlas.quant.config import ConfigError, config_field, error_parts, parse_config, pydantic_error
 from quantatlas.quant.kv import KVCacheConfig
 
@@ -51,6 +52,13 @@ class Criterion(_Strict):
     alpha: float = Field(0.01, gt=0, lt=1)
 
 
+class ArtifactCap(_Strict):
+    """A hard cap on the artifact file's bytes after compression (the parameter-golf track):
+    arms whose artifact exceeds it are marked over the cap in tables and verdicts."""
+    max_bytes: int = Field(gt=0)
+    compressor: Literal["zstd-22", "brotli-11"] = "zstd-22"
+
+
 def _known_solver(name: str | None) -> str | None:
     from quantatlas.quant.config import registry
 
@@ -82,8 +90,19 @@ class Arm(_Strict):
     act: ActConfig | None = None
     #: null: inferred from the recipe (see `seeded`); true/false: the author says so
     deterministic: bool | None = None
+    #: choose a codec per tensor group within a bit budget (quant/allocate.py, quant/sensitivity.py)
+    allocate: AllocateConfig | None = None
 
     _solver = field_validator("solver")(classmethod(lambda cls, v: _known_solver(v)))
+
+    @field_validator("allocate")
+    @classmethod
+    def _allocate_has_a_base(cls, v, info: ValidationInfo):
+        if v is not None and "codec" in info.data and info.data["codec"] is None:
+            raise ValueError("allocate needs the arm's codec: the base every group starts from")
+        if v is not None and getattr(info.data.get("codec"), "name", None) == "gguf":
+            raise ValueError("allocate works from one base codec, not a gguf mixture")
+        return v
 
     @field_validator("solver_options", mode="before")
     @classmethod
@@ -116,7 +135,9 @@ class Arm(_Strict):
         rotation signs, k-means starts). `deterministic: true` in the spec says they do not."""
         if self.deterministic is not None:
             return not self.deterministic
-        configs = [self.codec, self.solver_options, *self.transforms]
+        configs = [self.codec, self.solver_options, *self.transforms, self.kv, self.act]
+        if self.allocate is not None and self.allocate.assignment is None:
+            return True  # measured on a seed's calibration draw
         for o in self.overrides:
             configs.append(o.codec)
             if o.solver is not None:
@@ -137,6 +158,7 @@ class Spec(_Strict):
     #: the arm that stands for the experiment in the list (default: the best treatment)
     primary: str | None = None
     criterion: Criterion = Criterion()
+    artifact: ArtifactCap | None = None  # e.g. {max_bytes: 16000000, compressor: zstd-22}
 
     @field_validator("control", "primary")
     @classmethod

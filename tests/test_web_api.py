@@ -391,3 +391,27 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_landscape_plots_kld_against_kv_bits_per_value(tmp_path):
+    """Arms that quantize the KV cache are drawn against their bits per stored K/V value; arms without
+    a cache step are listed as not drawn on that axis."""
+    url = f"sqlite:///{tmp_path / 'kv.db'}"
+    led = Ledger(url)
+    exp = led.register_experiment({"title": "kv", "control": "q8", "arms": {
+        "q8": {"kv": {"k": "q8_0", "v": "q8_0"}}, "q4": {"kv": {"k": "q4_0", "v": "q4_0"}},
+        "w4": {"codec": {"uniform": {"bits": 4}}}}})
+    for arm, kld, kv_bits in (("q8", 1e-5, 8.5), ("q4", 4e-3, 4.5), ("w4", 2e-3, None)):
+        for s in (0, 1, 2):
+            m = {"kld_mean": kld * (1 + 0.01 * s), "bits_per_weight": 16.0 if kv_bits else 4.125}
+            if kv_bits:
+                m.update(kv_bits=kv_bits, kv_bits_k=kv_bits, kv_bits_v=kv_bits)
+            led.record_run(exp, arm, s, m, np.full(64, m["kld_mean"], np.float32), ENV, "mh", "ev")
+    with TestClient(create_app(url)) as client:
+        data = client.get("/api/landscape", params={"bits": "kv_bits"}).json()
+        assert data["bits"] == "kv_bits"
+        (g,) = data["groups"]
+        assert sorted((p["arm"], p["bits"]) for p in g["points"]) == [("q4", 4.5), ("q8", 8.5)]
+        assert [(p["arm"], p["why"]) for p in g["not_drawn"]] == [("w4", "no kv_bits")]
+        assert {p["arm"] for p in g["points"] if p["pareto"]} == {"q4", "q8"}
+        assert client.get("/landscape", params={"bits": "kv_bits"}).status_code == 200

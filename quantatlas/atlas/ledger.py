@@ -379,6 +379,62 @@ class Ledger:
         s.flush()
         return rid, True
 
+    # ---- sensitivity (issue 17) ------------------------------------------------------------
+
+    def record_sensitivity(self, exp_id: str, arm: str, seed: int, sens: dict, rows: list[dict],
+                           model_hash: str) -> int:
+        """Store one sensitivity measurement (quant/sensitivity.py: `Sensitivity.to_dict()` and its
+        ROI `rows`) of an arm x calibration seed; a repeat by the same contributor replaces it."""
+        from quantatlas.atlas.models import SensitivityResult
+
+        def finite(x):  # JSON columns hold no inf/nan (PostgreSQL refuses them): null instead
+            if isinstance(x, float):
+                return x if math.isfinite(x) else None
+            if isinstance(x, dict):
+                return {k: finite(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return [finite(v) for v in x]
+            return x
+
+        def write(s: Session) -> int:
+            exp = self._experiment(s, exp_id)
+            who = self._contributor(s, self.contributor)
+            grouping = str(sens["grouping"])
+            old = s.scalars(select(SensitivityResult).where(
+                SensitivityResult.experiment_id == exp.id, SensitivityResult.arm == arm,
+                SensitivityResult.seed == int(seed), SensitivityResult.contributor_id == who.id,
+                SensitivityResult.model_hash == model_hash, SensitivityResult.grouping == grouping)).first()
+            if old is not None:
+                s.delete(old)
+                s.flush()
+            row = SensitivityResult(experiment_id=exp.id, arm=arm, seed=int(seed), contributor_id=who.id,
+                                    model_hash=model_hash, base=str(sens["base"])[:300], grouping=grouping,
+                                    kld_base=float(sens["kld_base"]), calib_tokens=int(sens["calib_tokens"]),
+                                    forward_passes=int(sens["forward_passes"]), rows=finite(rows), data=finite(sens))
+            s.add(row)
+            s.flush()
+            return row.id
+
+        return self._writing(write)
+
+    def sensitivities(self, exp_id: str | None = None) -> list[dict]:
+        """Stored sensitivity measurements (of one experiment, or all), newest first."""
+        from quantatlas.atlas.models import SensitivityResult
+
+        with self._reading() as s:
+            q = select(SensitivityResult, Contributor.name).join(
+                Contributor, Contributor.id == SensitivityResult.contributor_id)
+            if exp_id is not None:
+                q = q.where(SensitivityResult.experiment_id == self._experiment(s, exp_id).id)
+            out = []
+            for r, who in s.execute(q.order_by(SensitivityResult.id.desc())).all():
+                out.append({"id": r.id, "experiment_id": r.experiment_id, "arm": r.arm, "seed": r.seed,
+                            "contributor": who, "model_hash": r.model_hash, "base": r.base, "grouping": r.grouping,
+                            "kld_base": r.kld_base, "calib_tokens": r.calib_tokens,
+                            "forward_passes": r.forward_passes, "rows": r.rows, "data": r.data,
+                            "created_at": r.created_at.isoformat() if r.created_at else None})
+            return out
+
     def runs(self, exp_id: str) -> list[dict]:
         """Every run of an experiment, oldest first, with metrics (and per-token KLD arrays)."""
         with self._reading() as s:

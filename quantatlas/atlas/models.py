@@ -201,3 +201,26 @@ class ContributedTag(Base):
     experiment_id: Mapped[str] = mapped_column(ForeignKey("experiment.id"), primary_key=True)
     contributor_id: Mapped[int] = mapped_column(ForeignKey("contributor.id"), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
+
+
+class SensitivityResult(Base):
+    """One sensitivity measurement (quant/sensitivity.py) of an arm x calibration seed: ΔKLD and
+    Δbits of moving each tensor group from the arm's codec to each candidate, on calibration tokens.
+    `rows` is the ROI table (best buy first); `data` the whole measurement, enough to re-allocate."""
+    __tablename__ = "sensitivity"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    experiment_id: Mapped[str] = mapped_column(ForeignKey("experiment.id"), index=True)
+    arm: Mapped[str] = mapped_column(String(200))
+    seed: Mapped[int] = mapped_column(Integer)
+    contributor_id: Mapped[int] = mapped_column(ForeignKey("contributor.id"))
+    model_hash: Mapped[str] = mapped_column(String(64))
+    base: Mapped[str] = mapped_column(String(300))
+    grouping: Mapped[str] = mapped_column(String(20))
+    kld_base: Mapped[float] = mapped_column(Float)
+    calib_tokens: Mapped[int] = mapped_column(Integer)
+    forward_passes: Mapped[int] = mapped_column(Integer)
+    rows: Mapped[list] = mapped_column(JSONValue)
+    data: Mapped[dict] = mapped_column(JSONValue)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    __table_args__ = (UniqueConstraint("experiment_id", "arm", "seed", "contributor_id", "model_hash", "grouping",
+                                       name="uq_sensitivity_run"),)

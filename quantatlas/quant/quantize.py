@@ -69,8 +69,10 @@ def quantize_model(model: torch.nn.Module, recipe: Recipe, calib: torch.Tensor |
         t.apply(model, calib, seed)
     plans = [p for p in recipe.plan(tensors_to_quantize(model, recipe), model) if p.codec is not None]
     run_codecs: dict[int, object] = {}
-    for p in plans:  # one per-run codec per recipe codec (a turbo rotation is built once)
+    run_solvers: dict[int, object] = {}
+    for p in plans:  # one per-run codec per recipe codec (a turbo rotation is built once); solvers likewise
         p.codec = run_codecs.setdefault(id(p.codec), p.codec.for_run(seed))
+        p.solver = run_solvers.setdefault(id(p.solver), p.solver.for_run(seed))
     importance = {}
     if recipe.mixture is not None and recipe.mixture.imatrix:
         from quantatlas.quant.imatrix import compute_imatrix
@@ -94,9 +96,10 @@ def quantize_model(model: torch.nn.Module, recipe: Recipe, calib: torch.Tensor |
     return packed
 
 
-def attach_runtime(model, recipe: Recipe, seed: int) -> dict[str, float]:
+def attach_runtime(model, recipe: Recipe, seed: int, ctx: int | None = None) -> dict[str, float]:
     """The KV-cache and activation steps: hooks that act in every later forward pass. Returns
-    their bits per stored value (kv_bits_k, kv_bits_v, kv_bits, act_bits)."""
+    their bits per stored value (kv_bits_k, kv_bits_v, kv_bits, act_bits); `ctx`, the eval window,
+    counts a KV cache's fp16 residual/sink tokens at that length (quant/kv.py)."""
     bits: dict[str, float] = {}
     if recipe.kv is not None:
         from quantatlas.models.layout import layout
@@ -105,12 +108,12 @@ def attach_runtime(model, recipe: Recipe, seed: int) -> dict[str, float]:
         kv = KVCacheQuantizer(recipe.kv, seed)
         kv.attach(model)
         head_dim = next(layer.head_dim for layer in layout(model).layers)
-        bits.update(kv.bits(head_dim))
+        bits.update(kv.bits(head_dim, ctx))
     if recipe.act is not None:
         from quantatlas.quant.act import ActivationQuantizer
 
         act = ActivationQuantizer(recipe.act, seed)
-        act.attach(model)
+        act.attach(model, recipe)  # the recipe: each Linear's weight type, for llamacpp_cpu
         bits.update(act.bits())
     return bits
 

@@ -93,7 +93,7 @@ class Recipe:
         codecs = [self.codec] + [c for _, c, _ in self.overrides]
         runtime = [c for c in (self.kv, self.act) if c is not None]
         return self.needs_calibration or any(c is not None and c.seeded for c in codecs) or \
-            any(c.seeded for c in runtime)
+            any(c.seeded for c in runtime) or any(s.seeded for s in self.solvers)
 
     @property
     def needs_calibration(self) -> bool:

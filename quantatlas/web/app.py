@@ -374,6 +374,22 @@ def create_app(db_url: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY
     def left_page():
         return page("left.html", nav="left", data=land.left_to_try(led))
 
+    @app.get("/sensitivity", response_class=HTMLResponse, include_in_schema=False)
+    def sensitivity_page(experiment: Optional[str] = None, limit: int = Query(40, ge=1, le=10000)):
+        """Stored sensitivity measurements, each as its ranked ROI table (issue 17)."""
+        try:
+            data = led.sensitivities(experiment)
+        except LedgerError as e:
+            raise HTTPException(404, str(e)) from None
+        return page("sensitivity.html", nav="sensitivity", data=data, limit=limit)
+
+    @app.get("/api/sensitivity", tags=["read"], summary="Sensitivity measurements: ΔKLD and Δbits per tensor group")
+    def api_sensitivity(experiment: Optional[str] = Query(None, description="only this experiment")) -> list[dict]:
+        try:
+            return [{k: v for k, v in r.items() if k != "data"} for r in led.sensitivities(experiment)]
+        except LedgerError as e:
+            raise HTTPException(404, str(e)) from None
+
     @app.get("/api", response_class=HTMLResponse, include_in_schema=False)
     def api_page():
         return page("api.html", nav="api", spec=app.openapi())

@@ -20,7 +20,8 @@ from quantatlas.web.techniques import bit_budget, compatible, is_llamacpp_format
 if TYPE_CHECKING:
     from quantatlas.atlas.ledger import Ledger
 
-BITS_METRICS = ("bits_per_weight", "bits_per_param")
+#: x axes: weight bits, whole-model bits, and bits per stored KV-cache / activation value
+BITS_METRICS = ("bits_per_weight", "bits_per_param", "kv_bits", "act_bits")
 VERDICTS = ("success", "failure", "inconclusive", "conflict")
 
 

@@ -8,6 +8,7 @@ Statistics (per tensor, from its calibration inputs x, N rows):
 """
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -28,3 +29,25 @@ class Solver(ABC):
 
     def config(self) -> dict:
         return {} if self.cfg is None else self.cfg.options()
+
+    @property
+    def seeded(self) -> bool:
+        return bool(self.cfg is not None and self.cfg.seeded)
+
+    #: the experiment seed of the run (set by `for_run`); solvers with random parts derive them from it
+    run_seed: int = 0
+    _tensors: int = 0
+
+    def for_run(self, seed: int) -> "Solver":
+        """The solver a run with this experiment seed uses (as `Codec.for_run`): a copy that knows
+        the seed and counts the matrices it solves, so each gets its own random signs."""
+        run = copy.copy(self)
+        run.run_seed, run._tensors = int(seed), 0
+        return run
+
+    def next_tensor_seed(self) -> int:
+        """A seed for the next matrix of this run (deterministic: matrices are solved in a fixed order)."""
+        from quantatlas.quant.incoherence import tensor_seed
+
+        self._tensors += 1
+        return tensor_seed(self.run_seed, self._tensors - 1)

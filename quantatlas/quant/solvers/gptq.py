@@ -83,6 +83,8 @@ class GPTQConfig(SolverConfig):
     act_order: bool = False
     static_groups: bool = False
     importance_from_hessian: bool = True
+    #: random-sign Hadamard on both sides of W and H ← V H Vᵀ (quant/incoherence.py), signs from the run seed
+    incoherence: bool = False
 
     def build(self):
         return GPTQ(self)
@@ -107,8 +109,16 @@ class GPTQ(Solver):
     def solve(self, W, stats, codec):
         opts = self.cfg.model_dump()
         cross = stats.get("cross") if "cross" in self.needs else None
-        w_hat, packed, _info = gptq(W, stats["hessian"], codec, H_cross=cross, **opts)
-        return w_hat, packed
+        if not opts.pop("incoherence"):
+            w_hat, packed, _info = gptq(W, stats["hessian"], codec, H_cross=cross, **opts)
+            return w_hat, packed
+        # incoherence processing: solve W' = U W Vᵀ against H' = V H Vᵀ, return Ŵ = Uᵀ Ŵ' V
+        from quantatlas.quant.incoherence import Incoherence
+
+        inc = Incoherence(*W.shape, self.next_tensor_seed())
+        w_rot, packed, _info = gptq(inc.weight(W.double()), inc.hessian(stats["hessian"].double()), codec,
+                                    H_cross=None if cross is None else inc.hessian(cross.double()), **opts)
+        return inc.unweight(w_rot.double()).float(), inc.wrap(packed)
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, codec: Codec, *, block_size: int = 128, damp: float = 0.01,

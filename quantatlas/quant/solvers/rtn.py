@@ -9,6 +9,12 @@ from quantatlas.quant.solvers.base import Solver
 
 class RTNConfig(SolverConfig):
     name = "rtn"
+    #: random-sign Hadamard on both sides of W before the codec (quant/incoherence.py), for ablations
+    incoherence: bool = False
+
+    @property
+    def seeded(self) -> bool:  # the signs follow the run seed
+        return self.incoherence
 
     def build(self):
         return RTN(self)
@@ -20,7 +26,13 @@ class RTN(Solver):
     name = "rtn"
 
     def solve(self, W, stats, codec):
-        return rtn(W, codec, importance=(stats or {}).get("sq_mean"))
+        if self.cfg is None or not self.cfg.incoherence:
+            return rtn(W, codec, importance=(stats or {}).get("sq_mean"))
+        from quantatlas.quant.incoherence import Incoherence
+
+        inc = Incoherence(*W.shape, self.next_tensor_seed())   # an imatrix does not survive the rotation
+        w_rot, packed = rtn(inc.weight(W.double()).float(), codec)
+        return inc.unweight(w_rot.double()).float(), inc.wrap(packed)
 
 
 def rtn(W: torch.Tensor, codec: Codec, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, Packed]:

@@ -1,0 +1,362 @@
+"""QTIP's bitshift trellis codec (Tseng et al. 2024, "QTIP: Quantization with Trellises and
+Incoherence Processing"; the same trellis is exllamav3's EXL3 format).
+
+The trellis. A tile of T weights (here: T consecutive columns of one row) is read as n = T/V
+steps of V weights. A path through the trellis is a cyclic bit string b of n·K·V bits (K bits per
+weight); step i is in state
+
+    s_i = b[i·KV .. i·KV + L)  (L bits, most significant first, indices mod n·KV),
+
+so s_{i+1} = ((s_i << KV) mod 2^L) | (KV new bits): each step shifts K·V new bits in. The
+reconstruction of step i is a fixed function of the state, c(s_i) ∈ R^V, times the scale σ of
+the row (or group). Storage is exactly the string b: K bits per weight, plus the fp16 scales.
+Because the string is cyclic ("tail-biting"), the last state's low L-KV bits equal the first
+state's high L-KV bits, and nothing else is stored.
+
+Codes c(s) (QTIP's `bitshift.py` definitions, re-derived here):
+  * `1mad` (V = 1): x = (34038481·s + 76625530) mod 2³²; c = (sum of x's four bytes − 510) / 147.800537109375
+    (the sum of four uniform bytes is close to Gaussian; 147.8 ≈ its standard deviation).
+  * `3inst` (V = 1): x = (89226354·s + 64248484) mod 2³²; y = (x AND 0x8FFF8FFF) XOR 0x3B603B60;
+    c = fp16(high 16 bits of y) + fp16(low 16 bits), the sum rounded to fp16.
+  * `hyb` (V = 2): a table of 2^Q two-dimensional points (k-means centroids of a 2-D Gaussian,
+    rescaled to per-coordinate RMS √(15/16) = 0.968245836…), indexed by bits Q..1 above bit
+    16−Q−1 of h = s(s+1): c = table[(h >> (16−Q−1)) mod 2^Q], first coordinate negated when bit 15
+    of h is set. Q = 9 in QTIP. The centroids are a fixed function of Q (seeded k-means, below).
+  * `gaussian` (V = 1 or 2): a plain table of 2^L i.i.d. N(0, 1) vectors drawn from `table_seed`.
+No table is stored: every code is a function of the config (as a codebook is for lloyd_max).
+
+The search. Viterbi over the 2^L states, vectorised over many tiles at once in torch (CPU or
+CUDA): the predecessors of s are {(s >> KV) | h << (L−KV)}, shared by the 2^KV states with the same
+s >> KV, so one step is "min over h of cost viewed as [2^KV, 2^(L−KV)]" plus the new errors viewed
+as [2^(L−KV), 2^KV]: reshapes, no gathers. Back pointers h are kept as bytes.
+Tail-biting as QTIP does it: a first, unconstrained Viterbi on the tile rotated by n/2 steps gives
+the state at the original step 0 and so its high L−KV bits o; a second Viterbi on the tile itself
+is constrained to start in a state whose high bits are o and to end in one whose low bits are o.
+(This is QTIP's heuristic, not the best tail-biting path; tests compare both with brute force.)
+The cost of a step is ‖σ⁻¹w − c(s)‖² (the constant ‖σ⁻¹w‖² dropped), in float32.
+
+Work grows as T·2^L per tile: L = 12 quantizes the 4.8 M-parameter reference model on CPU in a
+few minutes; L = 16 (QTIP's and EXL3's setting) is 16× slower and meant for a GPU.
+
+Scales. One fp16 σ per row and `group` columns (null: per row; otherwise a multiple of T):
+σ = RMS(w) / RMS(c) · `scale_factor` (QTIP's Wscale, with its scale_override), so that σ⁻¹w has
+the codebook's RMS. Bits per weight: K + 16·groups/cols.
+
+Codes as `quantize` returns them: the states s_i, one per V columns, [rows, cols/V] int32, exactly
+the path the Viterbi found; `pack` checks that they form tail-biting paths and stores their bits.
+Tiles are 1×T here (QTIP and EXL3 use 16×16 tiles of the matrix for their kernels; the trellis
+and its distortion are the same, only which weights share a tile differs).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from quantatlas._lazy import no_grad, torch
+from quantatlas.quant.codecs.base import Codec, Packed, Quantized, pack_bits, unpack_bits
+from quantatlas.quant.config import CodecConfig
+
+FP16_MAX = 65504.0
+#: QTIP's HYB table RMS per coordinate (tlut / std · 0.9682458365518543 = √(15/16))
+HYB_RMS = 0.9682458365518543
+#: k-means of the HYB table: samples, iterations, seed
+HYB_SAMPLES, HYB_ITERS, HYB_SEED = 1 << 17, 40, 0
+#: bytes of back pointers (and float32 costs) one Viterbi batch may hold
+VITERBI_BYTES = 1 << 28
+
+
+class TrellisConfig(CodecConfig):
+    name = "trellis"
+    bits: int = Field(ge=1, le=8)                   # K: bits per weight
+    L: int = Field(16, ge=2, le=16)                  # state bits
+    V: int = Field(1, ge=1, le=2)                    # weights per step
+    T: int = Field(256, ge=2)                        # weights per tile (consecutive columns of a row)
+    code: Literal["1mad", "3inst", "hyb", "gaussian"] = "1mad"
+    Q: int = Field(9, ge=1, le=15)                   # HYB table bits
+    table_seed: int = Field(0, ge=0, lt=2 ** 63)     # the `gaussian` table's seed
+    group: int | None = Field(None, gt=0)            # columns per fp16 scale; null: one per row
+    scale_factor: float = Field(1.0, gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        kv = self.bits * self.V
+        if self.code in ("1mad", "3inst") and self.V != 1:
+            raise ValueError(f"code {self.code} has V = 1 (one weight per state), got V = {self.V}")
+        if self.code == "hyb" and self.V != 2:
+            raise ValueError(f"code hyb has V = 2 (two weights per state), got V = {self.V}")
+        if kv >= self.L:
+            raise ValueError(f"bits·V = {kv} must be below L = {self.L} (the state must remember something)")
+        if self.T % self.V:
+            raise ValueError(f"T = {self.T} must be a multiple of V = {self.V}")
+        if self.T * self.bits < self.L or self.T // self.V < 2:
+            raise ValueError(f"T = {self.T} is too short: a tile must store at least L = {self.L} bits "
+                             f"(T·bits = {self.T * self.bits}) over at least two steps")
+        if self.group is not None and self.group % self.T:
+            raise ValueError(f"group = {self.group} must be a multiple of the tile T = {self.T}")
+        return self
+
+    def build(self):
+        return Trellis(self)
+
+
+# ---- codes: c(s) for every state ----------------------------------------------------------------
+def _lcg(states: np.ndarray, a: int, b: int) -> np.ndarray:
+    return (states.astype(np.uint64) * np.uint64(a) + np.uint64(b)) & np.uint64(0xFFFFFFFF)
+
+
+def code_1mad(states: np.ndarray) -> np.ndarray:
+    x = _lcg(states, 34038481, 76625530)
+    total = sum((x >> np.uint64(8 * i)) & np.uint64(0xFF) for i in range(4)).astype(np.int64)
+    return ((total - 510).astype(np.float32) / np.float32(147.800537109375))[None, :]
+
+
+def code_3inst(states: np.ndarray) -> np.ndarray:
+    y = (_lcg(states, 89226354, 64248484) & np.uint64(0x8FFF8FFF)) ^ np.uint64(0x3B603B60)
+    hi = (y >> np.uint64(16)).astype(np.uint16).view(np.float16)
+    lo = (y & np.uint64(0xFFFF)).astype(np.uint16).view(np.float16)
+    return (hi + lo).astype(np.float32)[None, :]          # the sum in fp16, as the decoder adds it
+
+
+def code_hyb(states: np.ndarray, Q: int) -> np.ndarray:
+    h = states.astype(np.int64) * (states.astype(np.int64) + 1)
+    idx = (h >> (16 - Q - 1)) & ((1 << Q) - 1)
+    sign = 1.0 - 2.0 * ((h >> 15) & 1)
+    out = hyb_table(Q)[idx].T.copy()                     # [2, states]
+    out[0] *= sign
+    return out.astype(np.float32)
+
+
+@lru_cache(maxsize=None)
+def hyb_table(Q: int) -> np.ndarray:
+    """2^Q centroids of a 2-D standard Gaussian (Lloyd's k-means from a seeded start), scaled to
+    per-coordinate RMS HYB_RMS and rounded to fp16. Cached under $QUANTATLAS_CACHE/trellis."""
+    root = Path(os.environ.get("QUANTATLAS_CACHE", Path.home() / ".cache" / "quantatlas")) / "trellis"
+    path = root / f"hyb_Q{Q}_n{HYB_SAMPLES}_it{HYB_ITERS}_s{HYB_SEED}.npy"
+    if path.exists():
+        table = np.load(path)
+        if table.shape == (1 << Q, 2):
+            return table
+    table = _kmeans_gaussian(Q)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, table)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return table
+
+
+@no_grad
+def _kmeans_gaussian(Q: int) -> np.ndarray:
+    g = torch.Generator().manual_seed(HYB_SEED)
+    data = torch.randn(HYB_SAMPLES, 2, generator=g, dtype=torch.float64)
+    centers = torch.randn(1 << Q, 2, generator=g, dtype=torch.float64)
+    data32, chunk = data.float(), 1 << 14
+    for _ in range(HYB_ITERS):
+        c32 = centers.float()
+        c2 = c32.pow(2).sum(1)
+        assign = torch.cat([torch.addmm(c2, data32[i:i + chunk], c32.T, alpha=-2.0).argmin(1)
+                            for i in range(0, len(data), chunk)])
+        sums = torch.zeros_like(centers).index_add_(0, assign, data)
+        counts = torch.bincount(assign, minlength=len(centers)).to(data.dtype)
+        centers = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centers)
+    centers = centers / centers.pow(2).mean().sqrt() * HYB_RMS
+    return centers.numpy().astype(np.float16).astype(np.float32)
+
+
+@lru_cache(maxsize=32)
+def codebook_values(code: str, L: int, V: int, Q: int = 9, table_seed: int = 0) -> np.ndarray:
+    """c(s) for s = 0 .. 2^L − 1 as float32 [V, 2^L]."""
+    states = np.arange(1 << L, dtype=np.int64)
+    if code == "1mad":
+        return code_1mad(states)
+    if code == "3inst":
+        return code_3inst(states)
+    if code == "hyb":
+        return code_hyb(states, Q)
+    if code == "gaussian":
+        g = torch.Generator().manual_seed(table_seed)
+        return torch.randn(1 << L, V, generator=g).T.contiguous().numpy()
+    raise ValueError(f"unknown trellis code {code!r}")
+
+
+# ---- the search -------------------------------------------------------------------------------
+@no_grad
+def viterbi(x: torch.Tensor, lut: torch.Tensor, kv: int, start: torch.Tensor | None = None,
+            end: torch.Tensor | None = None, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """Minimum-cost state sequences for x [B, n, V] over the bitshift trellis with codebook lut [V, 2^L].
+
+    cost = Σ_i ‖x_i − lut[:, s_i]‖², s_{i+1} = ((s_i << kv) mod 2^L) | d. With `start` [B], s_0 must
+    have high L−kv bits start[b]; with `end` [B], s_{n−1} must have low L−kv bits end[b].
+    Returns the states [B, n] (int64). `buffer` (at least n·B·2^L float32) holds the path costs.
+
+    The forward pass keeps every step's path costs [n, B, 2^L] (float32) and no back pointers:
+    a min over the 2^kv predecessors without its argmin is several times cheaper in torch, and
+    the traceback recovers the argmin of the one predecessor set on the path at each step.
+    """
+    B, n, V = x.shape
+    S = lut.shape[1]
+    D, R = 1 << kv, S >> kv
+    lut = lut.to(x.device, torch.float32)[:, None, :]                   # [V, 1, S]
+    xs = x.to(torch.float32).permute(2, 1, 0).contiguous()[..., None]    # [V, n, B, 1]
+    rows = torch.arange(B, device=x.device)
+    if buffer is None or buffer.numel() < n * B * S:
+        buffer = torch.empty(n * B * S, dtype=torch.float32, device=x.device)
+    costs = buffer[:n * B * S].view(n, B, S)
+
+    def errors(t, out):
+        torch.sub(lut[0], xs[0, t], out=out).square_()
+        for v in range(1, V):
+            diff = lut[v] - xs[v, t]
+            out.addcmul_(diff, diff)
+        return out
+
+    cost = errors(0, costs[0])
+    if start is not None:
+        allowed = cost.view(B, R, D)[rows, start]
+        cost.fill_(math.inf)
+        cost.view(B, R, D)[rows, start] = allowed
+    for t in range(1, n):
+        best = cost.view(B, D, R).amin(dim=1)                 # best path into each s >> kv
+        cost = errors(t, costs[t])
+        cost.view(B, R, D).add_(best.unsqueeze(2))
+    states = torch.empty(B, n, dtype=torch.int64, device=x.device)
+    if end is not None:
+        last = cost.view(B, D, R)[rows, :, end].argmin(1) * R + end
+    else:
+        last = cost.argmin(1)
+    states[:, n - 1] = last
+    heads = torch.arange(D, device=x.device) * R
+    for t in range(n - 1, 0, -1):
+        prev = heads[None, :] + (last >> kv)[:, None]           # [B, D] the predecessors of the state
+        last = prev[rows, costs[t - 1].gather(1, prev).argmin(1)]
+        states[:, t - 1] = last
+    return states
+
+
+def tail_biting(x: torch.Tensor, lut: torch.Tensor, kv: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """QTIP's tail-biting search on x [B, n, V]: Viterbi on the sequence rotated by n/2 steps fixes the
+    high L−kv bits o of state 0; a second Viterbi starts at high bits o and ends at low bits o."""
+    shift = x.shape[1] // 2
+    overlap = viterbi(torch.roll(x, shift, dims=1), lut, kv, buffer=buffer)[:, shift] >> kv
+    return viterbi(x, lut, kv, start=overlap, end=overlap, buffer=buffer)
+
+
+def batched_tail_biting(x: torch.Tensor, lut: torch.Tensor, kv: int) -> torch.Tensor:
+    """tail_biting over B sequences in batches whose path costs fit in VITERBI_BYTES (CUDA: more)."""
+    B, n, _ = x.shape
+    budget = VITERBI_BYTES
+    if x.device.type == "cuda":
+        budget = max(budget, min(8 << 30, torch.cuda.mem_get_info(x.device)[0] // 4))
+    step = min(B, max(1, budget // (4 * n * lut.shape[1])))
+    if B == 0:
+        return torch.empty(0, n, dtype=torch.int64, device=x.device)
+    buffer = torch.empty(step * n * lut.shape[1], dtype=torch.float32, device=x.device)   # reused: pages touched once
+    return torch.cat([tail_biting(x[i:i + step], lut, kv, buffer) for i in range(0, B, step)])
+
+
+# ---- the codec -----------------------------------------------------------------------------------
+@dataclass
+class TrellisParams:
+    scale: torch.Tensor   # [rows] σ, rounded to fp16 (stored)
+
+
+class Trellis(Codec):
+    name = "trellis"
+
+    def __init__(self, cfg: TrellisConfig):
+        super().__init__(cfg)
+        self.K, self.L, self.V, self.T = cfg.bits, cfg.L, cfg.V, cfg.T
+        self.kv = self.K * self.V
+        self.n = self.T // self.V
+        self.group_size = cfg.group
+        self.block_width = cfg.T
+        values = codebook_values(cfg.code, cfg.L, cfg.V, cfg.Q, cfg.table_seed)
+        self._lut_cpu = torch.from_numpy(np.ascontiguousarray(values))
+        self._luts: dict[str, torch.Tensor] = {}
+        self.rms = float(np.sqrt(np.mean(values.astype(np.float64) ** 2)))
+
+    def lut(self, device) -> torch.Tensor:
+        key = str(device)
+        if key not in self._luts:
+            self._luts[key] = self._lut_cpu.to(device)
+        return self._luts[key]
+
+    # -- the steps -------------------------------------------------------------------------------
+    def group_of(self, cols: int) -> int:
+        if cols % self.T:
+            raise ValueError(f"trellis: {cols} columns are not a multiple of the tile T = {self.T}")
+        return super().group_of(cols)
+
+    def fit(self, w, importance=None):
+        rms = w.float().pow(2).mean(1).sqrt()
+        scale = rms / self.rms * self.cfg.scale_factor
+        return TrellisParams(scale.clamp(max=FP16_MAX).half().float())
+
+    def quantize(self, w, params, col=0):
+        rows, c = w.shape
+        if col % self.T or c % self.T or c == 0:
+            raise ValueError(f"trellis quantizes whole tiles of T = {self.T} columns: got columns {col}..{col + c} "
+                             f"(a solver must pass block_width = T columns)")
+        scale = params.scale.to(w.device)
+        inv = torch.where(scale > 0, 1.0 / scale.clamp_min(1e-30), torch.zeros_like(scale))
+        x = (w.float() * inv[:, None]).reshape(rows * (c // self.T), self.n, self.V)
+        states = batched_tail_biting(x, self.lut(w.device), self.kv)          # [rows·tiles, n]
+        values = self._values(states, scale.repeat_interleave(c // self.T)).reshape(rows, c)
+        return Quantized(values, states.reshape(rows, c // self.V).to(torch.int32))
+
+    def _values(self, states: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """[tiles, n] states and [tiles] scales -> [tiles, T] weights."""
+        lut = self.lut(states.device)
+        return (lut[:, states.long()].permute(1, 2, 0).reshape(states.shape[0], -1)) * scale[:, None]
+
+    def pack(self, codes, params):
+        rows, m = codes.shape
+        cols = m * self.V
+        self.group_of(cols)
+        states = codes.to(torch.int64).reshape(-1, self.n)
+        low = (1 << (self.L - self.kv)) - 1
+        if (states < 0).any() or (states >> self.L).any():
+            raise ValueError(f"trellis.pack: states must be in [0, 2^{self.L})")
+        if ((torch.roll(states, -1, dims=1) >> self.kv) != (states & low)).any():
+            raise ValueError("trellis.pack: the codes are not tail-biting trellis paths (a state's low L−KV bits "
+                             "must be the next state's high bits, cyclically)")
+        symbols = states >> (self.L - self.kv)                     # each step's first KV bits of the string
+        per_weight = torch.stack([(symbols >> (self.K * (self.V - 1 - v))) & ((1 << self.K) - 1)
+                                  for v in range(self.V)], -1)    # [tiles, n, V] K-bit pieces, high first
+        scale = torch.stack([p.scale for p in params], 1)          # [rows, groups]
+        return Packed(self.name, self.config(), (rows, cols),
+                      {"codes": pack_bits(per_weight, self.K), "scale": scale.half()})
+
+    def unpack_states(self, packed: Packed) -> torch.Tensor:
+        """The states [tiles, n] of a pack: each state is L bits of the tile's cyclic bit string."""
+        rows, cols = packed.shape
+        tiles = rows * cols // self.T
+        pieces = unpack_bits(packed.data["codes"], self.K, rows * cols).reshape(tiles, self.n, self.V)
+        symbols = sum(pieces[..., v] << (self.K * (self.V - 1 - v)) for v in range(self.V))   # [tiles, n]
+        m = -(-self.L // self.kv)                                  # symbols that cover L bits
+        window = sum(torch.roll(symbols, -j, dims=1) << (self.kv * (m - 1 - j)) for j in range(m))
+        return window >> (m * self.kv - self.L)
+
+    def decode(self, packed):
+        rows, cols = packed.shape
+        g = self.group_of(cols)
+        scale = packed.data["scale"].float()                       # [rows, groups]
+        states = self.unpack_states(packed).to(scale.device)
+        per_tile = scale.repeat_interleave(g // self.T, dim=1).reshape(-1)
+        return self._values(states, per_tile).reshape(rows, cols)
+
+    def bits_per_weight(self, shape):
+        """From an actual pack of a valid path (all states 0), without running the search."""
+        rows, cols = shape
+        g = self.group_of(cols)
+        zero = TrellisParams(torch.zeros(rows))
+        return self.pack(torch.zeros(rows, cols // self.V, dtype=torch.int32), [zero] * (cols // g)).bits_per_weight

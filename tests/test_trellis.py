@@ -1,0 +1,237 @@
+"""The bitshift trellis codec (quantatlas/quant/codecs/trellis.py): its codes against their
+definitions computed here in plain Python, the Viterbi against exhaustive search over all paths
+(tiny L and T), QTIP's tail-biting, exact K·T bits per tile, decode(pack(codes)) == quantize
+values, and the codec inside GPTQ and the runner."""
+from __future__ import annotations
+
+import itertools
+import math
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from quantatlas.quant.codecs import make_codec
+from quantatlas.quant.codecs.trellis import (HYB_RMS, codebook_values, hyb_table, tail_biting, viterbi)
+from quantatlas.quant.config import ConfigError, parse_config
+
+
+# ---- the codes, from their published definitions ----------------------------------------------
+def _fp16(bits16: int) -> float:
+    return struct.unpack("<e", bits16.to_bytes(2, "little"))[0]
+
+
+def _round_fp16(x: float) -> float:
+    return struct.unpack("<e", struct.pack("<e", x))[0]
+
+
+def _1mad(s: int) -> float:
+    x = (34038481 * s + 76625530) % 2 ** 32
+    return (sum((x >> (8 * i)) & 255 for i in range(4)) - 510) / 147.800537109375
+
+
+def _3inst(s: int) -> float:
+    y = (((89226354 * s + 64248484) % 2 ** 32) & 0x8FFF8FFF) ^ 0x3B603B60
+    return _round_fp16(_fp16(y >> 16) + _fp16(y & 0xFFFF))
+
+
+STATES = [0, 1, 2, 3, 255, 4096, 12345, 40000, 65535]
+
+
+def test_1mad_and_3inst_match_their_definitions():
+    one, three = codebook_values("1mad", 16, 1)[0], codebook_values("3inst", 16, 1)[0]
+    for s in STATES:
+        assert one[s] == pytest.approx(_1mad(s), rel=1e-6, abs=1e-7)
+        assert three[s] == _3inst(s)
+    # a short table is the long one's prefix: c(s) does not depend on L
+    assert np.array_equal(codebook_values("1mad", 12, 1)[0], one[:4096])
+    # 1MAD is close to N(0, 1): four uniform bytes summed and standardised
+    assert abs(float(one.mean())) < 0.01 and abs(float(np.sqrt((one.astype(np.float64) ** 2).mean())) - 1) < 0.01
+
+
+def test_hyb_indexes_its_table_from_s_times_s_plus_1():
+    Q = 6                                    # QTIP uses Q = 9; a smaller table keeps the k-means quick
+    table = hyb_table(Q)
+    values = codebook_values("hyb", 16, 2, Q)
+    assert values.shape == (2, 65536) and table.shape == (64, 2)
+    assert float(np.sqrt((table.astype(np.float64) ** 2).mean())) == pytest.approx(HYB_RMS, rel=1e-3)
+    for s in STATES:
+        h = s * (s + 1)
+        idx, sign = (h >> (16 - Q - 1)) & (2 ** Q - 1), -1.0 if (h >> 15) & 1 else 1.0
+        assert values[0, s] == sign * table[idx, 0] and values[1, s] == table[idx, 1]
+    # k-means centroids of a 2-D Gaussian quantize it far better than a random table of the same size
+    x = torch.randn(20000, 2, generator=torch.Generator().manual_seed(0))
+    scale = HYB_RMS                       # the table is the Gaussian's centroids shrunk to this RMS
+    km = torch.cdist(x * scale, torch.from_numpy(table)).min(1).values.pow(2).mean()
+    rnd = torch.cdist(x, torch.randn(64, 2, generator=torch.Generator().manual_seed(1))).min(1).values.pow(2).mean()
+    assert float(km) < 0.6 * float(rnd)
+
+
+# ---- the search against brute force ------------------------------------------------------------
+def _paths(L: int, kv: int, n: int):
+    """Every state sequence of a linear (not tail-biting) path: a start state and n−1 shifted-in symbols."""
+    mask = (1 << L) - 1
+    for s0 in range(1 << L):
+        for ds in itertools.product(range(1 << kv), repeat=n - 1):
+            seq, s = [s0], s0
+            for d in ds:
+                s = ((s << kv) & mask) | d
+                seq.append(s)
+            yield seq
+
+
+def _cost(x: np.ndarray, lut: np.ndarray, seq) -> float:
+    return float(sum(((x[i] - lut[:, s]) ** 2).sum() for i, s in enumerate(seq)))
+
+
+def _tiny(L, V, n, seed):
+    lut = codebook_values("gaussian", L, V, table_seed=seed)
+    x = torch.randn(3, n, V, generator=torch.Generator().manual_seed(seed))
+    return lut, x
+
+
+@pytest.mark.parametrize("L,K,V,n", [(4, 1, 1, 8), (5, 2, 1, 4), (5, 1, 2, 4), (3, 1, 1, 7)])
+def test_viterbi_equals_exhaustive_search(L, K, V, n):
+    kv = K * V
+    lut, x = _tiny(L, V, n, seed=L * 10 + K)
+    xs = x.double().numpy()
+    got = viterbi(x, torch.from_numpy(lut), kv)
+    paths = list(_paths(L, kv, n))
+    for b in range(x.shape[0]):
+        costs = [_cost(xs[b], lut, p) for p in paths]
+        best = int(np.argmin(costs))
+        assert got[b].tolist() == paths[best]
+        # and constrained to start at high bits o and end at low bits e
+        o, e = 1, 2 % (1 << (L - kv))
+        ok = [i for i, p in enumerate(paths) if p[0] >> kv == o and p[-1] & ((1 << (L - kv)) - 1) == e]
+        best_c = min(ok, key=lambda i: costs[i])
+        got_c = viterbi(x[b:b + 1], torch.from_numpy(lut), kv, start=torch.tensor([o]), end=torch.tensor([e]))
+        assert got_c[0].tolist() == paths[best_c]
+
+
+@pytest.mark.parametrize("L,K,V,n", [(4, 1, 1, 8), (6, 2, 1, 4), (4, 1, 2, 4)])
+def test_tail_biting_is_a_cyclic_path_and_optimal_for_its_overlap(L, K, V, n):
+    kv = K * V
+    lut, x = _tiny(L, V, n, seed=7 + L)
+    xs = x.double().numpy()
+    got = tail_biting(x, torch.from_numpy(lut), kv)
+    low = (1 << (L - kv)) - 1
+    # every cyclic bit string of n·kv bits is one tail-biting path: state i = bits [i·kv, i·kv + L) mod n·kv
+    m = n * kv
+    cyclic = []
+    for bits in range(1 << m):
+        string = [(bits >> (m - 1 - j)) & 1 for j in range(m)]
+        cyclic.append([sum(string[(i * kv + j) % m] << (L - 1 - j) for j in range(L)) for i in range(n)])
+    for b in range(x.shape[0]):
+        seq = got[b].tolist()
+        assert all((seq[i] & low) == seq[(i + 1) % n] >> kv for i in range(n)), "not tail-biting"
+        costs = [_cost(xs[b], lut, p) for p in cyclic]
+        mine = _cost(xs[b], lut, seq)
+        assert mine >= min(costs) - 1e-9                      # QTIP's two passes: a heuristic ...
+        same = [c for p, c in zip(cyclic, costs) if p[0] >> kv == seq[0] >> kv]
+        assert mine == pytest.approx(min(same), rel=1e-6)    # ... optimal given the overlap it found
+        assert seq in cyclic
+
+
+# ---- storage ------------------------------------------------------------------------------------
+def _random_cyclic_states(tiles, n, L, kv, seed):
+    g = np.random.default_rng(seed)
+    m = n * kv
+    bits = g.integers(0, 2, size=(tiles, m))
+    out = np.zeros((tiles, n), dtype=np.int64)
+    for i in range(n):
+        for j in range(L):
+            out[:, i] |= bits[:, (i * kv + j) % m] << (L - 1 - j)
+    return torch.from_numpy(out)
+
+
+@pytest.mark.parametrize("opts", [{"bits": 2, "L": 8, "T": 16}, {"bits": 3, "L": 10, "T": 16, "group": 32},
+                                  {"bits": 1, "L": 6, "V": 2, "T": 12, "code": "gaussian"},
+                                  {"bits": 5, "L": 12, "V": 2, "T": 8, "code": "hyb", "Q": 6},
+                                  {"bits": 3, "L": 7, "T": 12, "code": "3inst"}])
+def test_pack_stores_exactly_k_bits_per_weight_and_decodes_quantize_values(opts):
+    codec = make_codec("trellis", opts)
+    K, L, V, T = codec.K, codec.L, codec.V, codec.T
+    rows, cols = 4, 2 * T if "group" not in opts else opts["group"] * 2
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(3))
+    g = codec.group_of(cols)
+    params = [codec.fit(w[:, c:c + g]) for c in range(0, cols, g)]
+    qs = [codec.quantize(w[:, c:c + T], params[c // g], c % g) for c in range(0, cols, T)]
+    codes = torch.cat([q.codes for q in qs], 1)
+    packed = codec.pack(codes, params)
+    assert packed.data["codes"].numel() == math.ceil(rows * cols * K / 8)        # K·T bits per tile
+    assert packed.nbytes == math.ceil(rows * cols * K / 8) + 2 * rows * (cols // g)
+    assert torch.equal(codec.unpack_states(packed).reshape(rows, -1), codes.long())
+    assert torch.equal(codec.decode(packed), torch.cat([q.values for q in qs], 1))
+    assert codec.bits_per_weight((rows, cols)) == packed.bits_per_weight
+    # any tail-biting path round-trips; a broken one is refused
+    states = _random_cyclic_states(rows * cols // T, T // V, L, K * V, seed=1)
+    round_trip = codec.unpack_states(codec.pack(states.reshape(rows, -1), params))
+    assert torch.equal(round_trip, states)
+    states[0, 1] ^= 1 << (L - 1)
+    with pytest.raises(ValueError, match="not tail-biting"):
+        codec.pack(states.reshape(rows, -1), params)
+
+
+def test_reference_shape_bits_and_quality():
+    codec = make_codec("trellis", {"bits": 2, "L": 8, "T": 64})
+    assert codec.bits_per_weight((256, 768)) == 2 + 16 / 768
+    w = torch.randn(16, 512, generator=torch.Generator().manual_seed(0))
+    mse = float((codec.decode(codec.encode(w)) - w).pow(2).mean())
+    assert mse < 0.105   # below scalar Lloyd-Max at 2 bits (0.1175) already at L = 8
+
+
+# ---- configs ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("opts,match", [
+    ({"bits": 2, "code": "1mad", "V": 2}, "code 1mad has V = 1"),
+    ({"bits": 2, "code": "hyb"}, "code hyb has V = 2"),
+    ({"bits": 4, "L": 8, "V": 2, "code": "gaussian"}, "must be below L = 8"),
+    ({"bits": 2, "group": 100}, "group = 100 must be a multiple of the tile T = 256"),
+    ({"bits": 9}, "less than or equal to 8"),
+])
+def test_bad_configs_name_the_problem(opts, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_config("codec", {"trellis": opts})
+
+
+def test_quantize_refuses_partial_tiles():
+    codec = make_codec("trellis", {"bits": 2, "L": 6, "T": 16})
+    w = torch.randn(2, 32)
+    p = codec.fit(w)
+    with pytest.raises(ValueError, match="whole tiles of T = 16"):
+        codec.quantize(w[:, :8], p, 0)
+
+
+# ---- inside GPTQ/LDLQ and the runner -------------------------------------------------------------
+def test_gptq_ldlq_with_trellis():
+    from quantatlas.quant.solvers import gptq, rtn
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(1024, 64, generator=g) @ (torch.eye(64) + 0.3 * torch.randn(64, 64, generator=g))
+    H = 2 * X.T @ X / X.shape[0]
+    W = torch.randn(16, 64, generator=g)
+    codec = make_codec("trellis", {"bits": 2, "L": 8, "T": 16, "code": "hyb", "V": 2})
+    W_hat, packed, info = gptq(W, H, codec, block_size=32)
+    assert torch.equal(codec.decode(packed), W_hat)
+
+    def proxy(Q):
+        D = Q - W
+        return float(((D @ H) * D).sum())
+    assert info["proxy_loss"] < proxy(rtn(W, codec)[0])
+
+
+def test_runner_runs_trellis(tiny_reference):
+    from quantatlas.runner import run_spec
+    from quantatlas.spec import parse_spec
+
+    codec = {"trellis": {"bits": 2, "L": 8, "T": 32}}
+    spec = parse_spec({"title": "trellis", "data": {"eval": {"tokens": 2048, "ctx": 128},
+                                                    "calib": {"samples": 4, "seq_len": 128}},
+                       "control": "rtn", "arms": {"rtn": {"codec": codec},
+                                                  "gptq": {"solver": "gptq", "solver_options": {"block_size": 32},
+                                                           "codec": codec}}})
+    doc = run_spec(spec, ledger=False, loaded=tiny_reference, compress=False, log=lambda m: None)
+    seeds = {a: doc["arms"][a]["seeds"]["0"] for a in ("rtn", "gptq")}
+    assert seeds["rtn"]["bits_per_weight"] == pytest.approx(2 + 16 / 64, abs=0.13)
+    assert 0 < seeds["gptq"]["kld_mean"] < seeds["rtn"]["kld_mean"]
