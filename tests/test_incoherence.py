@@ -95,3 +95,14 @@ def test_incoherence_in_a_spec_is_seeded_and_runs_end_to_end(tiny_reference):
     assert 2.5 < r["gptq_inc"]["bits_per_weight"] < 2.51          # 2 + 16/32, plus 8 bytes of seed per matrix
     assert 4.5 < r["rtn_inc"]["bits_per_weight"] < 4.51
     assert all(0 < x["kld_mean"] < 5 for x in r.values())
+
+
+def test_gguf_export_refuses_incoherent_packs():
+    from quantatlas.export.gguf import _packed_rows
+
+    W, H = _problem(False, rows=32, cols=256)
+    codec = make_codec("q4_0")
+    _, packed = build("solver", {"rtn": {"incoherence": True}}).for_run(0).solve(W, None, codec)
+    with pytest.raises(ValueError, match="incoherence-rotated codes"):
+        _packed_rows("w", packed, (32, 256))
+    _packed_rows("w", codec.encode(W), (32, 256))   # the plain pack still exports

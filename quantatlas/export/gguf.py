@@ -155,6 +155,8 @@ def _packed_rows(name: str, p: Packed, shape: tuple[int, int]) -> np.ndarray:
     rows, cols = shape
     if cols % block:
         raise ValueError(f"gguf export: {name!r} has rows of {cols}, not a multiple of {p.codec}'s block {block}")
+    if "incoherence_seed" in p.data:  # quant/incoherence.py: codes of U W Vᵀ, which GGUF cannot undo
+        raise ValueError(f"gguf export: packed {name!r} holds incoherence-rotated codes; GGUF stores no rotation")
     blocks = p.data.get("blocks")
     if blocks is None:
         raise ValueError(f"gguf export: packed {name!r} ({p.codec}) has no 'blocks' data")
