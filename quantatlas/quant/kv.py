@@ -93,10 +93,6 @@ class KVCacheConfig(BaseModel):
         return rotated or any(c is not None and c.seeded for c in (self.k, self.v))
 
 
-def bits_per_value(codec, head_dim: int) -> float:
-    return 16.0 if codec is None else codec.bits_per_weight((BITS_ROWS, head_dim))
-
-
 class _Half:
     """How one half (K or V) of the cache is stored: codec, row layout, fp16 window, rotation."""
 
