@@ -7,8 +7,23 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import typer.core
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+class _Commands(typer.core.TyperGroup):
+    """`run --ray [ADDRESS]`: ADDRESS is optional (click options need a value), so a bare `--ray` (last,
+    before another option, or before the spec file) gets the value `local`."""
+
+    def parse_args(self, ctx, args):
+        args = list(args)
+        if args[:1] == ["run"] and "--ray" in args:
+            i = args.index("--ray") + 1
+            if i == len(args) or args[i].startswith("-") or Path(args[i]).suffix in (".yaml", ".yml", ".json"):
+                args.insert(i, "local")
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="quantatlas: run quantization experiments, measure them KLD-first, file them in the atlas.")
 reference_app = typer.Typer(no_args_is_help=True, help="The embedded reference model.")
 app.add_typer(reference_app, name="reference")
@@ -42,7 +57,13 @@ def run(spec: Path = typer.Argument(..., help="experiment spec (YAML)"),
         db: Optional[str] = typer.Option(None, "--db", help="ledger URL (default $QUANTATLAS_DB or sqlite:///runs/atlas.db)"),
         device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"),
         quiet: bool = typer.Option(False, help="no progress bars"),
-        compress: bool = typer.Option(True, help="measure zstd-22 / brotli-11 artifact sizes (slow on big models)")):
+        compress: bool = typer.Option(True, help="measure zstd-22 / brotli-11 artifact sizes (slow on big models)"),
+        ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
+                                          help="run arms x seeds as Ray tasks: on a local Ray without ADDRESS, "
+                                               "else on the cluster at ADDRESS (auto, host:6379, ray://host:10001)"),
+        ray_cpus: Optional[int] = typer.Option(None, "--ray-cpus", min=1, help="CPUs of the local Ray (default: all)"),
+        task_cpus: int = typer.Option(1, "--task-cpus", min=1, help="CPUs (torch threads) per Ray task"),
+        retries: int = typer.Option(1, "--retries", min=0, help="retries of a failed Ray task")):
     """Run every arm x seed of SPEC, print the table, write JSON; re-running resumes."""
     from quantatlas.eval.windows import EvalDataError
     from quantatlas.models import ModelLoadError
@@ -51,8 +72,18 @@ def run(spec: Path = typer.Argument(..., help="experiment spec (YAML)"),
 
     try:
         s = load_spec(spec)
-        doc = run_spec(s, json_path, db_url=db, device=device, progress=not quiet and sys.stderr.isatty(),
-                       compress=compress, log=lambda m: typer.echo(m, err=True))
+        common = dict(db_url=db, device=device, progress=not quiet and sys.stderr.isatty(), compress=compress,
+                      log=lambda m: typer.echo(m, err=True))
+        if ray is None:
+            doc = run_spec(s, json_path, **common)
+        else:
+            from quantatlas.sweep import RayMissing, run_spec_ray
+
+            try:
+                doc = run_spec_ray(s, json_path, address=None if ray == "local" else ray, num_cpus=ray_cpus,
+                                   task_cpus=task_cpus, retries=retries, **common)
+            except RayMissing as e:
+                fail(str(e))
     except (SpecError, ModelLoadError, EvalDataError, ValueError) as e:
         fail(_user_error(e, spec))
     typer.echo(f"{doc['title']}  (model {doc['model']} {doc['model_hash']}, eval {doc['eval_fingerprint']}, "
@@ -62,6 +93,10 @@ def run(spec: Path = typer.Argument(..., help="experiment spec (YAML)"),
         typer.echo(f"  {v.get('arm')}: {v.get('result')} — {v.get('text', '')}")
     if json_path:
         typer.echo(f"results: {json_path}")
+    for f in doc.get("failures", []):
+        typer.echo(f"failed: {f['arm']} seed {f['seed']}: {f['error']}", err=True)
+    if doc.get("failures"):
+        raise typer.Exit(1)
 
 
 @app.command()

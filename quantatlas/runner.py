@@ -21,7 +21,7 @@ from quantatlas.eval.windows import EvalSet, make_eval_set, reference_logprobs, 
 from quantatlas.models import LoadedModel, load_model
 from quantatlas.quant.quantize import attach_runtime, calibration_tokens, quantize_model, tensors_to_quantize
 from quantatlas.quant.recipe import Recipe, build_recipe
-from quantatlas.spec import Spec, parse_spec
+from quantatlas.spec import Spec, parse_spec, stable_arm_config
 
 RESULT_KEYS = ("kld_mean", "kld_se", "kld_median", "kld_p99", "kld_max", "same_top", "rms_dp", "ppl", "ppl_base",
                "ppl_ratio", "bpb", "bpb_base", "delta_bpb", "bits_per_weight", "bits_per_param", "bytes_packed",
@@ -34,7 +34,7 @@ def default_device() -> str:
 
 def arm_key(arm_cfg: dict, model_hash: str, fingerprint: str) -> str:
     """What makes a stored arm x seed result reusable: the arm's config, the model and the eval tokens."""
-    blob = json.dumps({"arm": arm_cfg, "model": model_hash, "eval": fingerprint}, sort_keys=True)
+    blob = json.dumps({"arm": stable_arm_config(arm_cfg), "model": model_hash, "eval": fingerprint}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -59,20 +59,23 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _stored_seeds(path: Path | None) -> dict:
-    """Previously finished arm x seed results from a JSON file, keyed by (arm key, seed)."""
+def _stored_seeds(path: Path | None) -> tuple[dict, dict]:
+    """Previously finished arm x seed results from a JSON file, and the allocations chosen for
+    them (`allocate:` arms), each keyed by (arm key, seed)."""
     if path is None or not path.exists():
-        return {}
+        return {}, {}
     try:
         old = json.loads(path.read_text())
     except (json.JSONDecodeError, OSError):
-        return {}
-    done = {}
+        return {}, {}
+    done, allocations = {}, {}
     for arm in old.get("arms", {}).values():
         for seed, res in arm.get("seeds", {}).items():
             if "key" in arm:
                 done[(arm["key"], int(seed))] = res
-    return done
+                if seed in arm.get("allocations", {}):
+                    allocations[(arm["key"], int(seed))] = arm["allocations"][seed]
+    return done, allocations
 
 
 class _Progress:
@@ -102,89 +105,164 @@ class _Progress:
         return lambda n=1: self.p.advance(t, n)
 
 
+class Sweep:
+    """One spec's run state, shared by the serial loop (`run_spec`) and the Ray fan-out
+    (`quantatlas/sweep.py`): the loaded model, eval set, results document, the results stored
+    before (JSON and ledger), and the plan of arm x seed steps. `record` is the single writer."""
+
+    def __init__(self, spec: Spec | dict, json_path: str | Path | None = None, db_url: str | None = None,
+                 device: str | None = None, ledger: bool = True, loaded: LoadedModel | None = None, log=print,
+                 env: dict | None = None):
+        if isinstance(spec, dict):
+            spec = parse_spec(spec)
+        self.spec, self.log, self.t_start = spec, log, time.time()
+        self.device = device = device or default_device()
+        self.json_path = Path(json_path) if json_path else None
+        self.recipes: dict[str, Recipe] = {name: build_recipe(arm, f"arms.{name}") for name, arm in spec.arms.items()}
+        self.lm = lm = loaded or load_model(spec.model, device=device)
+        ev = spec.data.eval
+        self.es = es = make_eval_set(lm.text_tokens(ev.source, "eval"), ev.tokens, ev.ctx, ev.score)
+        self.env = env = env or environment(device)  # where the runs run (a Ray sweep: its tasks' threads)
+        self.doc = doc = {
+            "title": spec.title, "hypothesis": spec.hypothesis, "spec": spec.to_dict(), "spec_hash": spec.spec_hash(),
+            "model": spec.model, "model_hash": lm.model_hash, "eval_fingerprint": es.fingerprint,
+            "eval_tokens_scored": es.n_scored, "eval_bytes_scored": eval_bytes(es, lm.tokenizer), "n_params": lm.n_params, "environment": env, "arms": {},
+        }
+        self.done, self.allocations = _stored_seeds(self.json_path)
+        self.led = self.exp_id = None
+        self.in_ledger: dict[tuple[str, int], dict] = {}
+        if ledger:
+            from quantatlas.atlas.ids import environment_key
+            from quantatlas.atlas.ledger import Ledger
+
+            self.led = Ledger(db_url)
+            self.exp_id = self.led.register_experiment(spec.to_dict())
+            doc["experiment_id"] = self.exp_id
+            env_key = environment_key(env)
+            # only this contributor's runs in this environment resume: another contributor's are theirs,
+            # and running the spec again as someone else is a reproduction
+            self.in_ledger = {(r["arm"], r["seed"]): r["metrics"] for r in self.led.runs(self.exp_id)
+                              if r["environment_key"] == env_key and r["model_hash"] == lm.model_hash
+                              and r["eval_fingerprint"] == es.fingerprint and r["contributor"] == self.led.contributor}
+        self.copies: dict[tuple[str, int], np.ndarray | None] = {}
+        self.keys = {name: (arm_key(arm.model_dump(mode="json"), lm.model_hash, es.fingerprint),
+                            arm.model_dump(mode="json")) for name, arm in spec.arms.items()}
+
+    def reference(self, bars) -> np.ndarray:
+        ev = self.spec.data.eval
+        return reference_logprobs(self.lm.model, self.lm.model_hash, self.es, self.device, ev.batch,
+                                  bars.task("reference logits", self.es.n_scored))
+
+    def plan(self) -> list[tuple[str, int, str, object]]:
+        """Every arm x seed in order as (arm, seed, what, detail): ("stored", result) reuses a stored
+        result, ("run", None) runs it, ("reuse", seed) copies that seed's run of an arm whose result
+        does not depend on the seed."""
+        steps = []
+        for name, arm in self.spec.arms.items():
+            key = self.keys[name][0]
+            seeded = self.recipes[name].uses_seed or arm.seeded and arm.allocate is not None
+            first = None
+            for seed in self.spec.seeds:
+                stored = self.in_ledger.get((name, seed))
+                if stored is None:
+                    stored = self._stored_elsewhere(name, seed)
+                if stored is not None:
+                    steps.append((name, seed, "stored", stored))
+                elif not seeded and first is not None:
+                    steps.append((name, seed, "reuse", first))
+                else:
+                    steps.append((name, seed, "run", None))
+                    first = seed
+        return steps
+
+    def _stored_elsewhere(self, name: str, seed: int) -> dict | None:
+        """A result for this arm x seed not yet in this experiment's ledger rows: this contributor's run
+        of the same arm in another experiment (a spec changed: an arm added, a text reworded), else
+        the results JSON. It is copied into this experiment when recorded (`self.copies`)."""
+        key, cfg = self.keys[name]
+        res = self.done.get((key, seed))
+        if self.led is not None:
+            from quantatlas.atlas.ids import environment_key
+
+            data = self.spec.to_dict()
+            find = lambda env_key: self.led.find_run(data["arms"][name], seed, env_key, self.lm.model_hash,  # noqa: E731
+                                                     self.es.fingerprint, data["data"]["calib"])
+            run = find(environment_key(self.env))
+            if run is not None:
+                self.copies[(name, seed)] = run["per_token_kld"]
+                return run["metrics"]
+            if res is not None:  # the JSON's result; its per-token KLD from the ledger run it came from
+                run = find(None)
+                same = run is not None and run["metrics"].get("kld_mean") == res.get("kld_mean")
+                self.copies[(name, seed)] = run["per_token_kld"] if same else None
+        return res
+
+    def record(self, name: str, seed: int, res: dict, per_token=None, info: dict | None = None,
+               stored: bool = False) -> None:
+        """Put one arm x seed result in the document; a new one is also written to JSON and the ledger."""
+        key, cfg = self.keys[name]
+        entry = self.doc["arms"].setdefault(name, {"key": key, "config": cfg, "seeds": {}})
+        entry["seeds"][str(seed)] = res
+        if stored:
+            if (key, seed) in self.allocations:  # keep the stored choice of an `allocate:` arm
+                entry.setdefault("allocations", {})[str(seed)] = self.allocations[(key, seed)]
+            self.log(f"{name} seed {seed}: stored result reused")
+            if self.led is not None and (name, seed) in self.copies:
+                self.led.record_run(self.exp_id, name, seed, res, self.copies[(name, seed)], self.env,
+                                    self.lm.model_hash, self.es.fingerprint)
+            return
+        info = info or {}
+        if "allocation" in info:  # the chosen codec per group: `allocate.assignment` reruns it
+            entry.setdefault("allocations", {})[str(seed)] = info["allocation"]
+            if self.led is not None and info["allocation"].get("measured"):
+                from quantatlas.quant.sensitivity import Sensitivity
+
+                sens = info["allocation"]["sensitivity"]
+                self.led.record_sensitivity(self.exp_id, name, seed, sens, Sensitivity.from_dict(sens).rows(),
+                                            self.lm.model_hash)
+        if self.json_path:
+            _write_json(self.json_path, self.doc)
+        if self.led is not None:
+            self.led.record_run(self.exp_id, name, seed, res, per_token, self.env, self.lm.model_hash,
+                                self.es.fingerprint)
+
+    def finish(self) -> dict:
+        if self.led is not None and self.spec.control is not None:
+            self.doc["verdicts"] = self.led.verdicts(self.exp_id)  # arms over the artifact cap are marked there
+        self.doc["seconds"] = round(time.time() - self.t_start, 2)
+        if self.json_path:
+            _write_json(self.json_path, self.doc)
+        return self.doc
+
+
 def run_spec(spec: Spec | dict, json_path: str | Path | None = None, db_url: str | None = None,
              device: str | None = None, progress: bool = False, ledger: bool = True,
              loaded: LoadedModel | None = None, compress: bool = True, log=print) -> dict:
-    """Run every arm x seed of `spec` and return the results document (also written to `json_path`)."""
-    if isinstance(spec, dict):
-        spec = parse_spec(spec)
-    device = device or default_device()
-    json_path = Path(json_path) if json_path else None
-    t_start = time.time()
-    recipes: dict[str, Recipe] = {name: build_recipe(arm, f"arms.{name}") for name, arm in spec.arms.items()}
-    lm = loaded or load_model(spec.model, device=device)
-    ev = spec.data.eval
-    es = make_eval_set(lm.text_tokens(ev.source, "eval"), ev.tokens, ev.ctx, ev.score)
-    env = environment(device)
-    doc = {
-        "title": spec.title, "hypothesis": spec.hypothesis, "spec": spec.to_dict(), "spec_hash": spec.spec_hash(),
-        "model": spec.model, "model_hash": lm.model_hash, "eval_fingerprint": es.fingerprint,
-        "eval_tokens_scored": es.n_scored, "eval_bytes_scored": eval_bytes(es, lm.tokenizer), "n_params": lm.n_params, "environment": env, "arms": {},
-    }
-    done = _stored_seeds(json_path)
-    led = exp_id = None
-    in_ledger: dict[tuple[str, int], dict] = {}
-    if ledger:
-        from quantatlas.atlas.ids import environment_key
-        from quantatlas.atlas.ledger import Ledger
-
-        led = Ledger(db_url)
-        exp_id = led.register_experiment(spec.to_dict())
-        doc["experiment_id"] = exp_id
-        env_key = environment_key(env)
-        # only this contributor's runs in this environment resume: another contributor's are theirs,
-        # and running the spec again as someone else is a reproduction
-        in_ledger = {(r["arm"], r["seed"]): r["metrics"] for r in led.runs(exp_id)
-                     if r["environment_key"] == env_key and r["model_hash"] == lm.model_hash
-                     and r["eval_fingerprint"] == es.fingerprint and r["contributor"] == led.contributor}
-
+    """Run every arm x seed of `spec` and return the results document (also written to `json_path`).
+    `quantatlas/sweep.py: run_spec_ray` runs the same plan as Ray tasks."""
+    sw = Sweep(spec, json_path, db_url, device, ledger, loaded, log)
+    spec, lm = sw.spec, sw.lm
     calib_stream = None
+    runs: dict[tuple[str, int], tuple[dict, np.ndarray]] = {}
     with _Progress(progress) as bars:
-        ref = reference_logprobs(lm.model, lm.model_hash, es, device, ev.batch,
-                                 bars.task("reference logits", es.n_scored))
-        for name, arm in spec.arms.items():
-            recipe = recipes[name]
-            cfg = arm.model_dump(mode="json")
-            key = arm_key(cfg, lm.model_hash, es.fingerprint)
-            entry = doc["arms"].setdefault(name, {"key": key, "config": cfg, "seeds": {}})
-            seeded = recipe.uses_seed or arm.seeded and arm.allocate is not None
-            first_result = None
-            for seed in spec.seeds:
-                stored = done.get((key, seed)) or in_ledger.get((name, seed))
-                if stored is not None:
-                    entry["seeds"][str(seed)] = stored
-                    log(f"{name} seed {seed}: stored result reused")
-                    continue
-                if not seeded and first_result is not None:
-                    res = dict(first_result, reused_from_seed=spec.seeds[0])
-                    entry["seeds"][str(seed)] = res
-                    per_token = first_per_token
-                else:
-                    if (recipe.needs_calibration or arm.allocate is not None) and calib_stream is None:
-                        calib_stream = lm.text_tokens(spec.data.calib.source, "train")
-                    info: dict = {}
-                    res, per_token = _run_arm(lm, recipe, name, seed, es, ref, device, ev.batch, spec,
-                                              calib_stream, bars, compress, doc["eval_bytes_scored"], info)
-                    entry["seeds"][str(seed)] = res
-                    if "allocation" in info:  # the chosen codec per group: `allocate.assignment` reruns it
-                        entry.setdefault("allocations", {})[str(seed)] = info["allocation"]
-                        if led is not None and info["allocation"].get("measured"):
-                            from quantatlas.quant.sensitivity import Sensitivity
-
-                            sens = info["allocation"]["sensitivity"]
-                            led.record_sensitivity(exp_id, name, seed, sens, Sensitivity.from_dict(sens).rows(),
-                                                   lm.model_hash)
-                    first_result, first_per_token = res, per_token
-                if json_path:
-                    _write_json(json_path, doc)
-                if led is not None:
-                    led.record_run(exp_id, name, seed, res, per_token, env, lm.model_hash, es.fingerprint)
-    if led is not None and spec.control is not None:
-        doc["verdicts"] = mark_over_cap(led.verdicts(exp_id), doc)
-    doc["seconds"] = round(time.time() - t_start, 2)
-    if json_path:
-        _write_json(json_path, doc)
-    return doc
+        ref = sw.reference(bars)
+        for name, seed, what, detail in sw.plan():
+            if what == "stored":
+                sw.record(name, seed, detail, stored=True)
+                continue
+            if what == "reuse":
+                res, per_token = runs[(name, detail)]
+                sw.record(name, seed, dict(res, reused_from_seed=detail), per_token)
+                continue
+            recipe, arm = sw.recipes[name], spec.arms[name]
+            if (recipe.needs_calibration or arm.allocate is not None) and calib_stream is None:
+                calib_stream = lm.text_tokens(spec.data.calib.source, "train")
+            info: dict = {}
+            res, per_token = _run_arm(lm, recipe, name, seed, sw.es, ref, sw.device, spec.data.eval.batch, spec,
+                                      calib_stream, bars, compress, sw.doc["eval_bytes_scored"], info)
+            runs[(name, seed)] = res, per_token
+            sw.record(name, seed, res, per_token, info)
+    return sw.finish()
 
 
 def quantize_arm(lm: LoadedModel, spec: Spec, name: str, seed: int, recipe: Recipe | None = None,
@@ -216,19 +294,45 @@ def quantize_arm(lm: LoadedModel, spec: Spec, name: str, seed: int, recipe: Reci
     if bars is not None:
         n_tensors = sum(p.codec is not None for p in recipe.plan(tensors_to_quantize(model, recipe), model))
         task = bars.task(f"{name} seed {seed}: quantize", n_tensors)
-    packed = quantize_model(model, recipe, calib, seed, task)
+    teachers = []  # recovery's teacher: the fp model after the transforms (same basis), before the weights
+    keep = (lambda m: teachers.append(copy.deepcopy(m))) if recipe.recovery is not None else None
+    packed = quantize_model(model, recipe, calib, seed, task, on_transformed=keep)
+    if recipe.recovery is not None:
+        from quantatlas.eval.windows import make_eval_set
+        from quantatlas.quant.recovery import Recovery, recover
+
+        if not teachers:
+            raise ValueError(f"arms.{name}.recovery: needs the whole fp model as teacher (not a layer-streamed one)")
+        if calib_stream is None:
+            calib_stream = lm.text_tokens(spec.data.calib.source, "train")
+        ev = spec.data.eval
+        eval_stream = lm.text_tokens(ev.source, "eval")
+        eval_used = make_eval_set(eval_stream, ev.tokens, ev.ctx, ev.score).windows.numel()
+        total = Recovery(recipe.recovery, seed).total_steps(model)
+        task = bars.task(f"{name} seed {seed}: recover", total) if bars is not None else None
+        packed, rec = recover(model, teachers[0], packed, recipe.recovery, seed, calib_stream, eval_stream,
+                              eval_used, task)
+        if info is not None:
+            info["recovery"] = rec
     return model, packed
 
 
 def _run_arm(lm, recipe, name, seed, es, ref, device, batch, spec, calib_stream, bars, compress=True,
              n_bytes: int | None = None, info: dict | None = None):
     t0 = time.time()
+    if getattr(lm.model, "_qa_stream", None) is not None:  # layer streaming (models/stream.py)
+        from quantatlas.models.stream import check_streamable
+
+        check_streamable(spec, name, recipe)
     model, packed = quantize_arm(lm, spec, name, seed, recipe, calib_stream, bars, info)
     runtime_bits = attach_runtime(model, recipe, seed, ctx=es.ctx)  # KV-cache and activation steps act in the evaluation
     metrics = evaluate(model, es, ref, device, batch, bars.task(f"{name} seed {seed}: evaluate", es.n_scored))
     stats = kld_statistics(metrics)
-    art = artifact_of(model, packed)
-    sizes = art.measure(compress, seed)
+    if hasattr(packed, "summary"):  # layer-streamed: bits counted from the packed files it wrote
+        sizes = {k: packed.summary[k] for k in ("bits_per_weight", "bits_per_param", "bytes_packed")}
+    else:
+        art = artifact_of(model, packed)
+        sizes = art.measure(compress, seed)
     res = {k: float(v) for k, v in stats.items()}
     if n_bytes:  # bits per byte of the eval text, and its change against the fp model (eval/bpb.py)
         res.update(bpb_metrics(metrics, n_bytes))
@@ -236,6 +340,7 @@ def _run_arm(lm, recipe, name, seed, es, ref, device, batch, spec, calib_stream,
     if spec.artifact is not None:  # the real file's bytes after the cap's compressor
         res.update(cap_check(art.to_bytes(seed), spec.artifact.max_bytes, spec.artifact.compressor))
     res.update(runtime_bits)
+    res.update({k: float(v) for k, v in (info or {}).get("recovery", {}).items()})  # CPU seconds, train KL
     res["seconds"] = round(time.time() - t0, 3)
     del model
     return res, metrics.kld.astype(np.float32)
@@ -248,21 +353,6 @@ def over_cap_arms(doc: dict) -> dict[str, float]:
         sizes = [r["artifact_bytes"] for r in arm["seeds"].values() if r.get("over_cap")]
         if sizes:
             out[name] = max(sizes)
-    return out
-
-
-def mark_over_cap(verdicts: list[dict], doc: dict) -> list[dict]:
-    """Verdicts with `over_cap: true` and the text prefixed for arms whose artifact exceeds the cap."""
-    over = over_cap_arms(doc)
-    cap = (doc.get("spec") or {}).get("artifact") or {}
-    out = []
-    for v in verdicts or []:
-        v = dict(v)
-        if v.get("arm") in over:
-            v["over_cap"] = True
-            v["text"] = (f"OVER THE ARTIFACT CAP ({over[v['arm']]:.0f} > {cap.get('max_bytes')} bytes "
-                         f"{cap.get('compressor')}); " + str(v.get("text", "")))
-        out.append(v)
     return out
 
 

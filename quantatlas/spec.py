@@ -16,6 +16,7 @@ from quantatlas.quant.act import ActConfig
 from quantatlas.quant.allocate import AllocateConfig
 from quantatlas.quant.config import ConfigError, config_field, error_parts, parse_config, pydantic_error
 from quantatlas.quant.kv import KVCacheConfig
+from quantatlas.quant.recovery import RecoveryConfig
 
 
 class SpecError(ValueError):
@@ -88,6 +89,8 @@ class Arm(_Strict):
     calib: CalibData | None = None  # this arm's calibration draw, instead of data.calib
     kv: KVCacheConfig | None = None
     act: ActConfig | None = None
+    #: finetune recovery after the weights, the fp model as teacher (quant/recovery.py)
+    recovery: RecoveryConfig | None = None
     #: null: inferred from the recipe (see `seeded`); true/false: the author says so
     deterministic: bool | None = None
     #: choose a codec per tensor group within a bit budget (quant/allocate.py, quant/sensitivity.py)
@@ -135,7 +138,7 @@ class Arm(_Strict):
         rotation signs, k-means starts). `deterministic: true` in the spec says they do not."""
         if self.deterministic is not None:
             return not self.deterministic
-        configs = [self.codec, self.solver_options, *self.transforms, self.kv, self.act]
+        configs = [self.codec, self.solver_options, *self.transforms, self.kv, self.act, self.recovery]
         if self.allocate is not None and self.allocate.assignment is None:
             return True  # measured on a seed's calibration draw
         for o in self.overrides:
@@ -143,6 +146,16 @@ class Arm(_Strict):
             if o.solver is not None:
                 configs.append(parse_config("solver", o.solver))
         return any(c is not None and c.seeded for c in configs)
+
+
+# Arm fields added after results were first stored: left out of an arm's identity while unset,
+# so a new optional step does not orphan every stored result (runner.arm_key, Ledger.find_run).
+LATER_ARM_FIELDS = ("recovery",)
+
+
+def stable_arm_config(cfg: dict) -> dict:
+    """An arm's dumped config as stored results are keyed by."""
+    return {k: v for k, v in cfg.items() if not (k in LATER_ARM_FIELDS and v is None)}
 
 
 class Spec(_Strict):

@@ -254,6 +254,9 @@ def test_llamacpp_cpu_refuses_non_ggml_weights(tiny_reference):
     ({"scheme": "W4A4", "clip_ratio": 0}, "clip_ratio"),
     ({"scheme": "llamacpp_cpu", "clip_ratio": 0.9}, "llamacpp_cpu reproduces"),
     ({"scheme": "W4A4", "hadamard": ["q"]}, "hadamard"),
+    ({"scheme": "W8A8", "roles": ["head"]}, "roles"),
+    ({"scheme": "W8A8", "roles": []}, "roles"),
+    ({"scheme": "W8A8", "layers": [-1]}, "layers"),
 ])
 def test_bad_act_configs_name_the_field(value, message):
     from quantatlas.spec import SpecError, parse_spec
@@ -289,3 +292,38 @@ def test_a_w8a8_spec_and_a_llamacpp_cpu_spec_run(tiny_reference):
     want = (sum(widths) * 8.5 + 64 * 16) / (sum(widths) + 64)
     assert r["q8_cpu"]["act_bits"] == pytest.approx(want)
     assert r["w8a8"]["act_bits"] > 8
+
+
+def test_roles_and_layers_restrict_which_linear_inputs_are_quantized(tiny_reference):
+    """act.roles / act.layers hook exactly the Linears named (both: the intersection); a role or
+    layer the model lacks is refused; the bits average over the hooked Linears only."""
+    from quantatlas.quant.act import ActConfig, ActivationQuantizer
+
+    model = tiny_reference.model
+    with torch.no_grad():
+        plain = model(TOKENS).logits
+    for cfg, want in [({"roles": ["down"], "layers": [1]}, {"model.layers.1.mlp.down_proj"}),
+                      ({"roles": ["q", "k", "v"]}, {f"model.layers.{i}.self_attn.{r}_proj" for i in (0, 1)
+                                                    for r in "qkv"}),
+                      ({"layers": [0]}, {n for n, m in model.named_modules()
+                                         if n.startswith("model.layers.0.") and isinstance(m, torch.nn.Linear)})]:
+        m = copy.deepcopy(model)
+        act = ActivationQuantizer(ActConfig.model_validate({"scheme": "W4A4", **cfg}))
+        act.attach(m)
+        hooked = {n for n, mod in m.named_modules() if mod._forward_pre_hooks}
+        assert hooked == want
+        with torch.no_grad():
+            got = m(TOKENS).logits
+        assert (got - plain).abs().max() > 1e-4          # the hooked inputs are quantized
+        assert len(act.widths) == len(want)
+    # layer 0 alone: q/k/v/gate/up read 64 values per token, o/down 128 (one fp16 scale per row)
+    assert act.bits()["act_bits"] == pytest.approx((5 * 64 * (4 + 16 / 64) + 2 * 128 * (4 + 16 / 128)) / (5 * 64 + 256))
+    # the down input alone through a direct per-token int4 equals the restricted step
+    lin, x, y, _ = _run_with(model, {"scheme": "W4A4", "roles": ["down"], "layers": [0]})
+    torch.testing.assert_close(y, _int_direct(x, 4) @ lin.weight.detach().T, atol=1e-5, rtol=1e-5)
+    lin, x, y, _ = _run_with(model, {"scheme": "W4A4", "roles": ["down"], "layers": [1]})
+    torch.testing.assert_close(y, x @ lin.weight.detach().T, atol=1e-6, rtol=0)   # layer 0 untouched
+    for cfg, message in [({"roles": ["qkv"]}, "act.roles: \\['qkv'\\] not in"),
+                         ({"layers": [7]}, "act.layers: \\[7\\] not in")]:
+        with pytest.raises(ValueError, match=message):
+            ActivationQuantizer(ActConfig.model_validate({"scheme": "W8A8", **cfg})).attach(copy.deepcopy(model))

@@ -178,6 +178,30 @@ def test_bits_rule_text_and_domination():
     assert "same as the control" in fv.text
 
 
+def test_an_arm_over_the_artifact_cap_is_marked_and_cannot_win():
+    def capped(scale, nbytes, cap=1000.0):
+        runs = arm_runs(scale)
+        for r in runs.values():
+            r.metrics.update(artifact_bytes=nbytes, artifact_cap=cap, over_cap=float(nbytes > cap))
+        return runs
+
+    out = judge({"ctl": capped(1.0, 900.0), "big": capped(0.7, 1500.0), "worse": capped(1.25, 800.0)})
+    assert out["big"].result == "success" and out["big"].over_cap == (1500.0, 1000.0)
+    assert out["ctl"].over_cap is None and out["worse"].over_cap is None
+    info = RunSetInfo(1, (("h", "cpu"), "me"), "me@h")
+    finals = [combine_run_sets([(info, out)], a, Criterion(), []) for a in ("ctl", "big", "worse")]
+    big = finals[1]
+    assert big.text.startswith("OVER THE ARTIFACT CAP (1500 > 1000 bytes compressed)")
+    assert big.as_dict(Criterion())["over_cap"] is True and finals[2].as_dict(Criterion())["over_cap"] is False
+    # the only success does not fit: the experiment is not a success; the arm that fits failed
+    result, _, pick = experiment_result(finals, has_treatments=True)
+    assert result == "failure" and pick.arm == "worse"
+    # without the cap the same numbers make a success
+    out = judge({"ctl": arm_runs(1.0), "big": arm_runs(0.7), "worse": arm_runs(1.25)})
+    finals = [combine_run_sets([(info, out)], a, Criterion(), []) for a in ("ctl", "big", "worse")]
+    assert experiment_result(finals, has_treatments=True)[0] == "success"
+
+
 def test_no_control_means_every_arm_is_a_baseline():
     out = judge_run_set({"q8": arm_runs(0.1)}, ["q8"], None, Criterion(), SPEC)
     assert out["q8"].result == "baseline"

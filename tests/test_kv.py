@@ -341,3 +341,75 @@ def test_a_kivi_spec_runs_and_reports_bits_at_the_eval_ctx(tiny_reference):
     assert r["kivi0"]["kv_bits_k"] == pytest.approx(3.0) and r["kivi0"]["kv_bits_v"] == pytest.approx(2.0 + 1.0)
     assert r["kivi16"]["kv_bits_k"] == pytest.approx((32 * 3 + 32 * 16) / 64)
     assert 0 < r["kivi16"]["kld_mean"] < r["kivi0"]["kld_mean"]
+
+
+# ---- the fused mixed fp16/quantized attention against the two-matmul formula ---------------------
+
+def _two_matmul_attention(query, key, key_q, value, value_q, k_fp, v_fp, attention_mask, scaling):
+    """The formula the mixed attention used before it became one fused call (kept as the oracle):
+    scores from both K versions selected per (query, key), softmax, P·V split by the V mask."""
+    rep = query.shape[1] // key.shape[1]
+
+    def heads(x):
+        return x.repeat_interleave(rep, dim=1)
+
+    tq, tk = query.shape[2], key.shape[2]
+    scores = query @ heads(key).transpose(-1, -2)
+    if k_fp is not None:
+        scores = torch.where(k_fp, scores, query @ heads(key_q).transpose(-1, -2))
+    scores = scores * scaling
+    if attention_mask is None:
+        i = torch.arange(tk - tq, tk)[:, None]
+        scores = scores.masked_fill(torch.arange(tk)[None, :] > i, float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    else:
+        scores = scores + attention_mask
+    probs = torch.softmax(scores, dim=-1)
+    if v_fp is None:
+        return (probs @ heads(value)).transpose(1, 2)
+    return ((probs * v_fp) @ heads(value) + (probs * ~v_fp) @ heads(value_q)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("opts", [
+    {"k": "q8_0", "v": "q8_0", "residual": 5},
+    {"k": "q8_0", "v": "q8_0", "residual": 3, "sinks": 2},
+    {"k": "q8_0", "sinks": 3},                                                     # V fp16: two copies
+    {"v": "q8_0", "residual": 4},
+    {"k": "q8_0", "v": "q8_0", "k_granularity": "channel", "group_tokens": 4, "residual": 6},  # KIVI: three
+    {"k": "q8_0", "v": "q8_0", "k_granularity": "head", "v_granularity": "channel", "group_tokens": 3,
+     "residual": 2, "sinks": 1}])
+@pytest.mark.parametrize("mask", ["none", "bool", "float"])
+@pytest.mark.parametrize("min_rows", [64, 3])        # one block of query rows; blocks of 3 rows (7 blocks)
+def test_fused_mixed_attention_equals_the_two_matmul_formula(opts, mask, min_rows, monkeypatch):
+    from quantatlas.quant import kv
+    from quantatlas.quant.kv import _Half, _LayerKV, _mixed_attention
+
+    monkeypatch.setattr(kv, "MIXED_MIN_ROWS", min_rows)
+
+    g = torch.Generator().manual_seed(3)
+    b, hq, hk, t, d = 2, 4, 2, 19, 8                                   # GQA: 2 query heads per KV head
+    q, k, v = (torch.randn(b, h, t, d, generator=g) for h in (hq, hk, hk))
+    k_q, v_q = k + torch.randn(k.shape, generator=g), v + torch.randn(v.shape, generator=g)
+    cfg = KVCacheConfig(**opts)
+    kq = KVCacheQuantizer(cfg)
+    layer = _LayerKV(_Half(kq.k, cfg.k_granularity, cfg, None), _Half(kq.v, cfg.v_granularity, cfg, None),
+                     "sdpa", False)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    causal[:, 0] &= torch.arange(t) != 7                                # a padded-out key, as a mask may say
+    am = {"none": None, "bool": causal[None, None].expand(b, 1, t, t),
+          "float": torch.zeros(b, 1, t, t).masked_fill(~causal, float("-inf"))}[mask]
+    k_fp = None if kq.k is None else layer.k.fp_mask(t, t, "cpu")
+    v_fp = None if kq.v is None else layer.v.fp_mask(t, t, "cpu")
+    want = _two_matmul_attention(q, k, k_q, v, v_q, k_fp, v_fp, am, 0.3)
+    got, _ = _mixed_attention(None, q, k, k_q, v, v_q, layer, am, scaling=0.3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # the window is visible (both copies matter) and the mask is built once per shape
+    plain = _two_matmul_attention(q, k, k, v, v, None, None, am, 0.3)
+    assert (got - plain).abs().max() > 0.1
+    assert _mixed_attention(None, q, k, k_q, v, v_q, layer, am, scaling=0.3)[0].equal(got)
+    assert len(layer.masks) == 1
+    blocks = layer.masks[next(iter(layer.masks))][1]
+    assert len(blocks) == (1 if min_rows == 64 else 7)
+    if mask == "none" and min_rows == 3:      # causal blocks skip the keys they cannot see
+        assert blocks[0][2] is not None and len(blocks[0][2]) < len(blocks[-1][2])

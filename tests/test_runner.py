@@ -1,6 +1,7 @@
 """End to end: a spec runs arms x seeds on a local model, writes JSON, and resumes."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,3 +97,31 @@ def test_ledger_records_each_run_and_resumes_without_json(tiny_dir, tmp_path, mo
     assert len(runs) == 2 * 4 * 3
     assert len({r["contributor"] for r in runs}) == 2 and runs[-1]["contributor"] == "second-contributor"
     assert len({r["run_set"] for r in runs}) == 2
+
+
+def test_a_changed_spec_reuses_this_contributors_runs_of_unchanged_arms(tiny_reference, tmp_path):
+    """An arm added to a spec makes a new experiment; the unchanged arms' runs (same config, seed,
+    environment, model, eval tokens and calibration data) are copied from the ledger, per-token KLD
+    included, so the new experiment has its verdicts without running them again."""
+    from quantatlas.atlas.ledger import Ledger
+
+    url = f"sqlite:///{tmp_path/'a.db'}"
+    spec = {"title": "t", "data": {"eval": {"tokens": 1024, "ctx": 128}, "calib": {"samples": 2, "seq_len": 32}},
+            "seeds": [0, 1, 2], "control": "rtn4",
+            "arms": {"rtn4": {"codec": {"uniform": {"bits": 4, "group": 32}}},
+                     "rtn3": {"codec": {"uniform": {"bits": 3, "group": 32}}}}}
+    logs = []
+    doc1 = runner.run_spec(spec, db_url=url, loaded=tiny_reference, compress=False, log=logs.append)
+    spec2 = dict(spec, arms=dict(spec["arms"], rtn2={"codec": {"uniform": {"bits": 2, "group": 32}}}))
+    logs.clear()
+    doc2 = runner.run_spec(spec2, db_url=url, loaded=tiny_reference, compress=False, log=logs.append)
+    assert doc2["experiment_id"] != doc1["experiment_id"]
+    led = Ledger(url)
+    runs1 = {(r["arm"], r["seed"]): r for r in led.runs(doc1["experiment_id"])}
+    runs2 = {(r["arm"], r["seed"]): r for r in led.runs(doc2["experiment_id"])}
+    assert set(runs2) == set(runs1) | {("rtn2", s) for s in (0, 1, 2)}
+    for k, r in runs1.items():
+        assert runs2[k]["metrics"] == r["metrics"]
+        np.testing.assert_array_equal(runs2[k]["per_token_kld"], r["per_token_kld"])
+    assert sum("stored result reused" in m for m in logs) == 6
+    assert {v["arm"] for v in doc2["verdicts"]} == {"rtn4", "rtn3", "rtn2"}

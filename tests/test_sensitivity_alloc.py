@@ -107,7 +107,7 @@ def test_delta_kld_matches_a_direct_loop(tiny_reference):
     assert "down.1" in format_roi(s) and {r["role"] for r in role_summary(s)} == {"down", "gate", "q", "v"}
 
 
-def test_allocate_arm_meets_its_target_and_its_assignment_reruns_it(tiny_reference):
+def test_allocate_arm_meets_its_target_and_its_assignment_reruns_it(tiny_reference, tmp_path):
     from quantatlas import runner
     from quantatlas.spec import SpecError
 
@@ -119,8 +119,12 @@ def test_allocate_arm_meets_its_target_and_its_assignment_reruns_it(tiny_referen
     alloc = {"candidates": [{"uniform": {"bits": 6, "group": 32}}], "target": {"bits_per_weight": 4.0},
              "grouping": "role"}
     quiet = dict(ledger=False, compress=False, log=lambda m: None)
-    doc = runner.run_spec(spec(alloc), loaded=tiny_reference, **quiet)
+    out = tmp_path / "alloc.json"
+    doc = runner.run_spec(spec(alloc), out, loaded=tiny_reference, **quiet)
     arm = doc["arms"]["alloc"]
+    # resumed from the JSON, the result keeps the allocation it was measured with
+    resumed = runner.run_spec(spec(alloc), out, loaded=tiny_reference, **quiet)["arms"]["alloc"]
+    assert resumed["seeds"] == arm["seeds"] and resumed["allocations"] == arm["allocations"]
     r, a = arm["seeds"]["0"], arm["allocations"]["0"]
     assert a["measured"] and a["forward_passes"] == 2 + 7 and set(a["assignment"]) == {
         "q", "k", "v", "o", "gate", "up", "down"}

@@ -415,3 +415,31 @@ def test_landscape_plots_kld_against_kv_bits_per_value(tmp_path):
         assert [(p["arm"], p["why"]) for p in g["not_drawn"]] == [("w4", "no kv_bits")]
         assert {p["arm"] for p in g["points"] if p["pareto"]} == {"q4", "q8"}
         assert client.get("/landscape", params={"bits": "kv_bits"}).status_code == 200
+
+
+def test_arms_over_the_artifact_cap_are_marked_in_the_stored_verdicts_and_on_the_page(tmp_path):
+    url = f"sqlite:///{tmp_path / 'cap.db'}"
+    led = Ledger(url)
+    spec = _spec("2 MB cap", "int4 beats int3 under a 2 MB zstd cap.",
+                 {"int3": {"codec": {"uniform": {"bits": 3}}}, "int4": {"codec": {"uniform": {"bits": 4}}}}, "int3")
+    spec["artifact"] = {"max_bytes": 2_000_000, "compressor": "zstd-22"}
+    exp = led.register_experiment(spec)
+    for arm, scale, nbytes in (("int3", 1.0, 1_900_000.0), ("int4", 0.3, 2_400_000.0)):
+        for s in (0, 1, 2):
+            tok = tokens(scale, s, "mh")
+            m = {"kld_mean": float(tok.mean(dtype=np.float64)), "bits_per_weight": 3.125 if arm == "int3" else 4.125,
+                 "artifact_bytes": nbytes, "artifact_cap": 2e6, "over_cap": float(nbytes > 2e6)}
+            led.record_run(exp, arm, s, m, tok, ENV, "mh", "ev")
+    v = {d["arm"]: d for d in led.verdicts(exp)}         # the cached (stored) verdicts
+    assert v["int4"]["result"] == "success" and v["int4"]["over_cap"] is True
+    assert v["int4"]["text"].startswith("OVER THE ARTIFACT CAP (2400000 > 2000000 bytes compressed)")
+    assert v["int3"]["over_cap"] is False
+    assert led.rows()[0]["result"] != "success"          # the only success does not fit the cap
+    led.close()
+    with TestClient(create_app(url)) as client:
+        html = client.get(f"/experiments/{exp}").text
+        verdicts = html[html.index('<table class="verdicts">'):]
+        verdicts = verdicts[:verdicts.index("</table>")]
+        row = next(r for r in verdicts.split("<tr>") if r.startswith("<td>int4"))
+        assert 'class="badge over-cap"' in row
+        assert html.count('class="badge over-cap"') == 1

@@ -42,10 +42,11 @@ from quantatlas.atlas.records import PerTokenKLD, RecordError, decode_per_token,
 from quantatlas.atlas.similarity import DUPLICATE_THRESHOLD, dice, trigrams
 from quantatlas.atlas.verdict import (RESULTS, Criterion, FinalVerdict, RunSetInfo, SeedRun, combine_run_sets,
                                       experiment_result, is_reference_arm, judge_run_set, seeded_arms)
+from quantatlas.spec import stable_arm_config
 
 __all__ = ["Ledger", "LedgerError", "environment_key"]
 
-STATS_VERSION = "1"          # bump when verdict statistics change: cached verdicts are recomputed
+STATS_VERSION = "2"          # bump when verdict statistics change: cached verdicts are recomputed
 KEY_METRICS = ("kld_mean", "kld_se", "kld_p99", "same_top", "ppl_ratio", "bits_per_weight", "bits_per_param",
                "bytes_zstd")
 
@@ -440,6 +441,27 @@ class Ledger:
         with self._reading() as s:
             exp = self._experiment(s, exp_id)
             return [self._run_dict(r, tokens=True) for r in self._runs(s, exp.id)]
+
+    def find_run(self, arm_config: dict, seed: int, environment_key: str | None, model_hash: str,
+                 eval_fingerprint: str, calib: dict | None) -> dict | None:
+        """This contributor's run of the same arm config and seed in any experiment, made in the same
+        environment (None: any) on the same model, eval tokens and calibration data (the spec's
+        `data.calib`): what a changed spec (an arm added, a hypothesis reworded) reuses instead of
+        running again."""
+        with self._reading() as s:
+            q = (select(Run).join(Arm, Run.arm_id == Arm.id).join(RunSet, Run.run_set_id == RunSet.id)
+                 .join(Contributor, RunSet.contributor_id == Contributor.id)
+                 .where(Run.seed == seed, RunSet.model_hash == model_hash,
+                        RunSet.eval_fingerprint == eval_fingerprint, Contributor.name == self.contributor)
+                 .order_by(Run.created_at))
+            if environment_key is not None:
+                q = q.where(RunSet.environment_key == environment_key)
+            for r in s.scalars(q):
+                spec = r.arm.experiment.spec or {}
+                if (stable_arm_config(r.arm.config or {}) == stable_arm_config(arm_config)
+                        and (spec.get("data") or {}).get("calib") == calib):
+                    return self._run_dict(r, tokens=True)
+        return None
 
     def _runs(self, s: Session, exp_id: str) -> list[Run]:
         return list(s.scalars(select(Run).join(Arm, Run.arm_id == Arm.id).where(Arm.experiment_id == exp_id)

@@ -164,6 +164,7 @@ class ArmJudgement:
     dominated_by: str | None = None
     notes: list[str] = field(default_factory=list)
     per_seed: list[dict] = field(default_factory=list)
+    over_cap: tuple[float, float] | None = None  # (largest compressed artifact bytes, the spec's cap)
 
     @property
     def bits_delta(self) -> float | None:
@@ -338,7 +339,17 @@ def judge_run_set(arms: dict[str, dict[int, SeedRun]], arm_order: list[str], con
         _baseline_stats(b, c_runs, crit)
         out[control] = b
     _mark_dominated(out, arms, crit)
+    _mark_over_cap(out, arms)
     return out
+
+
+def _mark_over_cap(out: dict[str, ArmJudgement], arms: dict[str, dict[int, SeedRun]]) -> None:
+    """Arms whose artifact exceeded the spec's `artifact:` cap in any seed (the runs' `over_cap`)."""
+    for name, j in out.items():
+        over = [r.metrics for r in (arms.get(name) or {}).values() if r.metrics.get("over_cap") == 1.0]
+        if over:
+            j.over_cap = (max(m.get("artifact_bytes", math.nan) for m in over),
+                          max(m.get("artifact_cap", math.nan) for m in over))
 
 
 def _baseline_stats(j: ArmJudgement, runs: dict[int, SeedRun], crit: Criterion) -> None:
@@ -403,6 +414,7 @@ class FinalVerdict:
             "reproductions": len(self.reproductions),
             "reproductions_agree": sum(1 for _, _, agree, _ in self.reproductions if agree),
             "models": self.models_holding, "models_total": self.models_total,
+            "over_cap": j.over_cap is not None,
         }
 
     def details(self) -> dict:
@@ -467,6 +479,9 @@ def verdict_text(fv: FinalVerdict, crit: Criterion) -> str:
     j = fv.primary
     m, a = crit.metric, crit.alpha
     parts = []
+    if j.over_cap is not None:
+        parts.append(f"OVER THE ARTIFACT CAP ({j.over_cap[0]:.0f} > {j.over_cap[1]:.0f} bytes compressed): "
+                     f"{fv.arm} does not fit the spec's `artifact:` limit.")
     if j.result == "baseline":
         v = "n/a" if j.treatment_mean is None else f"{j.treatment_mean:.6g}"
         bits = "" if j.bits_treatment is None else f", {j.bits_treatment:.3f} bits/param"
@@ -534,8 +549,9 @@ def verdict_text(fv: FinalVerdict, crit: Criterion) -> str:
 def experiment_result(finals: list[FinalVerdict], has_treatments: bool = False
                       ) -> tuple[str | None, float | None, FinalVerdict | None]:
     """(result, confidence, the arm verdict that decided it) for a whole experiment:
-    conflict if any arm conflicts; success if any treatment succeeds (Holm keeps the family-wise
-    error at alpha; the most confident success decides); failure if every treatment fails (the
+    conflict if any arm conflicts; success if any treatment within the artifact cap succeeds (Holm
+    keeps the family-wise error at alpha; the most confident success decides); failure if every
+    treatment within the cap fails (the
     least confident decides); baseline with no treatment arm; else inconclusive. None (pending)
     while no arm, or no treatment of an experiment that has some, has been judged yet."""
     if not finals:
@@ -548,12 +564,13 @@ def experiment_result(finals: list[FinalVerdict], has_treatments: bool = False
         return "baseline", f.confidence, f
     pick = None
     result = "inconclusive"
+    fits = [f for f in treat if f.primary.over_cap is None]  # an arm over the artifact cap cannot win
     if any(f.result == "conflict" for f in treat):
         result, pick = "conflict", next(f for f in treat if f.result == "conflict")
-    elif any(f.result == "success" for f in treat):
-        result, pick = "success", max((f for f in treat if f.result == "success"), key=lambda f: f.confidence)
-    elif all(f.result == "failure" for f in treat):
-        result, pick = "failure", min(treat, key=lambda f: f.confidence)
+    elif any(f.result == "success" for f in fits):
+        result, pick = "success", max((f for f in fits if f.result == "success"), key=lambda f: f.confidence)
+    elif fits and all(f.result == "failure" for f in fits):
+        result, pick = "failure", min(fits, key=lambda f: f.confidence)
     else:
-        pick = max((f for f in treat if f.result == "inconclusive"), key=lambda f: f.confidence)
+        pick = max([f for f in treat if f.result == "inconclusive"] or treat, key=lambda f: f.confidence)
     return result, pick.confidence, pick

@@ -65,7 +65,12 @@ def make_eval_set(tokens: np.ndarray, n_tokens: int, ctx: int, score: str = "sec
 
 @torch.no_grad()
 def scored_logits(model, es: EvalSet, batch: int, device) -> "iter[tuple[int, torch.Tensor]]":
-    """Yield (offset, logits [b*scored, V]) over the eval set, in order."""
+    """Yield (offset, logits [b*scored, V]) over the eval set, in order. A layer-streamed model
+    (`models/stream.py`, the skeleton's `_qa_stream`) passes all windows layer by layer instead."""
+    streamed = getattr(model, "_qa_stream", None)
+    if streamed is not None:
+        yield from streamed.scored_logits(es, batch)
+        return
     off = 0
     for i in range(0, es.windows.shape[0], batch):
         x = es.windows[i:i + batch].to(device)

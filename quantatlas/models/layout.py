@@ -281,7 +281,8 @@ def _shares_weight(head: nn.Module | None, embed: nn.Module | None) -> bool:
     hw, ew = getattr(head, "weight", None), getattr(embed, "weight", None)
     if hw is None or ew is None:
         return False
-    return hw is ew or (hw.data_ptr() == ew.data_ptr() and hw.shape == ew.shape and hw.device == ew.device)
+    return hw is ew or (not hw.is_meta and hw.data_ptr() == ew.data_ptr() and hw.shape == ew.shape  # meta: all 0
+                        and hw.device == ew.device)
 
 
 def is_tied(model: nn.Module) -> bool:

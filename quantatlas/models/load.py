@@ -38,9 +38,12 @@ class LoadedModel:
             if self.tokenizer is None:
                 return corpus.fixed_tokens(fixed)
             return self._tokenize_texts(d.decode("utf-8", errors="replace") for d in fixed_data.documents(fixed))
+        if source.startswith("hf:"):
+            return self._tokenize_texts(_hub_texts(source, split))
         path = Path(source)
         if not path.is_file():
-            raise ModelLoadError(f"data source {source!r}: no such file (use 'stdlib' or a path to a text file)")
+            raise ModelLoadError(f"data source {source!r}: no such file (use 'stdlib', a path to a text file, "
+                                 "or a hub dataset hf:org/name[:config])")
         if self.tokenizer is None:
             data = path.read_bytes()
             return np.concatenate([[corpus.BOS], np.frombuffer(data, np.uint8).astype(np.int64), [corpus.EOS]])
@@ -59,10 +62,35 @@ class LoadedModel:
     def n_params(self) -> int:
         seen, n = set(), 0
         for p in self.model.parameters():
-            if p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
+            key = id(p) if p.is_meta else p.data_ptr()  # a layer-streamed skeleton: every meta pointer is 0
+            if key not in seen:
+                seen.add(key)
                 n += p.numel()
         return n
+
+
+def _hub_texts(source: str, split: str) -> list[str]:
+    """The `text` column of a hub dataset `hf:org/name[:config]`: the `test` split (else `validation`)
+    for evaluation, `train` for calibration."""
+    name, _, config = source[3:].partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise ModelLoadError(f"data source {source!r}: hub datasets need the `datasets` package "
+                             "(pip install datasets)") from None
+    splits = ["train"] if split in ("train", "calib") else ["test", "validation"]
+    last = None
+    for sp in splits:
+        try:
+            ds = datasets.load_dataset(name, config or None, split=sp)
+        except Exception as e:  # noqa: BLE001 - the hub's errors are many; the user needs one line
+            last = e
+            continue
+        if "text" not in ds.column_names:
+            raise ModelLoadError(f"data source {source!r}: no `text` column (columns: {', '.join(ds.column_names)})")
+        return [t for t in ds["text"] if t]
+    raise ModelLoadError(f"data source {source!r}: could not load split {'/'.join(splits)} "
+                         f"({type(last).__name__}: {str(last).splitlines()[0] if str(last) else ''})")
 
 
 def _hash_files(files) -> str:
@@ -75,8 +103,14 @@ def _hash_files(files) -> str:
     return h.hexdigest()[:16]
 
 
-def load_model(source: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """`reference`, a local folder with config.json, or `hf:org/name` (or `org/name`) from the hub."""
+def load_model(source: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               stream: bool | None = None) -> LoadedModel:
+    """`reference`, a local folder with config.json, or `hf:org/name` (or `org/name`) from the hub.
+
+    A local folder (or hub snapshot) with safetensors weights may be layer-streamed
+    (`quantatlas/models/stream.py`): `stream` True/False, else $QUANTATLAS_STREAM (1/0/auto), else
+    the automatic rule: stream when its weights in fp32 would take more than half the available memory.
+    A streamed model is a meta-device skeleton; evaluation and quantization read one decoder layer at a time."""
     if source == "reference":
         from quantatlas.reference.model import CHECKPOINT_DIR, load_reference
 
@@ -92,8 +126,14 @@ def load_model(source: str, device: str | torch.device = "cpu", dtype: torch.dty
         weights = list(path.glob("*.safetensors")) or list(path.glob("*.bin"))
         if not weights:
             raise ModelLoadError(f"model {source!r}: folder has no *.safetensors or *.bin weights")
-        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).to(device).eval()
         tok = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
+        if weights[0].suffix == ".safetensors" and _streaming(path, stream):
+            from quantatlas.models.stream import StreamedModel
+
+            sm = StreamedModel(path)
+            sm.model._qa_stream = sm  # eval/windows.py and quant/quantize.py stream through it
+            return LoadedModel(sm.model, source, _hash_files(weights), tok)
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).to(device).eval()
         return LoadedModel(model, source, _hash_files(weights), tok)
 
     repo = source[3:] if source.startswith("hf:") else source
@@ -105,7 +145,16 @@ def load_model(source: str, device: str | torch.device = "cpu", dtype: torch.dty
         local = snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
     except Exception as e:  # noqa: BLE001 - the hub's errors are many; the user needs one line
         raise ModelLoadError(f"model {source!r}: could not fetch from the Hugging Face hub ({type(e).__name__})") from None
-    return load_model(local, device, dtype)
+    lm = load_model(local, device, dtype, stream)
+    lm.source = source  # as written in the spec
+    return lm
+
+
+def _streaming(path: Path, stream: bool | None) -> bool:
+    from quantatlas.models.stream import should_stream, stream_mode
+
+    mode = stream_mode(stream)
+    return should_stream(path) if mode is None else mode
 
 
 def _has_tokenizer(path: Path) -> bool:

@@ -20,6 +20,14 @@ the weights are the arm's own `codec`, and the KV cache its `kv`:
                            Q8_K activations; q4_0, q5_0, q8_0, iq4_nl: Q8_0; q4_1, q5_1: Q8_1;
                            f16 (unquantized) weights: fp16-rounded activations. The head is
                            included by default (llama.cpp quantizes its input too).
+                           Linear inputs only: attention's own roundings are not modelled. With
+                           an f16 cache, ggml-cpu (ops.cpp, flash_attn_ext) stores K/V as fp16
+                           (use a kv step for the cache); batches of >= 64 query rows take the
+                           tiled kernel (Q stays fp32, fp32 GEMMs and accumulators: nothing
+                           else rounded), smaller batches and decoding take the one-row kernel
+                           (Q rounded to fp16, P·V accumulated in an fp16 vector); without flash
+                           attention, mul_mat rounds Q to fp16 and the softmax P to fp16. A
+                           quantized K cache makes Q the K type's vec_dot_type (Q8_0/Q8_1).
 
 A W4A4KV4 arm (QuaRot's name) is written as its three parts:
 
@@ -28,6 +36,10 @@ A W4A4KV4 arm (QuaRot's name) is written as its three parts:
     kv: {k: {uniform: {bits: 4, group: 64, symmetric: false}}, v: {uniform: {bits: 4, group: 64, symmetric: false}}}
     transforms: [{hadamard: {online: [o, down]}}]     # "with rotations": QuaRot's residual, head and online ones
 
+`roles: [q, k, v]` / `layers: [0, 5]` restrict the step to the inputs of those Linear roles and
+decoder layers (both: the intersection; the head still follows `include_head`), for attributing
+the error of an activation scheme to where it is spent; the bits average over the quantized
+Linears only.
 `clip_ratio` r < 1 shrinks each codec group's range by r (QuaRot's activation clip ratio): a
 uniform or FP8 grid takes r times its min-max scale and values beyond it saturate at the grid's
 ends; any other codec sees each group clamped to r times its range.
@@ -42,7 +54,7 @@ averaged over the quantized Linears weighted by their input width.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -82,6 +94,10 @@ class ActConfig(BaseModel):
     hadamard: list[Literal["o", "down"]] = []
     #: null: the scheme's default (llamacpp_cpu: true; otherwise false)
     include_head: bool | None = None
+    #: only the inputs of these Linear roles (null: every decoder Linear; the head follows include_head)
+    roles: list[Literal["q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up"]] | None = Field(None, min_length=1)
+    #: only the Linears of these decoder layers (null: every layer; the head follows include_head)
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -164,6 +180,17 @@ class ActivationQuantizer:
 
         linears = [t for t in find_roles(model) if t.kind in ("linear", "conv1d")
                    and (self.cfg.head or t.role != "head")]
+        roles, layers = self.cfg.roles, self.cfg.layers
+        if roles is not None or layers is not None:
+            decoder = [t for t in linears if t.role != "head"]
+            for field, want, have in (("roles", roles, {t.role for t in decoder}),
+                                      ("layers", layers, {t.layer for t in decoder})):
+                missing = sorted(set(want or ()) - have)
+                if missing:
+                    raise ValueError(f"act.{field}: {missing} not in {type(model).__name__} "
+                                     f"(it has {sorted(have)})")
+            linears = [t for t in linears if t.role == "head" or ((roles is None or t.role in roles)
+                                                                  and (layers is None or t.layer in layers))]
         types = None
         if self.codec is None:  # llamacpp_cpu
             if recipe is None:

@@ -33,8 +33,14 @@ residual (R) and sinks (S): fp16 tokens
     value residual) and L(i) = S + G·floor(max(0, i + 1 - R - S) / G) for token groups (at least
     the R most recent tokens, plus the incomplete group, stay fp16; a token leaves the residual
     window when it is older than R and its group is complete). Each query therefore mixes
-    quantized and fp16 keys: the attention is computed here (scores from both K versions,
-    selected per query and key; softmax; P·V split the same way), not by the model's kernel.
+    quantized and fp16 keys: the attention is computed here by fused
+    scaled_dot_product_attention over the keys [K_q ; K_fp] and values [V_q ; V_fp]
+    concatenated along tokens (one copy per (K, V) read combination that occurs: two for a
+    plain window, three when K and V windows differ, e.g. K per channel and V per token), with
+    a boolean mask that shows query i each key j in exactly the copy it reads (cached per
+    shape); query rows go in up to MIXED_BLOCKS blocks, each over only the columns it sees.
+    This equals scores from both K versions selected per pair, softmax, and P·V split the same
+    way (tests/test_kv.py keeps that formula as the oracle).
 
 rotate: false (default) | true | auto, with rotation_seed
     A randomized Hadamard rotation Q (head_dim, ±1 signs from rotation_seed + the run seed) of
@@ -67,6 +73,10 @@ ATTENTION = "quantatlas_kv"
 BITS_ROWS = 4096
 #: llama.cpp rotates a quantized cache when head_dim is a multiple of this (`rotate: auto`)
 AUTO_ROTATE_MULTIPLE = 64
+#: mixed fp16/quantized attention: query rows are cut into at most this many blocks of at least
+#: MIXED_MIN_ROWS rows; each block is one fused attention call over only the key copies it sees
+MIXED_BLOCKS = 8
+MIXED_MIN_ROWS = 64
 
 Granularity = Literal["token", "channel", "head"]
 
@@ -217,13 +227,14 @@ class KVCacheQuantizer:
         pre_rope = self.cfg.placement == "pre_rope" and self.k is not None
         if pre_rope and lay.rope is None:
             raise ValueError(f"kv.placement: pre_rope: {type(model).__name__} has no RoPE (keys are stored as computed)")
+        masks: dict = {}
         for layer in lay.layers:
             head_dim = layer.head_dim or lay.head_dim
             k, v = self._halves(head_dim)
             k.check(head_dim, "k")
             v.check(head_dim, "v")
             self.halves = (k, v)
-            layer.attention._quantatlas_kv = _LayerKV(k, v, inner, pre_rope)
+            layer.attention._quantatlas_kv = _LayerKV(k, v, inner, pre_rope, masks)
             if pre_rope:
                 layer.attention.register_forward_pre_hook(_keep_position_embeddings, with_kwargs=True)
         model.config._attn_implementation = ATTENTION
@@ -235,8 +246,48 @@ class KVCacheQuantizer:
 
 
 class _LayerKV:
-    def __init__(self, k: _Half, v: _Half, inner: str, pre_rope: bool):
+    def __init__(self, k: _Half, v: _Half, inner: str, pre_rope: bool, masks: dict | None = None):
         self.k, self.v, self.inner, self.pre_rope = k, v, inner, pre_rope
+        self.masks = {} if masks is None else masks    # shared by the layers of one model
+
+    def slots(self, tq: int, tk: int, device, causal: bool):
+        """The (K stored?, V stored?) combinations that some (query, key) pair reads, and per block
+        of query rows (r0, r1, cols, mask): the columns of the n concatenated copies [n·tk] that the
+        block sees (None: all) and its [r1 - r0, len(cols)] boolean mask (built once per shape and
+        cached). Pairs with j after the query read fp16 (as `fp_mask` says); `causal` hides them."""
+        from quantatlas._lazy import torch
+
+        key = (tq, tk, str(device), causal)
+        hit = self.masks.get(key)
+        if hit is not None:
+            return hit
+        full = torch.zeros(tq, tk, dtype=torch.bool, device=device)
+        kq = full if self.k.codec is None else ~self.k.fp_mask(tq, tk, device)
+        vq = full if self.v.codec is None else ~self.v.fp_mask(tq, tk, device)
+        see = torch.ones_like(full)
+        if causal:
+            see = torch.arange(tk, device=device)[None, :] <= torch.arange(tk - tq, tk, device=device)[:, None]
+        combos, masks = [], []
+        for ck in (True, False):
+            for cv in (True, False):
+                m = see & (kq if ck else ~kq) & (vq if cv else ~vq)
+                if bool(m.any()):
+                    combos.append((ck, cv))
+                    masks.append(m)
+        mask = torch.cat(masks, dim=1)
+        rows = max(MIXED_MIN_ROWS, -(-tq // MIXED_BLOCKS))
+        blocks = []
+        for r0 in range(0, tq, rows):
+            m = mask[r0:r0 + rows]
+            cols = m.any(0).nonzero().flatten()
+            if len(cols) == mask.shape[1]:
+                blocks.append((r0, r0 + m.shape[0], None, m))
+            else:
+                blocks.append((r0, r0 + m.shape[0], cols, m[:, cols]))
+        if len(self.masks) >= 16:        # shapes change only at a window's tail; keep the cache small
+            self.masks.clear()
+        self.masks[key] = hit = (combos, blocks)
+        return hit
 
 
 def _keep_position_embeddings(module, args, kwargs):
@@ -304,35 +355,36 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
 def _mixed_attention(module, query, key, key_q, value, value_q, kv: _LayerKV, attention_mask,
                      scaling=None, dropout=0.0, sliding_window=None, **kwargs):
     """Causal attention where each (query, key) pair reads K and V quantized or in fp16 (residual
-    window, sinks, incomplete token groups)."""
+    window, sinks, incomplete token groups), as fused attention calls: the keys are the
+    concatenation along tokens of one copy per (K stored?, V stored?) combination that occurs
+    ([K_q ; K_fp] and [V_q ; V_fp] for a plain residual window), and a boolean mask lets query i
+    see copy c of key j exactly where (i, j) reads K and V as copy c does (`_LayerKV.slots`). The
+    softmax over the copies is the softmax over the keys, since each (i, j) is visible in one copy.
+    Query rows go in a few blocks (MIXED_BLOCKS), each over only the columns it sees (the
+    quantized prefix and the fp16 window), so the work stays near one plain causal attention."""
     from quantatlas._lazy import torch
 
     if sliding_window is not None:
         raise NotImplementedError("kv: residual windows, sinks and token groups with sliding-window attention")
     b, hq, tq, d = query.shape
     hk, tk = key.shape[1], key.shape[2]
-    rep = hq // hk
-
-    def heads(x):
-        return x if rep == 1 else x.repeat_interleave(rep, dim=1)
-
-    scaling = d ** -0.5 if scaling is None else scaling
-    scores = query @ heads(key).transpose(-1, -2)
-    if kv.k.codec is not None:
-        k_fp = kv.k.fp_mask(tq, tk, query.device)
-        scores = torch.where(k_fp, scores, query @ heads(key_q).transpose(-1, -2))
-    scores = scores * scaling
-    if attention_mask is None:
-        i = torch.arange(tk - tq, tk, device=query.device)[:, None]
-        scores = scores.masked_fill(torch.arange(tk, device=query.device)[None, :] > i, float("-inf"))
-    elif attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask[..., :tk], float("-inf"))
-    else:
-        scores = scores + attention_mask[..., :tk]
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    if kv.v.codec is None:
-        out = probs @ heads(value)
-    else:
-        v_fp = kv.v.fp_mask(tq, tk, query.device)
-        out = (probs * v_fp) @ heads(value) + (probs * ~v_fp) @ heads(value_q)
-    return out.transpose(1, 2).contiguous(), probs
+    combos, blocks = kv.slots(tq, tk, query.device, causal=attention_mask is None)
+    keys = torch.cat([key_q if kq else key for kq, _ in combos], dim=2)
+    values = torch.cat([value_q if vq else value for _, vq in combos], dim=2)
+    am = None
+    if attention_mask is not None:
+        am = attention_mask[..., :tk].expand(*attention_mask.shape[:-2], tq, tk)
+        am = torch.cat([am] * len(combos), dim=-1)
+    scale = d ** -0.5 if scaling is None else scaling
+    outs = []
+    for r0, r1, cols, mask in blocks:
+        k, v = (keys, values) if cols is None else (keys.index_select(2, cols), values.index_select(2, cols))
+        if hq != hk:      # GQA: the fused kernels take repeated KV heads (enable_gqa is not on every backend)
+            k, v = k.repeat_interleave(hq // hk, dim=1), v.repeat_interleave(hq // hk, dim=1)
+        if am is not None:
+            a = am[..., r0:r1, :] if cols is None else am[..., r0:r1, :].index_select(-1, cols)
+            mask = a & mask if a.dtype == torch.bool else a.to(query.dtype).masked_fill(~mask, float("-inf"))
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, r0:r1], k, v, attn_mask=mask, scale=scale))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2).contiguous(), None

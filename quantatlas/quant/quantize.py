@@ -62,17 +62,22 @@ def _solve(plan: TensorPlan, W: torch.Tensor, stats: dict | None) -> tuple[torch
 
 
 def quantize_model(model: torch.nn.Module, recipe: Recipe, calib: torch.Tensor | None, seed: int,
-                   progress=None) -> dict[str, Packed]:
+                   progress=None, on_transformed=None) -> dict[str, Packed]:
     """The recipe's transforms and weight step on `model`, in place (`attach_runtime` adds the
-    KV-cache and activation steps). Returns the packed tensors by parameter name (`<module>.weight`)."""
+    KV-cache and activation steps). Returns the packed tensors by parameter name (`<module>.weight`).
+    `on_transformed(model)` is called between the transforms and the weights (recovery's teacher).
+    A layer-streamed skeleton (`model._qa_stream`, models/stream.py) is quantized one decoder layer
+    at a time from its shards, with the same per-layer step (`quantize_layer`)."""
+    if getattr(model, "_qa_stream", None) is not None:
+        from quantatlas.models.stream import quantize_skeleton
+
+        return quantize_skeleton(model, recipe, calib, seed, progress)
     for t in recipe.transforms:
         t.apply(model, calib, seed)
+    if on_transformed is not None:
+        on_transformed(model)
     plans = [p for p in recipe.plan(tensors_to_quantize(model, recipe), model) if p.codec is not None]
-    run_codecs: dict[int, object] = {}
-    run_solvers: dict[int, object] = {}
-    for p in plans:  # one per-run codec per recipe codec (a turbo rotation is built once); solvers likewise
-        p.codec = run_codecs.setdefault(id(p.codec), p.codec.for_run(seed))
-        p.solver = run_solvers.setdefault(id(p.solver), p.solver.for_run(seed))
+    for_run(plans, seed)
     importance = {}
     if recipe.mixture is not None and recipe.mixture.imatrix:
         from quantatlas.quant.imatrix import compute_imatrix
@@ -83,16 +88,29 @@ def quantize_model(model: torch.nn.Module, recipe: Recipe, calib: torch.Tensor |
     layered = [p for p in plans if p.solver.needs and p.layer is not None and not p.is_vector]
     direct = [p for p in plans if p not in layered]
     for p in direct:
-        W = get_weight(p.target)
-        imp = importance.get(p.name)
-        w_hat, packed[p.name + ".weight"] = _solve(p, W, None if imp is None else {"sq_mean": imp})
-        set_weight(p.target, w_hat)
+        packed[p.name + ".weight"] = solve_direct(p, importance.get(p.name))
         if progress:
             progress(1)
     if layered:
         if calib is None:
             raise ValueError("a GPTQ-family solver needs calibration data")
         _layerwise(model, recipe, layered, calib, packed, progress)
+    return packed
+
+
+def for_run(plans: list[TensorPlan], seed: int) -> None:
+    """One per-run codec per recipe codec (a turbo rotation is built once); solvers likewise."""
+    run_codecs: dict[int, object] = {}
+    run_solvers: dict[int, object] = {}
+    for p in plans:
+        p.codec = run_codecs.setdefault(id(p.codec), p.codec.for_run(seed))
+        p.solver = run_solvers.setdefault(id(p.solver), p.solver.for_run(seed))
+
+
+def solve_direct(p: TensorPlan, importance=None) -> Packed:
+    """A tensor that needs no layer statistics (RTN, a norm vector, the head): solved in place."""
+    w_hat, packed = _solve(p, get_weight(p.target), None if importance is None else {"sq_mean": importance})
+    set_weight(p.target, w_hat)
     return packed
 
 
@@ -161,42 +179,61 @@ def _layerwise(model, recipe: Recipe, plans: list[TensorPlan], calib, packed, pr
     by_layer: dict[int, list[TensorPlan]] = {}
     for p in plans:
         by_layer.setdefault(p.layer, []).append(p)
-    inputs = _capture_layer0_inputs(model, layers[0], calib, batch)
-    q_hidden = [h for h, _, _ in inputs]
-    fp_hidden = list(q_hidden)  # the fp model's stream, for parallel propagation and GPTAQ
-    gptaq = any("cross" in p.solver.needs for p in plans)
-    track_fp = recipe.propagation == "parallel" or gptaq
-
+    stream = LayerStream(_capture_layer0_inputs(model, layers[0], calib, batch), recipe, plans)
     for li, layer in enumerate(layers):
-        todo = by_layer.get(li, [])
-        fp_layer = copy.deepcopy(layer) if track_fp and todo else None
-        if todo:
-            if recipe.propagation == "parallel":
-                groups = [todo]
-            else:
-                names = {p.name for p in todo}
-                groups = [[p for p in todo if p.target.name in {t.name for t in g}]
-                          for g in sequential_groups([p.target for p in todo])]
-                groups = [g for g in groups if g]
-                assert sum(len(g) for g in groups) == len(names)
-            for group in groups:
-                # parallel: one group, collected before anything in this layer changes, on the fp stream
-                src = fp_hidden if recipe.propagation == "parallel" else q_hidden
-                stats = _collect(layer, group, src, inputs, fp_layer if gptaq else None, fp_hidden)
-                for p in group:
-                    W = get_weight(p.target)
-                    w_hat, packed[p.name + ".weight"] = _solve(p, W, stats[p.name])
-                    set_weight(p.target, w_hat)
-                    if progress:
-                        progress(1)
-        # advance both streams through this layer
-        if track_fp:
-            ref = fp_layer if fp_layer is not None else layer
-            fp_hidden = [_run_layer(ref, h, r, k) for h, (_, r, k) in zip(fp_hidden, inputs)]
-        q_hidden = [_run_layer(layer, h, r, k) for h, (_, r, k) in zip(q_hidden, inputs)]
-        if not track_fp:
-            fp_hidden = q_hidden
-        del fp_layer
+        quantize_layer(layer, by_layer.get(li, []), recipe, stream, packed, progress)
+
+
+class LayerStream:
+    """The calibration activations between decoder layers: the captured inputs of layer 0 (hidden
+    states and the keyword arguments every layer takes), the quantized model's hidden states and,
+    for parallel propagation and GPTAQ, the fp model's."""
+
+    def __init__(self, inputs, recipe: Recipe, plans: list[TensorPlan]):
+        self.inputs = inputs
+        self.q_hidden = [h for h, _, _ in inputs]
+        self.fp_hidden = list(self.q_hidden)
+        self.gptaq = any("cross" in p.solver.needs for p in plans)
+        self.track_fp = recipe.propagation == "parallel" or self.gptaq
+
+
+@torch.no_grad()
+def quantize_layer(layer, todo: list[TensorPlan], recipe: Recipe, stream: LayerStream, packed: dict,
+                   progress=None) -> None:
+    """One decoder layer of a GPTQ-family pass: collect each group's statistics on the stream, solve
+    its matrices in place (packed tensors into `packed`), then advance the stream through the layer.
+    The in-memory pass (`_layerwise`) and the streaming one (models/stream.py) both call this."""
+    fp_layer = copy.deepcopy(layer) if stream.track_fp and todo else None
+    if todo:
+        if recipe.propagation == "parallel":
+            groups = [todo]
+        else:
+            names = {p.name for p in todo}
+            groups = [[p for p in todo if p.target.name in {t.name for t in g}]
+                      for g in sequential_groups([p.target for p in todo])]
+            groups = [g for g in groups if g]
+            assert sum(len(g) for g in groups) == len(names)
+        for group in groups:
+            # parallel: one group, collected before anything in this layer changes, on the fp stream
+            src = stream.fp_hidden if recipe.propagation == "parallel" else stream.q_hidden
+            stats = _collect(layer, group, src, stream.inputs, fp_layer if stream.gptaq else None, stream.fp_hidden)
+            for p in group:
+                W = get_weight(p.target)
+                w_hat, packed[p.name + ".weight"] = _solve(p, W, stats.pop(p.name))
+                set_weight(p.target, w_hat)
+                del W, w_hat
+                if progress:
+                    progress(1)
+            del stats
+    # advance both streams through this layer
+    inputs = stream.inputs
+    if stream.track_fp:
+        ref = fp_layer if fp_layer is not None else layer
+        stream.fp_hidden = [_run_layer(ref, h, r, k) for h, (_, r, k) in zip(stream.fp_hidden, inputs)]
+    stream.q_hidden = [_run_layer(layer, h, r, k) for h, (_, r, k) in zip(stream.q_hidden, inputs)]
+    if not stream.track_fp:
+        stream.fp_hidden = stream.q_hidden
+    del fp_layer
 
 
 def _collect(layer, group: list[TensorPlan], hidden, inputs, fp_layer, fp_hidden) -> dict[str, dict]:

@@ -4,6 +4,8 @@
     2. weights         a solver with a codec per tensor (overrides), or a llama.cpp mixture
     3. kv              KV-cache quantization in the forward pass (quant/kv.py)
     4. act             activation quantization of Linear inputs (quant/act.py)
+    5. recovery        finetuning against the fp teacher on calibration tokens (quant/recovery.py);
+                       the runner runs it right after the weights (the KV/act hooks attach later)
 
 Each step says which statistics it needs; the runner collects only those. Overrides pick
 tensors by role name (k, down, q_norm, ...) or by a regex searched in the module name, in order,
@@ -21,6 +23,7 @@ from quantatlas.quant.codecs import Codec
 from quantatlas.quant.codecs.gguf import GGUFConfig
 from quantatlas.quant.config import parse_config
 from quantatlas.quant.kv import KVCacheConfig
+from quantatlas.quant.recovery import RecoveryConfig
 from quantatlas.quant.solvers.base import Solver
 from quantatlas.spec import Arm
 
@@ -52,6 +55,7 @@ class Recipe:
     mixture: Any = None  # a GGUFMixture: llama.cpp's per-tensor types instead of one codec
     kv: KVCacheConfig | None = None
     act: ActConfig | None = None
+    recovery: RecoveryConfig | None = None
 
     def __post_init__(self):
         if self.solver is None:
@@ -93,7 +97,7 @@ class Recipe:
         codecs = [self.codec] + [c for _, c, _ in self.overrides]
         runtime = [c for c in (self.kv, self.act) if c is not None]
         return self.needs_calibration or any(c is not None and c.seeded for c in codecs) or \
-            any(c.seeded for c in runtime) or any(s.seeded for s in self.solvers)
+            any(c.seeded for c in runtime) or any(s.seeded for s in self.solvers) or self.recovery is not None
 
     @property
     def needs_calibration(self) -> bool:
@@ -136,4 +140,4 @@ def build_recipe(arm: Arm, where: str = "arm") -> Recipe:
             t.codec = codec
     return Recipe(transforms=transforms, solver=solver, codec=codec, overrides=overrides,
                   propagation=arm.propagation, include_head=arm.include_head, mixture=mixture, kv=arm.kv,
-                  act=arm.act)
+                  act=arm.act, recovery=arm.recovery)

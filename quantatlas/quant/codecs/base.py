@@ -86,6 +86,16 @@ class Codec(ABC):
     def quantize(self, w: torch.Tensor, params: Any, col: int = 0) -> Quantized:
         """Grid values and codes for columns `col .. col + w.shape[1]` of a group with parameters `params`."""
 
+    def column_quantizer(self, params: Any):
+        """Optional fast path for scalar codecs (block_width 1) inside GPTQ's per-column loop.
+
+        A codec that overrides this returns `fn(w, col, values, codes)` for a group's `params`:
+        w is one column [rows] (contiguous), col its offset in the group; fn writes into the
+        float32 [rows] buffers `values` and `codes` exactly quantize(w[:, None], params, col)'s
+        values and codes (as floats), without allocating. The base class has none.
+        """
+        return None
+
     @abstractmethod
     def pack(self, codes: torch.Tensor, params: list[Any]) -> Packed:
         """Store a matrix from its codes (all quantize calls' codes, in column order); one `params` per group."""

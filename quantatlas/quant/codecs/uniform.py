@@ -104,6 +104,25 @@ class Uniform(Codec):
         q = self._codes(w.float(), params)
         return Quantized(self._values(q, params), (q - self._levels()[0]).to(torch.int64))
 
+    def column_quantizer(self, params):
+        """quantize for one column, fused in place: 5 operations, bit for bit quantize's result.
+
+        clamp(round(w/s) + z, lo, hi) - z = clamp(round(w/s), lo - z, hi - z) exactly (small integers
+        in float), so the values are that times s and the codes that plus z - lo.
+        """
+        lo, hi = self._levels()
+        scale, zero = params.scale, params.zero
+        if zero is None:
+            low, high, shift = lo, hi, -lo
+        else:
+            low, high, shift = lo - zero, hi - zero, zero - lo
+
+        def one_column(w, col, values, codes):
+            torch.div(w.float(), scale, out=codes).round_().clamp_(low, high)
+            torch.mul(codes, scale, out=values)
+            codes.add_(shift)
+        return one_column
+
     def pack(self, codes, params):
         rows, cols = codes.shape
         self.group_of(cols)

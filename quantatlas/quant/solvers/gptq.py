@@ -56,6 +56,26 @@ across blocks (the authors' code uses w_q inside a block but q̂ in the cross-bl
 matmul, which makes the result depend on the block size). `gptaq_alpha` scales P: the
 paper has no such factor (alpha = 1, the default); the authors' code multiplies P by
 0.25, an empirical choice (GPTAQ issue #4).
+
+Implementation (same algorithm, fewer flops and less memory traffic; tests/test_gptq_fast.py
+checks it against a plain per-column GPTQ):
+- No inverse. With L = chol(J H J) (J reverses the order), R = J L J is upper triangular with
+  R Rᵀ = H (damped) and U = R⁻¹. W0 - Q = E U gives E = D R with D = W0 - Q, so the value of
+  column block B when it is rounded is W0_B + Σ_{k before B} D_k A[k, B] with A = R ·
+  blockdiag(R_BB)⁻¹: the feedback needs one Cholesky (the reference: Cholesky, inverse and a
+  second Cholesky, 4× the flops) and carries D instead of E. For columns not yet reached
+  these sums are partial; a group fitted on the fly gets its current weights from them by
+  one g × g triangular system (`_current`). GPTAQ's P needs U, so GPTAQ computes U = R⁻¹ and
+  runs the same loop in the U form (X = E, update -X U).
+- Wᵀ layout: each column is a contiguous row, so per-column reads, writes and rank-1 updates
+  are contiguous and the lazy updates are matmuls with transposed factor slices.
+- Two-level blocking: rank-1 updates only inside sub-blocks of SUB_BLOCK columns, one matmul
+  per sub-block for the rest of its block, one per block for the columns after it.
+- Scalar codecs with `column_quantizer` (uniform) round a column with a few in-place ops
+  into preallocated buffers, bit for bit their `quantize`.
+- The proxy loss comes from ‖E‖² (U H_damped Uᵀ = I) minus the damping and dead-column
+  terms, unless these cancel more than half of it; then (and for vector codecs and GPTAQ)
+  from the product with H.
 """
 from __future__ import annotations
 
@@ -73,6 +93,8 @@ from quantatlas.quant.solvers.base import Solver
 
 #: how many times damp is multiplied by 10 before giving up on a Hessian
 MAX_DAMP_RAISES = 4
+#: columns per sub-block: rank-1 updates stay inside one, a matmul carries them to the rest of the block
+SUB_BLOCK = 16
 
 
 class GPTQConfig(SolverConfig):
@@ -110,25 +132,29 @@ class GPTQ(Solver):
         opts = self.cfg.model_dump()
         cross = stats.get("cross") if "cross" in self.needs else None
         if not opts.pop("incoherence"):
-            w_hat, packed, _info = gptq(W, stats["hessian"], codec, H_cross=cross, **opts)
+            w_hat, packed, _info = gptq(W, stats["hessian"], codec, H_cross=cross, losses=False, **opts)
             return w_hat, packed
         # incoherence processing: solve W' = U W Vᵀ against H' = V H Vᵀ, return Ŵ = Uᵀ Ŵ' V
         from quantatlas.quant.incoherence import Incoherence
 
         inc = Incoherence(*W.shape, self.next_tensor_seed())
         w_rot, packed, _info = gptq(inc.weight(W.double()), inc.hessian(stats["hessian"].double()), codec,
-                                    H_cross=None if cross is None else inc.hessian(cross.double()), **opts)
+                                    H_cross=None if cross is None else inc.hessian(cross.double()),
+                                    losses=False, **opts)
         return inc.unweight(w_rot.double()).float(), inc.wrap(packed)
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, codec: Codec, *, block_size: int = 128, damp: float = 0.01,
          act_order: bool = False, static_groups: bool = False, importance_from_hessian: bool = True,
-         H_cross: torch.Tensor | None = None, gptaq_alpha: float = 1.0) -> tuple[torch.Tensor, Packed, dict]:
+         H_cross: torch.Tensor | None = None, gptaq_alpha: float = 1.0,
+         losses: bool = True) -> tuple[torch.Tensor, Packed, dict]:
     """Quantize W [rows, cols] with `codec` against H [cols, cols]; GPTAQ when H_cross is given.
 
     Returns (Ŵ float32 in the original column order, the codec's Packed with decode(Packed) == Ŵ,
     info: damp used, proxy_loss tr((Ŵ-W) H (Ŵ-W)ᵀ) with the undamped H, dead_columns, seconds,
-    and with H_cross asym_proxy_loss = (2/N)(‖W X̃ - Ŵ X‖² - ‖W X̃ - W X‖²)).
+    and with H_cross asym_proxy_loss = (2/N)(‖W X̃ - Ŵ X‖² - ‖W X̃ - W X‖²)). losses=False leaves
+    the losses out (None): for GPTAQ and vector codecs they cost two or one rows × cols² products,
+    and solvers inside a quantization run do not use them.
     """
     t0 = time.perf_counter()
     rows, cols, bw, g = _check(W, H, codec, block_size, damp, act_order, static_groups, H_cross, gptaq_alpha)
@@ -141,10 +167,14 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec: Codec, *, block_size: int = 12
 
     # dead inputs: nothing to preserve there; H_jj = 1 keeps H invertible
     dead = torch.nonzero(hdiag == 0).flatten()
-    Wq = W_orig.clone()
-    Wq[:, dead] = 0
-    Hd = H_orig.clone()
-    Hd[dead, dead] = 1
+    # the loop works on Wᵀ (positions × rows, one contiguous row per column): column reads and writes
+    # and the rank-1 updates touch contiguous memory, and the lazy updates are matmuls with Uᵀ slices
+    Wt = W_orig.t().contiguous()
+    Wt[dead] = 0
+    Hd = H_orig
+    if dead.numel():
+        Hd = H_orig.clone()
+        Hd[dead, dead] = 1
     C = None
     if H_cross is not None:
         C = H_cross.detach().to(dev, dtype).clone()
@@ -155,68 +185,154 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec: Codec, *, block_size: int = 12
     params: list[Any] = [None] * n_groups
     if static_groups or act_order:
         for gi in range(n_groups):
-            params[gi] = codec.fit(Wq[:, gi * g:(gi + 1) * g], _slice(importance, gi * g, g))
+            params[gi] = codec.fit(Wt[gi * g:(gi + 1) * g].t().contiguous(), _slice(importance, gi * g, g))
 
     order = _act_order(torch.diagonal(Hd), bw) if act_order else None
     if order is not None:
-        Wq, Hd = Wq[:, order], Hd[order][:, order]
+        Wt, Hd = Wt[order], Hd[order][:, order]
         C = None if C is None else C[order][:, order]
     column_at = order.tolist() if order is not None else range(cols)  # original column of each position
 
-    U, damp = _inverse_upper_factor(Hd, damp)
+    R, damp, lam = _upper_factor(Hd, damp)
     del Hd
-    P = None
-    if C is not None:
+    P, rdiag = None, None
+    if C is None:
+        # GPTQ / LDLQ straight from the factor (no inverse): M = A, alpha = +1, X = D = W0 - Q
+        M, alpha = _scaled_by_diagonal_blocks(R, bw), 1.0
+        rdiag = torch.diagonal(R).clone() if bw == 1 else None
+    else:
+        # GPTAQ: M = U = R⁻¹, alpha = -1, X = E; P needs U anyway
+        M, alpha = torch.linalg.solve_triangular(R, torch.eye(cols, device=dev, dtype=dtype), upper=True), -1.0
         block_of = torch.arange(cols, device=dev) // bw
         later = block_of[None, :] > block_of[:, None]  # position k is free after position i's block is fixed
-        P = gptaq_alpha * ((C @ U.T) * later) @ U
-        del C, later
+        # P = ((C Uᵀ) ⊙ later) U with U = R⁻¹: two triangular solves (half the flops of two products)
+        CUt = torch.linalg.solve_triangular(R.T, C, upper=False, left=False)      # X Rᵀ = C
+        P = torch.linalg.solve_triangular(R, CUt.mul_(later), upper=True, left=False)
+        if gptaq_alpha != 1.0:
+            P.mul_(gptaq_alpha)
+        del C, later, CUt
+    del R
+    a_form = alpha > 0
+    # A form: X = W0 - Q needs the original (dead-zeroed, ordered) columns; a plain copy of Wt before
+    # the loop (one matrix more while it runs, and no transposing gathers)
+    W0t = Wt.clone() if a_form else None
 
-    Q = torch.empty_like(Wq)
-    codes: list = [None] * (cols // bw)  # the codec's codes per bw-column block, in original column order
+    # rows of Wt hold each column's value when it is rounded; the lazy updates go to later rows only
+    Qt = torch.empty_like(Wt)
+    fast = bw == 1 and type(codec).column_quantizer is not Codec.column_quantizer
+    if fast:
+        Ct = torch.empty(cols, rows, device=dev, dtype=torch.float32)  # the codes, as floats, by position
+        v32 = None if dtype == torch.float32 else torch.empty(rows, device=dev, dtype=torch.float32)
+        rounders: list[Any] = [None] * n_groups
+    codes: list = [None] * (cols // bw)  # generic path: the codec's codes per bw-column block, original order
+    Xt = torch.empty(block_size, rows, device=dev, dtype=dtype)  # the block's fed-forward errors, by position
+    esq = torch.zeros((), device=dev, dtype=torch.float64)       # ‖E‖², for the proxy loss (A form, bw 1)
+    sub_size = max(bw, SUB_BLOCK // bw * bw)
+    dynamic = not (static_groups or act_order)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = Wq[:, i1:i2].clone()   # this block; its columns keep their pre-rounding values (GPTAQ uses them)
-        E1 = torch.zeros_like(W1)   # scaled errors (w - q̂) U_BB⁻¹, propagated lazily past the block
-        for j in range(0, i2 - i1, bw):
-            p = i1 + j
-            gi, col = divmod(column_at[p], g)
-            if params[gi] is None:  # no act_order here, so position == column
-                cur = _current(Wq, W1, E1, U, P, i1, i2, j, p, p + g)
-                params[gi] = codec.fit(cur, _slice(importance, p, g))
-            w = W1[:, j:j + bw]
-            quantized = codec.quantize(w, params[gi], col)
-            codes[column_at[p] // bw] = quantized.codes
-            q = quantized.values.to(dtype)
-            Q[:, p:p + bw] = q
-            if bw == 1:
-                e = (w - q) / U[p, p]
+        src = W0t[i1:i2] if a_form else Wt[i1:i2]   # X = W0 - Q (A form) or (current - Q) scaled (U form)
+        a = i1
+        while a < i2:
+            # a sub-block: rank-1 (rank-bw) updates stay inside it, one matmul carries it to the block's rest;
+            # a group fitted on the fly starts a sub-block, so its columns are current when it is fitted
+            se = min(a + sub_size, i2)
+            if dynamic:
+                se = min(se, (a // g + 1) * g)
+            if fast:   # scalar codec with a fused column rounding: the same steps with fewer Python ops
+                _scalar_sub_block(Wt, Qt, Ct, Xt, src, M, P, alpha, a, se, i1, g, column_at, params, rounders,
+                                  codec, v32, lambda p, gi: _current(Wt, Xt, M, alpha, P, i1, i2, p, p + g,
+                                                                     W0t), importance)
+                bw_loop = range(0)
             else:
-                e = torch.linalg.solve_triangular(U[p:p + bw, p:p + bw], w - q, upper=True, left=False)
-            E1[:, j:j + bw] = e
-            W1[:, j + bw:].addmm_(e, U[p:p + bw, p + bw:i2], alpha=-1)
-            if P is not None:
-                W1[:, j + bw:].addmm_(w, P[p:p + bw, p + bw:i2])
+                bw_loop = range(a, se, bw)
+            for p in bw_loop:
+                gi, col = divmod(column_at[p], g)
+                if params[gi] is None:  # fitted on the fly: no act_order here, so position == column
+                    cur = _current(Wt, Xt, M, alpha, P, i1, i2, p, p + g, W0t)
+                    params[gi] = codec.fit(cur.t().contiguous(), _slice(importance, p, g))
+                j = p - i1
+                w, q, x = Wt[p:p + bw], Qt[p:p + bw], Xt[j:j + bw]
+                quantized = codec.quantize(w.t(), params[gi], col)
+                codes[column_at[p] // bw] = quantized.codes
+                q.copy_(quantized.values.t())
+                torch.sub(src[j:j + bw], q, out=x)
+                if not a_form:
+                    if bw == 1:
+                        x.div_(M[p, p])
+                    else:
+                        x.copy_(torch.linalg.solve_triangular(M[p:p + bw, p:p + bw].t(), x, upper=False))
+                if p + bw < se:
+                    if bw == 1:
+                        Wt[p + 1:se].addr_(M[p, p + 1:se], x[0], alpha=alpha)
+                        if P is not None:
+                            Wt[p + 1:se].addr_(P[p, p + 1:se], w[0])
+                    else:
+                        Wt[p + bw:se].addmm_(M[p:p + bw, p + bw:se].t(), x, alpha=alpha)
+                        if P is not None:
+                            Wt[p + bw:se].addmm_(P[p:p + bw, p + bw:se].t(), w)
+            if se < i2:
+                Wt[se:i2].addmm_(M[a:se, se:i2].t(), Xt[a - i1:se - i1], alpha=alpha)
+                if P is not None:
+                    Wt[se:i2].addmm_(P[a:se, se:i2].t(), Wt[a:se])
+            a = se
+        if losses and a_form and rdiag is not None:
+            e = torch.sub(Wt[i1:i2], Qt[i1:i2]).mul_(rdiag[i1:i2, None])   # E = (current - Q) R_qq
+            esq += torch.dot(e.flatten(), e.flatten()).double()
+            del e
         if i2 < cols:
-            Wq[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1)
+            Wt[i2:].addmm_(M[i1:i2, i2:].t(), Xt[:i2 - i1], alpha=alpha)
             if P is not None:
-                Wq[:, i2:].addmm_(W1, P[i1:i2, i2:])
-    del Wq, U, P
+                Wt[i2:].addmm_(P[i1:i2, i2:].t(), Wt[i1:i2])
+    del Wt, W0t, M, P, Xt
 
-    if order is not None:
-        Q = Q[:, torch.argsort(order)]
+    inverse = None if order is None else torch.argsort(order)
+    if inverse is not None:
+        Qt = Qt[inverse]
+    Q = Qt.t().contiguous()
+    del Qt
     W_hat = Q.float()
-    packed = codec.pack(torch.cat(codes, 1), params)
+    if fast:
+        Ct = Ct if inverse is None else Ct[inverse]
+        all_codes = Ct.t().to(torch.int64)
+        del Ct
+    else:
+        all_codes = torch.cat(codes, 1)
+    packed = codec.pack(all_codes, params)
+    del all_codes
 
-    D = Q - W_orig
-    info = {"damp": damp, "proxy_loss": float(((D @ H_orig) * D).sum()), "dead_columns": int(dead.numel())}
+    info = {"damp": damp, "proxy_loss": None, "dead_columns": int(dead.numel())}
     if H_cross is not None:
-        cross = H_cross.detach().to(dev, dtype)
-        info["asym_proxy_loss"] = info["proxy_loss"] - 2.0 * float(((W_orig @ cross) * D).sum())
+        info["asym_proxy_loss"] = None
+    if losses:
+        _losses(info, Q, W_orig, H_orig, H_cross, dead, esq, lam, a_form and rdiag is not None)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     info["seconds"] = time.perf_counter() - t0
     return W_hat, packed, info
+
+
+def _losses(info, Q, W_orig, H_orig, H_cross, dead, esq, lam, from_e: bool) -> None:
+    """info["proxy_loss"] (and "asym_proxy_loss" with H_cross); see gptq's docstring."""
+    D = Q - W_orig
+    if from_e:
+        # W0 - Q = E U and U H_damped Uᵀ = I give tr(D0 H_damped D0ᵀ) = ‖E‖², D0 = Q - W0; the undamped H
+        # differs by λI and by the 1s on dead diagonals (where H is 0 and D0 = Q): ‖E‖² - λ‖D0‖² - ‖Q_dead‖²
+        if dead.numel():
+            q_dead = float(Q[:, dead].double().square().sum())
+            D[:, dead] = Q[:, dead]
+        else:
+            q_dead = 0.0
+        shift = float(lam) * float(torch.dot(D.flatten(), D.flatten())) + q_dead
+        if shift < 0.5 * float(esq):   # little cancellation: as accurate as the direct product
+            info["proxy_loss"] = float(esq) - shift
+        elif dead.numel():
+            D = Q - W_orig
+    if info["proxy_loss"] is None:
+        info["proxy_loss"] = float(((D @ H_orig) * D).sum())
+    if H_cross is not None:
+        cross = H_cross.detach().to(W_orig.device, W_orig.dtype)
+        info["asym_proxy_loss"] = info["proxy_loss"] - 2.0 * float(((W_orig @ cross) * D).sum())
 
 
 def _check(W, H, codec, block_size, damp, act_order, static_groups, H_cross, gptaq_alpha):
@@ -228,9 +344,9 @@ def _check(W, H, codec, block_size, damp, act_order, static_groups, H_cross, gpt
         if M is not None and (not isinstance(M, torch.Tensor) or tuple(M.shape) != (cols, cols)):
             raise ValueError(f"gptq: {name} must be [{cols}, {cols}] for W [{rows}, {cols}], got "
                              f"{tuple(M.shape) if isinstance(M, torch.Tensor) else type(M).__name__}")
-        if M is not None and not torch.isfinite(M).all():
+        if M is not None and not _finite(M):
             raise ValueError(f"gptq: {name} has NaN or infinite entries")
-    if not torch.isfinite(W).all():
+    if not _finite(W):
         raise ValueError("gptq: W has NaN or infinite entries")
     if (torch.diagonal(H) < 0).any():
         raise ValueError("gptq: H has negative diagonal entries; it is not (2/N) Σ x xᵀ")
@@ -254,6 +370,11 @@ def _check(W, H, codec, block_size, damp, act_order, static_groups, H_cross, gpt
     return rows, cols, bw, g
 
 
+def _finite(M: torch.Tensor) -> bool:
+    """No NaN or ±inf in M: its min and max are finite (NaN propagates), without an M-sized temporary."""
+    return M.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(M))).all())
+
+
 def _slice(importance: torch.Tensor | None, start: int, g: int) -> torch.Tensor | None:
     return None if importance is None else importance[start:start + g].float()
 
@@ -265,31 +386,95 @@ def _act_order(hdiag: torch.Tensor, bw: int) -> torch.Tensor:
     return (blocks[:, None] * bw + torch.arange(bw, device=hdiag.device)).flatten()
 
 
-def _current(Wq, W1, E1, U, P, i1, i2, j, a, b):
-    """Columns a..b (a inside the current block) with every update so far applied.
+def _scalar_sub_block(Wt, Qt, Ct, Xt, src, M, P, alpha, a, se, i1, g, column_at, params, rounders, codec, v32,
+                      current, importance):
+    """Columns a..se one at a time for a scalar codec with `column_quantizer` (see the loop in gptq)."""
+    ws, qs, cs = Wt[a:se].unbind(0), Qt[a:se].unbind(0), Ct[a:se].unbind(0)
+    xs, srcs = Xt[a - i1:se - i1].unbind(0), src[a - i1:se - i1].unbind(0)
+    Wsub, Msub = Wt[a:se], M[a:se, a:se].unbind(0)
+    Psub = None if P is None else P[a:se, a:se].unbind(0)
+    n = se - a
+    for k in range(n):
+        p = a + k
+        gi, col = divmod(column_at[p], g)
+        rnd = rounders[gi]
+        if rnd is None:
+            if params[gi] is None:  # fitted on the fly: no act_order here, so position == column
+                params[gi] = codec.fit(current(p, gi).t().contiguous(), _slice(importance, p, g))
+            rnd = rounders[gi] = codec.column_quantizer(params[gi])
+        if v32 is None:
+            rnd(ws[k], col, qs[k], cs[k])
+        else:
+            rnd(ws[k], col, v32, cs[k])
+            qs[k].copy_(v32)
+        x = torch.sub(srcs[k], qs[k], out=xs[k])
+        if alpha < 0:
+            x.div_(Msub[k][k])
+        if k + 1 < n:
+            Wsub[k + 1:].addr_(Msub[k][k + 1:], x, alpha=alpha)
+            if Psub is not None:
+                Wsub[k + 1:].addr_(Psub[k][k + 1:], ws[k])
 
-    Past the block end the lazy updates of the block's first j columns are still pending.
+
+def _current(Wt, Xt, M, alpha, P, i1, i2, a, b, W0t):
+    """Columns a..b (a starts a sub-block inside the block i1..i2) with every update so far applied
+    (the OBS updates of columns < a), as rows of Wᵀ [b - a, rows].
+
+    Rows inside the block have all fed-forward terms of columns < a; past its end the block's
+    terms of columns i1..a are still pending and are added here. In the U form (alpha -1) that
+    is the current weight. In the A form (alpha +1) it is S = W0 + D A[:a, ·] (D = W0 - Q), which
+    for column a is the current value but for later columns only a partial sum; the current
+    values are W0 + (S - W0) A_GG⁻¹ with A_GG = A[a:b, a:b] (W0 - Q = E U and E = D R give
+    the current W0 - E[:, :a] U[:a, ·] = W0 + D[:, :a] R[:a, a:] U[a:, ·], and U_GG = R_GG⁻¹).
     """
-    inside = W1[:, a - i1:min(b, i2) - i1]
+    inside = Wt[a:min(b, i2)]
     if b <= i2:
-        return inside
-    beyond = Wq[:, i2:b] - E1[:, :j] @ U[i1:i1 + j, i2:b]
-    if P is not None:
-        beyond = beyond + W1[:, :j] @ P[i1:i1 + j, i2:b]
-    return torch.cat([inside, beyond], 1)
+        cur = inside
+    else:
+        beyond = torch.addmm(Wt[i2:b], M[i1:a, i2:b].t(), Xt[:a - i1], alpha=alpha)
+        if P is not None:
+            beyond = beyond + P[i1:a, i2:b].t() @ Wt[i1:a]
+        cur = torch.cat([inside, beyond], 0)
+    if alpha < 0:
+        return cur
+    w0 = W0t[a:b]
+    eye = torch.eye(b - a, device=M.device, dtype=M.dtype)
+    inv = torch.linalg.solve_triangular(M[a:b, a:b], eye, upper=True)   # g × g; then one matmul (faster than
+    return torch.addmm(w0, inv.t(), cur - w0)                            # a triangular solve with rows RHS)
 
 
-def _inverse_upper_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """U upper triangular with UᵀU = (H + damp·mean(diag H)·I)⁻¹, raising damp tenfold on failure."""
+def _scaled_by_diagonal_blocks(R: torch.Tensor, bw: int) -> torch.Tensor:
+    """A = R · blockdiag(R_BB)⁻¹ (bw-column diagonal blocks; bw = 1: column q divided by R_qq).
+
+    With W0 - Q = E U and U = R⁻¹, the value of block B when it is rounded is
+    W0_B + Σ_{k before B} (W0 - Q)_k A[k, B]: GPTQ's feedback without inverting anything.
+    """
+    cols = R.shape[0]
+    if bw == 1:
+        return R / torch.diagonal(R)[None, :]
+    nb = cols // bw
+    diag_blocks = R.reshape(nb, bw, nb, bw).diagonal(dim1=0, dim2=2).permute(2, 0, 1)   # [nb, bw, bw]
+    col_blocks = R.reshape(cols, nb, bw).transpose(0, 1)                                 # [nb, cols, bw]
+    A = torch.linalg.solve_triangular(diag_blocks, col_blocks, upper=True, left=False)  # X R_BB = R[:, B]
+    return A.transpose(0, 1).reshape(cols, cols)
+
+
+def _upper_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """R upper triangular with R Rᵀ = H + λI, λ = damp·mean(diag H), raising damp tenfold on failure.
+
+    R is the Cholesky factor of H with rows and columns reversed (J L Lᵀ J with L = chol(J H J)),
+    so U = R⁻¹ is the upper factor with UᵀU = (H + λI)⁻¹ that GPTQ's updates use: one
+    Cholesky instead of the reference's Cholesky, inverse and second Cholesky.
+    """
     mean_diag = torch.diagonal(H).mean()
     for attempt in range(MAX_DAMP_RAISES + 1):
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * mean_diag)
+        Hd = H.flip(0, 1)
+        lam = damp * mean_diag
+        Hd.diagonal().add_(lam)
         L, info = torch.linalg.cholesky_ex(Hd)
-        if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
-                return U, damp
+        del Hd
+        if int(info) == 0 and _finite(torch.diagonal(L)) and bool((torch.diagonal(L) > 0).all()):
+            return L.flip(0, 1), damp, lam
         if attempt == MAX_DAMP_RAISES:
             break
         raised = damp * 10 if damp > 0 else 1e-4

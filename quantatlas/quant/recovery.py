@@ -1,0 +1,506 @@
+"""Finetune recovery: a recipe step after the weights, with the fp model as teacher.
+
+    recovery: {method: kd_ste, train: scales, steps: 200, lr: 0.001, samples: 64, seq_len: 256, batch: 4}
+
+Methods (loss on calibration tokens only; the eval tokens are never seen, see `check_disjoint`):
+
+    kd_ste    the whole model, loss KL(P_fp ‖ P_q) over the vocabulary at every calibration position
+    block_ap  EfficientQAT's Block-AP: decoder layer by layer, loss MSE between the quantized layer's
+              output on the quantized prefix's hidden states (already tuned) and the fp layer's output
+              on the fp prefix's hidden states (the target the whole model should reproduce)
+    pv_lite   kd_ste's loss; Adam steps on the scales (and norms) alternate with discrete steps: every
+              `discrete_every` steps each matrix moves at most `fraction` of its integer codes by ±1,
+              the moves with the largest first-order gain −g·Δ first (g: the KL gradient w.r.t. the
+              dequantized weight, summed since the last discrete step); a discrete step that raises
+              the loss on the current batch is taken back; uniform codec only
+
+What trains (`train`):
+
+    scales        codes fixed; each pack's fp16 `scale` [rows, groups] (or [rows]) is trainable, as
+                  s0 · m with m trained from 1 (so `lr` is a relative step). Supported where decode is linear in that scale: uniform (both grids), e8p,
+                  d4, e8, trellis, sparse24, turbo, lloyd_max, aqlm, ... (checked on the pack itself;
+                  llama.cpp's block formats store no such tensor and are refused with a clear error)
+    scales_norms  the same, and the fp16 norm gains (RMSNorm weights) that are not quantized
+    weights       every weight re-rounded: a latent fp matrix (starting from the fp weights in the pack's
+                  basis) goes through the codec's `fake_quantize` with a straight-through estimator
+                  (any codec); at the end encode(latent) is packed and decoded
+
+Incoherence packs (`incoherence: true`) are tuned in their rotated basis: the scales and the latent
+live there, and the forward weight is Uᵀ (·) V, so the stored format stays the codec's own.
+
+The result is always exactly the codec's format: after tuning every matrix is re-packed (same
+tensors, same dtypes, same shapes: the bits do not change) and the model's weight is set to
+decode(Packed), which is what is evaluated. Trained norms are rounded to fp16, as stored.
+A seed fixes the calibration draw and the order of mini-batches.
+"""
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from quantatlas._lazy import nn, no_grad, torch
+
+
+class RecoveryConfig(BaseModel):
+    """The `recovery:` block of an arm."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    seeded: ClassVar[bool] = True  # the calibration draw and the data order come from the seed
+
+    method: Literal["kd_ste", "block_ap", "pv_lite"]
+    train: Literal["scales", "scales_norms", "weights"] = "scales"
+    steps: int = Field(200, ge=1)          # optimizer steps (block_ap: per decoder layer)
+    lr: float = Field(1e-3, gt=0, le=1)
+    samples: int = Field(64, ge=1)         # calibration windows drawn (seeded) from data.calib's source
+    seq_len: int = Field(256, ge=2)
+    batch: int = Field(4, ge=1)            # windows per step
+    fraction: float = Field(0.01, gt=0, le=1)  # pv_lite: most codes of a matrix one discrete step moves
+    discrete_every: int = Field(20, ge=1)      # pv_lite: Adam steps between discrete steps
+
+    @model_validator(mode="after")
+    def _pv_moves_codes(self):
+        if self.method == "pv_lite" and self.train == "weights":
+            raise ValueError("pv_lite needs train: scales or scales_norms (it moves codes and tunes scales); "
+                             "train: weights is for kd_ste and block_ap")
+        return self
+
+    @property
+    def tokens(self) -> int:
+        """Tokens that go through the model in training (each layer's, for block_ap)."""
+        return self.steps * self.batch * self.seq_len
+
+
+# -- disjointness of the training and evaluation tokens ------------------------------------------
+
+def check_disjoint(calib_stream: np.ndarray, starts: np.ndarray, seq_len: int, eval_stream: np.ndarray,
+                   eval_used: int, where: str = "recovery") -> None:
+    """Raise ValueError if a calibration window [s, s + seq_len) of `calib_stream` overlaps the eval tokens.
+
+    The eval set uses the first `eval_used` tokens of `eval_stream`. When both streams are the same
+    token sequence (same source and split, or two copies), windows are compared by position; the
+    reference corpus's calib and eval splits are different files (corpus.split_of), hence disjoint.
+    """
+    same = calib_stream is eval_stream or (len(calib_stream) == len(eval_stream)
+                                           and np.array_equal(calib_stream, eval_stream))
+    if not same:
+        return
+    starts = np.asarray(starts)
+    bad = starts[starts < eval_used]
+    if len(bad):
+        raise ValueError(f"{where}: calibration window at token {int(bad[0])} (+{seq_len}) overlaps the eval tokens "
+                         f"[0, {eval_used}) of the same stream ({len(bad)} of {len(starts)} windows); "
+                         f"use a data.calib.source different from data.eval.source")
+
+
+def draw_windows(stream: np.ndarray, samples: int, seq_len: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`samples` windows of `seq_len` tokens at seeded random offsets: (tokens [samples, seq_len], starts)."""
+    if len(stream) < seq_len + 1:
+        raise ValueError(f"recovery.seq_len: the calibration stream has {len(stream)} tokens, fewer than {seq_len}")
+    rng = np.random.default_rng([int(seed), 0x5EC0])
+    starts = rng.integers(0, len(stream) - seq_len, size=samples)
+    return np.stack([stream[s:s + seq_len] for s in starts]).astype(np.int64), starts
+
+
+def batch_order(cfg: RecoveryConfig, seed: int) -> list[int]:
+    """The mini-batch of each step: the pool is cut into batches of `batch` consecutive windows (the
+    pool itself is a seeded draw), visited in a seeded random order, epoch after epoch."""
+    rng = np.random.default_rng([int(seed), 0x0DE5])
+    n = math.ceil(cfg.samples / cfg.batch)
+    out: list[int] = []
+    while len(out) < cfg.steps:
+        out.extend(int(i) for i in rng.permutation(n))
+    return out[:cfg.steps]
+
+
+def _chunk(windows: torch.Tensor, i: int, batch: int) -> torch.Tensor:
+    return windows[i * batch:(i + 1) * batch]
+
+
+# -- trainable views of one packed matrix ---------------------------------------------------------
+
+def _codec_of(packed, seed: int):
+    """The run codec that made `packed` (rebuilt from its config, with the run seed)."""
+    from quantatlas.quant.config import build
+
+    config = {k: v for k, v in packed.config.items() if k != "incoherence"}
+    return build("codec", {packed.codec: config}).for_run(seed)
+
+
+def _basis(packed):
+    """(inner Packed in the codec's basis, Incoherence or None)."""
+    from quantatlas.quant.codecs.base import Packed
+    from quantatlas.quant.incoherence import SEED_KEY, Incoherence
+
+    if SEED_KEY not in packed.data:
+        return packed, None
+    inner = Packed(packed.codec, {k: v for k, v in packed.config.items() if k != "incoherence"}, packed.shape,
+                   {k: v for k, v in packed.data.items() if k != SEED_KEY})
+    return inner, Incoherence(*packed.shape, int(packed.data[SEED_KEY][0]))
+
+
+def _expand(scale: torch.Tensor, cols: int) -> torch.Tensor:
+    s = scale if scale.dim() == 2 else scale.reshape(scale.shape[0], -1)
+    return s.repeat_interleave(cols // s.shape[1], 1)
+
+
+class _Tuned:
+    """A matrix being tuned: `weight()` (differentiable, original basis) and `finalize()` -> Packed."""
+
+    def __init__(self, packed, codec, rot):
+        self.packed, self.codec, self.rot = packed, codec, rot
+        self.inner, _ = _basis(packed)
+
+    def _out(self, w: torch.Tensor) -> torch.Tensor:
+        return w if self.rot is None else self.rot.unweight(w)
+
+    def _wrap(self, inner):
+        return inner if self.rot is None else self.rot.wrap(inner)
+
+    def decode(self, packed) -> torch.Tensor:
+        from quantatlas.quant.incoherence import decode
+
+        return decode(self.codec, packed)
+
+
+class _Scales(_Tuned):
+    """Codes fixed; W = B ⊙ expand(S) in the codec's basis, S the pack's fp16 scale, trainable."""
+
+    def __init__(self, packed, codec, rot):
+        super().__init__(packed, codec, rot)
+        data = self.inner.data
+        if "scale" not in data or not data["scale"].is_floating_point():
+            raise ValueError(f"recovery.train: scales needs a pack with a per-row/group fp16 `scale`; codec "
+                             f"{packed.codec} stores {sorted(data)} (use train: weights)")
+        rows, cols = packed.shape
+        s16 = data["scale"]
+        if s16.numel() % rows or cols % max(1, s16.numel() // rows):
+            raise ValueError(f"recovery.train: scales: {packed.codec}'s scale {tuple(s16.shape)} is not per row/group")
+        ones = type(self.inner)(self.inner.codec, self.inner.config, self.inner.shape,
+                                {**data, "scale": torch.ones_like(s16)})
+        self.base = codec.decode(ones).float()
+        ref = codec.decode(self.inner).float()
+        if not torch.allclose(self.base * _expand(s16.float(), cols), ref, rtol=1e-4, atol=1e-6 * ref.abs().max()):
+            raise ValueError(f"recovery.train: scales: {packed.codec}'s decode is not linear in its `scale` "
+                             f"(use train: weights)")
+        self.s0 = s16.float().clone()
+        self.mult = nn.Parameter(torch.ones_like(self.s0))  # trained from 1: lr is a relative step
+        self.params = [self.mult]
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.s0 * self.mult
+
+    def rotated(self) -> torch.Tensor:
+        return self.base * _expand(self.scale, self.packed.shape[1])
+
+    def weight(self) -> torch.Tensor:
+        return self._out(self.rotated())
+
+    @no_grad
+    def finalize(self):
+        data = {**self.inner.data, "scale": self.scale.detach().to(self.inner.data["scale"].dtype)
+                .reshape(self.inner.data["scale"].shape)}
+        return self._wrap(type(self.inner)(self.inner.codec, self.inner.config, self.inner.shape, data))
+
+
+class _UniformCodes(_Scales):
+    """The uniform codec's integer codes q (W = (q − z)·s), which pv_lite's discrete steps move by ±1."""
+
+    def __init__(self, packed, codec, rot):
+        if packed.codec != "uniform":
+            raise ValueError(f"recovery.method: pv_lite moves integer codes of the uniform codec; got {packed.codec}")
+        super().__init__(packed, codec, rot)
+        from quantatlas.quant.codecs.base import unpack_bits
+
+        rows, cols = packed.shape
+        self.lo, self.hi = codec._levels()
+        self.q = unpack_bits(self.inner.data["codes"], codec.bits, rows * cols).reshape(rows, cols).float() + self.lo
+        self.zero = self.q - self.base  # base = q − z
+        self.grad = torch.zeros_like(self.base)
+        self.moved = torch.zeros_like(self.base, dtype=torch.bool)
+        self._w = None
+        self._undo = None
+
+    def weight(self) -> torch.Tensor:
+        w = self.rotated()
+        if w.requires_grad:
+            w.retain_grad()
+            self._w = w
+        return self._out(w)
+
+    @no_grad
+    def accumulate(self):
+        if self._w is not None and self._w.grad is not None:
+            self.grad += self._w.grad
+        self._w = None
+
+    @no_grad
+    def discrete_step(self, fraction: float) -> int:
+        """Move at most ⌊fraction·n⌋ codes by ±1 where −g·Δ is largest and positive; returns how many moved."""
+        s = _expand(self.scale.detach(), self.q.shape[1])
+        direction = -torch.sign(self.grad * s)
+        gain = (self.grad * s).abs()
+        target = self.q + direction
+        ok = (direction != 0) & (target >= self.lo) & (target <= self.hi) & (gain > 0)
+        k = min(int(math.floor(fraction * self.q.numel())), int(ok.sum()))
+        self.grad.zero_()
+        self._undo = None
+        if k == 0:
+            return 0
+        idx = torch.topk(torch.where(ok, gain, torch.full_like(gain, -1.0)).reshape(-1), k).indices
+        self._undo = (idx, self.q.view(-1)[idx].clone(), self.moved.view(-1)[idx].clone())
+        self.q.view(-1)[idx] = target.view(-1)[idx]
+        self.moved.view(-1)[idx] = True
+        self.base = self.q - self.zero
+        return k
+
+    @no_grad
+    def undo(self) -> None:
+        """Take the last discrete step back."""
+        if self._undo is not None:
+            idx, q, moved = self._undo
+            self.q.view(-1)[idx] = q
+            self.moved.view(-1)[idx] = moved
+            self.base = self.q - self.zero
+            self._undo = None
+
+    @no_grad
+    def finalize(self):
+        from quantatlas.quant.codecs.base import pack_bits
+
+        packed = super().finalize()
+        inner, _ = _basis(packed)
+        data = {**inner.data, "codes": pack_bits((self.q - self.lo).to(torch.int64), self.codec.bits)}
+        return self._wrap(type(inner)(inner.codec, inner.config, inner.shape, data))
+
+
+class _Latent(_Tuned):
+    """All weights re-rounded: W = STE(fake_quantize(latent)) in the codec's basis, any codec."""
+
+    def __init__(self, packed, codec, rot, w_fp: torch.Tensor):
+        super().__init__(packed, codec, rot)
+        w = w_fp.float()
+        self.latent = nn.Parameter((w if rot is None else rot.weight(w)).clone())
+        self.params = [self.latent]
+
+    def weight(self) -> torch.Tensor:
+        q = self.codec.fake_quantize(self.latent.detach())
+        return self._out(self.latent + (q - self.latent).detach())
+
+    @no_grad
+    def finalize(self):
+        return self._wrap(self.codec.encode(self.latent.detach()))
+
+
+def _make(kind: str, packed, seed: int, w_fp: torch.Tensor | None):
+    codec = _codec_of(packed, seed)
+    _, rot = _basis(packed)
+    if kind == "weights":
+        return _Latent(packed, codec, rot, w_fp)
+    if kind == "codes":
+        return _UniformCodes(packed, codec, rot)
+    return _Scales(packed, codec, rot)
+
+
+# -- the step ------------------------------------------------------------------------------------
+
+def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(P_teacher ‖ P_student)."""
+    t = torch.log_softmax(teacher_logits.float(), -1)
+    s = torch.log_softmax(student_logits.float(), -1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+class Recovery:
+    """Tune a quantized model in place against its fp teacher; returns the re-packed tensors."""
+
+    def __init__(self, cfg: RecoveryConfig, seed: int):
+        self.cfg, self.seed = cfg, int(seed)
+        self.tuned: dict[str, _Tuned] = {}
+        self.rejected = 0  # pv_lite's discrete steps taken back
+
+    def _tunables(self, model, teacher, packed: dict, names=None) -> dict:
+        cfg = self.cfg
+        kind = "weights" if cfg.train == "weights" else ("codes" if cfg.method == "pv_lite" else "scales")
+        fp = dict(teacher.named_parameters())
+        mods = dict(model.named_modules())
+        out = {}
+        for pname, pk in packed.items():
+            if names is not None and pname not in names:
+                continue
+            mod = mods.get(pname.rsplit(".", 1)[0])
+            if not isinstance(mod, nn.Linear) or len(pk.shape) != 2:
+                continue  # norm vectors an override quantizes, embeddings: kept as packed
+            out[pname] = _make(kind, pk, self.seed, fp[pname].detach() if kind == "weights" else None)
+        return out
+
+    def _norms(self, model, packed: dict, layer: int | None = None) -> dict[str, torch.Tensor]:
+        """The fp16-stored norm gains (not quantized) that `scales_norms` trains."""
+        if self.cfg.train != "scales_norms":
+            return {}
+        from quantatlas.models.roles import find_roles
+
+        params = dict(model.named_parameters())
+        out = {}
+        for t in find_roles(model):
+            name = t.name + ".weight"
+            if t.kind == "norm" and name not in packed and name in params and (layer is None or t.layer == layer):
+                out[name] = nn.Parameter(params[name].detach().float().clone())
+        return out
+
+    def run(self, model, teacher, packed: dict, windows: torch.Tensor, progress=None) -> tuple[dict, dict]:
+        """Tune `model` in place on `windows` [samples, seq_len]; returns (packed, info)."""
+        import time
+
+        cfg = self.cfg
+        if windows.shape[0] != cfg.samples:
+            raise ValueError(f"recovery: {windows.shape[0]} windows, expected samples={cfg.samples}")
+        for p in list(model.parameters()) + list(teacher.parameters()):
+            p.requires_grad_(False)
+        t0 = time.process_time()
+        order = batch_order(cfg, self.seed)
+        probe = windows[:32]  # the training loss before and after, on (up to) 32 of the training windows
+        before = self.kl(model, teacher, probe)
+        if cfg.method == "block_ap":
+            new, extra = self._block_ap(model, teacher, packed, windows, order, progress)
+        else:
+            new, extra = self._kd(model, teacher, packed, windows, order, progress)
+        after = self.kl(model, teacher, probe)
+        info = {"recovery_cpu_s": time.process_time() - t0, "recovery_train_kl_before": before,
+                "recovery_train_kl_after": after, "recovery_tokens": cfg.tokens, **extra}
+        return {**packed, **new}, info
+
+    @no_grad
+    def kl(self, model, teacher, windows, batch: int = 8) -> float:
+        """Mean KL(P_fp ‖ P_q) over every position of `windows`."""
+        total = 0.0
+        for i in range(0, windows.shape[0], batch):
+            x = windows[i:i + batch]
+            total += float(_kl(model(x, use_cache=False).logits, teacher(x, use_cache=False).logits)) * x.shape[0]
+        return total / windows.shape[0]
+
+    def _apply(self, model, tuned: dict, norms: dict, new: dict) -> None:
+        """Re-pack every tuned matrix and set the model's weights to decode(Packed); norms to fp16."""
+        params = dict(model.named_parameters())
+        self.tuned.update(tuned)  # kept for inspection (tests: the latent, the codes moved)
+        with torch.no_grad():
+            for name, t in tuned.items():
+                new[name] = t.finalize()
+                w = params[name]
+                w.copy_(t.decode(new[name]).to(w.dtype).reshape(w.shape))
+            for name, v in norms.items():
+                params[name].copy_(v.detach().half().to(params[name].dtype))
+
+    def _kd(self, model, teacher, packed, windows, order, progress):
+        from torch.func import functional_call
+
+        cfg = self.cfg
+        tuned = self._tunables(model, teacher, packed)
+        norms = self._norms(model, packed)
+        opt = torch.optim.Adam([p for t in tuned.values() for p in t.params] + list(norms.values()), lr=cfg.lr)
+        moved = 0
+        for step, i in enumerate(order):
+            x = _chunk(windows, i, cfg.batch)
+            with torch.no_grad():
+                target = teacher(x, use_cache=False).logits
+            weights = {name: t.weight() for name, t in tuned.items()}
+            loss = _kl(functional_call(model, {**weights, **norms}, (x,), {"use_cache": False}).logits, target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if cfg.method == "pv_lite":
+                for t in tuned.values():
+                    t.accumulate()
+                if (step + 1) % cfg.discrete_every == 0:
+                    moved += self._discrete(model, tuned, norms, x, target)
+            if progress:
+                progress(1)
+        new: dict = {}
+        self._apply(model, tuned, norms, new)
+        extra = {}
+        if cfg.method == "pv_lite":
+            n = sum(t.q.numel() for t in tuned.values())
+            extra = {"recovery_codes_moved": float(sum(int(t.moved.sum()) for t in tuned.values()) / max(n, 1)),
+                     "recovery_discrete_rejected": float(self.rejected)}
+        return new, extra
+
+    @no_grad
+    def _discrete(self, model, tuned: dict, norms: dict, x, target) -> int:
+        """One discrete step on every matrix, kept only if it lowers the loss on this batch (a first-order
+        move of many codes at once can overshoot; PV-tuning bounds it by a trust region)."""
+        from torch.func import functional_call
+
+        def loss():
+            weights = {name: t.weight() for name, t in tuned.items()}
+            return float(_kl(functional_call(model, {**weights, **norms}, (x,), {"use_cache": False}).logits, target))
+
+        before = loss()
+        moved = sum(t.discrete_step(self.cfg.fraction) for t in tuned.values())
+        if moved and loss() > before:
+            for t in tuned.values():
+                t.undo()
+            self.rejected += 1
+            return 0
+        return moved
+
+    def _block_ap(self, model, teacher, packed, windows, order, progress):
+        from torch.func import functional_call
+
+        from quantatlas.models.roles import decoder_layers
+        from quantatlas.quant.quantize import _capture_layer0_inputs, _run_layer
+
+        cfg = self.cfg
+        layers, fp_layers = decoder_layers(model), decoder_layers(teacher)
+        q_in = _capture_layer0_inputs(model, layers[0], windows, cfg.batch)   # one entry per batch of windows
+        fp_in = _capture_layer0_inputs(teacher, fp_layers[0], windows, cfg.batch)
+        q_h = [h for h, _, _ in q_in]
+        fp_h = [h for h, _, _ in fp_in]
+        new: dict = {}
+        prefix = {li: f"{name}." for name, m in model.named_modules() for li, layer in enumerate(layers) if m is layer}
+        for li, (layer, fp_layer) in enumerate(zip(layers, fp_layers)):
+            with torch.no_grad():
+                target = [_run_layer(fp_layer, h, r, k) for h, (_, r, k) in zip(fp_h, fp_in)]
+            pre = prefix[li]
+            names = {n for n in packed if n.startswith(pre)}
+            tuned = self._tunables(model, teacher, packed, names)
+            norms = self._norms(model, packed, li)
+            trainable = [p for t in tuned.values() for p in t.params] + list(norms.values())
+            if trainable:
+                opt = torch.optim.Adam(trainable, lr=cfg.lr)
+                for i in order:
+                    _, rest, kwargs = q_in[i]
+                    local = {n[len(pre):]: t.weight() for n, t in tuned.items()}
+                    local.update({n[len(pre):]: v for n, v in norms.items()})
+                    out = functional_call(layer, local, (q_h[i], *rest), kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    loss = torch.nn.functional.mse_loss(out, target[i])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    if progress:
+                        progress(1)
+            self._apply(model, tuned, norms, new)
+            with torch.no_grad():
+                q_h = [_run_layer(layer, h, r, k) for h, (_, r, k) in zip(q_h, q_in)]
+            fp_h = target
+        return new, {}
+
+    def total_steps(self, model) -> int:
+        if self.cfg.method == "block_ap":
+            from quantatlas.models.roles import decoder_layers
+
+            return self.cfg.steps * len(decoder_layers(model))
+        return self.cfg.steps
+
+
+def recover(model, teacher, packed: dict, cfg: RecoveryConfig, seed: int, calib_stream: np.ndarray,
+            eval_stream: np.ndarray, eval_used: int, progress=None) -> tuple[dict, dict]:
+    """The recipe's recovery step: draw the seeded calibration windows, check they miss the eval
+    tokens, tune `model` in place against `teacher`; returns (re-packed tensors, metrics)."""
+    windows, starts = draw_windows(calib_stream, cfg.samples, cfg.seq_len, seed)
+    check_disjoint(calib_stream, starts, cfg.seq_len, eval_stream, eval_used)
+    dev = next(model.parameters()).device
+    return Recovery(cfg, seed).run(model, teacher, packed, torch.from_numpy(windows).to(dev), progress)
