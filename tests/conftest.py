@@ -4,7 +4,60 @@ import os
 import pytest
 import torch
 
+from quantatlas.quant.codecs.base import Codec, Packed, Quantized
+from quantatlas.quant.config import CodecConfig
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+class ToyIdentityConfig(CodecConfig):
+    name = "toy_identity"
+
+    def build(self):
+        return ToyIdentity(self)
+
+
+class ToyIdentity(Codec):
+    """Stores the values as they are (16 bits counted): a KV cache through it is the fp cache."""
+
+    name = "toy_identity"
+
+    def fit(self, w, importance=None):
+        return None
+
+    def quantize(self, w, params, col=0):
+        return Quantized(w.float().clone(), torch.zeros(w.shape[0], 0, dtype=torch.int64))
+
+    def pack(self, codes, params):
+        return Packed(self.name, {}, (codes.shape[0], 0), {})
+
+    def decode(self, packed):
+        return torch.zeros(packed.shape)
+
+
+class ToyZeroConfig(CodecConfig):
+    name = "toy_zero"
+
+    def build(self):
+        return ToyZero(self)
+
+
+class ToyZero(ToyIdentity):
+    """Stores nothing and decodes zeros: V through it is V = 0."""
+
+    name = "toy_zero"
+
+    def quantize(self, w, params, col=0):
+        return Quantized(torch.zeros_like(w, dtype=torch.float32), torch.zeros(w.shape[0], 0, dtype=torch.int64))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small matrices: one thread is faster, and much faster on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True, scope="session")

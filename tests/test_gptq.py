@@ -15,13 +15,7 @@ from quantatlas.quant.solvers import MAX_DAMP_RAISES, gptq, rtn
 ROWS, COLS = 64, 256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These matrices are small: one thread is faster, and much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def correlated_inputs(n: int, cols: int, seed: int) -> torch.Tensor:

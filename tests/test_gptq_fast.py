@@ -16,12 +16,7 @@ from quantatlas.quant.solvers import gptq
 G = sys.modules["quantatlas.quant.solvers.gptq"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def problem(seed: int, rows: int = 32, cols: int = 128, n: int = 512, dead=()):

@@ -9,50 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from quantatlas.quant.codecs.base import Codec, Packed, Quantized
-from quantatlas.quant.config import CodecConfig
 from quantatlas.quant.kv import KVCacheConfig, KVCacheQuantizer
 
 TOKENS = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
-
-
-class ToyIdentityConfig(CodecConfig):
-    name = "toy_identity"
-
-    def build(self):
-        return ToyIdentity(self)
-
-
-class ToyIdentity(Codec):
-    """Stores the values as they are (16 bits counted): a cache through it is the fp cache."""
-
-    name = "toy_identity"
-
-    def fit(self, w, importance=None):
-        return None
-
-    def quantize(self, w, params, col=0):
-        return Quantized(w.float().clone(), torch.zeros(w.shape[0], 0, dtype=torch.int64))
-
-    def pack(self, codes, params):
-        return Packed(self.name, {}, (codes.shape[0], 0), {})
-
-    def decode(self, packed):
-        raise NotImplementedError
-
-
-class ToyZeroVConfig(CodecConfig):
-    name = "toy_zero_v"
-
-    def build(self):
-        return ToyZeroV(self)
-
-
-class ToyZeroV(ToyIdentity):
-    name = "toy_zero_v"
-
-    def quantize(self, w, params, col=0):
-        return Quantized(torch.zeros_like(w, dtype=torch.float32), torch.zeros(w.shape[0], 0, dtype=torch.int64))
 
 
 def _logits(model, tokens=TOKENS):
@@ -145,7 +104,7 @@ def test_zero_v_codec_equals_hand_computed_attention_with_v_zero(tiny_reference)
     attn, x, q, k, v, rope = _layer0_qkv(model, tokens)
     with torch.no_grad():
         want = _attend(attn, rope(q), rope(k), torch.zeros_like(v))
-        quantized, _ = _with_kv(model, v="toy_zero_v")
+        quantized, _ = _with_kv(model, v="toy_zero")
         torch.testing.assert_close(_attn_output(quantized, tokens), want, atol=1e-5, rtol=0)
         # with a residual window of 4 and 1 sink: V = 0 except the sink and the 4 most recent tokens
         t = tokens.shape[1]
@@ -153,7 +112,7 @@ def test_zero_v_codec_equals_hand_computed_attention_with_v_zero(tiny_reference)
         v_fp = (j < 1) | (j > i - 4)
         want = _attend(attn, rope(q), rope(k), torch.zeros_like(v), (torch.ones(t, t, dtype=torch.bool), v_fp),
                        rope(k), v)
-        quantized, _ = _with_kv(model, v="toy_zero_v", residual=4, sinks=1)
+        quantized, _ = _with_kv(model, v="toy_zero", residual=4, sinks=1)
         torch.testing.assert_close(_attn_output(quantized, tokens), want, atol=1e-5, rtol=0)
 
 

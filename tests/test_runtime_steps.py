@@ -7,33 +7,6 @@ import copy
 import pytest
 import torch
 
-from quantatlas.quant.codecs.base import Codec, Packed, Quantized
-from quantatlas.quant.config import CodecConfig
-
-
-class ToyZeroConfig(CodecConfig):
-    name = "toy_zero"
-
-    def build(self):
-        return ToyZero(self)
-
-
-class ToyZero(Codec):
-    """Stores nothing and decodes zeros: V through it is V = 0."""
-
-    name = "toy_zero"
-
-    def fit(self, w, importance=None):
-        return None
-
-    def quantize(self, w, params, col=0):
-        return Quantized(torch.zeros_like(w, dtype=torch.float32), torch.zeros(w.shape[0], 0, dtype=torch.int64))
-
-    def pack(self, codes, params):
-        return Packed(self.name, {}, (codes.shape[0], 0), {})
-
-    def decode(self, packed):
-        return torch.zeros(packed.shape)
 
 
 def _logits(model, tokens):
