@@ -172,6 +172,10 @@ def test_stream_choice(qwen_fp16, monkeypatch):
     assert getattr(load_model(str(qwen_fp16)).model, "_qa_stream", None) is not None
     monkeypatch.setenv("QUANTATLAS_STREAM", "auto")
     assert stream_mode() is None
+    monkeypatch.setenv("QUANTATLAS_STREAM", "sometimes")
+    with pytest.raises(StreamError, match="QUANTATLAS_STREAM: expected 1, 0 or auto, got 'sometimes'"):
+        stream_mode()
+    monkeypatch.setenv("QUANTATLAS_STREAM", "auto")
     assert should_stream(qwen_fp16) is False  # a few hundred kB against the machine's memory
     assert should_stream(qwen_fp16, fraction=1e-12) is True
     assert getattr(load_model(str(qwen_fp16)).model, "_qa_stream", None) is None

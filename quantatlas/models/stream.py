@@ -387,6 +387,8 @@ def stream_mode(value: bool | None = None) -> bool | None:
         return True
     if env in ("0", "false", "no", "off"):
         return False
+    if env != "auto":
+        raise StreamError(f"QUANTATLAS_STREAM: expected 1, 0 or auto, got {env!r}")
     return None
 
 
