@@ -179,7 +179,8 @@ def run_case(case: dict) -> dict:
     t0 = time.perf_counter()
     if case["solver"] == "ours":
         W_hat, packed, info = gptq(W, H, codec, block_size=case["block_size"], act_order=act, static_groups=act,
-                                   H_cross=C, losses=False)   # as the GPTQ solver calls it in a run
+                                   H_cross=C, losses=False, overwrite_h=True)   # as the GPTQ solver calls it in a run
+        H = correlated_hessian(cols, 0, dev)   # (overwritten by the factor) again for the proxy loss
     else:
         W_hat = reference_gptq(W, H, bits=case["bits"], groupsize=case["group"], blocksize=case["block_size"],
                                actorder=act, static_groups=act, dXXT=C)

@@ -85,12 +85,32 @@ def _error_line(e: BaseException) -> str:
     return f"{type(cause).__name__}: {text[-1] if text else ''}".strip()
 
 
+#: seconds to wait for a TCP connection to a cluster address before calling it unreachable
+CONNECT_TIMEOUT = 5.0
+
+
+def _check_reachable(address: str) -> None:
+    """A host:port (or ray://host:port) address that nothing answers is a one-line error now, not
+    Ray's minutes of retries. `auto` and addresses without a port are left to Ray."""
+    import socket
+
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT).close()
+    except OSError as e:
+        raise ValueError(f"--ray {address}: nothing answers at {host}:{port} ({e.strerror or type(e).__name__}); "
+                         "is the Ray head running there?") from None
+
+
 def start_ray(address: str | None, num_cpus: int | None = None):
     """Connect to `address`, or start a quiet local Ray (no dashboard, loopback only, no usage report)."""
     ray = import_ray()
     if ray.is_initialized():
         return ray, False
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as e:

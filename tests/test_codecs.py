@@ -16,6 +16,12 @@ def test_pack_bits_round_trip(bits):
     # little-endian bit order: the first code sits in the lowest bits of byte 0
     if bits == 4:
         assert stream[0].item() == codes[0].item() | (codes[1].item() << 4)
+    # in chunks (of 16 codes here), from a narrow dtype, from a transposed view: the same stream
+    assert torch.equal(pack_bits(codes, bits, chunk=16), stream)
+    assert torch.equal(pack_bits(codes.to(torch.int16), bits), stream)
+    for grid in (codes[:1000].reshape(40, 25), codes[:960].reshape(40, 24)):   # flat chunks; whole rows
+        view = grid.t().contiguous().t().to(torch.int16)
+        assert torch.equal(pack_bits(view, bits, chunk=50), pack_bits(grid.reshape(-1), bits))
 
 
 def _direct_uniform(w: np.ndarray, bits: int, group: int, symmetric: bool) -> np.ndarray:
@@ -95,3 +101,21 @@ def test_unknown_codec_is_named():
 def test_group_must_divide_columns():
     with pytest.raises(ValueError, match="not a multiple of group size 128"):
         make_codec("uniform", {"bits": 4, "group": 128}).encode(torch.randn(4, 200))
+
+
+def test_f16_and_bf16_codecs_store_the_16_bit_patterns():
+    """fp16 against numpy's float16 conversion; bf16 against round-to-nearest-even on the fp32 bits."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(8, 64, generator=g) * torch.logspace(-6, 4, 64)     # subnormals to large values
+    f16 = make_codec("f16")
+    p = f16.encode(w)
+    assert p.bits_per_weight == 16.0
+    want = w.numpy().astype(np.float16)
+    assert np.array_equal(p.data["values"].numpy().view(np.float16), want)
+    assert np.array_equal(f16.decode(p).numpy(), want.astype(np.float32))
+    assert torch.equal(f16.fake_quantize(w), f16.decode(p))
+    bits = w.numpy().view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint32) << 16
+    bf16 = make_codec("bf16")
+    q = bf16.encode(w)
+    assert q.bits_per_weight == 16.0 and np.array_equal(bf16.decode(q).numpy(), rounded.view(np.float32))

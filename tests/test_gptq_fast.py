@@ -212,3 +212,50 @@ def test_losses_off_changes_nothing_but_the_info():
         assert torch.equal(a, b) and torch.equal(pa.data["codes"], pb.data["codes"])
         assert ia["proxy_loss"] > 0 and ib["proxy_loss"] is None
         assert ("asym_proxy_loss" in ib) == ("H_cross" in kw) and ib.get("asym_proxy_loss") is None
+
+
+@pytest.mark.parametrize("kw", [{}, {"act_order": True, "static_groups": True}, {"dead": (3, 70)}])
+def test_overwrite_h_gives_the_same_result_and_uses_the_hessians_memory(kw):
+    kw = dict(kw)
+    W, H, X = problem(11, dead=kw.pop("dead", ()))
+    codec = make_codec("uniform", {"bits": 3, "group": 32})
+    a, pa, _ = gptq(W, H, codec, losses=False, **kw)
+    H2 = H.clone()
+    b, pb, _ = gptq(W, H2, codec, losses=False, overwrite_h=True, **kw)
+    assert torch.equal(a, b) and all(torch.equal(pa.data[k], pb.data[k]) for k in pa.data)
+    if not kw.get("act_order"):            # (act_order reorders into a new matrix)
+        assert not torch.equal(H2, H)      # the factor was computed in it
+    c, pc, info = gptq(W, H, codec, overwrite_h=True, **kw)   # losses need H: it is left alone
+    assert torch.equal(a, c) and info["proxy_loss"] > 0 and torch.equal(H, H.T)
+
+
+@pytest.mark.parametrize("n", [1, 6, 7])
+def test_reverse_in_place_is_flip_for_both_layouts(n):
+    M = torch.arange(n * n, dtype=torch.float32).reshape(n, n)
+    for m in (M.clone(), M.clone().t()):   # row- and column-major
+        want = m.flip(0, 1)
+        got = G._reverse_(m, chunk=4)
+        assert torch.equal(got, want) and got.data_ptr() == m.data_ptr()
+    strided = torch.zeros(n, 2 * n)[:, ::2]
+    strided.copy_(M)
+    assert torch.equal(G._reverse_(strided, chunk=4), M.flip(0, 1))   # other layouts: a copy
+
+
+def test_blocked_cholesky_in_place_and_its_restore_after_a_failure(monkeypatch):
+    g = torch.Generator().manual_seed(12)
+    X = torch.randn(200, 70, generator=g, dtype=torch.float64)
+    H = X.T @ X / 200
+    A = H.clone()
+    assert G._cholesky_(A, block=16) and torch.allclose(A, torch.linalg.cholesky(H), atol=1e-12)
+    # a Hessian whose Cholesky fails at damp 0.01 and not at 0.1, factored in blocks of 16: the restored
+    # matrix is refactored, so the result is the one of damp 0.1 from the start
+    monkeypatch.setattr(G, "CHOLESKY_BLOCK", 16)
+    W, _, _ = problem(12, cols=64)
+    low_rank = torch.randn(16, 64, generator=g)
+    A = (2.0 / 16) * low_rank.T @ low_rank
+    H = A - 0.05 * torch.diagonal(A).mean() * torch.eye(64)
+    codec = make_codec("uniform", {"bits": 4, "group": 32})
+    with pytest.warns(RuntimeWarning, match="retrying with damp=0.1"):
+        a, pa, ia = gptq(W, H.clone(), codec, losses=False, overwrite_h=True)
+    b, pb, ib = gptq(W, H, codec, damp=0.1, losses=False)
+    assert ia["damp"] == ib["damp"] and torch.equal(a, b) and torch.equal(pa.data["codes"], pb.data["codes"])

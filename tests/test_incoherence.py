@@ -48,7 +48,7 @@ def test_gptq_incoherence_decodes_to_w_hat_and_stores_the_seed(codec_spec):
     W, H = _problem(True)
     codec = build("codec", codec_spec)
     plain = build("solver", {"gptq": {}}).for_run(0)
-    w0, p0 = plain.solve(W, {"hessian": H}, codec)
+    w0, p0 = plain.solve(W, {"hessian": H.clone()}, codec)   # solve may overwrite the stats it is given
     solver = build("solver", {"gptq": {"incoherence": True}}).for_run(0)
     w1, p1 = solver.solve(W, {"hessian": H}, codec)
     assert torch.equal(decode(codec, p1), w1)                          # Ŵ in the original basis

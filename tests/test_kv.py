@@ -175,7 +175,7 @@ def test_channel_groups_and_residual_window_equal_a_hand_computed_cache(tiny_ref
 
 # ---- llama.cpp cache types: the bytes of the cache blocks ------------------------------------------
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"])
+@pytest.mark.parametrize("fmt", ["f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"])
 def test_cache_types_store_the_bytes_gguf_quantizes(tiny_reference, fmt):
     """The K rows the cache stores, encoded by our codec, are the `gguf` package's bytes for those
     rows (IQ4_NL, which gguf cannot quantize: test_ggml_codecs' per-block transcription of
@@ -210,7 +210,7 @@ def test_cache_types_store_the_bytes_gguf_quantizes(tiny_reference, fmt):
         want = np.frombuffer(b"".join(ref_iq4_nl(list(r), None) for r in x), np.uint8).reshape(x.shape[0], -1)
     else:
         want = quants.quantize(rows.numpy().astype(np.float32), qtype)
-    ours = seen["codec"].encode(rows).data["blocks"].numpy()
+    ours = seen["codec"].encode(rows).data["values" if fmt == "f16" else "blocks"].numpy()
     assert ours.tobytes() == want.tobytes()
     deq = torch.from_numpy(quants.dequantize(want, qtype)).reshape(seen["stored"].shape)
     torch.testing.assert_close(seen["stored"].float(), deq.float(), atol=0, rtol=0)

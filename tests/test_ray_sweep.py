@@ -146,3 +146,19 @@ def test_cli_ray_address_is_optional(monkeypatch, tmp_path, argv, address):
     out = CliRunner().invoke(app, ["run"] + [str(path) if a == "S" else a for a in argv])
     assert seen == {"address": address}
     assert out.exit_code == 1 and "failed: a seed 0: E: x" in out.output   # a failed task: reported, exit 1
+
+
+def test_an_address_nothing_answers_is_a_one_line_error_before_ray_starts():
+    import socket
+
+    with socket.socket() as s:   # a port nobody listens on: bound, then closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(ValueError, match=rf"--ray {address}: nothing answers at 127.0.0.1:{port}"):
+            sweep._check_reachable(address)
+    with socket.socket() as s:   # something listening: no error
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        sweep._check_reachable(f"127.0.0.1:{s.getsockname()[1]}")
+    sweep._check_reachable("auto")   # no port: left to Ray

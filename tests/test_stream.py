@@ -198,3 +198,32 @@ def test_kv_and_act_steps_act_in_streamed_evaluation(qwen_fp16, tmp_path, monkey
         assert b[k] == a[k], k
     assert b["kld_mean"] == pytest.approx(a["kld_mean"], rel=1e-4)
     assert b["kld_mean"] > st["w"]["seeds"]["0"]["kld_mean"]  # the hooks did act on the streamed layers
+
+
+def test_a_failing_solver_leaves_the_weights_as_they_were(qwen_fp16, monkeypatch):
+    """A Linear's own weight is released while a solver works on its copy; when the solver raises,
+    the weight is put back (the model stays usable), and a finished solve leaves Ŵ as a Parameter."""
+    import sys
+
+    gptq_module = sys.modules["quantatlas.quant.solvers.gptq"]
+    model = load_model(str(qwen_fp16), stream=False).model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calls = []
+
+    def boom(self, W, stats, codec):
+        calls.append(W.shape)
+        if len(calls) == 2:
+            raise RuntimeError("solver failed")
+        return original(self, W, stats, codec)
+
+    original = gptq_module.GPTQ.solve
+    monkeypatch.setattr(gptq_module.GPTQ, "solve", boom)
+    with pytest.raises(RuntimeError, match="solver failed"):
+        quantize_model(model, build_recipe(Arm(solver="gptq", codec={"uniform": {"bits": 3, "group": 32}})), _calib(), 0)
+    after = dict(model.named_parameters())
+    first = "model.layers.0.self_attn.q_proj.weight"   # solved before the failure
+    failed = "model.layers.0.self_attn.k_proj.weight"
+    assert isinstance(after[first], torch.nn.Parameter) and after[first].shape == before[first].shape
+    assert not torch.equal(after[first], before[first])
+    assert torch.equal(after[failed], before[failed])
+    assert all(torch.equal(after[n], before[n]) for n in before if n not in (first,))

@@ -22,23 +22,40 @@ class InputStats:
 class InputAccumulator:
     """Running sums for one module; `add` takes any [..., in] activation batch."""
 
+    #: elements per chunk of the per-channel sums (bounds their temporaries on wide inputs)
+    CHUNK = 1 << 22
+
     def __init__(self, width: int, device, hessian: bool = True):
-        self.xx = torch.zeros(width, width, device=device, dtype=torch.float32) if hessian else None
+        self.width, self.device, self.hessian = width, device, hessian
+        self.xx = None   # [in, in], allocated at the first add (after the forward's own temporaries are freed)
         self.abs_sum = torch.zeros(width, device=device, dtype=torch.float64)
         self.sq_sum = torch.zeros(width, device=device, dtype=torch.float64)
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        if self.xx is not None:
+        if self.hessian:
+            if self.xx is None:
+                self.xx = torch.zeros(self.width, self.width, device=self.device, dtype=torch.float32)
             self.xx.addmm_(x.T, x)
-        self.abs_sum += x.abs().sum(0, dtype=torch.float64)
-        self.sq_sum += (x * x).sum(0, dtype=torch.float64)
+        rows = max(1, self.CHUNK // max(x.shape[1], 1))
+        for a in range(0, x.shape[0], rows):
+            part = x[a:a + rows]
+            self.abs_sum += part.abs().sum(0, dtype=torch.float64)
+            self.sq_sum += (part * part).sum(0, dtype=torch.float64)
         self.count += x.shape[0]
 
     def result(self) -> InputStats:
+        """The statistics. The Hessian is the running sum scaled in place (no second [in, in] matrix),
+        so this is called once, after the last `add`."""
         n = max(self.count, 1)
-        h = None if self.xx is None else self.xx * (2.0 / n)
+        h = None
+        if self.hessian:
+            if self.xx is None and self.count:
+                raise RuntimeError("InputAccumulator.result: called twice (the first call handed the Hessian over)")
+            h = self.xx if self.xx is not None else torch.zeros(self.width, self.width, device=self.device)
+            h = h.mul_(2.0 / n)
+            self.xx = None
         return InputStats(h, (self.abs_sum / n).float(), (self.sq_sum / n).float(), self.count)
 
 

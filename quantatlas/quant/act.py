@@ -20,14 +20,16 @@ the weights are the arm's own `codec`, and the KV cache its `kv`:
                            Q8_K activations; q4_0, q5_0, q8_0, iq4_nl: Q8_0; q4_1, q5_1: Q8_1;
                            f16 (unquantized) weights: fp16-rounded activations. The head is
                            included by default (llama.cpp quantizes its input too).
-                           Linear inputs only: attention's own roundings are not modelled. With
-                           an f16 cache, ggml-cpu (ops.cpp, flash_attn_ext) stores K/V as fp16
-                           (use a kv step for the cache); batches of >= 64 query rows take the
-                           tiled kernel (Q stays fp32, fp32 GEMMs and accumulators: nothing
-                           else rounded), smaller batches and decoding take the one-row kernel
-                           (Q rounded to fp16, P·V accumulated in an fp16 vector); without flash
-                           attention, mul_mat rounds Q to fp16 and the softmax P to fp16. A
-                           quantized K cache makes Q the K type's vec_dot_type (Q8_0/Q8_1).
+                           Linear inputs only; attention's roundings are the cache's: with
+                           flash attention (llama.cpp's CPU default) ggml-cpu (ops.cpp,
+                           flash_attn_ext) takes batches of >= 64 query rows (llama-perplexity's)
+                           through its tiled kernel, where Q stays fp32 and the GEMMs and
+                           accumulators are fp32, so the only rounding is K and V stored in the
+                           cache: add `kv: {k: f16, v: f16}` (its default cache type) or the
+                           quantized cache type. Not modelled: the one-row kernel of smaller
+                           batches and decoding (Q rounded to fp16, P·V accumulated in an fp16
+                           vector; a quantized K cache makes Q its vec_dot_type, Q8_0/Q8_1), and
+                           attention without flash attention (Q and the softmax P rounded to fp16).
 
 A W4A4KV4 arm (QuaRot's name) is written as its three parts:
 
@@ -153,18 +155,6 @@ def weight_types(model, recipe) -> dict[str, str]:
     return out
 
 
-class _Fp16Round:
-    """f16 weights: ggml converts the activations to fp16 (vec_dot_type F16)."""
-
-    name = "f16"
-
-    def fake_quantize(self, x):
-        return x.half().float()
-
-    def bits_per_weight(self, shape):
-        return 16.0
-
-
 class ActivationQuantizer:
     def __init__(self, cfg: ActConfig, seed: int = 0):
         self.cfg = cfg
@@ -219,8 +209,6 @@ class ActivationQuantizer:
         act_type = VEC_DOT_TYPE.get(weight_type)
         if act_type is None:
             raise ValueError(f"act.scheme: llamacpp_cpu does not know the CPU activation type of {weight_type}")
-        if act_type == "f16":
-            return _Fp16Round()
         from quantatlas.quant.config import parse_config
 
         return parse_config("codec", act_type).build()
@@ -248,7 +236,7 @@ class ActivationQuantizer:
         cache: dict[tuple, float] = {}
         bits = 0.0
         for w, codec in self.widths:
-            key = (id(codec) if not isinstance(codec, _Fp16Round) else "f16", getattr(codec, "name", ""), w)
+            key = (codec.name, repr(codec.config()), w)
             if key not in cache:
                 cache[key] = codec.bits_per_weight((BITS_ROWS, w))
             bits += w * cache[key]

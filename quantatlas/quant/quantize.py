@@ -219,8 +219,17 @@ def quantize_layer(layer, todo: list[TensorPlan], recipe: Recipe, stream: LayerS
             stats = _collect(layer, group, src, stream.inputs, fp_layer if stream.gptaq else None, stream.fp_hidden)
             for p in group:
                 W = get_weight(p.target)
-                w_hat, packed[p.name + ".weight"] = _solve(p, W, stats.pop(p.name))
-                set_weight(p.target, w_hat)
+                released = _release_weight(p.target)
+                try:
+                    w_hat, packed[p.name + ".weight"] = _solve(p, W, stats.pop(p.name))
+                except BaseException:
+                    if released:
+                        p.target.module.weight.data = W.to(released)
+                    raise
+                if released:
+                    p.target.module.weight.data = w_hat.to(released).contiguous()
+                else:
+                    set_weight(p.target, w_hat)
                 del W, w_hat
                 if progress:
                     progress(1)
@@ -236,6 +245,18 @@ def quantize_layer(layer, todo: list[TensorPlan], recipe: Recipe, stream: LayerS
     del fp_layer
 
 
+def _release_weight(t) -> torch.dtype | None:
+    """While a solver works on its copy, a Linear's own weight is not needed: its storage is freed
+    (one matrix less at the largest moment of a layer) and the solver's Ŵ takes its place. Returns
+    the weight's dtype, or None where the weight stays (other layouts, a head tied to the embedding)."""
+    w = getattr(t.module, "weight", None)
+    if t.kind != "linear" or t.role == "head" or not isinstance(w, torch.nn.Parameter):
+        return None
+    dtype = w.dtype
+    w.data = torch.empty(0, dtype=dtype, device=w.device)
+    return dtype
+
+
 def _collect(layer, group: list[TensorPlan], hidden, inputs, fp_layer, fp_hidden) -> dict[str, dict]:
     """Hessians (and for GPTAQ the cross term) of the group's modules on one pass over the calibration set.
 
@@ -244,7 +265,8 @@ def _collect(layer, group: list[TensorPlan], hidden, inputs, fp_layer, fp_hidden
     """
     modules = {p.name: p.target.module for p in group}
     accs = {n: InputAccumulator(_width(p), p.target.module.weight.device) for n, p in zip(modules, group)}
-    cross = {n: torch.zeros_like(a.xx) for n, a in accs.items()} if fp_layer is not None else None
+    cross = ({n: torch.zeros(a.width, a.width, device=a.device) for n, a in accs.items()}
+             if fp_layer is not None else None)
     fp_x: dict[str, torch.Tensor] = {}
     seen: set[str] = set()
     handles = []
@@ -292,7 +314,7 @@ def _collect(layer, group: list[TensorPlan], hidden, inputs, fp_layer, fp_hidden
         s = a.result()
         d = {"hessian": s.hessian, "sq_mean": s.sq_mean}
         if cross is not None:
-            d["cross"] = cross[n] * (2.0 / max(s.count, 1))
+            d["cross"] = cross.pop(n).mul_(2.0 / max(s.count, 1))
         out[n] = d
     return out
 

@@ -208,6 +208,7 @@ def measure_sensitivity(lm, arm, candidates: list, calib, seed: int = 0, groupin
     model = copy.deepcopy(lm.model)
     plan = {p.name + ".weight": p for p in recipe.plan(find_roles(model), model)}
     params = dict(model.named_parameters())
+    calib = calib.to(next(iter(params.values())).device)   # the forwards below run on the model's device
     groups: dict[str, GroupCost] = {}
     for name in base_w:
         p = plan.get(name)

@@ -142,21 +142,34 @@ class Codec(ABC):
         return self.encode(torch.zeros(shape)).bits_per_weight
 
 
-def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned integer codes (< 2**bits) into a little-endian bit stream of uint8.
+def pack_bits(codes: torch.Tensor, bits: int, chunk: int = 1 << 20) -> torch.Tensor:
+    """Pack unsigned integer codes (< 2**bits, any integer dtype) into a little-endian bit stream of uint8,
+    in the row-major order of `codes`.
 
     Code i occupies stream bits [bits*i, bits*i + bits). Eight codes make `bits` whole bytes,
-    so each chunk of eight is assembled as one 64-bit word and split into bytes.
+    so each chunk of eight is assembled as one 64-bit word and split into bytes; about `chunk`
+    codes at a time (whole rows of a matrix whose rows are a multiple of 8 long, so a transposed
+    view is never copied whole), so the temporaries stay small next to the matrix.
     """
-    flat = codes.reshape(-1).to(torch.int64)
-    n = flat.numel()
-    pad = (-n) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    shifts = torch.arange(8, device=flat.device, dtype=torch.int64) * bits
-    words = (flat.reshape(-1, 8) << shifts).sum(1, dtype=torch.int64)           # [n/8], bits*8 <= 64
-    byte_shifts = torch.arange(bits, device=flat.device, dtype=torch.int64) * 8
-    stream = ((words[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+    n = codes.numel()
+    if codes.dim() == 2 and codes.shape[1] % 8 == 0 and codes.shape[1]:
+        step = max(1, chunk // codes.shape[1])
+        parts = (codes[r:r + step] for r in range(0, codes.shape[0], step))
+    else:
+        flat, step = codes.reshape(-1), max(8, chunk - chunk % 8)
+        parts = (flat[a:a + step] for a in range(0, n, step))
+    dev = codes.device
+    shifts = torch.arange(8, device=dev, dtype=torch.int64) * bits
+    byte_shifts = torch.arange(bits, device=dev, dtype=torch.int64) * 8
+    stream = torch.empty((n + 7) // 8 * bits, device=dev, dtype=torch.uint8)
+    at = 0   # bytes written; every part but the last is a multiple of 8 codes
+    for part in parts:
+        part = part.reshape(-1).to(torch.int64)
+        if part.numel() % 8:
+            part = torch.cat([part, part.new_zeros((-part.numel()) % 8)])
+        words = (part.reshape(-1, 8) << shifts).sum(1, dtype=torch.int64)            # bits*8 <= 64
+        stream[at:at + words.numel() * bits].copy_(((words[:, None] >> byte_shifts) & 0xFF).reshape(-1))
+        at += words.numel() * bits
     return stream[:(n * bits + 7) // 8]
 
 

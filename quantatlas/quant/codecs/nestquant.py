@@ -104,8 +104,10 @@ class NestQuant(BlockLattice):
         g = self.group_of(cols)
         n = rows * cols // 8
         u = unpack_bits(packed.data["codes"], self.cfg.bits, 8 * n).reshape(n, 8).double()
-        j = unpack_bits(packed.data["beta"], self.beta_bits, n) if self.beta_bits else torch.zeros(n, dtype=torch.int64)
-        beta = torch.tensor(self.beta, dtype=torch.float64)[j]
+        dev = u.device
+        j = unpack_bits(packed.data["beta"], self.beta_bits, n) if self.beta_bits else torch.zeros(n, dtype=torch.int64,
+                                                                                                 device=dev)
+        beta = torch.tensor(self.beta, dtype=torch.float64, device=dev)[j]
         v = (self._represent(u) * beta[:, None]).float()
         scale = packed.data["scale"].float()
         return (v.reshape(rows, cols // g, g).to(scale.device) * scale[..., None]).reshape(rows, cols)

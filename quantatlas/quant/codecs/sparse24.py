@@ -100,6 +100,6 @@ class Sparse24(Codec):
         q = unpack_bits(packed.data["codes"], self.bits, n).reshape(rows, cols // 4, 2).float() + lo
         pos = unpack_bits(packed.data["positions"], 2, n).reshape(rows, cols // 4, 2)
         s = packed.data["scale"].float().repeat_interleave(g, 1).reshape(rows, cols // 4, 4)
-        out = torch.zeros(rows, cols // 4, 4)
+        out = torch.zeros(rows, cols // 4, 4, device=q.device)
         out.scatter_(-1, pos, q)
         return (out * s).reshape(rows, cols)

@@ -25,7 +25,10 @@ class Solver(ABC):
 
     @abstractmethod
     def solve(self, W, stats: dict, codec):
-        """(Ŵ float32 with decode(packed) == Ŵ, the codec's Packed) for W [rows, cols]."""
+        """(Ŵ float32 with decode(packed) == Ŵ, the codec's Packed) for W [rows, cols].
+
+        `stats` is handed over: a solver may overwrite its tensors (GPTQ factors the Hessian in its
+        memory, which saves a cols² matrix on the largest layers); pass copies to use them again."""
 
     def config(self) -> dict:
         return {} if self.cfg is None else self.cfg.options()

@@ -73,6 +73,12 @@ checks it against a plain per-column GPTQ):
   per sub-block for the rest of its block, one per block for the columns after it.
 - Scalar codecs with `column_quantizer` (uniform) round a column with a few in-place ops
   into preallocated buffers, bit for bit their `quantize`.
+- Memory (the largest matrices of a 70 B model have cols² Hessians of GBs): the factor is a blocked
+  Cholesky in place (`_cholesky_`), in the Hessian's own memory when the caller hands it over
+  (`overwrite_h`, as a run's solver does), so H, R and A share one cols² matrix; the original
+  columns W0 are gathered per block instead of copied whole; a rounded column's row of Wᵀ takes
+  its grid values (no second rows × cols matrix unless GPTAQ or the losses read it); the codes
+  are int16 and packed a chunk at a time; Ŵ comes back as a transposed view.
 - The proxy loss comes from ‖E‖² (U H_damped Uᵀ = I) minus the damping and dead-column
   terms, unless these cancel more than half of it; then (and for vector codecs and GPTAQ)
   from the product with H.
@@ -95,6 +101,8 @@ from quantatlas.quant.solvers.base import Solver
 MAX_DAMP_RAISES = 4
 #: columns per sub-block: rank-1 updates stay inside one, a matmul carries them to the rest of the block
 SUB_BLOCK = 16
+#: block size of the in-place Cholesky (a matrix this size or smaller is one torch cholesky call)
+CHOLESKY_BLOCK = 256
 
 
 class GPTQConfig(SolverConfig):
@@ -132,7 +140,9 @@ class GPTQ(Solver):
         opts = self.cfg.model_dump()
         cross = stats.get("cross") if "cross" in self.needs else None
         if not opts.pop("incoherence"):
-            w_hat, packed, _info = gptq(W, stats["hessian"], codec, H_cross=cross, losses=False, **opts)
+            # the Hessian is handed over (Solver.solve): popped, so its memory goes once the factor is made
+            w_hat, packed, _info = gptq(W, stats.pop("hessian"), codec, H_cross=cross, losses=False,
+                                        overwrite_h=True, **opts)
             return w_hat, packed
         # incoherence processing: solve W' = U W Vᵀ against H' = V H Vᵀ, return Ŵ = Uᵀ Ŵ' V
         from quantatlas.quant.incoherence import Incoherence
@@ -147,22 +157,29 @@ class GPTQ(Solver):
 def gptq(W: torch.Tensor, H: torch.Tensor, codec: Codec, *, block_size: int = 128, damp: float = 0.01,
          act_order: bool = False, static_groups: bool = False, importance_from_hessian: bool = True,
          H_cross: torch.Tensor | None = None, gptaq_alpha: float = 1.0,
-         losses: bool = True) -> tuple[torch.Tensor, Packed, dict]:
+         losses: bool = True, overwrite_h: bool = False) -> tuple[torch.Tensor, Packed, dict]:
     """Quantize W [rows, cols] with `codec` against H [cols, cols]; GPTAQ when H_cross is given.
 
-    Returns (Ŵ float32 in the original column order, the codec's Packed with decode(Packed) == Ŵ,
+    Returns (Ŵ float32 in the original column order (column-major), the codec's Packed with decode(Packed) == Ŵ,
     info: damp used, proxy_loss tr((Ŵ-W) H (Ŵ-W)ᵀ) with the undamped H, dead_columns, seconds,
     and with H_cross asym_proxy_loss = (2/N)(‖W X̃ - Ŵ X‖² - ‖W X̃ - W X‖²)). losses=False leaves
     the losses out (None): for GPTAQ and vector codecs they cost two or one rows × cols² products,
-    and solvers inside a quantization run do not use them.
+    and solvers inside a quantization run do not use them. overwrite_h=True (with losses=False) lets
+    the Cholesky factor be computed in H's memory, so H must not be used afterwards (as scipy's
+    overwrite_a): a solver that owns the Hessian saves a cols² matrix.
     """
     t0 = time.perf_counter()
     rows, cols, bw, g = _check(W, H, codec, block_size, damp, act_order, static_groups, H_cross, gptaq_alpha)
     dev = W.device
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32  # fp32 unless given fp64
     W_orig = W.detach().to(dtype)
-    H_orig = H.detach().to(dev, dtype)
-    hdiag = torch.diagonal(H_orig)
+    Hd = H.detach().to(dev, dtype)
+    H_orig = Hd if losses else None   # the undamped H, for the losses
+    # Hd may become the factor's workspace (no copy of a cols² matrix) when it is a converted copy or
+    # the caller gave H away, and the losses do not need it
+    owned = not losses and (overwrite_h or Hd.data_ptr() != H.data_ptr())
+    del H
+    hdiag = torch.diagonal(Hd).clone()
     importance = hdiag if importance_from_hessian else None
 
     # dead inputs: nothing to preserve there; H_jj = 1 keeps H invertible
@@ -171,9 +188,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec: Codec, *, block_size: int = 12
     # and the rank-1 updates touch contiguous memory, and the lazy updates are matmuls with Uᵀ slices
     Wt = W_orig.t().contiguous()
     Wt[dead] = 0
-    Hd = H_orig
     if dead.numel():
-        Hd = H_orig.clone()
+        if not owned:
+            Hd, owned = Hd.clone(), True
         Hd[dead, dead] = 1
     C = None
     if H_cross is not None:
@@ -189,17 +206,31 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec: Codec, *, block_size: int = 12
 
     order = _act_order(torch.diagonal(Hd), bw) if act_order else None
     if order is not None:
-        Wt, Hd = Wt[order], Hd[order][:, order]
+        Wt = Wt[order]
+        Hd = Hd[order]   # two steps: one reordered copy at a time
+        Hd, owned = Hd[:, order], True
         C = None if C is None else C[order][:, order]
     column_at = order.tolist() if order is not None else range(cols)  # original column of each position
+    is_dead = torch.zeros(cols, dtype=torch.bool, device=dev)
+    is_dead[dead] = True
+    if order is not None:
+        is_dead = is_dead[order]
 
-    R, damp, lam = _upper_factor(Hd, damp)
+    def w0(a: int, b: int) -> torch.Tensor:
+        """Rows a..b of the original Wᵀ (dead columns zeroed, in position order), gathered when needed
+        instead of a whole copy of W kept for the loop."""
+        block = W_orig[:, a:b] if order is None else W_orig[:, order[a:b]]
+        block = block.t().contiguous()
+        block[is_dead[a:b]] = 0
+        return block
+
+    R, damp, lam = _upper_factor(Hd, damp, overwrite=owned)
     del Hd
     P, rdiag = None, None
     if C is None:
         # GPTQ / LDLQ straight from the factor (no inverse): M = A, alpha = +1, X = D = W0 - Q
-        M, alpha = _scaled_by_diagonal_blocks(R, bw), 1.0
         rdiag = torch.diagonal(R).clone() if bw == 1 else None
+        M, alpha = _scaled_by_diagonal_blocks(R, bw), 1.0
     else:
         # GPTAQ: M = U = R⁻¹, alpha = -1, X = E; P needs U anyway
         M, alpha = torch.linalg.solve_triangular(R, torch.eye(cols, device=dev, dtype=dtype), upper=True), -1.0
@@ -212,16 +243,15 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec: Codec, *, block_size: int = 12
             P.mul_(gptaq_alpha)
         del C, later, CUt
     del R
-    a_form = alpha > 0
-    # A form: X = W0 - Q needs the original (dead-zeroed, ordered) columns; a plain copy of Wt before
-    # the loop (one matrix more while it runs, and no transposing gathers)
-    W0t = Wt.clone() if a_form else None
+    a_form = alpha > 0   # A form: X = W0 - Q needs the original columns (w0)
 
-    # rows of Wt hold each column's value when it is rounded; the lazy updates go to later rows only
-    Qt = torch.empty_like(Wt)
+    # rows of Wt hold each column's value when it is rounded; the lazy updates go to later rows only, so
+    # a rounded column's row is free for its grid values unless GPTAQ's update or the loss still reads it
+    Qt = Wt if P is None and not losses else torch.empty_like(Wt)
     fast = bw == 1 and type(codec).column_quantizer is not Codec.column_quantizer
     if fast:
-        Ct = torch.empty(cols, rows, device=dev, dtype=torch.float32)  # the codes, as floats, by position
+        Ct = torch.empty(cols, rows, device=dev, dtype=torch.int16)  # the codes by position
+        code = torch.empty(rows, device=dev, dtype=torch.float32)    # one column's codes as the rounder writes them
         v32 = None if dtype == torch.float32 else torch.empty(rows, device=dev, dtype=torch.float32)
         rounders: list[Any] = [None] * n_groups
     codes: list = [None] * (cols // bw)  # generic path: the codec's codes per bw-column block, original order
@@ -231,7 +261,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec: Codec, *, block_size: int = 12
     dynamic = not (static_groups or act_order)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        src = W0t[i1:i2] if a_form else Wt[i1:i2]   # X = W0 - Q (A form) or (current - Q) scaled (U form)
+        src = w0(i1, i2) if a_form else Wt[i1:i2]   # X = W0 - Q (A form) or (current - Q) scaled (U form)
         a = i1
         while a < i2:
             # a sub-block: rank-1 (rank-bw) updates stay inside it, one matmul carries it to the block's rest;
@@ -240,16 +270,16 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec: Codec, *, block_size: int = 12
             if dynamic:
                 se = min(se, (a // g + 1) * g)
             if fast:   # scalar codec with a fused column rounding: the same steps with fewer Python ops
-                _scalar_sub_block(Wt, Qt, Ct, Xt, src, M, P, alpha, a, se, i1, g, column_at, params, rounders,
-                                  codec, v32, lambda p, gi: _current(Wt, Xt, M, alpha, P, i1, i2, p, p + g,
-                                                                     W0t), importance)
+                _scalar_sub_block(Wt, Qt, Ct, code, Xt, src, M, P, alpha, a, se, i1, g, column_at, params,
+                                  rounders, codec, v32, lambda p, gi: _current(Wt, Xt, M, alpha, P, i1, i2, p,
+                                                                               p + g, w0), importance)
                 bw_loop = range(0)
             else:
                 bw_loop = range(a, se, bw)
             for p in bw_loop:
                 gi, col = divmod(column_at[p], g)
                 if params[gi] is None:  # fitted on the fly: no act_order here, so position == column
-                    cur = _current(Wt, Xt, M, alpha, P, i1, i2, p, p + g, W0t)
+                    cur = _current(Wt, Xt, M, alpha, P, i1, i2, p, p + g, w0)
                     params[gi] = codec.fit(cur.t().contiguous(), _slice(importance, p, g))
                 j = p - i1
                 w, q, x = Wt[p:p + bw], Qt[p:p + bw], Xt[j:j + bw]
@@ -284,17 +314,17 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec: Codec, *, block_size: int = 12
             Wt[i2:].addmm_(M[i1:i2, i2:].t(), Xt[:i2 - i1], alpha=alpha)
             if P is not None:
                 Wt[i2:].addmm_(P[i1:i2, i2:].t(), Wt[i1:i2])
-    del Wt, W0t, M, P, Xt
+    del Wt, M, P, Xt, src
 
     inverse = None if order is None else torch.argsort(order)
     if inverse is not None:
         Qt = Qt[inverse]
-    Q = Qt.t().contiguous()
+    Q = Qt.t()   # a transposed view: no second rows × cols matrix at the largest moment of a run
     del Qt
     W_hat = Q.float()
     if fast:
         Ct = Ct if inverse is None else Ct[inverse]
-        all_codes = Ct.t().to(torch.int64)
+        all_codes = Ct.t()   # int16: pack_bits widens a chunk at a time
         del Ct
     else:
         all_codes = torch.cat(codes, 1)
@@ -386,8 +416,8 @@ def _act_order(hdiag: torch.Tensor, bw: int) -> torch.Tensor:
     return (blocks[:, None] * bw + torch.arange(bw, device=hdiag.device)).flatten()
 
 
-def _scalar_sub_block(Wt, Qt, Ct, Xt, src, M, P, alpha, a, se, i1, g, column_at, params, rounders, codec, v32,
-                      current, importance):
+def _scalar_sub_block(Wt, Qt, Ct, code, Xt, src, M, P, alpha, a, se, i1, g, column_at, params, rounders, codec,
+                      v32, current, importance):
     """Columns a..se one at a time for a scalar codec with `column_quantizer` (see the loop in gptq)."""
     ws, qs, cs = Wt[a:se].unbind(0), Qt[a:se].unbind(0), Ct[a:se].unbind(0)
     xs, srcs = Xt[a - i1:se - i1].unbind(0), src[a - i1:se - i1].unbind(0)
@@ -403,10 +433,11 @@ def _scalar_sub_block(Wt, Qt, Ct, Xt, src, M, P, alpha, a, se, i1, g, column_at,
                 params[gi] = codec.fit(current(p, gi).t().contiguous(), _slice(importance, p, g))
             rnd = rounders[gi] = codec.column_quantizer(params[gi])
         if v32 is None:
-            rnd(ws[k], col, qs[k], cs[k])
+            rnd(ws[k], col, qs[k], code)
         else:
-            rnd(ws[k], col, v32, cs[k])
+            rnd(ws[k], col, v32, code)
             qs[k].copy_(v32)
+        cs[k].copy_(code)
         x = torch.sub(srcs[k], qs[k], out=xs[k])
         if alpha < 0:
             x.div_(Msub[k][k])
@@ -416,7 +447,7 @@ def _scalar_sub_block(Wt, Qt, Ct, Xt, src, M, P, alpha, a, se, i1, g, column_at,
                 Wsub[k + 1:].addr_(Psub[k][k + 1:], ws[k])
 
 
-def _current(Wt, Xt, M, alpha, P, i1, i2, a, b, W0t):
+def _current(Wt, Xt, M, alpha, P, i1, i2, a, b, w0):
     """Columns a..b (a starts a sub-block inside the block i1..i2) with every update so far applied
     (the OBS updates of columns < a), as rows of Wᵀ [b - a, rows].
 
@@ -437,10 +468,10 @@ def _current(Wt, Xt, M, alpha, P, i1, i2, a, b, W0t):
         cur = torch.cat([inside, beyond], 0)
     if alpha < 0:
         return cur
-    w0 = W0t[a:b]
+    orig = w0(a, b)
     eye = torch.eye(b - a, device=M.device, dtype=M.dtype)
     inv = torch.linalg.solve_triangular(M[a:b, a:b], eye, upper=True)   # g × g; then one matmul (faster than
-    return torch.addmm(w0, inv.t(), cur - w0)                            # a triangular solve with rows RHS)
+    return torch.addmm(orig, inv.t(), cur - orig)                            # a triangular solve with rows RHS)
 
 
 def _scaled_by_diagonal_blocks(R: torch.Tensor, bw: int) -> torch.Tensor:
@@ -450,8 +481,8 @@ def _scaled_by_diagonal_blocks(R: torch.Tensor, bw: int) -> torch.Tensor:
     W0_B + Σ_{k before B} (W0 - Q)_k A[k, B]: GPTQ's feedback without inverting anything.
     """
     cols = R.shape[0]
-    if bw == 1:
-        return R / torch.diagonal(R)[None, :]
+    if bw == 1:   # in place: R is not needed afterwards
+        return R.div_(torch.diagonal(R).clone()[None, :])
     nb = cols // bw
     diag_blocks = R.reshape(nb, bw, nb, bw).diagonal(dim1=0, dim2=2).permute(2, 0, 1)   # [nb, bw, bw]
     col_blocks = R.reshape(cols, nb, bw).transpose(0, 1)                                 # [nb, cols, bw]
@@ -459,27 +490,76 @@ def _scaled_by_diagonal_blocks(R: torch.Tensor, bw: int) -> torch.Tensor:
     return A.transpose(0, 1).reshape(cols, cols)
 
 
-def _upper_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, torch.Tensor]:
+def _upper_factor(H: torch.Tensor, damp: float, overwrite: bool = False) -> tuple[torch.Tensor, float, torch.Tensor]:
     """R upper triangular with R Rᵀ = H + λI, λ = damp·mean(diag H), raising damp tenfold on failure.
 
     R is the Cholesky factor of H with rows and columns reversed (J L Lᵀ J with L = chol(J H J)),
     so U = R⁻¹ is the upper factor with UᵀU = (H + λI)⁻¹ that GPTQ's updates use: one
-    Cholesky instead of the reference's Cholesky, inverse and second Cholesky.
+    Cholesky instead of the reference's Cholesky, inverse and second Cholesky. The factor is
+    computed in place (`_cholesky_`): in H's memory with `overwrite` (H is then R), otherwise in
+    one reversed copy of H.
     """
     mean_diag = torch.diagonal(H).mean()
+    A = _reverse_(H) if overwrite else H.flip(0, 1)
+    diag = torch.diagonal(A).clone()
     for attempt in range(MAX_DAMP_RAISES + 1):
-        Hd = H.flip(0, 1)
         lam = damp * mean_diag
-        Hd.diagonal().add_(lam)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        del Hd
-        if int(info) == 0 and _finite(torch.diagonal(L)) and bool((torch.diagonal(L) > 0).all()):
-            return L.flip(0, 1), damp, lam
-        if attempt == MAX_DAMP_RAISES:
+        torch.diagonal(A).copy_(diag).add_(lam)
+        last = attempt == MAX_DAMP_RAISES
+        blocks = None if last else [A[k:k + CHOLESKY_BLOCK, k:k + CHOLESKY_BLOCK].clone()
+                                    for k in range(0, A.shape[0], CHOLESKY_BLOCK)]
+        if _cholesky_(A) and _finite(torch.diagonal(A)) and bool((torch.diagonal(A) > 0).all()):
+            return _reverse_(A), damp, lam
+        if last:
             break
+        # the strictly upper blocks off the diagonal are untouched: the lower ones and the saved diagonal
+        # blocks give A back
+        for i, k in enumerate(range(0, A.shape[0], CHOLESKY_BLOCK)):
+            e = k + CHOLESKY_BLOCK
+            A[k:e, k:e].copy_(blocks[i])
+            A[e:, k:e].copy_(A[k:e, e:].T)
         raised = damp * 10 if damp > 0 else 1e-4
         warnings.warn(f"gptq: Cholesky of the damped Hessian failed at damp={damp:g}; retrying with damp={raised:g}",
                       RuntimeWarning, stacklevel=3)
         damp = raised
     raise ValueError(f"gptq: H is not positive definite even with damp={damp:g} "
                      f"(after {MAX_DAMP_RAISES} tenfold raises); it is not a valid Hessian")
+
+
+def _cholesky_(A: torch.Tensor, block: int | None = None) -> bool:
+    """A ← L (lower, A = L Lᵀ, upper triangle zeroed) in place, reading A's lower triangle: the
+    blocked right-looking Cholesky. Per block column k: L_kk = chol(A_kk), L_rest,k = A_rest,k L_kkᵀ⁻¹,
+    then A_rest,rest -= L_rest,k L_rest,kᵀ on its lower block columns only. Temporaries are one
+    panel, not a second matrix (torch's cholesky writes a new one). False if A is not positive
+    definite; then the strictly upper blocks off the diagonal are still A's."""
+    n = A.shape[0]
+    block = block or CHOLESKY_BLOCK
+    for k in range(0, n, block):
+        e = min(k + block, n)
+        L11, info = torch.linalg.cholesky_ex(A[k:e, k:e])
+        if int(info):
+            return False
+        A[k:e, k:e].copy_(L11)
+        if e < n:
+            L21 = torch.linalg.solve_triangular(L11.T, A[e:, k:e], upper=True, left=False)   # X L11ᵀ = A21
+            A[e:, k:e].copy_(L21)
+            for j in range(e, n, block):
+                A[j:, j:j + block].addmm_(L21[j - e:], L21[j - e:j - e + block].T, alpha=-1)
+    A.tril_()
+    return True
+
+
+def _reverse_(M: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+    """M.flip(0, 1) in place for a dense square M, row- or column-major (its storage reversed), with
+    a chunk-sized temporary instead of a second matrix; any other layout gets a flipped copy."""
+    if not (M.is_contiguous() or M.t().is_contiguous()):
+        return M.flip(0, 1)
+    flat = M.as_strided((M.numel(),), (1,))
+    n = flat.numel()
+    for a in range(0, n // 2, chunk):
+        b = min(a + chunk, n // 2)
+        low, high = flat[a:b], flat[n - b:n - a]
+        tmp = low.flip(0)
+        low.copy_(high.flip(0))
+        high.copy_(tmp)
+    return M
