@@ -33,7 +33,8 @@ def default_device() -> str:
 
 
 def arm_key(arm_cfg: dict, model_hash: str, fingerprint: str) -> str:
-    """What makes a stored arm x seed result reusable: the arm's config, the model and the eval tokens."""
+    """What makes a stored arm x seed result reusable: the arm's config, the model and the eval tokens
+    (and, for arms that calibrate, `data.calib`: checked apart, `Sweep.calib_changed`, so keys stay stable)."""
     blob = json.dumps({"arm": stable_arm_config(arm_cfg), "model": model_hash, "eval": fingerprint}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -59,15 +60,16 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _stored_seeds(path: Path | None) -> tuple[dict, dict]:
+def _stored_seeds(path: Path | None) -> tuple[dict, dict, dict | None]:
     """Previously finished arm x seed results from a JSON file, and the allocations chosen for
-    them (`allocate:` arms), each keyed by (arm key, seed)."""
+    them (`allocate:` arms), each keyed by (arm key, seed); and the `data.calib` they were run
+    with (None when the file does not say)."""
     if path is None or not path.exists():
-        return {}, {}
+        return {}, {}, None
     try:
         old = json.loads(path.read_text())
     except (json.JSONDecodeError, OSError):
-        return {}, {}
+        return {}, {}, None
     done, allocations = {}, {}
     for arm in old.get("arms", {}).values():
         for seed, res in arm.get("seeds", {}).items():
@@ -75,7 +77,9 @@ def _stored_seeds(path: Path | None) -> tuple[dict, dict]:
                 done[(arm["key"], int(seed))] = res
                 if seed in arm.get("allocations", {}):
                     allocations[(arm["key"], int(seed))] = arm["allocations"][seed]
-    return done, allocations
+    spec = old.get("spec")
+    calib = spec.get("data", {}).get("calib") if isinstance(spec, dict) and isinstance(spec.get("data"), dict) else None
+    return done, allocations, calib
 
 
 class _Progress:
@@ -128,7 +132,9 @@ class Sweep:
             "model": spec.model, "model_hash": lm.model_hash, "eval_fingerprint": es.fingerprint,
             "eval_tokens_scored": es.n_scored, "eval_bytes_scored": eval_bytes(es, lm.tokenizer), "n_params": lm.n_params, "environment": env, "arms": {},
         }
-        self.done, self.allocations = _stored_seeds(self.json_path)
+        self.done, self.allocations, stored_calib = _stored_seeds(self.json_path)
+        # an arm key leaves data.calib out: results calibrated on other data are not reused (_stored_elsewhere)
+        self.calib_changed = stored_calib is not None and stored_calib != spec.to_dict()["data"]["calib"]
         self.led = self.exp_id = None
         self.in_ledger: dict[tuple[str, int], dict] = {}
         if ledger:
@@ -181,6 +187,8 @@ class Sweep:
         the results JSON. It is copied into this experiment when recorded (`self.copies`)."""
         key, cfg = self.keys[name]
         res = self.done.get((key, seed))
+        if res is not None and self.calib_changed and self._calibrated(name):
+            res = None   # the JSON's result was calibrated on the old data.calib
         if self.led is not None:
             from quantatlas.atlas.ids import environment_key
 
@@ -196,6 +204,12 @@ class Sweep:
                 same = run is not None and run["metrics"].get("kld_mean") == res.get("kld_mean")
                 self.copies[(name, seed)] = run["per_token_kld"] if same else None
         return res
+
+    def _calibrated(self, name: str) -> bool:
+        """Whether the arm's result depends on `data.calib` (its own `calib:` is part of its key)."""
+        arm, recipe = self.spec.arms[name], self.recipes[name]
+        return arm.calib is None and (recipe.needs_calibration or arm.allocate is not None
+                                      or getattr(recipe, "recovery", None) is not None)
 
     def record(self, name: str, seed: int, res: dict, per_token=None, info: dict | None = None,
                stored: bool = False) -> None:

@@ -125,3 +125,26 @@ def test_a_changed_spec_reuses_this_contributors_runs_of_unchanged_arms(tiny_ref
         np.testing.assert_array_equal(runs2[k]["per_token_kld"], r["per_token_kld"])
     assert sum("stored result reused" in m for m in logs) == 6
     assert {v["arm"] for v in doc2["verdicts"]} == {"rtn4", "rtn3", "rtn2"}
+
+
+def test_json_resume_recomputes_calibrated_arms_when_data_calib_changes(tiny_dir, tmp_path, monkeypatch):
+    """An arm key leaves data.calib out: a JSON result of a GPTQ arm is not reused once the spec's
+    calibration data changed, while an arm that never reads it (RTN) still is."""
+    def spec(samples):
+        s = spec_for(tiny_dir, seeds=(0,)).to_dict()
+        s["data"]["calib"] = {"samples": samples, "seq_len": 64}
+        s["arms"] = {"rtn4": {"codec": {"uniform": {"bits": 4, "group": 64}}},
+                     "gptq4": {"codec": {"uniform": {"bits": 4, "group": 64}}, "solver": "gptq"}}
+        return parse_spec(s)
+
+    path = tmp_path / "r.json"
+    first = runner.run_spec(spec(4), path, ledger=False, compress=False)
+    calls = []
+    real = runner.quantize_model
+    monkeypatch.setattr(runner, "quantize_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    same = runner.run_spec(spec(4), path, ledger=False, compress=False)
+    assert calls == [] and same["arms"]["gptq4"]["seeds"]["0"] == first["arms"]["gptq4"]["seeds"]["0"]
+    changed = runner.run_spec(spec(8), path, ledger=False, compress=False)
+    assert calls == [1]   # gptq4 only
+    assert changed["arms"]["rtn4"]["seeds"]["0"] == first["arms"]["rtn4"]["seeds"]["0"]
+    assert changed["arms"]["gptq4"]["seeds"]["0"]["kld_mean"] != first["arms"]["gptq4"]["seeds"]["0"]["kld_mean"]
