@@ -148,9 +148,9 @@ class GPTQ(Solver):
         from quantatlas.quant.incoherence import Incoherence
 
         inc = Incoherence(*W.shape, self.next_tensor_seed())
-        w_rot, packed, _info = gptq(inc.weight(W.double()), inc.hessian(stats["hessian"].double()), codec,
+        w_rot, packed, _info = gptq(inc.weight(W.double()), inc.hessian(stats.pop("hessian").double()), codec,
                                     H_cross=None if cross is None else inc.hessian(cross.double()),
-                                    losses=False, **opts)
+                                    losses=False, overwrite_h=True, **opts)
         return inc.unweight(w_rot.double()).float(), inc.wrap(packed)
 
 
