@@ -143,6 +143,9 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("cuda_figures: no CUDA device here (torch.cuda.is_available() is False); --device cpu is a dry run")
     only = set(a.only.split(","))
+    if only - {"gptq", "eval", "e2e_1b"}:
+        sys.exit(f"cuda_figures: --only {a.only}: unknown {', '.join(sorted(only - {'gptq', 'eval', 'e2e_1b'}))} "
+                 "(choose from gptq, eval, e2e_1b)")
     from quantatlas.environment import device_name
 
     res = {"device": device_name(device), "torch": torch.__version__, "quick": a.quick,

@@ -38,15 +38,16 @@ def build(folder: Path, layers: int) -> Path:
     """The random fp16 model as a sharded HF folder (config.json, index, one shard per layer)."""
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
+
+    from quantatlas.models.stream import build_skeleton
 
     if (folder / "model.safetensors.index.json").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     cfg = LlamaConfig(num_hidden_layers=layers, **CONFIG)
     cfg.save_pretrained(folder)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16)
+    skeleton = build_skeleton(folder, torch.float16)
     shapes = {n: tuple(p.shape) for n, p in skeleton.named_parameters()}
     groups: dict[str, list[str]] = {}
     for n in shapes:

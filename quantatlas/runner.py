@@ -60,6 +60,11 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def reads_calibration(arm, recipe: Recipe) -> bool:
+    """Whether an arm reads the calibration stream: solver statistics, allocation, or recovery."""
+    return recipe.needs_calibration or arm.allocate is not None or recipe.recovery is not None
+
+
 def _stored_seeds(path: Path | None) -> tuple[dict, dict, dict | None]:
     """Previously finished arm x seed results from a JSON file, and the allocations chosen for
     them (`allocate:` arms), each keyed by (arm key, seed); and the `data.calib` they were run
@@ -193,8 +198,9 @@ class Sweep:
             from quantatlas.atlas.ids import environment_key
 
             data = self.spec.to_dict()
+            calib = data["data"]["calib"] if self._calibrated(name) else None
             find = lambda env_key: self.led.find_run(data["arms"][name], seed, env_key, self.lm.model_hash,  # noqa: E731
-                                                     self.es.fingerprint, data["data"]["calib"])
+                                                     self.es.fingerprint, calib)
             run = find(environment_key(self.env))
             if run is not None:
                 self.copies[(name, seed)] = run["per_token_kld"]
@@ -207,9 +213,8 @@ class Sweep:
 
     def _calibrated(self, name: str) -> bool:
         """Whether the arm's result depends on `data.calib` (its own `calib:` is part of its key)."""
-        arm, recipe = self.spec.arms[name], self.recipes[name]
-        return arm.calib is None and (recipe.needs_calibration or arm.allocate is not None
-                                      or getattr(recipe, "recovery", None) is not None)
+        arm = self.spec.arms[name]
+        return arm.calib is None and reads_calibration(arm, self.recipes[name])
 
     def record(self, name: str, seed: int, res: dict, per_token=None, info: dict | None = None,
                stored: bool = False) -> None:
@@ -269,7 +274,7 @@ def run_spec(spec: Spec | dict, json_path: str | Path | None = None, db_url: str
                 sw.record(name, seed, dict(res, reused_from_seed=detail), per_token)
                 continue
             recipe, arm = sw.recipes[name], spec.arms[name]
-            if (recipe.needs_calibration or arm.allocate is not None) and calib_stream is None:
+            if reads_calibration(arm, recipe) and calib_stream is None:
                 calib_stream = lm.text_tokens(spec.data.calib.source, "train")
             info: dict = {}
             res, per_token = _run_arm(lm, recipe, name, seed, sw.es, ref, sw.device, spec.data.eval.batch, spec,
@@ -280,9 +285,10 @@ def run_spec(spec: Spec | dict, json_path: str | Path | None = None, db_url: str
 
 
 def quantize_arm(lm: LoadedModel, spec: Spec, name: str, seed: int, recipe: Recipe | None = None,
-                 calib_stream: np.ndarray | None = None, bars=None, info: dict | None = None):
+                 calib_stream: np.ndarray | None = None, bars=None, info: dict | None = None, es: EvalSet | None = None):
     """A quantized copy of the model for one arm and seed: (model, packed tensors by parameter name).
-    An arm with `allocate:` is resolved first (quant/sensitivity.py); `info["allocation"]` gets its choice."""
+    An arm with `allocate:` is resolved first (quant/sensitivity.py); `info["allocation"]` gets its choice.
+    `es`: the run's eval set (recovery keeps its training windows off those tokens; built here if None)."""
     arm = spec.arms[name]
     recipe = recipe or build_recipe(arm, f"arms.{name}")
     calib = None
@@ -312,7 +318,6 @@ def quantize_arm(lm: LoadedModel, spec: Spec, name: str, seed: int, recipe: Reci
     keep = (lambda m: teachers.append(copy.deepcopy(m))) if recipe.recovery is not None else None
     packed = quantize_model(model, recipe, calib, seed, task, on_transformed=keep)
     if recipe.recovery is not None:
-        from quantatlas.eval.windows import make_eval_set
         from quantatlas.quant.recovery import Recovery, recover
 
         if not teachers:
@@ -321,11 +326,14 @@ def quantize_arm(lm: LoadedModel, spec: Spec, name: str, seed: int, recipe: Reci
             calib_stream = lm.text_tokens(spec.data.calib.source, "train")
         ev = spec.data.eval
         eval_stream = lm.text_tokens(ev.source, "eval")
-        eval_used = make_eval_set(eval_stream, ev.tokens, ev.ctx, ev.score).windows.numel()
+        es = es or make_eval_set(eval_stream, ev.tokens, ev.ctx, ev.score)
         total = Recovery(recipe.recovery, seed).total_steps(model)
         task = bars.task(f"{name} seed {seed}: recover", total) if bars is not None else None
-        packed, rec = recover(model, teachers[0], packed, recipe.recovery, seed, calib_stream, eval_stream,
-                              eval_used, task)
+        try:
+            packed, rec = recover(model, teachers[0], packed, recipe.recovery, seed, calib_stream, eval_stream,
+                                  es.windows.numel(), task)
+        except ValueError as e:   # recovery's messages name its field: say which arm
+            raise ValueError(f"arms.{name}.{e}") from None
         if info is not None:
             info["recovery"] = rec
     return model, packed
@@ -338,7 +346,7 @@ def _run_arm(lm, recipe, name, seed, es, ref, device, batch, spec, calib_stream,
         from quantatlas.models.stream import check_streamable
 
         check_streamable(spec, name, recipe)
-    model, packed = quantize_arm(lm, spec, name, seed, recipe, calib_stream, bars, info)
+    model, packed = quantize_arm(lm, spec, name, seed, recipe, calib_stream, bars, info, es)
     runtime_bits = attach_runtime(model, recipe, seed, ctx=es.ctx)  # KV-cache and activation steps act in the evaluation
     metrics = evaluate(model, es, ref, device, batch, bars.task(f"{name} seed {seed}: evaluate", es.n_scored))
     stats = kld_statistics(metrics)

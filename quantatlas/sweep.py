@@ -97,6 +97,8 @@ def _check_reachable(address: str) -> None:
     host, sep, port = address.split("://", 1)[-1].rpartition(":")
     if not sep or not port.isdigit() or not host:
         return
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"--ray {address}: port {port} is not a TCP port (1-65535)")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT).close()
     except OSError as e:
@@ -134,6 +136,9 @@ def run_spec_ray(spec, json_path=None, db_url: str | None = None, device: str | 
     from quantatlas.runner import Sweep, _Progress, default_device
 
     import_ray()  # before loading anything: without ray, one line
+    local_cpus = num_cpus or os.cpu_count() or 1
+    if address is None and task_cpus > local_cpus:   # Ray would wait forever for a task it cannot place
+        raise ValueError(f"--task-cpus {task_cpus}: more than the local Ray's {local_cpus} CPUs (--ray-cpus)")
     device = device or default_device()
     sw = Sweep(spec, json_path, db_url, device, ledger, loaded, log, env=task_environment(device, task_cpus))
     spec = sw.spec

@@ -246,10 +246,10 @@ def test_blocked_cholesky_in_place_and_its_restore_after_a_failure(monkeypatch):
     X = torch.randn(200, 70, generator=g, dtype=torch.float64)
     H = X.T @ X / 200
     A = H.clone()
-    assert G._cholesky_(A, block=16) and torch.allclose(A, torch.linalg.cholesky(H), atol=1e-12)
+    monkeypatch.setattr(G, "CHOLESKY_BLOCK", 16)
+    assert G._cholesky_(A) and torch.allclose(A, torch.linalg.cholesky(H), atol=1e-12)
     # a Hessian whose Cholesky fails at damp 0.01 and not at 0.1, factored in blocks of 16: the restored
     # matrix is refactored, so the result is the one of damp 0.1 from the start
-    monkeypatch.setattr(G, "CHOLESKY_BLOCK", 16)
     W, _, _ = problem(12, cols=64)
     low_rank = torch.randn(16, 64, generator=g)
     A = (2.0 / 16) * low_rank.T @ low_rank

@@ -162,3 +162,11 @@ def test_an_address_nothing_answers_is_a_one_line_error_before_ray_starts():
         s.listen()
         sweep._check_reachable(f"127.0.0.1:{s.getsockname()[1]}")
     sweep._check_reachable("auto")   # no port: left to Ray
+    with pytest.raises(ValueError, match="port 99999 is not a TCP port"):
+        sweep._check_reachable("127.0.0.1:99999")
+
+
+def test_a_task_larger_than_the_local_ray_is_refused_before_anything_runs():
+    pytest.importorskip("ray", reason="ray is in the test extra: pip install -e '.[test]'")
+    with pytest.raises(ValueError, match="--task-cpus 3: more than the local Ray's 2 CPUs"):
+        sweep.run_spec_ray(spec_dict(), None, num_cpus=2, task_cpus=3, ledger=False)

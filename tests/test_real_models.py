@@ -157,3 +157,8 @@ def test_hub_dataset_source_reads_the_text_column(tmp_path, monkeypatch):
     assert ids.tolist() == [vocab[w] for w in LINES[0].split()] + [eos] + [vocab[w] for w in LINES[1].split()] + [eos]
     assert lm.text_tokens("hf:org/corpus", "train").tolist() == [vocab[w] for w in LINES[2].split()] + [eos]
     assert asked[-1] == ("org/corpus", None, "train")
+
+
+def test_hub_text_for_a_model_without_tokenizer_is_a_one_line_error(tiny_reference):
+    with pytest.raises(ModelLoadError, match="has no tokenizer, and hub text needs one"):
+        tiny_reference.text_tokens("hf:someorg/some-dataset", "eval")

@@ -197,3 +197,45 @@ def test_pv_lite_discrete_step_follows_the_gradient_and_undoes():
     assert torch.equal(codes, t.q)
     t.undo()
     assert torch.equal(t.q, q0) and not t.moved.any()
+
+
+def test_recovery_counts_the_tokens_it_trained_on(tiny_reference):
+    """A pool of 3 windows in batches of 2 has a short last batch: the count is of what went through."""
+    spec = parse_spec({"title": "t", "arms": {"a": {"codec": INT2, "recovery": {
+        "method": "kd_ste", "samples": 3, "seq_len": 32, "batch": 2, "steps": 5, "lr": 0.01}}}})
+    recipe = build_recipe(spec.arms["a"])
+    model = copy.deepcopy(tiny_reference.model)
+    packed = quantize_model(model, recipe, None, 0)
+    _, info = Recovery(recipe.recovery, 0).run(model, tiny_reference.model, packed, WINDOWS[:3])
+    sizes = [min(2, 3 - 2 * i) for i in batch_order(recipe.recovery, 0)]
+    assert info["recovery_tokens"] == 32 * sum(sizes) and 2 * 32 * 5 != 32 * sum(sizes)
+
+
+def test_training_kl_is_the_harness_kld(tiny_reference):
+    """Recovery's KL(P_fp ‖ P_q) over every position equals eval/kld.py's per-token KLD, averaged."""
+    from quantatlas.eval.kld import token_metrics
+
+    model, *_ = _tuned(tiny_reference, INT2, {"method": "kd_ste", "steps": 1})
+    fp = tiny_reference.model
+    with torch.no_grad():
+        t = torch.log_softmax(fp(WINDOWS).logits.double(), -1).reshape(-1, fp.config.vocab_size)
+        q = model(WINDOWS).logits.double().reshape(-1, fp.config.vocab_size)
+    want = float(token_metrics(t, q, WINDOWS.reshape(-1)).kld.mean())
+    assert Recovery(RecoveryConfig(method="kd_ste"), 0).kl(model, fp, WINDOWS) == pytest.approx(want, rel=1e-4)
+
+
+def test_recovery_on_an_arm_without_quantized_matrices_is_a_clear_error(tiny_reference):
+    spec = parse_spec({"title": "t", "arms": {"a": {"codec": None, "recovery": {"method": "kd_ste", **SMALL}}}})
+    recipe = build_recipe(spec.arms["a"])
+    model = copy.deepcopy(tiny_reference.model)
+    with pytest.raises(ValueError, match="nothing to tune"):
+        Recovery(recipe.recovery, 0).run(model, tiny_reference.model, {}, WINDOWS)
+
+
+def test_a_recovery_error_in_a_run_names_the_arm(tiny_reference):
+    from quantatlas import runner
+
+    spec = parse_spec({"title": "t", "data": {"eval": {"tokens": 1024, "ctx": 128}},
+                       "arms": {"good": {"codec": INT2}, "bad": {"codec": "q4_0", "recovery": {"method": "kd_ste", **SMALL}}}})
+    with pytest.raises(ValueError, match=r"^arms\.bad\.recovery\.train: scales"):
+        runner.quantize_arm(tiny_reference, spec, "bad", 0)

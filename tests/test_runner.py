@@ -148,3 +148,18 @@ def test_json_resume_recomputes_calibrated_arms_when_data_calib_changes(tiny_dir
     assert calls == [1]   # gptq4 only
     assert changed["arms"]["rtn4"]["seeds"]["0"] == first["arms"]["rtn4"]["seeds"]["0"]
     assert changed["arms"]["gptq4"]["seeds"]["0"]["kld_mean"] != first["arms"]["gptq4"]["seeds"]["0"]["kld_mean"]
+
+
+def test_a_changed_calibration_set_still_reuses_ledger_runs_of_arms_that_read_none(tiny_reference, tmp_path):
+    """data.calib changed (a new experiment): the RTN arm's runs are copied from the ledger, the GPTQ
+    arm, whose result depends on the calibration tokens, runs again."""
+    url = f"sqlite:///{tmp_path/'c.db'}"
+    spec = {"title": "t", "data": {"eval": {"tokens": 1024, "ctx": 128}, "calib": {"samples": 2, "seq_len": 32}},
+            "seeds": [0], "arms": {"rtn4": {"codec": {"uniform": {"bits": 4, "group": 32}}},
+                                   "gptq4": {"codec": {"uniform": {"bits": 4, "group": 32}}, "solver": "gptq"}}}
+    runner.run_spec(spec, db_url=url, loaded=tiny_reference, compress=False, log=lambda m: None)
+    logs = []
+    spec2 = dict(spec, data=dict(spec["data"], calib={"samples": 3, "seq_len": 32}))
+    runner.run_spec(spec2, db_url=url, loaded=tiny_reference, compress=False, log=logs.append)
+    reused = [m for m in logs if "stored result reused" in m]
+    assert len(reused) == 1 and "rtn4" in reused[0]

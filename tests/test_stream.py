@@ -227,3 +227,38 @@ def test_a_failing_solver_leaves_the_weights_as_they_were(qwen_fp16, monkeypatch
     assert not torch.equal(after[first], before[first])
     assert torch.equal(after[failed], before[failed])
     assert all(torch.equal(after[n], before[n]) for n in before if n not in (first,))
+
+
+def test_unreadable_shards_and_impossible_streaming_are_one_line_errors(qwen_fp16, tmp_path, monkeypatch):
+    import shutil
+
+    from quantatlas.models import ModelLoadError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(qwen_fp16, bad)
+    shard = sorted(bad.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:5])                      # truncated
+    with pytest.raises(StreamError, match=f"{shard.name}: not a readable safetensors file"):
+        ShardReader([bad])
+    (bad / "model.safetensors.index.json").write_text("{}")       # an index without a weight_map
+    with pytest.raises(StreamError, match="not a safetensors index with a weight_map"):
+        ShardReader([bad])
+    with pytest.raises(ModelLoadError, match="layer streaming runs on the CPU, not on cuda"):
+        load_model(str(qwen_fp16), device="cuda", stream=True)
+    with pytest.raises(ModelLoadError, match="not a torch device"):
+        load_model(str(qwen_fp16), device="cdua", stream=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shutil.copy(qwen_fp16 / "config.json", bin_dir / "config.json")
+    (bin_dir / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=r"layer streaming reads \*\.safetensors weights"):
+        load_model(str(bin_dir), stream=True)
+
+
+def test_a_dtype_streaming_cannot_read_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(4, 4).to(torch.float8_e4m3fn)}, str(tmp_path / "m.safetensors"))
+    reader = ShardReader([tmp_path])            # headers parse: the automatic rule still works
+    with pytest.raises(StreamError, match="tensor 'w' is F8_E4M3, which layer streaming does not read"):
+        reader.tensor("w")

@@ -446,8 +446,8 @@ class Ledger:
                  eval_fingerprint: str, calib: dict | None) -> dict | None:
         """This contributor's run of the same arm config and seed in any experiment, made in the same
         environment (None: any) on the same model, eval tokens and calibration data (the spec's
-        `data.calib`): what a changed spec (an arm added, a hypothesis reworded) reuses instead of
-        running again."""
+        `data.calib`; None: any, for an arm that reads none): what a changed spec (an arm added, a
+        hypothesis reworded) reuses instead of running again."""
         with self._reading() as s:
             q = (select(Run).join(Arm, Run.arm_id == Arm.id).join(RunSet, Run.run_set_id == RunSet.id)
                  .join(Contributor, RunSet.contributor_id == Contributor.id)
@@ -459,7 +459,7 @@ class Ledger:
             for r in s.scalars(q):
                 spec = r.arm.experiment.spec or {}
                 if (stable_arm_config(r.arm.config or {}) == stable_arm_config(arm_config)
-                        and (spec.get("data") or {}).get("calib") == calib):
+                        and (calib is None or (spec.get("data") or {}).get("calib") == calib)):
                     return self._run_dict(r, tokens=True)
         return None
 

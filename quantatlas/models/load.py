@@ -39,6 +39,9 @@ class LoadedModel:
                 return corpus.fixed_tokens(fixed)
             return self._tokenize_texts(d.decode("utf-8", errors="replace") for d in fixed_data.documents(fixed))
         if source.startswith("hf:"):
+            if self.tokenizer is None:
+                raise ModelLoadError(f"data source {source!r}: this model has no tokenizer, and hub text needs one "
+                                     "(a byte-level model reads 'stdlib' or a text file)")
             return self._tokenize_texts(_hub_texts(source, split))
         path = Path(source)
         if not path.is_file():
@@ -78,7 +81,7 @@ def _hub_texts(source: str, split: str) -> list[str]:
     except ImportError:
         raise ModelLoadError(f"data source {source!r}: hub datasets need the `datasets` package "
                              "(pip install datasets)") from None
-    splits = ["train"] if split in ("train", "calib") else ["test", "validation"]
+    splits = ["train"] if split == "train" else ["test", "validation"]
     last = None
     for sp in splits:
         try:
@@ -88,7 +91,10 @@ def _hub_texts(source: str, split: str) -> list[str]:
             continue
         if "text" not in ds.column_names:
             raise ModelLoadError(f"data source {source!r}: no `text` column (columns: {', '.join(ds.column_names)})")
-        return [t for t in ds["text"] if t]
+        texts = [t for t in ds["text"] if t]
+        if not texts:
+            raise ModelLoadError(f"data source {source!r}: split {sp!r} has no text")
+        return texts
     raise ModelLoadError(f"data source {source!r}: could not load split {'/'.join(splits)} "
                          f"({type(last).__name__}: {str(last).splitlines()[0] if str(last) else ''})")
 
@@ -127,7 +133,7 @@ def load_model(source: str, device: str | torch.device = "cpu", dtype: torch.dty
         if not weights:
             raise ModelLoadError(f"model {source!r}: folder has no *.safetensors or *.bin weights")
         tok = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
-        if weights[0].suffix == ".safetensors" and _streaming(path, stream):
+        if _streaming(path, stream, weights[0].suffix == ".safetensors", device):
             from quantatlas.models.stream import StreamedModel
 
             sm = StreamedModel(path)
@@ -150,11 +156,27 @@ def load_model(source: str, device: str | torch.device = "cpu", dtype: torch.dty
     return lm
 
 
-def _streaming(path: Path, stream: bool | None) -> bool:
+def _streaming(path: Path, stream: bool | None, safetensors: bool, device) -> bool:
+    """Whether to layer-stream the folder: asked for (`stream`, $QUANTATLAS_STREAM) or by the automatic
+    rule; refused, in one line, where it cannot happen (*.bin weights) or would not run where asked
+    (streamed layers run on the CPU)."""
     from quantatlas.models.stream import should_stream, stream_mode
 
     mode = stream_mode(stream)
-    return should_stream(path) if mode is None else mode
+    if not safetensors:
+        if mode:
+            raise ModelLoadError(f"model {str(path)!r}: layer streaming reads *.safetensors weights; this folder has "
+                                 "*.bin (set QUANTATLAS_STREAM=0, or convert the weights)")
+        return False
+    streamed = should_stream(path) if mode is None else mode
+    try:
+        on_cpu = torch.device(device).type == "cpu"
+    except RuntimeError:
+        raise ModelLoadError(f"device {str(device)!r}: not a torch device (cpu, cuda, cuda:1 ...)") from None
+    if streamed and not on_cpu:
+        raise ModelLoadError(f"model {str(path)!r}: layer streaming runs on the CPU, not on {device}; use --device cpu, "
+                             "or QUANTATLAS_STREAM=0 to load the whole model on the device")
+    return streamed
 
 
 def _has_tokenizer(path: Path) -> bool:

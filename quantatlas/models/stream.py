@@ -44,7 +44,6 @@ import torch
 _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
-_CODES = {v: k for k, v in _DTYPES.items()}
 
 
 class StreamError(ValueError):
@@ -73,15 +72,22 @@ class ShardReader:
             files = sorted(folder.glob("*.safetensors"))
             index = folder / "model.safetensors.index.json"
             if index.exists():  # only the shards the index names (a hub repo may also ship consolidated.*)
-                files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+                try:
+                    files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+                except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                    raise StreamError(f"{index}: not a safetensors index with a weight_map ({type(e).__name__}: {e})") \
+                        from None
             for file in files:
-                with open(file, "rb") as fh:
-                    n = struct.unpack("<Q", fh.read(8))[0]
-                    header = json.loads(fh.read(n))
-                self.metadata[file] = header.pop("__metadata__", None) or {}
-                for name, e in header.items():
-                    start, end = e["data_offsets"]
-                    self.entries[name] = (file, e["dtype"], tuple(e["shape"]), 8 + n + start, end - start)
+                try:
+                    with open(file, "rb") as fh:
+                        n = struct.unpack("<Q", fh.read(8))[0]
+                        header = json.loads(fh.read(n))
+                    self.metadata[file] = header.pop("__metadata__", None) or {}
+                    for name, e in header.items():
+                        start, end = e["data_offsets"]
+                        self.entries[name] = (file, e["dtype"], tuple(e["shape"]), 8 + n + start, end - start)
+                except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as e:
+                    raise StreamError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -91,6 +97,9 @@ class ShardReader:
         if name not in self.entries:
             raise StreamError(f"tensor {name!r} is in none of the safetensors files of {', '.join(map(str, self.folders))}")
         file, dtype, shape, offset, nbytes = self.entries[name]
+        if dtype not in _DTYPES:
+            raise StreamError(f"{file}: tensor {name!r} is {dtype}, which layer streaming does not read "
+                              f"({', '.join(_DTYPES)}); set QUANTATLAS_STREAM=0")
         if nbytes == 0:
             return torch.empty(shape, dtype=_DTYPES[dtype])
         arr = np.memmap(file, dtype=np.uint8, mode="c", offset=offset, shape=(nbytes,))
@@ -225,18 +234,17 @@ class StreamedModel:
             release(self.final_norm)
 
 
-def _return_freed_memory(trim: bool = True) -> None:
+def _return_freed_memory() -> None:
     """glibc keeps freed blocks under its mmap threshold (which grows up to 32 MiB) in the heap, so a
     process that materialises and frees a layer at a time creeps up layer by layer. Large blocks
-    (>= 1 MiB) get their own mappings from here on, returned to the system when freed; `trim` hands
+    (>= 1 MiB) get their own mappings from here on, returned to the system when freed; malloc_trim hands
     back what the heap holds free. A no-op without glibc."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-        if trim:
-            libc.malloc_trim(0)
+        libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
 

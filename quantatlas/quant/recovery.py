@@ -67,16 +67,11 @@ class RecoveryConfig(BaseModel):
                              "train: weights is for kd_ste and block_ap")
         return self
 
-    @property
-    def tokens(self) -> int:
-        """Tokens that go through the model in training (each layer's, for block_ap)."""
-        return self.steps * self.batch * self.seq_len
-
 
 # -- disjointness of the training and evaluation tokens ------------------------------------------
 
 def check_disjoint(calib_stream: np.ndarray, starts: np.ndarray, seq_len: int, eval_stream: np.ndarray,
-                   eval_used: int, where: str = "recovery") -> None:
+                   eval_used: int) -> None:
     """Raise ValueError if a calibration window [s, s + seq_len) of `calib_stream` overlaps the eval tokens.
 
     The eval set uses the first `eval_used` tokens of `eval_stream`. When both streams are the same
@@ -90,7 +85,7 @@ def check_disjoint(calib_stream: np.ndarray, starts: np.ndarray, seq_len: int, e
     starts = np.asarray(starts)
     bad = starts[starts < eval_used]
     if len(bad):
-        raise ValueError(f"{where}: calibration window at token {int(bad[0])} (+{seq_len}) overlaps the eval tokens "
+        raise ValueError(f"recovery: calibration window at token {int(bad[0])} (+{seq_len}) overlaps the eval tokens "
                          f"[0, {eval_used}) of the same stream ({len(bad)} of {len(starts)} windows); "
                          f"use a data.calib.source different from data.eval.source")
 
@@ -370,7 +365,7 @@ class Recovery:
             new, extra = self._kd(model, teacher, packed, windows, order, progress)
         after = self.kl(model, teacher, probe)
         info = {"recovery_cpu_s": time.process_time() - t0, "recovery_train_kl_before": before,
-                "recovery_train_kl_after": after, "recovery_tokens": cfg.tokens, **extra}
+                "recovery_train_kl_after": after, **extra}
         return {**packed, **new}, info
 
     @no_grad
@@ -400,10 +395,13 @@ class Recovery:
         cfg = self.cfg
         tuned = self._tunables(model, teacher, packed)
         norms = self._norms(model, packed)
+        if not tuned and not norms:
+            raise ValueError("recovery: the arm stores no Linear weight matrix through a codec: nothing to tune")
         opt = torch.optim.Adam([p for t in tuned.values() for p in t.params] + list(norms.values()), lr=cfg.lr)
-        moved = 0
+        moved = tokens = 0
         for step, i in enumerate(order):
             x = _chunk(windows, i, cfg.batch)
+            tokens += x.numel()
             with torch.no_grad():
                 target = teacher(x, use_cache=False).logits
             weights = {name: t.weight() for name, t in tuned.items()}
@@ -420,11 +418,11 @@ class Recovery:
                 progress(1)
         new: dict = {}
         self._apply(model, tuned, norms, new)
-        extra = {}
+        extra = {"recovery_tokens": tokens}   # through the model in training
         if cfg.method == "pv_lite":
             n = sum(t.q.numel() for t in tuned.values())
-            extra = {"recovery_codes_moved": float(sum(int(t.moved.sum()) for t in tuned.values()) / max(n, 1)),
-                     "recovery_discrete_rejected": float(self.rejected)}
+            extra.update(recovery_codes_moved=float(sum(int(t.moved.sum()) for t in tuned.values()) / max(n, 1)),
+                         recovery_discrete_rejected=float(self.rejected))
         return new, extra
 
     @no_grad
@@ -459,6 +457,7 @@ class Recovery:
         q_h = [h for h, _, _ in q_in]
         fp_h = [h for h, _, _ in fp_in]
         new: dict = {}
+        tokens = trained = 0   # tokens through a decoder layer in training, summed over the layers
         prefix = {li: f"{name}." for name, m in model.named_modules() for li, layer in enumerate(layers) if m is layer}
         for li, (layer, fp_layer) in enumerate(zip(layers, fp_layers)):
             with torch.no_grad():
@@ -469,9 +468,11 @@ class Recovery:
             norms = self._norms(model, packed, li)
             trainable = [p for t in tuned.values() for p in t.params] + list(norms.values())
             if trainable:
+                trained += 1
                 opt = torch.optim.Adam(trainable, lr=cfg.lr)
                 for i in order:
                     _, rest, kwargs = q_in[i]
+                    tokens += q_h[i].shape[0] * q_h[i].shape[1]
                     local = {n[len(pre):]: t.weight() for n, t in tuned.items()}
                     local.update({n[len(pre):]: v for n, v in norms.items()})
                     out = functional_call(layer, local, (q_h[i], *rest), kwargs)
@@ -486,7 +487,9 @@ class Recovery:
             with torch.no_grad():
                 q_h = [_run_layer(layer, h, r, k) for h, (_, r, k) in zip(q_h, q_in)]
             fp_h = target
-        return new, {}
+        if not trained:
+            raise ValueError("recovery: the arm stores no Linear weight matrix through a codec: nothing to tune")
+        return new, {"recovery_tokens": tokens}
 
     def total_steps(self, model) -> int:
         if self.cfg.method == "block_ap":

@@ -526,14 +526,13 @@ def _upper_factor(H: torch.Tensor, damp: float, overwrite: bool = False) -> tupl
                      f"(after {MAX_DAMP_RAISES} tenfold raises); it is not a valid Hessian")
 
 
-def _cholesky_(A: torch.Tensor, block: int | None = None) -> bool:
+def _cholesky_(A: torch.Tensor) -> bool:
     """A ← L (lower, A = L Lᵀ, upper triangle zeroed) in place, reading A's lower triangle: the
     blocked right-looking Cholesky. Per block column k: L_kk = chol(A_kk), L_rest,k = A_rest,k L_kkᵀ⁻¹,
     then A_rest,rest -= L_rest,k L_rest,kᵀ on its lower block columns only. Temporaries are one
     panel, not a second matrix (torch's cholesky writes a new one). False if A is not positive
     definite; then the strictly upper blocks off the diagonal are still A's."""
-    n = A.shape[0]
-    block = block or CHOLESKY_BLOCK
+    n, block = A.shape[0], CHOLESKY_BLOCK
     for k in range(0, n, block):
         e = min(k + block, n)
         L11, info = torch.linalg.cholesky_ex(A[k:e, k:e])
