@@ -11,7 +11,7 @@ quantize a ~1 B random model end to end with GPTQ, on one device.
     the solver runs inside a quantization run; codes packed inside the timing. Median of `--repeats`
     after one untimed warm-up (CUDA context, cuBLAS/cuSOLVER handles), torch.cuda.synchronize around.
 (b) `eval`: the embedded reference model on the default eval set (data.eval: 65536 tokens, ctx 512, the
-    second half of each window scored, batch 8): `runner.evaluate` (forward passes + per-token KLD
+    second half of each window scored, batch 8): `measure.evaluate` (forward passes + per-token KLD
     against the cached reference log-probs) then `kld_statistics`, as a run evaluates an arm; tokens/s
     counts every token fed (windows × ctx) and, apart, the scored ones. The reference pass that fills
     the cache is timed once apart (a temporary cache, so it is really computed).
@@ -78,7 +78,7 @@ def eval_throughput(tokens: int, repeats: int, device: torch.device) -> dict:
     from quantatlas.eval.kld import kld_statistics
     from quantatlas.eval.windows import make_eval_set, reference_logprobs
     from quantatlas.models import load_model
-    from quantatlas.runner import evaluate
+    from quantatlas.measure import evaluate
     from quantatlas.spec import EvalData
 
     ev = EvalData(tokens=tokens)

@@ -19,7 +19,7 @@ from quantatlas.eval.windows import make_eval_set, reference_logprobs, scored_lo
 from quantatlas.models import load_model
 from quantatlas.quant.quantize import quantize_model
 from quantatlas.quant.recipe import build_recipe
-from quantatlas.runner import evaluate
+from quantatlas.measure import evaluate
 from quantatlas.spec import Arm
 
 

@@ -7,7 +7,7 @@
    22 layers: 1.10 B parameters) as a sharded fp16 HF folder, one decoder layer per shard, written
    tensor by tensor so the builder never holds more than one layer.
 2. Runs streaming GPTQ (uniform 4-bit, group 128) on random calibration tokens in a child process
-   (`quantatlas.models.stream.quantize_streamed`), which reports its peak RSS (VmHWM), its RSS after
+   (`quantatlas.quant.streamed.quantize_streamed`), which reports its peak RSS (VmHWM), its RSS after
    importing torch, and after importing transformers and building the meta skeleton (floors that do not
    grow with the model).
 3. Prints peak RSS against the fp16 model size and the calibration activations, and writes
@@ -75,7 +75,8 @@ def build(folder: Path, layers: int) -> Path:
 CHILD = r"""
 import json, sys, time
 import torch
-from quantatlas.models.stream import StreamedModel, quantize_streamed, rss_mb
+from quantatlas.models.stream import StreamedModel, rss_mb
+from quantatlas.quant.streamed import quantize_streamed
 from quantatlas.quant.recipe import build_recipe
 from quantatlas.spec import Arm
 floor = rss_mb()["rss"]

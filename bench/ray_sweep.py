@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from quantatlas.runner import Sweep, _Progress, run_spec
+from quantatlas.progress import Progress
+from quantatlas.runner import Sweep, run_spec
 from quantatlas.spec import parse_spec
 from quantatlas.sweep import run_spec_ray
 
@@ -56,7 +57,7 @@ def main() -> None:
     s = spec(a.tokens, a.ctx, a.samples)
     quiet = dict(ledger=False, compress=False, device="cpu", log=lambda m: None)
     torch.set_num_threads(a.cpus)
-    with _Progress(False) as bars:  # reference logits into the cache first: neither timed run computes them
+    with Progress(False) as bars:  # reference logits into the cache first: neither timed run computes them
         Sweep(s, ledger=False, device="cpu").reference(bars)
     load_before = os.getloadavg()
 

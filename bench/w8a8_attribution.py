@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quantatlas.context import RunContext
 from quantatlas.eval.windows import make_eval_set, reference_logprobs
 from quantatlas.models import load_model
 from quantatlas.models.roles import find_roles
@@ -28,7 +29,7 @@ from quantatlas.quant.config import build
 from quantatlas.quant.hadamard import RandomizedHadamard
 from quantatlas.quant.quantize import quantize_model
 from quantatlas.quant.recipe import build_recipe
-from quantatlas.runner import evaluate
+from quantatlas.measure import evaluate
 from quantatlas.spec import Arm
 
 GROUPS = {"qkv": ["q", "k", "v"], "o": ["o"], "gate_up": ["gate", "up"], "down": ["down"]}
@@ -98,8 +99,8 @@ def _write(a, res) -> None:
 @torch.no_grad()
 def input_stats(fp, w8, es, a) -> dict:
     """Per decoder Linear: statistics of its input in the int8-weight model (the first 8 eval windows)."""
-    a8 = build("codec", W8).for_run(0)
-    a8_asym = build("codec", {"uniform": {"bits": 8, "group": None, "symmetric": False}}).for_run(0)
+    a8 = build("codec", W8).for_run(RunContext(0))
+    a8_asym = build("codec", {"uniform": {"bits": 8, "group": None, "symmetric": False}}).for_run(RunContext(0))
     fp_w = {t.name: t.module.weight.detach().clone() for t in find_roles(fp) if t.kind == "linear"}
     targets = [t for t in find_roles(w8) if t.kind == "linear" and t.role != "head"]
     seen: dict[str, list] = {t.name: [] for t in targets}

@@ -1,8 +1,6 @@
 """The quantatlas command line: one entry point, sub-commands."""
 from __future__ import annotations
 
-import re
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -35,17 +33,17 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _user_error(e: Exception, spec_path: Path | None) -> str:
-    """Prefix a field error with `file:line` when the message starts with a dotted field path."""
+def _user_error(e: ValueError, spec_path: Path | None) -> str:
+    """One line for a user mistake. A SpecError names its own file and line; another UserError about a
+    spec field (`e.field`) gets `file:line` of that field in the spec and, unless its message starts
+    with the field, `field <field>: `; any other error gets the spec's file name."""
+    from quantatlas.errors import UserError
     from quantatlas.spec import SpecError, field_line
 
     msg = str(e)
     if isinstance(e, SpecError) or spec_path is None:
         return msg
-    m = re.match(r"^((?:arms|data|model|seeds|control|criterion)[\w.\-]*)\s*:", msg)
-    field = m.group(1) if m else None
-    if field is None and msg.startswith("model "):
-        field = "model"
+    field = e.field if isinstance(e, UserError) else None
     line = field_line(spec_path, field) if field else None
     where = f"{spec_path}:{line}" if line else str(spec_path)
     return f"{where}: {msg if not field or msg.startswith(field + ':') else 'field ' + field + ': ' + msg}"
@@ -65,14 +63,12 @@ def run(spec: Path = typer.Argument(..., help="experiment spec (YAML)"),
         task_cpus: int = typer.Option(1, "--task-cpus", min=1, help="CPUs (torch threads) per Ray task"),
         retries: int = typer.Option(1, "--retries", min=0, help="retries of a failed Ray task")):
     """Run every arm x seed of SPEC, print the table, write JSON; re-running resumes."""
-    from quantatlas.eval.windows import EvalDataError
-    from quantatlas.models import ModelLoadError
     from quantatlas.runner import format_table, run_spec
-    from quantatlas.spec import SpecError, load_spec
+    from quantatlas.spec import load_spec
 
     try:
         s = load_spec(spec)
-        common = dict(db_url=db, device=device, progress=not quiet and sys.stderr.isatty(), compress=compress,
+        common = dict(db_url=db, device=device, progress=not quiet, compress=compress,
                       log=lambda m: typer.echo(m, err=True))
         if ray is None:
             doc = run_spec(s, json_path, **common)
@@ -84,7 +80,7 @@ def run(spec: Path = typer.Argument(..., help="experiment spec (YAML)"),
                                    task_cpus=task_cpus, retries=retries, **common)
             except RayMissing as e:
                 fail(str(e))
-    except (SpecError, ModelLoadError, EvalDataError, ValueError) as e:
+    except ValueError as e:  # a UserError (spec, model, eval data ...); any other ValueError prints as it is
         fail(_user_error(e, spec))
     typer.echo(f"{doc['title']}  (model {doc['model']} {doc['model_hash']}, eval {doc['eval_fingerprint']}, "
                f"{doc['eval_tokens_scored']} tokens scored, {doc['environment']['device']})")
@@ -108,8 +104,9 @@ def export(spec: Path = typer.Argument(..., help="experiment spec (YAML)"),
            device: Optional[str] = typer.Option(None)):
     """Quantize one arm x seed of SPEC exactly as `run` does and write it as a file llama.cpp reads."""
     from quantatlas.export.gguf import write_gguf
-    from quantatlas.models import ModelLoadError, load_model
-    from quantatlas.runner import default_device, quantize_arm
+    from quantatlas.models import load_model
+    from quantatlas.measure import quantize_arm
+    from quantatlas.runner import default_device
     from quantatlas.spec import SpecError, load_spec
 
     try:
@@ -118,14 +115,12 @@ def export(spec: Path = typer.Argument(..., help="experiment spec (YAML)"),
             raise SpecError(f"{spec}: --arm {arm!r} is not one of the arms ({', '.join(s.arms)})")
         if format != "gguf":
             raise SpecError(f"--format {format!r}: only gguf is supported")
-        from quantatlas.quant.recipe import build_recipe
-
-        recipe = build_recipe(s.arms[arm], f"arms.{arm}")
         lm = load_model(s.model, device=device or default_device())
-        model, packed = quantize_arm(lm, s, arm, s.seeds[0] if seed is None else seed, recipe)
-        ftype = recipe.mixture.ftype if recipe.mixture is not None else None
-        types = write_gguf(out, model, packed, tokenizer=lm.tokenizer, ftype=ftype)
-    except (SpecError, ModelLoadError, ValueError) as e:
+        qm = quantize_arm(lm, s, arm, s.seeds[0] if seed is None else seed)
+        codec = s.arms[arm].codec
+        ftype = codec.ftype.upper() if codec is not None and codec.name == "gguf" else None
+        types = write_gguf(out, qm.model, qm.packed, tokenizer=lm.tokenizer, ftype=ftype)
+    except ValueError as e:  # a UserError (spec, model ...); any other ValueError (gguf export's) prints as it is
         fail(_user_error(e, spec))
     counts: dict[str, int] = {}
     for t in types.values():
@@ -179,10 +174,11 @@ def sensitivity(spec: Path = typer.Argument(..., help="experiment spec (YAML) wi
     calibration tokens, and the bits it costs: the ranked ROI table and the per-role summary."""
     import json
 
-    from quantatlas.models import ModelLoadError, load_model
+    from quantatlas.models import load_model
     from quantatlas.quant.quantize import calibration_tokens
     from quantatlas.quant.sensitivity import GROUPINGS, format_roi, measure_sensitivity, role_summary
-    from quantatlas.spec import SpecError, load_spec
+    from quantatlas.spec import load_spec
+    from quantatlas.tables import plain_table, render
 
     try:
         s = load_spec(spec)
@@ -211,19 +207,53 @@ def sensitivity(spec: Path = typer.Argument(..., help="experiment spec (YAML) wi
             typer.echo(f"seed {seed}:")
             typer.echo(format_roi(sens, limit))
             typer.echo(f"per role (first candidate; ΔKLD summed over the role's {group} groups):")
+            roles = plain_table(("role", "left"), ("candidate", "left"), ("ΔKLD", "right"), ("± SE", "right"),
+                                ("Δbits/wt", "right"), ("ROI", "right"))
             for r in role_summary(sens):
-                typer.echo(f"  {r['role']:<6} {r['candidate']:<28} ΔKLD {r['delta_kld']:+.5f} ± {r['delta_kld_se']:.5f}"
-                           f"  Δbits/wt {r['delta_bpw']:+.4f}  ROI {r['roi']:.4g}")
+                roles.add_row(r["role"], r["candidate"], f"{r['delta_kld']:+.5f}", f"{r['delta_kld_se']:.5f}",
+                              f"{r['delta_bpw']:+.4f}", f"{r['roi']:.4g}")
+            typer.echo(render(roles))
             out.append(sens.to_dict())
             if led is not None:
                 led.record_sensitivity(exp_id, name, seed, out[-1], sens.rows(), lm.model_hash)
                 typer.echo(f"ledger: experiment {exp_id}, arm {name}, seed {seed}")
-    except (SpecError, ModelLoadError, ValueError) as e:
+    except ValueError as e:  # a UserError (spec, model ...); any other ValueError prints as it is
         fail(_user_error(e, spec))
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps({"spec": str(spec), "arm": name, "model": s.model, "seeds": out}, indent=1))
         typer.echo(f"measurements: {json_path}")
+
+
+@app.command()
+def suggest(model: Optional[str] = typer.Option(None, "--model", help="only on this model (name or hash prefix)"),
+            limit: int = typer.Option(10, "--limit", min=1, help="how many suggestions to list"),
+            out: Optional[Path] = typer.Option(None, "--out", help="write the first suggestion's spec here (with the "
+                                                                  "others listed that share its base and control)"),
+            db: Optional[str] = typer.Option(None, "--db", help="ledger URL (default $QUANTATLAS_DB or sqlite:///runs/atlas.db)")):
+    """Experiments left to try, ranked by expected improvement over the frontier (the atlas's /left-to-try)."""
+    import yaml
+
+    from quantatlas.atlas.ledger import Ledger
+    from quantatlas.web.suggestions import format_suggestions, merged_spec, suggestions
+
+    try:
+        with Ledger(db) as led:
+            found = suggestions(led, limit, model)
+    except ValueError as e:
+        fail(str(e).splitlines()[0])
+    if not found:
+        if out is not None:
+            fail(f"nothing to suggest{f' on model {model}' if model else ''}: the atlas has no measured quantized arm "
+                 "to start from, so --out was not written")
+        typer.echo("nothing to suggest: no measured quantized arm yet")
+        return
+    typer.echo(format_suggestions(found))
+    if out is not None:
+        spec = merged_spec(found)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
+        typer.echo(f"spec: {out} (arms {', '.join(spec['arms'])}; run it with quantatlas run {out})")
 
 
 def _mount_atlas() -> None:

@@ -19,6 +19,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantatlas.errors import UserError
+from quantatlas.tables import plain_table, render
+
 
 @dataclass
 class Point:
@@ -58,8 +61,8 @@ def points(docs: list[dict], arm: str, minus: str) -> list[Point]:
         ctx = _ctx_of(doc)
         for name in (arm, minus):
             if name not in doc["arms"]:
-                raise ValueError(f"context-slope: run {doc.get('title')!r} (ctx {ctx}) has no arm {name!r}; "
-                                 f"arms: {', '.join(doc['arms'])}")
+                raise UserError(f"context-slope: run {doc.get('title')!r} (ctx {ctx}) has no arm {name!r}; "
+                                f"arms: {', '.join(doc['arms'])}")
         a, b = doc["arms"][arm]["seeds"], doc["arms"][minus]["seeds"]
         for seed in sorted(set(a) & set(b), key=str):
             ra, rb = a[seed], b[seed]
@@ -76,7 +79,7 @@ def context_slope(docs: list[dict], arm: str, minus: str, level: float = 0.95) -
     pts = points(docs, arm, minus)
     xs = [p.ctx for p in pts]
     if len(set(xs)) < 2:
-        raise ValueError(f"context-slope needs runs at two or more ctx values, got {sorted(set(xs))}")
+        raise UserError(f"context-slope needs runs at two or more ctx values, got {sorted(set(xs))}")
     n = len(pts)
     mx = sum(xs) / n
     my = sum(p.gap for p in pts) / n
@@ -100,11 +103,13 @@ def load_docs(paths: list[Path]) -> list[dict]:
 
 
 def format_slope(s: Slope) -> str:
-    lines = [f"{'ctx':>6} {'seed':>4} {s.arm + ' KLD':>14} {s.minus + ' KLD':>14} {'gap ± SE':>22} {'ratio':>7}"]
+    table = plain_table(("ctx", "right"), ("seed", "right"), (s.arm + " KLD", "right"), (s.minus + " KLD", "right"),
+                        ("gap ± SE", "right"), ("ratio", "right"))
     for p in sorted(s.points, key=lambda p: (p.ctx, p.seed)):
         ratio = p.kld / p.kld_minus if p.kld_minus else float("inf")
-        lines.append(f"{p.ctx:>6} {p.seed:>4} {p.kld:>14.6g} {p.kld_minus:>14.6g} "
-                     f"{f'{p.gap:.4g} ± {math.sqrt(p.var):.2g}':>22} {ratio:>7.3f}")
+        table.add_row(str(p.ctx), str(p.seed), f"{p.kld:.6g}", f"{p.kld_minus:.6g}",
+                      f"{p.gap:.4g} ± {math.sqrt(p.var):.2g}", f"{ratio:.3f}")
+    lines = [render(table)]
     lines.append(f"slope of ({s.arm} − {s.minus}) KLD per 1000 tokens of ctx: {1000 * s.slope:.4g} "
                  f"(95% CI {1000 * s.low:.4g} … {1000 * s.high:.4g}; SE {1000 * s.se:.2g} from {s.basis}; "
                  f"n = {len(s.points)} points)")

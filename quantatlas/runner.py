@@ -1,26 +1,26 @@
-"""Run a spec: arms x seeds on one model, each measured KLD-first against cached reference
-logits, written to JSON (and the ledger) as soon as it finishes, so a re-run resumes."""
+"""Run a spec: plan its arms x seeds on one model, resume what is stored, and record each result
+(JSON and the ledger) as soon as it finishes, so a re-run resumes. Quantizing and measuring one
+arm x seed is `quantatlas.measure.measure_arm` (the pipeline, then the harness)."""
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from quantatlas.context import RunContext
 from quantatlas.environment import environment
-from quantatlas.eval.bits import artifact_of, cap_check
-from quantatlas.eval.bpb import bpb_metrics, eval_bytes
-from quantatlas.eval.kld import concat_metrics, kld_statistics, token_metrics
-from quantatlas.eval.windows import EvalSet, make_eval_set, reference_logprobs, scored_logits
+from quantatlas.eval.bpb import eval_bytes
+from quantatlas.eval.windows import make_eval_set, reference_logprobs
+from quantatlas.measure import calibration_for, measure_arm
 from quantatlas.models import LoadedModel, load_model
-from quantatlas.quant.quantize import attach_runtime, calibration_tokens, quantize_model, tensors_to_quantize
-from quantatlas.quant.recipe import Recipe, build_recipe
+from quantatlas.progress import Progress
+from quantatlas.quant.pipeline import check_backend
+from quantatlas.quant.steps import arm_reads_calibration
 from quantatlas.spec import Spec, parse_spec, stable_arm_config
 
 RESULT_KEYS = ("kld_mean", "kld_se", "kld_median", "kld_p99", "kld_max", "same_top", "rms_dp", "ppl", "ppl_base",
@@ -39,30 +39,11 @@ def arm_key(arm_cfg: dict, model_hash: str, fingerprint: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-@torch.no_grad()
-def evaluate(model, es: EvalSet, ref: np.ndarray, device, batch: int, progress=None):
-    """Per-token metrics of `model` against the reference log-probs over the eval set."""
-    targets = es.targets()
-    parts = []
-    for off, logits in scored_logits(model, es, batch, device):
-        n = logits.shape[0]
-        base = torch.from_numpy(np.array(ref[off:off + n])).to(logits.device)
-        parts.append(token_metrics(base, logits.float(), targets[off:off + n].to(logits.device)))
-        if progress:
-            progress(n)
-    return concat_metrics(parts)
-
-
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
     os.replace(tmp, path)
-
-
-def reads_calibration(arm, recipe: Recipe) -> bool:
-    """Whether an arm reads the calibration stream: solver statistics, allocation, or recovery."""
-    return recipe.needs_calibration or arm.allocate is not None or recipe.recovery is not None
 
 
 def _stored_seeds(path: Path | None) -> tuple[dict, dict, dict | None]:
@@ -87,33 +68,6 @@ def _stored_seeds(path: Path | None) -> tuple[dict, dict, dict | None]:
     return done, allocations, calib
 
 
-class _Progress:
-    """rich progress bars when attached to a terminal; silent otherwise."""
-
-    def __init__(self, enabled: bool):
-        self.p = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                              TimeElapsedColumn(), transient=True)
-
-    def __enter__(self):
-        if self.p:
-            self.p.__enter__()
-        return self
-
-    def __exit__(self, *a):
-        if self.p:
-            self.p.__exit__(*a)
-
-    def task(self, description: str, total: int):
-        if not self.p:
-            return None
-        t = self.p.add_task(description, total=total)
-        return lambda n=1: self.p.advance(t, n)
-
-
 class Sweep:
     """One spec's run state, shared by the serial loop (`run_spec`) and the Ray fan-out
     (`quantatlas/sweep.py`): the loaded model, eval set, results document, the results stored
@@ -127,8 +81,9 @@ class Sweep:
         self.spec, self.log, self.t_start = spec, log, time.time()
         self.device = device = device or default_device()
         self.json_path = Path(json_path) if json_path else None
-        self.recipes: dict[str, Recipe] = {name: build_recipe(arm, f"arms.{name}") for name, arm in spec.arms.items()}
         self.lm = lm = loaded or load_model(spec.model, device=device)
+        for name, arm in spec.arms.items():  # a step the backend cannot run is refused before any work
+            check_backend(lm, arm, f"arms.{name}")
         ev = spec.data.eval
         self.es = es = make_eval_set(lm.text_tokens(ev.source, "eval"), ev.tokens, ev.ctx, ev.score)
         self.env = env = env or environment(device)  # where the runs run (a Ray sweep: its tasks' threads)
@@ -161,7 +116,7 @@ class Sweep:
 
     def reference(self, bars) -> np.ndarray:
         ev = self.spec.data.eval
-        return reference_logprobs(self.lm.model, self.lm.model_hash, self.es, self.device, ev.batch,
+        return reference_logprobs(self.lm.forward, self.lm.model_hash, self.es, self.device, ev.batch,
                                   bars.task("reference logits", self.es.n_scored))
 
     def plan(self) -> list[tuple[str, int, str, object]]:
@@ -170,8 +125,7 @@ class Sweep:
         does not depend on the seed."""
         steps = []
         for name, arm in self.spec.arms.items():
-            key = self.keys[name][0]
-            seeded = self.recipes[name].uses_seed or arm.seeded and arm.allocate is not None
+            seeded = arm.seeded
             first = None
             for seed in self.spec.seeds:
                 stored = self.in_ledger.get((name, seed))
@@ -214,7 +168,7 @@ class Sweep:
     def _calibrated(self, name: str) -> bool:
         """Whether the arm's result depends on `data.calib` (its own `calib:` is part of its key)."""
         arm = self.spec.arms[name]
-        return arm.calib is None and reads_calibration(arm, self.recipes[name])
+        return arm.calib is None and arm_reads_calibration(arm)
 
     def record(self, name: str, seed: int, res: dict, per_token=None, info: dict | None = None,
                stored: bool = False) -> None:
@@ -261,111 +215,30 @@ def run_spec(spec: Spec | dict, json_path: str | Path | None = None, db_url: str
     `quantatlas/sweep.py: run_spec_ray` runs the same plan as Ray tasks."""
     sw = Sweep(spec, json_path, db_url, device, ledger, loaded, log)
     spec, lm = sw.spec, sw.lm
-    calib_stream = None
+    streams: dict = {}
+    calib_stream = lambda: streams.setdefault("calib", lm.text_tokens(spec.data.calib.source, "train"))  # noqa: E731
     runs: dict[tuple[str, int], tuple[dict, np.ndarray]] = {}
-    with _Progress(progress) as bars:
+    with Progress(progress) as bars:
         ref = sw.reference(bars)
-        for name, seed, what, detail in sw.plan():
+        plan = sw.plan()
+        for done, (name, seed, what, detail) in enumerate(plan, 1):
             if what == "stored":
                 sw.record(name, seed, detail, stored=True)
+                bars.finished(name, seed, done=done, total=len(plan), note="stored")
                 continue
             if what == "reuse":
                 res, per_token = runs[(name, detail)]
                 sw.record(name, seed, dict(res, reused_from_seed=detail), per_token)
+                bars.finished(name, seed, done=done, total=len(plan), note=f"copied from seed {detail}")
                 continue
-            recipe, arm = sw.recipes[name], spec.arms[name]
-            if reads_calibration(arm, recipe) and calib_stream is None:
-                calib_stream = lm.text_tokens(spec.data.calib.source, "train")
-            info: dict = {}
-            res, per_token = _run_arm(lm, recipe, name, seed, sw.es, ref, sw.device, spec.data.eval.batch, spec,
-                                      calib_stream, bars, compress, sw.doc["eval_bytes_scored"], info)
+            ctx = RunContext(seed, sw.device, torch.get_num_threads())
+            res, per_token, records = measure_arm(lm, spec, name, ctx, sw.es, ref,
+                                                  calibration_for(lm, spec, name, sw.es, calib_stream),
+                                                  bars if progress else None, compress, sw.doc["eval_bytes_scored"])
             runs[(name, seed)] = res, per_token
-            sw.record(name, seed, res, per_token, info)
+            sw.record(name, seed, res, per_token, records)
+            bars.finished(name, seed, seconds=res["seconds"], done=done, total=len(plan))
     return sw.finish()
-
-
-def quantize_arm(lm: LoadedModel, spec: Spec, name: str, seed: int, recipe: Recipe | None = None,
-                 calib_stream: np.ndarray | None = None, bars=None, info: dict | None = None, es: EvalSet | None = None):
-    """A quantized copy of the model for one arm and seed: (model, packed tensors by parameter name).
-    An arm with `allocate:` is resolved first (quant/sensitivity.py); `info["allocation"]` gets its choice.
-    `es`: the run's eval set (recovery keeps its training windows off those tokens; built here if None)."""
-    arm = spec.arms[name]
-    recipe = recipe or build_recipe(arm, f"arms.{name}")
-    calib = None
-    if arm.allocate is not None:
-        from quantatlas.quant.sensitivity import allocated_arm
-
-        if calib_stream is None:
-            calib_stream = lm.text_tokens(spec.data.calib.source, "train")
-        c = arm.calib or spec.data.calib
-        calib = calibration_tokens(calib_stream, c.samples, c.seq_len, seed)
-        arm, allocation = allocated_arm(lm, arm, calib, seed)
-        recipe = build_recipe(arm, f"arms.{name}")
-        if info is not None:
-            info["allocation"] = allocation
-    torch.manual_seed(seed)
-    model = copy.deepcopy(lm.model)
-    if recipe.needs_calibration and calib is None:
-        if calib_stream is None:
-            calib_stream = lm.text_tokens(spec.data.calib.source, "train")
-        c = spec.arms[name].calib or spec.data.calib
-        calib = calibration_tokens(calib_stream, c.samples, c.seq_len, seed)
-    task = None
-    if bars is not None:
-        n_tensors = sum(p.codec is not None for p in recipe.plan(tensors_to_quantize(model, recipe), model))
-        task = bars.task(f"{name} seed {seed}: quantize", n_tensors)
-    teachers = []  # recovery's teacher: the fp model after the transforms (same basis), before the weights
-    keep = (lambda m: teachers.append(copy.deepcopy(m))) if recipe.recovery is not None else None
-    packed = quantize_model(model, recipe, calib, seed, task, on_transformed=keep)
-    if recipe.recovery is not None:
-        from quantatlas.quant.recovery import Recovery, recover
-
-        if not teachers:
-            raise ValueError(f"arms.{name}.recovery: needs the whole fp model as teacher (not a layer-streamed one)")
-        if calib_stream is None:
-            calib_stream = lm.text_tokens(spec.data.calib.source, "train")
-        ev = spec.data.eval
-        eval_stream = lm.text_tokens(ev.source, "eval")
-        es = es or make_eval_set(eval_stream, ev.tokens, ev.ctx, ev.score)
-        total = Recovery(recipe.recovery, seed).total_steps(model)
-        task = bars.task(f"{name} seed {seed}: recover", total) if bars is not None else None
-        try:
-            packed, rec = recover(model, teachers[0], packed, recipe.recovery, seed, calib_stream, eval_stream,
-                                  es.windows.numel(), task)
-        except ValueError as e:   # recovery's messages name its field: say which arm
-            raise ValueError(f"arms.{name}.{e}") from None
-        if info is not None:
-            info["recovery"] = rec
-    return model, packed
-
-
-def _run_arm(lm, recipe, name, seed, es, ref, device, batch, spec, calib_stream, bars, compress=True,
-             n_bytes: int | None = None, info: dict | None = None):
-    t0 = time.time()
-    if getattr(lm.model, "_qa_stream", None) is not None:  # layer streaming (models/stream.py)
-        from quantatlas.models.stream import check_streamable
-
-        check_streamable(spec, name, recipe)
-    model, packed = quantize_arm(lm, spec, name, seed, recipe, calib_stream, bars, info, es)
-    runtime_bits = attach_runtime(model, recipe, seed, ctx=es.ctx)  # KV-cache and activation steps act in the evaluation
-    metrics = evaluate(model, es, ref, device, batch, bars.task(f"{name} seed {seed}: evaluate", es.n_scored))
-    stats = kld_statistics(metrics)
-    if hasattr(packed, "summary"):  # layer-streamed: bits counted from the packed files it wrote
-        sizes = {k: packed.summary[k] for k in ("bits_per_weight", "bits_per_param", "bytes_packed")}
-    else:
-        art = artifact_of(model, packed)
-        sizes = art.measure(compress, seed)
-    res = {k: float(v) for k, v in stats.items()}
-    if n_bytes:  # bits per byte of the eval text, and its change against the fp model (eval/bpb.py)
-        res.update(bpb_metrics(metrics, n_bytes))
-    res.update({k: float(v) for k, v in sizes.items()})
-    if spec.artifact is not None:  # the real file's bytes after the cap's compressor
-        res.update(cap_check(art.to_bytes(seed), spec.artifact.max_bytes, spec.artifact.compressor))
-    res.update(runtime_bits)
-    res.update({k: float(v) for k, v in (info or {}).get("recovery", {}).items()})  # CPU seconds, train KL
-    res["seconds"] = round(time.time() - t0, 3)
-    del model
-    return res, metrics.kld.astype(np.float32)
 
 
 def over_cap_arms(doc: dict) -> dict[str, float]:

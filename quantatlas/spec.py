@@ -5,22 +5,35 @@ Errors name the file, the field (as a dotted path), its line and the offending v
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, ValidationError, ValidationInfo, field_validator,
-                      model_serializer)
+from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, TypeAdapter, ValidationError, ValidationInfo,
+                      field_validator, model_serializer, model_validator)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from quantatlas.canonical import canonical, canonical_json, sha256_hex
+from quantatlas.errors import UserError
 from quantatlas.quant.act import ActConfig
 from quantatlas.quant.allocate import AllocateConfig
-from quantatlas.quant.config import ConfigError, config_field, error_parts, parse_config, pydantic_error
+from quantatlas.quant.config import (ADDED_LATER, ConfigError, config_field, error_parts, identity_dump,
+                                     parse_config, pydantic_error)
 from quantatlas.quant.kv import KVCacheConfig
+from quantatlas.quant.overrides import Override, known_solver
 from quantatlas.quant.recovery import RecoveryConfig
+from quantatlas.quant.steps import arm_seeded, later_fields, registry
 
 
-class SpecError(ValueError):
-    """A user mistake in a spec; the message is one line naming file, field and value."""
+#: the free text of a spec: not part of its identity
+FREE_TEXT = ("title", "hypothesis", "tags", "notes")
+
+
+class SpecError(UserError):
+    """A user mistake in a spec; the message is one line naming file, line, field and value (it carries
+    its own location, so the command line prints it as it is). `field` is the dotted path, when known."""
 
 
 class _Strict(BaseModel):
@@ -34,6 +47,8 @@ class CalibData(_Strict):
 
 
 class EvalData(_Strict):
+    #: tokens of the eval stream cut into windows of ctx, not the tokens scored (second_half scores
+    #: ctx - 1 - ctx // 2 of each window); more than the stream has is refused (load_spec, make_eval_set)
     tokens: int = Field(65536, ge=2)
     ctx: int = Field(512, ge=2)
     score: Literal["second_half", "all"] = "second_half"
@@ -47,10 +62,16 @@ class Data(_Strict):
 
 
 class Criterion(_Strict):
+    """What the verdict judges (quantatlas.atlas.verdict): the metric, its direction, the smallest
+    relative effect worth a success, and the test's alpha."""
     metric: str = "kld_mean"
     better: Literal["lower", "higher"] = "lower"
     min_effect: float = Field(0.05, ge=0)
     alpha: float = Field(0.01, gt=0, lt=1)
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.better != "higher"
 
 
 class ArtifactCap(_Strict):
@@ -60,31 +81,17 @@ class ArtifactCap(_Strict):
     compressor: Literal["zstd-22", "brotli-11"] = "zstd-22"
 
 
-def _known_solver(name: str | None) -> str | None:
-    from quantatlas.quant.config import registry
-
-    known = registry("solver")
-    if name is not None and name not in known:
-        raise ValueError(f"unknown solver {name!r}; known: {', '.join(sorted(known))}")
-    return name
-
-
-class Override(_Strict):
-    match: str                                # a regex searched in the module name, or a role name (k, down, ...)
-    codec: config_field("codec") = None       # null keeps the tensor in fp16
-    solver: str | None = None
-
-    _solver = field_validator("solver")(classmethod(lambda cls, v: _known_solver(v)))
-
-
-class Arm(_Strict):
+class Arm(BaseModel):
+    """An arm: its steps' configs under their YAML keys. The keys below are the built-in steps';
+    a step registered elsewhere (quant/steps/base.py) adds its own key, validated by its `config`."""
+    model_config = ConfigDict(extra="allow")
     solver: str = "rtn"
     solver_options: Annotated[Any, PlainSerializer(lambda v, info: v.options(bool(info.exclude_defaults)))] = \
         Field({}, validate_default=True)
     codec: config_field("codec") = None       # null: keep fp16 (the unquantized arm)
     transforms: list[config_field("transform", nullable=False)] = []
     overrides: list[Override] = []
-    propagation: Literal["sequential", "parallel"] = "sequential"
+    propagation: Literal["sequential", "layer", "parallel"] = "sequential"
     include_head: bool = False
     calib: CalibData | None = None  # this arm's calibration draw, instead of data.calib
     kv: KVCacheConfig | None = None
@@ -95,8 +102,11 @@ class Arm(_Strict):
     deterministic: bool | None = None
     #: choose a codec per tensor group within a bit budget (quant/allocate.py, quant/sensitivity.py)
     allocate: AllocateConfig | None = None
+    #: a reference point: shown, never judged as a treatment nor standing for the experiment (an arm
+    #: that quantizes nothing, fp16, is one without saying so: `quant.steps.is_reference`)
+    reference: bool = Field(False, json_schema_extra={ADDED_LATER: True})
 
-    _solver = field_validator("solver")(classmethod(lambda cls, v: _known_solver(v)))
+    _solver = field_validator("solver")(classmethod(lambda cls, v: known_solver(v)))
 
     @field_validator("allocate")
     @classmethod
@@ -121,11 +131,51 @@ class Arm(_Strict):
         except ConfigError as e:  # the path inside solver_options, without the solver's name
             raise pydantic_error(e, skip=1) from None
 
+    @model_validator(mode="after")
+    def _solver_takes_its_codecs(self):
+        """A solver option that cannot run with a codec the solver is handed (act_order on a grouped
+        codec without static_groups, a block_size the codec's blocks do not divide) is refused here,
+        naming the option, not after other arms have run."""
+        for solver_cfg, option_at, codec_cfg, codec_at in self._solver_codec_pairs():
+            check = getattr(solver_cfg, "codec_conflict", None)   # solvers with such rules define it
+            codec = None if check is None else _solver_codec(codec_cfg)
+            conflict = None if codec is None else check(codec)
+            if conflict is not None:
+                option, why = conflict
+                if codec_at != "codec":
+                    why += f" (the codec at {codec_at})"
+                if option_at == ("solver_options",):
+                    raise pydantic_error(ConfigError((*option_at, option), why))
+                raise pydantic_error(ConfigError(option_at, f"{solver_cfg.name} runs with its default options: {why}"))
+        return self
+
+    def _solver_codec_pairs(self):
+        """(solver config, where its options are, codec config, where the codec is) for every codec a
+        solver of this arm is handed: the arm's codec, each override's, each allocation candidate's."""
+        if self.codec is not None:
+            yield self.solver_options, ("solver_options",), self.codec, "codec"
+        for i, o in enumerate(self.overrides):
+            if o.codec is None:
+                continue
+            if o.solver is None or o.solver == self.solver:
+                yield self.solver_options, ("solver_options",), o.codec, f"overrides.{i}.codec"
+            else:   # an override's own solver runs with its defaults
+                yield parse_config("solver", o.solver), ("overrides", i, "solver"), o.codec, f"overrides.{i}.codec"
+        for j, c in enumerate(self.allocate.candidates if self.allocate is not None else []):
+            yield self.solver_options, ("solver_options",), c, f"allocate.candidates.{j}"
+
     @model_serializer(mode="wrap")
     def _dump(self, handler, info):
         d = handler(self)
         if info.exclude_defaults and d.get("solver_options") == {}:  # the solver's defaults are not a choice
             d.pop("solver_options")
+        for name, default in added_later_defaults().items():   # as `Config.options`: stored specs read the same
+            if name in d and d[name] == default:                # (and an older atlas still parses them)
+                d.pop(name)
+        steps = registry()
+        for key, value in (self.__pydantic_extra__ or {}).items():  # registered steps' configs, as written
+            d[key] = TypeAdapter(steps[key].config).dump_python(value, mode="json",
+                                                                exclude_defaults=bool(info.exclude_defaults))
         return d
 
     @property
@@ -135,27 +185,88 @@ class Arm(_Strict):
     @property
     def seeded(self) -> bool:
         """Whether this arm's results depend on the experiment seed (calibration draw, random
-        rotation signs, k-means starts). `deterministic: true` in the spec says they do not."""
-        if self.deterministic is not None:
-            return not self.deterministic
-        configs = [self.codec, self.solver_options, *self.transforms, self.kv, self.act, self.recovery]
-        if self.allocate is not None and self.allocate.assignment is None:
-            return True  # measured on a seed's calibration draw
-        for o in self.overrides:
-            configs.append(o.codec)
-            if o.solver is not None:
-                configs.append(parse_config("solver", o.solver))
-        return any(c is not None and c.seeded for c in configs)
+        rotation signs, k-means starts): what its steps say, unless `deterministic:` says otherwise."""
+        return arm_seeded(self)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _step_fields(cls, data, handler):
+        """Keys the Arm does not declare: a registered step's config (validated by it), else refused."""
+        if not isinstance(data, dict):
+            return handler(data)
+        steps = registry()
+        extra = {k: v for k, v in data.items() if k not in cls.model_fields}
+        errors, parsed = [], {}
+        for key, value in extra.items():
+            step = steps.get(key)
+            if step is None or step.config is None:
+                errors.append(InitErrorDetails(type="extra_forbidden", loc=(key,), input=value))
+                continue
+            try:
+                parsed[key] = TypeAdapter(step.config).validate_python(value)
+            except ValidationError as e:
+                errors.extend(InitErrorDetails(type=PydanticCustomError(err["type"], err["msg"]),
+                                               loc=(key, *err["loc"]), input=err["input"]) for err in e.errors())
+        arm = handler({k: v for k, v in data.items() if k not in extra})   # the declared fields' errors first
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        arm.__pydantic_extra__.update(parsed)
+        return arm
 
 
-# Arm fields added after results were first stored: left out of an arm's identity while unset,
-# so a new optional step does not orphan every stored result (runner.arm_key, Ledger.find_run).
-LATER_ARM_FIELDS = ("recovery",)
+@lru_cache(maxsize=256)
+def _solver_codec(codec_cfg) -> SimpleNamespace | None:
+    """What a solver sees of the codec it gets for `codec_cfg`: its name, block width and group size,
+    read from the codec built (a gguf mixture: its file type's default ggml type), kept without the
+    codec's tables. None where it cannot be built here: a codec whose construction needs torch, on the
+    atlas server, which has none (the solver checks again at run time)."""
+    from quantatlas.quant.codecs.gguf import GGUFConfig
+
+    try:
+        built = codec_cfg.build()
+    except ImportError:
+        return None
+    if isinstance(codec_cfg, GGUFConfig):
+        built = built.codec_of(built.default_type)
+    return SimpleNamespace(name=built.name, block_width=built.block_width, group_size=built.group_size)
+
+
+def arm_of(config: dict | None) -> Arm | None:
+    """A stored arm config (the validated spec's arm, as JSON) as a typed Arm; None when it is not a
+    mapping or no longer validates. Parsed once per distinct config."""
+    if not isinstance(config, dict):
+        return None
+    try:
+        return _arm_from_json(canonical_json(config))
+    except (ValueError, TypeError):
+        return None
+
+
+@lru_cache(maxsize=4096)
+def _arm_from_json(blob: str) -> Arm | None:
+    import json
+
+    try:
+        return Arm.model_validate(json.loads(blob))
+    except ValidationError:
+        return None
 
 
 def stable_arm_config(cfg: dict) -> dict:
-    """An arm's dumped config as stored results are keyed by."""
-    return {k: v for k, v in cfg.items() if not (k in LATER_ARM_FIELDS and v is None)}
+    """An arm's dumped config as stored results are keyed by: the fields of steps added after results
+    were first stored are left out while unset, so a new optional step does not orphan every stored
+    result (runner.arm_key, Ledger.find_run); so are declared fields marked `added_later` while at their
+    default (`reference: false`)."""
+    later, added = later_fields(), added_later_defaults()
+    return {k: v for k, v in cfg.items() if not (k in later and v is None) and not (k in added and v == added[k])}
+
+
+@lru_cache(maxsize=1)
+def added_later_defaults() -> dict[str, Any]:
+    """Declared Arm fields added after results were first stored (`json_schema_extra={ADDED_LATER: True}`),
+    with the default that does what was done before they existed."""
+    return {name: f.get_default(call_default_factory=True) for name, f in Arm.model_fields.items()
+            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get(ADDED_LATER)}
 
 
 class Spec(_Strict):
@@ -184,11 +295,17 @@ class Spec(_Strict):
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
 
+    def identity(self) -> dict:
+        """What identifies the experiment (atlas/ids.py): the spec without its free text, every option
+        at its first released default left out (`quant.config.identity_dump`), canonical."""
+        identity = identity_dump(self)
+        for key in FREE_TEXT:
+            identity.pop(key, None)
+        return canonical(identity)
+
     def spec_hash(self) -> str:
         """Hash of the normalised spec without its free text: the ledger's experiment identity."""
-        from quantatlas.atlas.ids import normalise_spec, spec_hash
-
-        return spec_hash(normalise_spec(self.to_dict())[1])[:16]
+        return sha256_hex(canonical_json(self.identity()))[:16]
 
 
 def _line_of(root: yaml.Node | None, path: tuple) -> int | None:
@@ -221,7 +338,7 @@ def parse_spec(data: Any, source: str = "<spec>", root: yaml.Node | None = None)
         line = _line_of(root, loc)
         where = f"{source}:{line}" if line else source
         shown = f" (value: {value!r})" if has_value and value is not None else ""
-        raise SpecError(f"{where}: field {field}: {msg}{shown}") from None
+        raise SpecError(f"{where}: field {field}: {msg}{shown}", field if loc else None) from None
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -236,7 +353,77 @@ def load_spec(path: str | Path) -> Spec:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise SpecError(f"{where}: malformed YAML: {getattr(e, 'problem', None) or e}") from None
-    return parse_spec(data, str(path), root)
+    _refuse_duplicate_keys(root, str(path))
+    spec = parse_spec(data, str(path), root)
+    _refuse_missing_data(spec, str(path), root)
+    _refuse_eval_beyond_data(spec, str(path), root)
+    return spec
+
+
+def _refuse_duplicate_keys(root: yaml.Node | None, source: str) -> None:
+    """A key written twice in one mapping, anywhere in the file: YAML keeps the last without a word
+    (an arm declared twice ran as its second declaration), so a spec may not have one."""
+    todo, seen_nodes = [(root, ())], set()
+    while todo:
+        node, path = todo.pop()
+        if node is None or id(node) in seen_nodes:   # an alias is its anchor's node, checked once
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            todo.extend((v, (*path, i)) for i, v in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[tuple, int] = {}
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":   # `<<:` may repeat keys
+                    line = k.start_mark.line + 1
+                    if (k.tag, k.value) in first:
+                        field = ".".join(str(x) for x in (*path, k.value))
+                        raise SpecError(f"{source}:{line}: field {field}: duplicate key {k.value!r} (first on line "
+                                        f"{first[k.tag, k.value]}); YAML would keep only the last", field)
+                    first[k.tag, k.value] = line
+                    todo.append((v, (*path, k.value)))
+                else:
+                    todo.append((v, path))
+
+
+def _is_path_source(source: str) -> bool:
+    """Whether a data source names a local text file (models/load.py: LoadedModel.text_tokens reads
+    `stdlib` / `reference` from the package and `hf:org/name` from the hub)."""
+    return source not in ("stdlib", "reference") and not source.startswith("hf:")
+
+
+def _refuse_missing_data(spec: Spec, source: str, root: yaml.Node | None) -> None:
+    """An eval or calibration file that is not there, refused before any model is loaded. Only for a
+    spec file about to run: a stored spec names files on the machine that ran it."""
+    for split in ("eval", "calib"):
+        data = getattr(spec.data, split).source
+        if _is_path_source(data) and not Path(data).is_file():
+            loc = ("data", split, "source")
+            field = ".".join(loc)
+            what = "not a file" if Path(data).exists() else "no such file"
+            raise SpecError(f"{source}:{_line_of(root, loc)}: field {field}: {what}: {data!r} (a relative path is "
+                            f"read from the working directory, {Path.cwd()}; other sources: stdlib, "
+                            "hf:org/name[:config])", field)
+
+
+def _refuse_eval_beyond_data(spec: Spec, source: str, root: yaml.Node | None) -> None:
+    """`data.eval.tokens` counts the eval stream's tokens cut into windows of ctx (not the scored ones:
+    with second_half each window scores ctx - 1 - ctx // 2). On the byte-level reference model the
+    shipped stream's length is known without loading anything, so asking for more is refused here;
+    other streams are counted once tokenized (eval/windows.py: make_eval_set)."""
+    ev = spec.data.eval
+    if spec.model != "reference" or ev.source not in ("stdlib", "reference"):
+        return
+    from quantatlas.reference.data import token_count
+
+    have = token_count("eval")
+    if ev.tokens > have:
+        most = have // ev.ctx
+        scored = most * (ev.ctx - 1 - (ev.ctx // 2 if ev.score == "second_half" else 0))
+        loc = ("data", "eval", "tokens")
+        raise SpecError(f"{source}:{_line_of(root, loc)}: field data.eval.tokens: {ev.tokens} tokens asked, but the "
+                        f"reference eval stream has {have} (at most {most} windows of ctx {ev.ctx}, {scored} tokens "
+                        f"scored with score: {ev.score}); ask for at most {have}", "data.eval.tokens")
 
 
 def field_line(path: str | Path, field: str) -> int | None:

@@ -16,6 +16,8 @@ import re
 
 import numpy as np
 
+from quantatlas.errors import UserError
+
 RAY_MISSING = "ray is not installed: pip install 'quantatlas[ray]'"
 
 
@@ -47,12 +49,12 @@ def _worker_model(source: str, device: str, model_hash: str):
 
 def run_task(spec, name: str, seed: int, es, ref: np.ndarray, lm, model_hash: str, device: str, cpus: int,
              compress: bool, n_bytes: int | None):
-    """One arm x seed, inside a Ray worker: (result, per-token KLD, info), as `runner._run_arm` returns them.
-    `lm` is the driver's model through the object store, or None to load `spec.model` here."""
+    """One arm x seed, inside a Ray worker: (result, per-token KLD, step records), as `measure_arm` returns
+    them. `lm` is the driver's model through the object store, or None to load `spec.model` here."""
     import torch
 
-    from quantatlas.quant.recipe import build_recipe
-    from quantatlas.runner import _Progress, _run_arm
+    from quantatlas.context import RunContext
+    from quantatlas.measure import calibration_for, measure_arm
 
     os.environ["OMP_NUM_THREADS"] = str(cpus)
     torch.set_num_threads(cpus)
@@ -60,11 +62,8 @@ def run_task(spec, name: str, seed: int, es, ref: np.ndarray, lm, model_hash: st
         device = "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the GPU it gave this task
     if lm is None:
         lm = _worker_model(spec.model, device, model_hash)
-    recipe = build_recipe(spec.arms[name], f"arms.{name}")
-    info: dict = {}
-    res, per_token = _run_arm(lm, recipe, name, seed, es, ref, device, spec.data.eval.batch, spec,
-                              calib_stream=None, bars=_Progress(False), compress=compress, n_bytes=n_bytes, info=info)
-    return res, per_token, info
+    ctx = RunContext(seed, device, cpus)
+    return measure_arm(lm, spec, name, ctx, es, ref, calibration_for(lm, spec, name, es), None, compress, n_bytes)
 
 
 def task_environment(device: str, task_cpus: int) -> dict:
@@ -98,11 +97,11 @@ def _check_reachable(address: str) -> None:
     if not sep or not port.isdigit() or not host:
         return
     if not 0 < int(port) < 65536:
-        raise ValueError(f"--ray {address}: port {port} is not a TCP port (1-65535)")
+        raise UserError(f"--ray {address}: port {port} is not a TCP port (1-65535)")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT).close()
     except OSError as e:
-        raise ValueError(f"--ray {address}: nothing answers at {host}:{port} ({e.strerror or type(e).__name__}); "
+        raise UserError(f"--ray {address}: nothing answers at {host}:{port} ({e.strerror or type(e).__name__}); "
                          "is the Ray head running there?") from None
 
 
@@ -116,7 +115,7 @@ def start_ray(address: str | None, num_cpus: int | None = None):
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise ValueError(f"--ray {address}: cannot connect to a Ray cluster there "
+            raise UserError(f"--ray {address}: cannot connect to a Ray cluster there "
                              f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
     else:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -133,18 +132,19 @@ def run_spec_ray(spec, json_path=None, db_url: str | None = None, device: str | 
     `num_cpus` CPUs (default: all) that is shut down afterwards. Each task gets `task_cpus` CPUs (its
     torch threads) and one GPU when `device` is CUDA. Pass a model in memory as `loaded` (it travels
     through the object store); otherwise each worker loads `spec.model` itself."""
-    from quantatlas.runner import Sweep, _Progress, default_device
+    from quantatlas.progress import Progress
+    from quantatlas.runner import Sweep, default_device
 
     import_ray()  # before loading anything: without ray, one line
     local_cpus = num_cpus or os.cpu_count() or 1
     if address is None and task_cpus > local_cpus:   # Ray would wait forever for a task it cannot place
-        raise ValueError(f"--task-cpus {task_cpus}: more than the local Ray's {local_cpus} CPUs (--ray-cpus)")
+        raise UserError(f"--task-cpus {task_cpus}: more than the local Ray's {local_cpus} CPUs (--ray-cpus)")
     device = device or default_device()
     sw = Sweep(spec, json_path, db_url, device, ledger, loaded, log, env=task_environment(device, task_cpus))
     spec = sw.spec
     ray, started = start_ray(address, num_cpus)
     try:
-        with _Progress(progress) as bars:
+        with Progress(progress) as bars:
             ref = np.array(sw.reference(bars))  # in memory: the object store ships it once
             plan = sw.plan()
             to_run = [(name, seed) for name, seed, what, _ in plan if what == "run"]
@@ -157,9 +157,10 @@ def run_spec_ray(spec, json_path=None, db_url: str | None = None, device: str | 
                        for name, seed in to_run}
             advance = bars.task(f"{len(to_run)} runs on Ray", len(to_run))
             runs, failures = {}, []
-            for name, seed, what, detail in plan:  # record in the plan's order, as the serial loop does
+            for done, (name, seed, what, detail) in enumerate(plan, 1):  # in the plan's order, as the serial loop
                 if what == "stored":
                     sw.record(name, seed, detail, stored=True)
+                    bars.finished(name, seed, done=done, total=len(plan), note="stored")
                     continue
                 if what == "reuse":
                     if (name, detail) not in runs:
@@ -167,6 +168,7 @@ def run_spec_ray(spec, json_path=None, db_url: str | None = None, device: str | 
                         continue
                     res, per_token = runs[(name, detail)]
                     sw.record(name, seed, dict(res, reused_from_seed=detail), per_token)
+                    bars.finished(name, seed, done=done, total=len(plan), note=f"copied from seed {detail}")
                     continue
                 try:
                     res, per_token, info = ray.get(pending.pop((name, seed)))
@@ -179,6 +181,7 @@ def run_spec_ray(spec, json_path=None, db_url: str | None = None, device: str | 
                         advance(1)
                 runs[(name, seed)] = res, per_token
                 sw.record(name, seed, res, per_token, info)
+                bars.finished(name, seed, seconds=res["seconds"], done=done, total=len(plan))
         if failures:
             sw.doc["failures"] = failures
         return sw.finish()

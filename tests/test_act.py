@@ -99,10 +99,10 @@ def test_fp8_codec_packs_what_it_quantizes():
 
 def test_act_hadamard_rotates_before_the_quantizer_and_back(tiny_reference):
     from quantatlas.quant.hadamard import RandomizedHadamard
-    from quantatlas.quant.transforms.base import subseed
+    from quantatlas.context import RunContext
 
     lin, x, y, _ = _run_with(tiny_reference.model, {"scheme": "W4A4", "hadamard": ["down"]})
-    q = RandomizedHadamard(lin.in_features, subseed(3, "act", "down", 0))
+    q = RandomizedHadamard(lin.in_features, RunContext(3).sub_seed("named", "act", "down", 0))
     want = q.unrotate(_int_direct(q.rotate(x), 4)) @ lin.weight.detach().T
     torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
     # the rotation spreads outliers: per-token int4 error is smaller with it
@@ -115,7 +115,7 @@ def test_act_hadamard_refuses_a_linear_already_rotated_online(tiny_reference):
     from quantatlas.quant.config import build
 
     model = copy.deepcopy(tiny_reference.model)
-    build("transform", {"hadamard": {"online": ["down"]}}).apply(model, None, 0)
+    build("transform", {"hadamard": {"online": ["down"]}}).apply(model, None)
     with pytest.raises(ValueError, match="act.hadamard: .*down_proj already rotates"):
         ActivationQuantizer(ActConfig(scheme="W4A4", hadamard=["down"])).attach(model)
 
@@ -214,7 +214,7 @@ def test_llamacpp_cpu_picks_the_activation_type_of_each_weight_type(tiny_referen
                                                             "model.layers.1.self_attn.o_proj",
                                                             "model.layers.0.self_attn.q_proj", "lm_head"))
     seen = {k: _capture(m) for k, m in {"down": down, "o1": o1, "q0": q0, "head": head}.items()}
-    act = ActivationQuantizer(recipe.act)
+    act = ActivationQuantizer(arm.act)
     act.attach(model, recipe)
     with torch.no_grad():
         model(TOKENS)
@@ -239,9 +239,10 @@ def test_llamacpp_cpu_refuses_non_ggml_weights(tiny_reference):
     from quantatlas.quant.recipe import build_recipe
     from quantatlas.spec import Arm
 
-    recipe = build_recipe(Arm.model_validate({"codec": {"uniform": {"bits": 4}}, "act": "llamacpp_cpu"}))
+    arm = Arm.model_validate({"codec": {"uniform": {"bits": 4}}, "act": "llamacpp_cpu"})
+    recipe = build_recipe(arm)
     with pytest.raises(ValueError, match="llamacpp_cpu needs llama.cpp weight types.*'uniform'"):
-        ActivationQuantizer(recipe.act).attach(copy.deepcopy(tiny_reference.model), recipe)
+        ActivationQuantizer(arm.act).attach(copy.deepcopy(tiny_reference.model), recipe)
 
 
 # ---- the config ----------------------------------------------------------------------------------

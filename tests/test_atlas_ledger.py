@@ -66,7 +66,7 @@ def test_fresh_ledger_is_migrated_in_wal_mode_and_matches_the_models(tmp_path, u
     from quantatlas.atlas.models import Base
 
     led = Ledger(url)
-    with led._write.connect() as conn:
+    with led.engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
         assert compare_metadata(ctx, Base.metadata) == []
         rev = ctx.get_current_revision()
@@ -87,12 +87,12 @@ def test_the_migration_downgrades_and_upgrades_again(tmp_path, new_db):
 
     led = Ledger(url)
     e = led.register_experiment(SPEC)
-    with led._write.begin() as conn:
+    with led.engine.begin() as conn:
         command.downgrade(_alembic_config(conn), "base")
-    assert set(inspect(led._write).get_table_names()) <= {"atlas_schema_version"}
+    assert set(inspect(led.engine).get_table_names()) <= {"atlas_schema_version"}
     led.close()
     led = Ledger(url)
-    assert "experiment" in inspect(led._write).get_table_names()
+    assert "experiment" in inspect(led.engine).get_table_names()
     assert led.register_experiment(SPEC) == e
 
 
@@ -343,7 +343,7 @@ def test_processes_opening_a_fresh_ledger_at_once_create_the_schema_once(tmp_pat
     assert [p.returncode for p in procs] == [0] * 6, "\n".join(errors)
     from quantatlas.atlas.db import current_revision, head_revision
     with Ledger(url) as led:
-        assert current_revision(led._write) == head_revision()
+        assert current_revision(led.engine) == head_revision()
 
 
 def test_a_local_postgres_that_cannot_start_says_why_and_cleans_up():

@@ -10,10 +10,11 @@ import math
 
 import numpy as np
 
+from quantatlas.atlas.stored import StoredSpec
 from quantatlas.atlas.verdict import Criterion, SeedRun, judge_run_set
 
 WINDOWS, PER_WINDOW = 48, 255            # 12240 scored tokens in eval windows of ctx 512
-SPEC = {"data": {"eval": {"ctx": 512, "score": "second_half"}}}
+SPEC = StoredSpec({"data": {"eval": {"ctx": 512, "score": "second_half"}}})
 CRIT = Criterion(metric="kld_mean", better="lower", min_effect=0.05, alpha=0.01)
 N_EXPERIMENTS = 300
 SEED_NOISE = 0.02

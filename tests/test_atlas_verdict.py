@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from quantatlas.atlas import confidence as conf
+from quantatlas.atlas.stored import StoredSpec
 from quantatlas.atlas.verdict import (Criterion, RunSetInfo, SeedRun, combine_run_sets, experiment_result,
                                       judge_run_set)
 
 WINDOWS, PER_WINDOW = 48, 255
-SPEC = {"data": {"eval": {"ctx": 512, "score": "second_half"}}}
+SPEC = StoredSpec({"data": {"eval": {"ctx": 512, "score": "second_half"}}})
 
 
 def token_klds(scale: float, seed: int, arm_noise: float = 0.15, seed_jitter: float = 0.0) -> np.ndarray:
@@ -113,7 +114,7 @@ def test_seeded_arms_with_fewer_than_three_seeds_are_inconclusive():
     three = judge({"ctl": arm_runs(1.0), "good": arm_runs(0.8)}, seeded={"ctl": True, "good": True})
     assert three["good"].result == "success"
     # the rule from a spec: GPTQ and a Hadamard rotation are seeded, RTN is not, unless the author says so
-    from quantatlas.atlas.verdict import seeded_arms
+    from quantatlas.atlas.stored import seeded_arms
 
     spec = {"title": "t", "hypothesis": "h", "model": "reference", "control": "rtn",
             "arms": {"rtn": {"codec": {"uniform": {"bits": 4}}},
@@ -123,7 +124,7 @@ def test_seeded_arms_with_fewer_than_three_seeds_are_inconclusive():
     assert seeded_arms(spec) == {"rtn": False, "gptq": True, "had": True, "gptq_fixed": False}
     assert seeded_arms(None) == {} and seeded_arms({"arms": {"x": {"codec": 7}}}) == {}
     arms = {a: arm_runs(1.0 if a == "rtn" else 0.8, seeds=(0,)) for a in spec["arms"]}
-    out = judge_run_set(arms, list(arms), "rtn", Criterion(), spec)
+    out = judge_run_set(arms, list(arms), "rtn", Criterion(), StoredSpec(spec))
     assert {a: out[a].result for a in ("gptq", "had", "gptq_fixed")} == \
         {"gptq": "inconclusive", "had": "inconclusive", "gptq_fixed": "success"}
 

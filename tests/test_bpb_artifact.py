@@ -13,6 +13,7 @@ from quantatlas import runner
 from quantatlas.eval.bits import artifact_of, cap_check, load_artifact
 from quantatlas.eval.bpb import bits_per_byte, scored_bytes
 from quantatlas.eval.windows import make_eval_set
+from quantatlas.measure import quantize_arm
 from quantatlas.quant.config import build
 from quantatlas.spec import SpecError, parse_spec
 
@@ -47,7 +48,7 @@ def test_bpb_matches_a_direct_computation(tiny_reference):
     fp = doc["arms"]["fp16"]["seeds"]["0"]
     assert fp["bpb"] == pytest.approx(base_direct, rel=1e-6) and fp["bpb_base"] == pytest.approx(base_direct, rel=1e-6)
     assert fp["delta_bpb"] == 0.0
-    q, _ = runner.quantize_arm(tiny_reference, spec, "int3", 0)
+    q = quantize_arm(tiny_reference, spec, "int3", 0).model
     q_direct, _ = _direct_bpb(q, tiny_reference, spec)
     r = doc["arms"]["int3"]["seeds"]["0"]
     assert r["bpb"] == pytest.approx(q_direct, rel=1e-6) and r["bpb_base"] == pytest.approx(base_direct, rel=1e-6)
@@ -76,7 +77,8 @@ def test_scored_bytes_of_a_tokenizer_count_utf8_text_and_skip_special_tokens():
 
 def test_artifact_file_loads_back_and_decodes_to_the_model(tiny_reference, tmp_path):
     spec = _spec({"int4": {"codec": {"uniform": {"bits": 4, "group": 32}}}})
-    model, packed = runner.quantize_arm(tiny_reference, spec, "int4", 0)
+    qm = quantize_arm(tiny_reference, spec, "int4", 0)
+    model, packed = qm.model, qm.packed
     art = artifact_of(model, packed)
     path = tmp_path / "model.qat"
     size = art.write(path, seed=0)
@@ -98,7 +100,8 @@ def test_cap_check_is_the_real_compressed_file_size(tiny_reference, tmp_path):
             "int3": {"codec": {"uniform": {"bits": 3, "group": 32}}}}
     sizes = {}
     for name in arms:
-        model, packed = runner.quantize_arm(tiny_reference, _spec(arms), name, 0)
+        qm = quantize_arm(tiny_reference, _spec(arms), name, 0)
+        model, packed = qm.model, qm.packed
         path = tmp_path / f"{name}.qat"
         artifact_of(model, packed).write(path, seed=0)
         sizes[name] = len(zstandard.ZstdCompressor(level=22).compress(path.read_bytes()))

@@ -19,12 +19,13 @@ def test_windows_and_scored_positions():
     assert torch.equal(t[2], torch.from_numpy(toks[2 * 128 + 65: 3 * 128]))
     assert make_eval_set(toks, 1000, 128, "all").scored_per_window == 127
     assert make_eval_set(toks, 1000, 128).fingerprint != make_eval_set(toks, 1000, 128, "all").fingerprint
-    assert make_eval_set(toks, 1000, 128).fingerprint != make_eval_set(toks[1:], 1000, 128).fingerprint
+    assert make_eval_set(toks, 1000, 128).fingerprint != make_eval_set(toks[1:], 1000, 128, up_to=True).fingerprint
 
 
 def test_shorter_than_one_window_is_an_error():
-    with pytest.raises(EvalDataError, match="100 tokens available is shorter than one window of ctx=512"):
+    with pytest.raises(EvalDataError, match="100 tokens available is shorter than one window of ctx=512") as e:
         make_eval_set(np.zeros(100, dtype=np.int64), 4096, 512)
+    assert e.value.field == "data.eval"  # the spec field the CLI points at
 
 
 class Tiny(torch.nn.Module):

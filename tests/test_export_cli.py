@@ -11,7 +11,7 @@ def test_export_gguf_matches_the_arm(tmp_path):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from quantatlas.models import load_model
-    from quantatlas.runner import quantize_arm
+    from quantatlas.measure import quantize_arm
     from quantatlas.spec import load_spec
 
     torch.manual_seed(0)
@@ -28,7 +28,8 @@ def test_export_gguf_matches_the_arm(tmp_path):
     tensors = {t.name: t for t in reader.tensors}
     assert tensors["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
     s = load_spec(spec)
-    model, packed = quantize_arm(load_model(s.model), s, "q8", 0)
+    qm = quantize_arm(load_model(s.model), s, "q8", 0)
+    model, packed = qm.model, qm.packed
     want = model.model.layers[1].mlp.down_proj.weight.detach().numpy()
     t = tensors["blk.1.ffn_down.weight"]
     got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)

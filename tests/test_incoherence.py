@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quantatlas.context import RunContext
 from quantatlas.quant.codecs import make_codec
 from quantatlas.quant.config import build
 
@@ -43,17 +44,19 @@ def test_rotations_are_orthogonal_and_keep_the_proxy_loss():
 @pytest.mark.parametrize("codec_spec", [{"uniform": {"bits": 3, "group": 32}}, {"e8p": {"bits": 2, "group": 32}},
                                         {"d4": {"bits": 3, "group": 32}}])
 def test_gptq_incoherence_decodes_to_w_hat_and_stores_the_seed(codec_spec):
-    from quantatlas.quant.incoherence import SEED_KEY, decode
+    from quantatlas.quant.incoherence import SEED_KEY, IncoherentPacked, decode
 
     W, H = _problem(True)
     codec = build("codec", codec_spec)
-    plain = build("solver", {"gptq": {}}).for_run(0)
+    plain = build("solver", {"gptq": {}}).for_run(RunContext(0))
     w0, p0 = plain.solve(W, {"hessian": H.clone()}, codec)   # solve may overwrite the stats it is given
-    solver = build("solver", {"gptq": {"incoherence": True}}).for_run(0)
+    solver = build("solver", {"gptq": {"incoherence": True}}).for_run(RunContext(0))
     w1, p1 = solver.solve(W, {"hessian": H}, codec)
     assert torch.equal(decode(codec, p1), w1)                          # Ŵ in the original basis
     assert not torch.allclose(codec.decode(p1), w1, atol=1e-3)         # the codes are of the rotated W
-    assert p1.nbytes == p0.nbytes + 8 and SEED_KEY in p1.data          # the seed is stored and counted
+    assert p1.nbytes == p0.nbytes + 8 and SEED_KEY in p1.parts()       # the seed is stored and counted
+    assert isinstance(p1, IncoherentPacked) and p1.inner.config == codec.config() == p0.config
+    assert SEED_KEY not in p1.inner.data and torch.equal(p1.decode(), w1)   # decodes from its own contents
     assert _proxy(W, H, w1) < _proxy(W, H, w0)                         # outlier columns: incoherence helps
     with pytest.raises(Exception, match="incoherence"):                # a plain build refuses the pack
         build("codec", {p1.codec: p1.config})
@@ -67,12 +70,12 @@ def test_rtn_incoherence_lowers_the_proxy_loss_with_outliers_and_follows_the_run
     plain = build("solver", {"rtn": {}})
     inc_cfg = {"rtn": {"incoherence": True}}
     w0, _ = plain.solve(W, None, codec)
-    a = build("solver", inc_cfg).for_run(1)
+    a = build("solver", inc_cfg).for_run(RunContext(1))
     w1, p1 = a.solve(W, None, codec)
     assert torch.equal(decode(codec, p1), w1)
     assert _proxy(W, H, w1) < 0.7 * _proxy(W, H, w0)
-    again, _ = build("solver", inc_cfg).for_run(1).solve(W, None, codec)
-    other, _ = build("solver", inc_cfg).for_run(2).solve(W, None, codec)
+    again, _ = build("solver", inc_cfg).for_run(RunContext(1)).solve(W, None, codec)
+    other, _ = build("solver", inc_cfg).for_run(RunContext(2)).solve(W, None, codec)
     assert torch.equal(again, w1) and not torch.equal(other, w1)
     second, _ = a.solve(W, None, codec)                 # the next matrix of a run gets its own signs
     assert not torch.equal(second, w1)
@@ -102,7 +105,7 @@ def test_gguf_export_refuses_incoherent_packs():
 
     W, H = _problem(False, rows=32, cols=256)
     codec = make_codec("q4_0")
-    _, packed = build("solver", {"rtn": {"incoherence": True}}).for_run(0).solve(W, None, codec)
+    _, packed = build("solver", {"rtn": {"incoherence": True}}).for_run(RunContext(0)).solve(W, None, codec)
     with pytest.raises(ValueError, match="incoherence-rotated codes"):
         _packed_rows("w", packed, (32, 256))
     _packed_rows("w", codec.encode(W), (32, 256))   # the plain pack still exports

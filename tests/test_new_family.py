@@ -92,7 +92,8 @@ def test_gptq_takes_the_new_codec():
 
 def test_runner_runs_it_and_gguf_export_refuses_it(tmp_path, tiny_reference):
     from quantatlas.export import write_gguf
-    from quantatlas.runner import quantize_arm, run_spec
+    from quantatlas.measure import quantize_arm
+    from quantatlas.runner import run_spec
     from quantatlas.spec import parse_spec
 
     spec = parse_spec({"title": "toy", "data": {"eval": {"tokens": 2048, "ctx": 128}, "calib": {"samples": 4,
@@ -104,6 +105,7 @@ def test_runner_runs_it_and_gguf_export_refuses_it(tmp_path, tiny_reference):
     gptq_kld = doc["arms"]["gptq"]["seeds"]["0"]["kld_mean"]
     assert doc["arms"]["rtn"]["seeds"]["0"]["bits_per_weight"] == pytest.approx(1 + 16 / 32)
     assert 0 < gptq_kld < rtn_kld
-    model, packed = quantize_arm(tiny_reference, spec, "rtn", 0)
+    qm = quantize_arm(tiny_reference, spec, "rtn", 0)
+    model, packed = qm.model, qm.packed
     with pytest.raises(ValueError, match="uses codec 'toy_sign', which has no GGUF type"):
         write_gguf(tmp_path / "toy.gguf", model, packed)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantatlas.quant.incoherence import decode
+from quantatlas.quant.incoherence import IncoherentPacked, decode
 from quantatlas.quant.quantize import quantize_model
 from quantatlas.quant.recipe import build_recipe
 from quantatlas.quant.recovery import Recovery, RecoveryConfig, _codec_of, batch_order, check_disjoint
@@ -26,7 +26,7 @@ def _tuned(tiny_reference, codec, recovery, solver_options=None, seed=0):
     fp = tiny_reference.model
     model = copy.deepcopy(fp)
     packed = quantize_model(model, recipe, None, seed)
-    rec = Recovery(recipe.recovery, seed)
+    rec = Recovery(spec.arms["a"].recovery, seed)
     new, info = rec.run(model, fp, packed, WINDOWS)
     return model, packed, new, info, rec
 
@@ -41,7 +41,7 @@ def _assert_format_kept(model, packed, new, seed=0):
             assert (p.data[k].dtype, p.data[k].shape) == (old.data[k].dtype, old.data[k].shape), (name, k)
         assert p.bits_per_weight == old.bits_per_weight
         # the model evaluates exactly decode(Packed)
-        assert torch.equal(decode(_codec_of(p, seed), p), params[name].detach()), name
+        assert torch.equal(decode(_codec_of(p), p), params[name].detach()), name
 
 
 INT2 = {"uniform": {"bits": 2, "group": 32}}
@@ -67,7 +67,7 @@ def test_ste_weights_encode_of_latent_is_what_the_model_evaluates(tiny_reference
     _assert_format_kept(model, packed, new)
     params = dict(model.named_parameters())
     for name, t in rec.tuned.items():
-        codec = _codec_of(new[name], 0)
+        codec = _codec_of(new[name])
         latent = t.latent.detach()
         assert torch.equal(codec.decode(codec.encode(latent)), params[name].detach())
         assert torch.equal(codec.fake_quantize(latent), params[name].detach())  # the forward STE used
@@ -77,7 +77,7 @@ def test_scales_compose_with_an_incoherence_e8p_pack(tiny_reference):
     model, packed, new, info, _ = _tuned(tiny_reference, {"e8p": {"bits": 2, "group": 32}},
                                          {"method": "kd_ste", "lr": 1e-3}, {"incoherence": True})
     _assert_format_kept(model, packed, new)
-    assert all("incoherence_seed" in p.data for p in new.values())
+    assert all(isinstance(p, IncoherentPacked) and "incoherence_seed" in p.parts() for p in new.values())
 
 
 def test_kd_ste_lowers_kl_on_training_tokens(tiny_reference):
@@ -170,7 +170,6 @@ def test_recovery_makes_an_arm_seeded():
     spec = parse_spec({"title": "t", "arms": {"a": {"codec": INT2, "recovery": {"method": "kd_ste"}},
                                               "b": {"codec": INT2}}})
     assert spec.arms["a"].seeded and not spec.arms["b"].seeded
-    assert build_recipe(spec.arms["a"]).uses_seed
 
 
 def test_pv_lite_discrete_step_follows_the_gradient_and_undoes():
@@ -206,8 +205,8 @@ def test_recovery_counts_the_tokens_it_trained_on(tiny_reference):
     recipe = build_recipe(spec.arms["a"])
     model = copy.deepcopy(tiny_reference.model)
     packed = quantize_model(model, recipe, None, 0)
-    _, info = Recovery(recipe.recovery, 0).run(model, tiny_reference.model, packed, WINDOWS[:3])
-    sizes = [min(2, 3 - 2 * i) for i in batch_order(recipe.recovery, 0)]
+    _, info = Recovery(spec.arms["a"].recovery, 0).run(model, tiny_reference.model, packed, WINDOWS[:3])
+    sizes = [min(2, 3 - 2 * i) for i in batch_order(spec.arms["a"].recovery, 0)]
     assert info["recovery_tokens"] == 32 * sum(sizes) and 2 * 32 * 5 != 32 * sum(sizes)
 
 
@@ -229,13 +228,27 @@ def test_recovery_on_an_arm_without_quantized_matrices_is_a_clear_error(tiny_ref
     recipe = build_recipe(spec.arms["a"])
     model = copy.deepcopy(tiny_reference.model)
     with pytest.raises(ValueError, match="nothing to tune"):
-        Recovery(recipe.recovery, 0).run(model, tiny_reference.model, {}, WINDOWS)
+        Recovery(spec.arms["a"].recovery, 0).run(model, tiny_reference.model, {}, WINDOWS)
 
 
 def test_a_recovery_error_in_a_run_names_the_arm(tiny_reference):
-    from quantatlas import runner
+    from quantatlas.measure import quantize_arm
 
     spec = parse_spec({"title": "t", "data": {"eval": {"tokens": 1024, "ctx": 128}},
                        "arms": {"good": {"codec": INT2}, "bad": {"codec": "q4_0", "recovery": {"method": "kd_ste", **SMALL}}}})
     with pytest.raises(ValueError, match=r"^arms\.bad\.recovery\.train: scales"):
-        runner.quantize_arm(tiny_reference, spec, "bad", 0)
+        quantize_arm(tiny_reference, spec, "bad", 0)
+
+
+def test_a_seeded_codec_recovers_at_any_seed(tiny_reference):
+    """The codec rebuilt from a turbo pack already holds its run's seed: recovery at seed 1 re-packs with
+    it (it used to derive the seed a second time and refuse the pack)."""
+    from quantatlas.measure import quantize_arm
+
+    spec = parse_spec({"title": "t", "seeds": [1], "data": {"eval": {"tokens": 1024, "ctx": 128}},
+                       "arms": {"a": {"codec": {"turbo": {"bits": 3, "group": 32}},
+                                      "recovery": {"method": "kd_ste", "train": "scales", **SMALL}}}})
+    qm = quantize_arm(tiny_reference, spec, "a", 1)
+    params = dict(qm.model.named_parameters())
+    for name, p in qm.packed.items():
+        assert torch.equal(p.decode(), params[name].detach()), name

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantatlas.reference import corpus
+from quantatlas.reference import corpus, splits
 from quantatlas.reference.model import CHECKPOINT_DIR, load_reference, reference_config
 
 
@@ -53,8 +53,27 @@ def test_committed_checkpoint_and_card():
     from quantatlas.reference import data
     from quantatlas.reference.train import bits_per_byte
     assert card["validation_split_sha256"] == data.manifest()["files"]["validation"]["sha256"]
-    val = corpus.fixed_tokens("validation", card["train"]["val_tokens"] + 1)
-    assert np.array_equal(val, corpus.corpus_tokens("validation", card["train"]["val_tokens"] + 1))
+    val = splits.fixed_tokens("validation", card["train"]["val_tokens"] + 1)
+    assert np.array_equal(val, splits.corpus_tokens("validation", card["train"]["val_tokens"] + 1))
     bpb = bits_per_byte(model, val, card["train"]["seq_len"], "cpu")
     assert bpb == pytest.approx(card["validation_bits_per_byte"], abs=2e-4)
     assert bpb < 4.0  # far better than a uniform byte model (8 bits)
+
+
+def test_a_missing_checkpoint_is_a_one_line_error_at_the_model_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import quantatlas.reference.model as reference_model
+    from quantatlas.cli import app
+
+    monkeypatch.setattr(reference_model, "CHECKPOINT_DIR", tmp_path / "nothing")
+    with pytest.raises(reference_model.MissingCheckpointError) as e:
+        load_reference()
+    assert e.value.field == "model"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("title: t\nmodel: reference\narms:\n  fp16: {codec: null}\n")
+    out = CliRunner().invoke(app, ["run", str(spec), "--quiet", "--json", str(tmp_path / "r.json"),
+                                   "--db", f"sqlite:///{tmp_path / 'a.db'}"])
+    assert out.exit_code == 2 and "Traceback" not in out.output
+    assert out.stderr.strip() == (f"error: {spec}:2: field model: model 'reference': {tmp_path / 'nothing'}/"
+                                  "model.safetensors is missing; train it with `quantatlas reference train`")

@@ -18,7 +18,7 @@ import yaml
 from quantatlas.eval.windows import make_eval_set
 from quantatlas.models.load import LoadedModel, ModelLoadError
 from quantatlas.quant.quantize import calibration_tokens
-from quantatlas.reference import corpus, data
+from quantatlas.reference import corpus, data, splits
 from quantatlas.spec import EvalData
 
 # make_eval_set(<model: reference, data source stdlib, split eval>, 65536, 512): computed once
@@ -65,10 +65,10 @@ def test_fixed_splits_cover_what_specs_and_the_card_ask():
                                           if isinstance(a, dict)]:
             need_calib = max(need_calib, c.get("samples", 0) * c.get("seq_len", 0))
     assert need_eval >= 65536 and need_calib >= 64 * 512      # the scan found the specs
-    assert len(corpus.fixed_tokens("eval")) >= 4 * max(need_eval, 131072)
-    assert len(corpus.fixed_tokens("calib")) >= 10 * need_calib
+    assert len(splits.fixed_tokens("eval")) >= 4 * max(need_eval, 131072)
+    assert len(splits.fixed_tokens("calib")) >= 10 * need_calib
     card = json.loads((ROOT / "quantatlas/reference/checkpoint/card.json").read_text())
-    assert len(corpus.fixed_tokens("validation")) > card["train"]["val_tokens"] + 1
+    assert len(splits.fixed_tokens("validation")) > card["train"]["val_tokens"] + 1
 
 
 def test_default_eval_fingerprint_is_a_fixed_constant():
@@ -82,7 +82,7 @@ def test_default_eval_fingerprint_is_a_fixed_constant():
 @pytest.mark.parametrize("n,ctx,score", [(65536, 512, "second_half"), (131072, 512, "all"),
                                          (32768, 256, "second_half"), (1000, 128, "all"), (10 ** 9, 1024, "all")])
 def test_pure_python_fingerprint_is_make_eval_set_s(n, ctx, score):
-    es = make_eval_set(corpus.fixed_tokens("eval"), n, ctx, score)
+    es = make_eval_set(splits.fixed_tokens("eval"), n, ctx, score, up_to=True)  # 10 ** 9: as many windows as there are
     assert data.fingerprint("eval", n, ctx, score) == es.fingerprint
     if (n, ctx, score) != (65536, 512, "second_half"):
         assert es.fingerprint != DEFAULT_EVAL_FINGERPRINT
@@ -133,7 +133,7 @@ def test_stdlib_source_reads_the_shipped_data_not_the_interpreter(monkeypatch):
     assert np.array_equal(ev, lm.text_tokens("reference", "eval")) and len(ev) == 1525561
     calib = lm.text_tokens("stdlib", "train")                 # calibration draws: the shipped sample of train
     assert np.array_equal(calib, data.tokens("calib")) and not np.array_equal(calib[:4096], ev[:4096])
-    assert np.array_equal(lm.text_tokens("stdlib", "validation"), corpus.corpus_tokens("validation"))
+    assert np.array_equal(lm.text_tokens("stdlib", "validation"), splits.corpus_tokens("validation"))
     draw = calibration_tokens(calib, 128, 1024, seed=0)
     assert draw.shape == (128, 1024) and int(draw.max()) < corpus.VOCAB_SIZE
     assert not torch.equal(draw, calibration_tokens(calib, 128, 1024, seed=1))
@@ -195,4 +195,4 @@ def test_build_reproduces_the_shipped_data():
         e = data.manifest()["files"][name]
         assert hashlib.sha256(raw).hexdigest() == e["sha256"] and rel == e["sources"]
     # on the Python it was cut from, the fixed splits are the live ones
-    assert np.array_equal(corpus.stdlib_tokens("eval"), corpus.fixed_tokens("eval"))
+    assert np.array_equal(corpus.stdlib_tokens("eval"), splits.fixed_tokens("eval"))

@@ -303,7 +303,9 @@ def test_unknown_linear_is_refused():
     model.model.side_head = torch.nn.Linear(HIDDEN, 3)
     with pytest.raises(UnmatchedModulesError) as err:
         find_roles(model)
-    assert isinstance(err.value, ValueError)
+    from quantatlas.errors import UserError
+
+    assert isinstance(err.value, UserError) and err.value.field == "model"  # the spec's model is what is at fault
     msg = str(err.value)
     assert "LlamaForCausalLM" in msg
     assert "model.layers.1.mlp.extra_proj" in msg and "model.side_head" in msg

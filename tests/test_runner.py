@@ -61,7 +61,7 @@ def test_run_orders_kld_by_bits_and_resumes(tiny_dir, tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise AssertionError("a stored result was recomputed")
-    monkeypatch.setattr(runner, "quantize_model", boom)
+    monkeypatch.setattr(runner, "measure_arm", boom)
     again = runner.run_spec(spec_for(tiny_dir), out, compress=False, ledger=False)
     assert again["arms"]["int3"]["seeds"]["0"] == a["int3"]
 
@@ -87,7 +87,7 @@ def test_ledger_records_each_run_and_resumes_without_json(tiny_dir, tmp_path, mo
     assert by_arm["q8_0"]["result"] == "baseline"
     assert by_arm["int3"]["result"] in ("failure", "inconclusive")   # worse than the Q8_0 control
     with monkeypatch.context() as m:
-        m.setattr(runner, "quantize_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+        m.setattr(runner, "measure_arm", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
         again = runner.run_spec(s, None, db_url=db, compress=False)
     assert again["arms"]["int4"]["seeds"]["2"]["kld_mean"] == doc["arms"]["int4"]["seeds"]["2"]["kld_mean"]
     # another contributor on the same machine reproduces rather than reuses: one more run set
@@ -140,8 +140,8 @@ def test_json_resume_recomputes_calibrated_arms_when_data_calib_changes(tiny_dir
     path = tmp_path / "r.json"
     first = runner.run_spec(spec(4), path, ledger=False, compress=False)
     calls = []
-    real = runner.quantize_model
-    monkeypatch.setattr(runner, "quantize_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = runner.measure_arm
+    monkeypatch.setattr(runner, "measure_arm", lambda *a, **k: calls.append(1) or real(*a, **k))
     same = runner.run_spec(spec(4), path, ledger=False, compress=False)
     assert calls == [] and same["arms"]["gptq4"]["seeds"]["0"] == first["arms"]["gptq4"]["seeds"]["0"]
     changed = runner.run_spec(spec(8), path, ledger=False, compress=False)

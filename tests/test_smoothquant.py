@@ -15,7 +15,7 @@ def _smooth(model, **opts):
     from quantatlas.quant.config import build
 
     m = copy.deepcopy(model)
-    build("transform", {"smoothquant": opts}).apply(m, CALIB, 0)
+    build("transform", {"smoothquant": opts}).apply(m, CALIB)
     return m
 
 
@@ -100,8 +100,8 @@ def test_smoothquant_refuses_an_online_rotated_consumer_and_bad_alpha(tiny_refer
     from quantatlas.quant.config import ConfigError, build, parse_config
 
     m = copy.deepcopy(tiny_reference.model)
-    build("transform", {"hadamard": {"online": ["down"]}}).apply(m, None, 0)
+    build("transform", {"hadamard": {"online": ["down"]}}).apply(m, None)
     with pytest.raises(ValueError, match="apply smoothquant before hadamard"):
-        build("transform", {"smoothquant": {"roles": ["down"]}}).apply(m, CALIB, 0)
+        build("transform", {"smoothquant": {"roles": ["down"]}}).apply(m, CALIB)
     with pytest.raises(ConfigError, match="smoothquant.alpha"):
         parse_config("transform", {"smoothquant": {"alpha": 1.5}})

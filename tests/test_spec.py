@@ -73,6 +73,18 @@ def test_missing_file(tmp_path):
         load_spec(tmp_path / "nope.yaml")
 
 
+def test_spec_errors_carry_the_field_they_name(tmp_path):
+    from quantatlas.errors import UserError
+
+    for text, field in [(GOOD.replace("bits: 4", "bits: 99"), "arms.a.codec.uniform.bits"),
+                        (GOOD.replace("control: a", "control: zz"), "control"),
+                        (GOOD.replace("seeds: [0, 1]", "seeds: [0, 1"), None)]:
+        with pytest.raises(SpecError) as e:
+            load_spec(write(tmp_path, text))
+        assert isinstance(e.value, UserError) and e.value.field == field, (str(e.value), e.value.field)
+        assert field is None or f"field {field}: " in str(e.value)
+
+
 def test_parse_dict_round_trip():
     s = parse_spec({"title": "x", "arms": {"fp16": {"codec": None}}})
     assert parse_spec(s.to_dict()).spec_hash() == s.spec_hash()
@@ -85,7 +97,7 @@ def test_writing_defaults_out_keeps_the_experiment_id():
               "overrides": [{"match": "k", "codec": {"turbo": {"bits": 3}}}], "kv": {"k": "q8_0"}}}}
     spelled = {"title": "x", "control": "a", "seeds": [0], "model": "reference", "arms": {
         "a": {"solver": "rtn", "codec": {"uniform": {"bits": 4, "group": 128, "symmetric": True, "clip": "minmax"}}},
-        "b": {"solver": "gptq", "solver_options": {"block_size": 128, "damp": 0.01, "act_order": False},
+        "b": {"solver": "gptq", "solver_options": {"block_size": 128, "damp": 0.01, "act_order": True},
               "codec": {"q4_k": {}}, "transforms": [{"hadamard": {"residual": True, "online": ["down"], "block": None}}],
               "overrides": [{"match": "k", "codec": {"turbo": {"bits": 3, "group": 128, "seed": 0}}}],
               "kv": {"k": {"q8_0": {}}, "v": None}, "propagation": "sequential"}}}

@@ -9,7 +9,8 @@ import torch
 
 from quantatlas.eval.windows import make_eval_set, scored_logits
 from quantatlas.models.load import load_model
-from quantatlas.models.stream import (ShardReader, StreamedModel, StreamError, load_packed, quantize_streamed,
+from quantatlas.quant.streamed import quantize_streamed
+from quantatlas.models.stream import (ShardReader, StreamedModel, StreamError, load_packed,
                                       should_stream, stream_mode)
 from quantatlas.quant.quantize import quantize_model
 from quantatlas.quant.recipe import build_recipe
@@ -97,7 +98,7 @@ def test_streamed_gptq_equals_in_memory(qwen_fp16, tmp_path, arm):
     lm = load_model(str(qwen_fp16), stream=False)
     model = copy.deepcopy(lm.model)
     calib = _calib()
-    packed = quantize_model(model, build_recipe(Arm(**arm)), calib, seed=0)
+    packed = quantize_model(model, build_recipe(Arm(**arm)), calib, 0)
     sm = StreamedModel(qwen_fp16)
     summary = quantize_streamed(sm, build_recipe(Arm(**arm)), calib, 0, tmp_path / "out")  # batches of 8 as in memory
     got = load_packed(tmp_path / "out")
@@ -139,7 +140,7 @@ def test_runner_streamed_equals_in_memory(llama_bf16_tied, tmp_path, monkeypatch
     quiet = dict(ledger=False, compress=False, log=lambda m: None, device="cpu")
     mem = run_spec(spec, loaded=load_model(str(llama_bf16_tied), stream=False), **quiet)
     lm = load_model(str(llama_bf16_tied), stream=True)
-    assert getattr(lm.model, "_qa_stream", None) is not None and lm.n_params == mem["n_params"]
+    assert lm.backend == "stream" and lm.n_params == mem["n_params"]
     monkeypatch.setenv("QUANTATLAS_CACHE", str(tmp_path / "cache2"))  # reference logits streamed too
     st = run_spec(spec, loaded=lm, **quiet)
     assert st["eval_fingerprint"] == mem["eval_fingerprint"]
@@ -162,14 +163,14 @@ def test_streaming_refuses_whole_model_steps(qwen_fp16, tmp_path):
     (qwen_fp16 / "eval.txt").write_text("abc def " * 100)
     lm = load_model(str(qwen_fp16), stream=True)
     spec = _spec(qwen_fp16, {"rot": {"codec": {"uniform": {"bits": 4}}, "transforms": [{"hadamard": {}}]}})
-    with pytest.raises(StreamError, match=r"arms\.rot: layer streaming: transforms"):
+    with pytest.raises(StreamError, match=r"arms\.rot\.transforms: transforms need the whole model; set QUANTATLAS_STREAM=0"):
         run_spec(spec, loaded=lm, ledger=False, compress=False, log=lambda m: None, device="cpu")
 
 
 def test_stream_choice(qwen_fp16, monkeypatch):
     monkeypatch.setenv("QUANTATLAS_STREAM", "1")
     assert stream_mode() is True and stream_mode(False) is False
-    assert getattr(load_model(str(qwen_fp16)).model, "_qa_stream", None) is not None
+    assert load_model(str(qwen_fp16)).backend == "stream"
     monkeypatch.setenv("QUANTATLAS_STREAM", "auto")
     assert stream_mode() is None
     monkeypatch.setenv("QUANTATLAS_STREAM", "sometimes")
@@ -178,7 +179,7 @@ def test_stream_choice(qwen_fp16, monkeypatch):
     monkeypatch.setenv("QUANTATLAS_STREAM", "auto")
     assert should_stream(qwen_fp16) is False  # a few hundred kB against the machine's memory
     assert should_stream(qwen_fp16, fraction=1e-12) is True
-    assert getattr(load_model(str(qwen_fp16)).model, "_qa_stream", None) is None
+    assert load_model(str(qwen_fp16)).backend == "memory"
 
 
 def test_kv_and_act_steps_act_in_streamed_evaluation(qwen_fp16, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 
+from quantatlas.context import RunContext
 from quantatlas.quant.config import ConfigError, build, parse_config
 
 
@@ -112,8 +113,9 @@ def test_gptvq_bits_against_a_hand_count():
 def test_gptvq_seed_and_config_errors():
     w = torch.randn(16, 32, generator=_gen(6))
     codec = build("codec", {"gptvq": {"bits": 2, "dim": 2, "group": 32}})
-    assert torch.equal(codec.decode(codec.encode(w)), codec.for_run(0).decode(codec.for_run(0).encode(w)))
-    a, b = codec.for_run(1).encode(w), codec.for_run(2).encode(w)
+    run0 = codec.for_run(RunContext(0))
+    assert torch.equal(codec.decode(codec.encode(w)), run0.decode(run0.encode(w)))
+    a, b = codec.for_run(RunContext(1)).encode(w), codec.for_run(RunContext(2)).encode(w)
     assert not torch.equal(a.data["codebook"], b.data["codebook"])
     assert parse_config("codec", {"gptvq": {"bits": 2}}).seeded
     with pytest.raises(ConfigError, match=r"gptvq: bits · dim = 16 .* at most 12"):

@@ -1,7 +1,9 @@
 """The atlas in a real browser: Debian's chromium, headless, driven by Playwright, against the
 app served by uvicorn on 127.0.0.1. Loads the list, opens an experiment (its KLD curves draw),
 checks that markup in a hypothesis stays text, that the landscape plot draws one SVG point per
-arm and that clicking a point opens its experiment. Screenshots go to a temporary folder and,
+arm and that clicking a point opens its experiment. Each list row is one arm's: the primary arm's
+result, confidence and metrics on the same row; imported claims come last; no request fails (the
+favicon included). Screenshots go to a temporary folder and,
 when $QUANTATLAS_SCREENSHOTS is set, to that folder too. Every request the pages make must go
 to the test server."""
 import os
@@ -57,7 +59,7 @@ def test_list_experiment_and_landscape_in_chromium(served, tmp_path):
     base, ids = served
     shots = tmp_path / "screenshots"
     shots.mkdir()
-    foreign, alerts = [], []
+    foreign, alerts, failed = [], [], []
     with sync_api.sync_playwright() as p:
         context = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM,
                                                        headless=True, args=ARGS,
@@ -72,6 +74,8 @@ def test_list_experiment_and_landscape_in_chromium(served, tmp_path):
             context.route("**/*", guard)
             page = context.new_page()
             page.on("dialog", lambda d: (alerts.append(d.message), d.dismiss()))
+            page.on("console", lambda m: m.type == "error" and failed.append(m.text))
+            page.on("response", lambda r: r.status >= 400 and failed.append(f"{r.status} {r.url}"))
             page.set_default_timeout(20000)
 
             # the list
@@ -79,6 +83,23 @@ def test_list_experiment_and_landscape_in_chromium(served, tmp_path):
             rows = page.locator("#experiments tbody tr")
             assert rows.count() == len(ids)
             page.screenshot(path=str(shots / "list.png"), full_page=True)
+
+            # one row, one arm: the primary arm's verdict and metrics together, never the fp16 arm's
+            checked = 0
+            for tr in rows.all():
+                exp_id, primary = tr.get_attribute("data-id"), tr.get_attribute("data-primary")
+                verdicts = context.request.get(f"{base}/api/experiments/{exp_id}").json()["verdicts"]
+                if not verdicts:
+                    continue
+                v = next(x for x in verdicts if x["arm"] == primary)
+                assert tr.locator("td.result .badge").inner_text() == v["result"], exp_id
+                assert tr.locator("td.conf").inner_text() == f"{v['confidence']:.2f}", exp_id
+                assert tr.locator("td.metrics .arm").inner_text() == primary and not v.get("reference"), exp_id
+                checked += 1
+            assert checked == 5
+            by_id = {tr.get_attribute("data-id"): tr.get_attribute("data-primary") for tr in rows.all()}
+            assert by_id[ids["hadamard"]] == "had_rtn4" and by_id[ids["llamacpp"]] == "q8_0"
+            assert rows.last.get_attribute("data-id") == ids["imported"]          # imported claims last
 
             # open an experiment from the list; its per-token KLD curves draw (one line per arm)
             page.click(f"a[href='/experiments/{ids['hadamard']}']")
@@ -113,7 +134,7 @@ def test_list_experiment_and_landscape_in_chromium(served, tmp_path):
             page.screenshot(path=str(shots / "composition.png"), full_page=True)
         finally:
             context.close()
-    assert foreign == [] and alerts == []
+    assert foreign == [] and alerts == [] and failed == []
     for name in ("list", "experiment", "landscape", "composition"):
         assert (shots / f"{name}.png").stat().st_size > 10_000
     keep = os.environ.get("QUANTATLAS_SCREENSHOTS")

@@ -234,11 +234,11 @@ def test_stored_records_of_any_shape_still_render(atlas):
     land = client.get("/landscape").text
     assert "landscape-1-data" in land
     # the ledger's own reader is the bounded decoder: a damaged blob is refused, not inflated
-    with led._reading() as s:
-        from quantatlas.atlas.models import Run
-        blob = s.query(Run).filter(Run.per_token_kld == bomb).one()
-        with pytest.raises(LedgerError, match="does not decompress to n=510"):
-            decode_tokens(blob.per_token_kld, blob.per_token_sha256, blob.n_tokens)
+    with led.read() as q:
+        run, = [r for r in q.runs(exp) if r.per_token_zlib == bomb]
+    with pytest.raises(LedgerError, match="does not decompress to n=510"):
+        decode_tokens(run.per_token_zlib, run.per_token_sha256, run.n_tokens)
+    assert run.per_token() is None                                # pages and verdicts go on without it
 
 
 # ---- 3. size ----------------------------------------------------------------------------------
@@ -342,13 +342,12 @@ def test_reads_never_write_and_verdicts_are_refreshed_on_write(atlas):
     a, led, exp = atlas, atlas["led"], atlas["exp"]
     v = {x["arm"]: x for x in led.verdicts(exp)}
     assert v["rtn4"]["result"] == "success"                           # deterministic RTN, one seed
-    with led._reading() as s:
-        from quantatlas.atlas.models import Experiment
-        assert s.get(Experiment, exp).verdict_stamp == led._stamp(s, s.get(Experiment, exp))   # refreshed on push
+    assert led.verdicts_current(exp)                                    # refreshed on push
     # a run written behind the cache's back: reads compute the fresh verdict and store nothing
     for arm in ("rtn3", "rtn4"):
-        led._writing(lambda s, arm=arm: led._record(s, exp, arm, 1, {"kld_mean": 0.5, "bits_per_weight": 4.125},
-                                                    tok(9.0, 1), ENV, "mh", "ef", "alice"))
+        with led.write() as tx:
+            tx.record(exp, arm, 1, {"kld_mean": 0.5, "bits_per_weight": 4.125}, tok(9.0, 1), ENV, "mh", "ef", "alice")
+    assert not led.verdicts_current(exp)
     before = snapshot(a["path"])
     routes_answer(a)
     rows = {r["id"]: r for r in led.rows()}

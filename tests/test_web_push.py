@@ -1,6 +1,7 @@
 """Contributor tokens, `POST /api/runs` (auth, ownership, validation, all-or-nothing), and the
 push / pull clients and CLI: idempotent, exact round trips, a real server on loopback."""
 import base64
+import contextlib
 import copy
 import hashlib
 import json
@@ -16,12 +17,12 @@ import typer
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from quantatlas.atlas.io import experiment_record, run_records
 from quantatlas.atlas.ledger import Ledger
 from quantatlas.atlas.push import pull, push
 from quantatlas.atlas.tokens import contributor_for_token, create_token, hash_token, list_tokens, revoke_token
 from quantatlas.web import create_app
 from quantatlas.web.cli import register
-from quantatlas.web.records import experiment_record, run_records
 
 ENV = {"python": "3.11", "packages": {"numpy": "2.4"}, "git_commit": "abc", "device": "cpu", "hostname": "h1",
        "platform": "Linux"}
@@ -66,9 +67,8 @@ def local(tmp_path):
 
 
 def payload_of(led, exp) -> dict:
-    with led._reading() as s:
-        from quantatlas.atlas.models import Experiment
-        e = experiment_record(s.get(Experiment, exp))
+    with led.read() as q:
+        e = experiment_record(q, q.experiment(exp))
     return {"schema_version": 1, "experiments": [e], "runs": run_records(led, [r["id"] for r in led.runs(exp)])}
 
 
@@ -77,9 +77,8 @@ def auth(token):
 
 
 def n_runs(led) -> int:
-    with led._reading() as s:
-        from quantatlas.atlas.models import Run
-        return s.query(Run).count()
+    with led.read() as q:
+        return len(q.run_ids())
 
 
 # ---- tokens ------------------------------------------------------------------------------------
@@ -235,9 +234,8 @@ def test_bad_pushes_are_refused_with_a_reason_and_write_nothing(server, local):
         reason = json.dumps(r.json()["detail"])
         assert all(w in reason for w in words), (what, reason[:500])
         assert n_runs(sled) == 0, what                  # good runs in the same payload were not written either
-        with sled._reading() as s:
-            from quantatlas.atlas.models import Experiment
-            assert s.query(Experiment).count() == 0, what
+        with sled.read() as q:
+            assert q.experiments() == [], what
 
 
 # ---- push and pull clients ---------------------------------------------------------------------
@@ -295,12 +293,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_push_and_pull_commands_against_a_server_on_loopback(tmp_path, local):
+@contextlib.contextmanager
+def serving(app):
+    """`app` served by uvicorn on a free loopback port; yields its URL."""
     import uvicorn
 
-    server_db = f"sqlite:///{tmp_path / 'served.db'}"
-    app = create_app(server_db)
-    token = create_token(app.state.ledger, "alice")
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -310,11 +307,26 @@ def test_push_and_pull_commands_against_a_server_on_loopback(tmp_path, local):
         while not srv.started and time.monotonic() < deadline:
             time.sleep(0.05)
         assert srv.started
-        root, atlas = typer.Typer(), typer.Typer()
-        atlas.command("noop")(lambda: None)
-        root.add_typer(atlas, name="atlas")
-        register(root, atlas)
-        url = f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+def cli() -> typer.Typer:
+    root, atlas = typer.Typer(), typer.Typer()
+    atlas.command("noop")(lambda: None)
+    root.add_typer(atlas, name="atlas")
+    register(root, atlas)
+    return root
+
+
+def test_push_and_pull_commands_against_a_server_on_loopback(tmp_path, local):
+    server_db = f"sqlite:///{tmp_path / 'served.db'}"
+    app = create_app(server_db)
+    token = create_token(app.state.ledger, "alice")
+    with serving(app) as url:
+        root = cli()
         runner = CliRunner()
         r = runner.invoke(root, ["push", "--to", url, "--token", token, "--db", local[0].url])
         assert r.exit_code == 0 and "pushed 4 new run(s) as alice (0 already there)" in r.stdout, r.output
@@ -329,6 +341,112 @@ def test_push_and_pull_commands_against_a_server_on_loopback(tmp_path, local):
         assert r.exit_code == 2 and "401" in r.stderr and "Traceback" not in r.output
         r = runner.invoke(root, ["pull", "--from", f"http://127.0.0.1:{_free_port()}", "--db", fresh])
         assert r.exit_code == 2 and "cannot reach" in r.stderr
-    finally:
-        srv.should_exit = True
-        thread.join(10)
+
+
+# ---- runs recorded under another name than the token's (issue 24 part 8) ------------------------
+
+@pytest.fixture
+def login_named(tmp_path):
+    """A ledger whose own runs were recorded under the login name 'ubuntu' (4 runs), with 2 runs
+    of 'carol' pulled from elsewhere."""
+    led = Ledger(f"sqlite:///{tmp_path / 'login.db'}", contributor="ubuntu")
+    exp = led.register_experiment(SPEC)
+    fill(led, exp)
+    fill(led, exp, contributor="carol", env=dict(ENV, hostname="h2"), seeds=(0,))
+    yield led, exp
+    led.close()
+
+
+def test_a_contributor_is_the_env_variable_else_the_login_name(tmp_path, monkeypatch):
+    import getpass
+
+    monkeypatch.setenv("QUANTATLAS_CONTRIBUTOR", "dana")
+    with Ledger(f"sqlite:///{tmp_path / 'a.db'}") as led:
+        assert led.contributor == "dana"
+    monkeypatch.delenv("QUANTATLAS_CONTRIBUTOR")
+    with Ledger(f"sqlite:///{tmp_path / 'a.db'}") as led:
+        assert led.contributor == getpass.getuser()
+
+
+def test_push_finding_no_runs_of_the_token_says_why_and_how_to_fix_it(server, login_named):
+    client, sled, tokens = server
+    led, exp = login_named
+    s = push(led, "http://testserver", tokens["alice"], client=client)
+    assert (s["runs"], s["experiments"], s["skipped_other_contributors"]) == (0, 1, 6)
+    assert n_runs(sled) == 0 and s["local_contributors"] == {"ubuntu": 4, "carol": 2}
+    hint = s["hint"]
+    assert "\n" not in hint and hint.startswith("0 runs pushed")
+    for words in ("'alice'", "'ubuntu' (4)", "'carol' (2)", "QUANTATLAS_CONTRIBUTOR=alice", "--as-token-owner"):
+        assert words in hint, (words, hint)
+    # the same ledger opened under a name that holds no run: the fix names the local name that does
+    with Ledger(led.url, contributor="newname") as renamed:
+        s = push(renamed, "http://testserver", tokens["alice"], client=client, as_token_owner=True)
+    assert s["runs"] == 0 and s["as_token_owner"] is None
+    assert "no run here is recorded as 'newname'" in s["hint"]
+    assert "QUANTATLAS_CONTRIBUTOR=ubuntu quantatlas push --as-token-owner" in s["hint"]
+    # a ledger whose runs are all the token's: no hint
+    assert push(led, "http://testserver", tokens["alice"], client=client, as_token_owner=True)["hint"] is None
+
+
+def test_the_server_refuses_others_runs_unless_asked_to_store_them_as_the_tokens(server, login_named):
+    client, sled, tokens = server
+    led, exp = login_named
+    body = payload_of(led, exp)
+    ubuntu = [r for r in body["runs"] if r["contributor"] == "ubuntu"]
+    r = client.post("/api/runs", json=dict(body, runs=ubuntu), headers=auth(tokens["alice"]))
+    detail = r.json()["detail"]
+    assert r.status_code == 403 and "'ubuntu'" in detail and "'alice'" in detail and "as_token_owner" in detail
+    assert n_runs(sled) == 0
+    r = client.post("/api/runs", json=dict(body, runs=ubuntu), headers=auth(tokens["alice"]),
+                    params={"as_token_owner": "false"})
+    assert r.status_code == 403 and n_runs(sled) == 0
+    r = client.post("/api/runs", json=dict(body, runs=ubuntu), headers=auth(tokens["alice"]),
+                    params={"as_token_owner": "true"})
+    assert r.status_code == 200 and r.json()["runs"] == 4
+    assert {x["contributor"] for x in sled.runs(exp)} == {"alice"}
+
+
+def test_push_as_token_owner_stores_the_login_named_runs_as_the_tokens_contributor(server, login_named):
+    from quantatlas.atlas.ids import environment_key, run_id
+
+    client, sled, tokens = server
+    led, exp = login_named
+    s = push(led, "http://testserver", tokens["alice"], client=client, as_token_owner=True)
+    assert (s["runs"], s["runs_existing"], s["experiments"], s["hint"]) == (4, 0, 1, None)
+    assert s["as_token_owner"] == {"local": "ubuntu", "runs": 4, "existing": 0}
+    assert s["skipped_other_contributors"] == 2                        # carol's runs stay hers, here only
+    mine = {(x["arm"], x["seed"]): x for x in led.runs(exp) if x["contributor"] == "ubuntu"}
+    theirs = sled.runs(exp)
+    assert len(theirs) == 4 and {x["contributor"] for x in theirs} == {"alice"}
+    for x in theirs:
+        m = mine[(x["arm"], x["seed"])]
+        # the id a run recorded as alice would have had, computed from its parts
+        assert x["id"] == run_id(exp, x["arm"], x["seed"], environment_key(ENV), "alice", "mh", "ef") != m["id"]
+        assert x["metrics"] == m["metrics"] and np.array_equal(x["per_token_kld"], m["per_token_kld"])
+    again = push(led, "http://testserver", tokens["alice"], client=client, as_token_owner=True)
+    assert (again["runs"], again["batches"]) == (0, 0)                 # the server's ids were asked: nothing sent
+    assert again["as_token_owner"] == {"local": "ubuntu", "runs": 0, "existing": 4}
+    # bob's token with the flag takes ubuntu's runs as bob's: the flag says whose they become
+    s = push(led, "http://testserver", tokens["bob"], client=client, as_token_owner=True)
+    assert s["runs"] == 4 and {x["contributor"] for x in sled.runs(exp)} == {"alice", "bob"}
+
+
+def test_push_command_explains_zero_runs_and_pushes_as_the_token_owner_when_asked(tmp_path, login_named):
+    led, exp = login_named
+    app = create_app(f"sqlite:///{tmp_path / 'served.db'}")
+    token = create_token(app.state.ledger, "alice")
+    with serving(app) as url:
+        runner, root = CliRunner(), cli()
+        args = ["push", "--to", url, "--token", token, "--db", led.url]
+        env = {"QUANTATLAS_CONTRIBUTOR": "ubuntu"}
+        r = runner.invoke(root, args, env=env)
+        assert r.exit_code == 0 and "pushed 0 new run(s) as alice" in r.stdout, r.output
+        why = [line for line in r.stdout.splitlines() if "0 runs pushed" in line]
+        assert len(why) == 1 and "'ubuntu' (4)" in why[0] and "--as-token-owner" in why[0], r.output
+        assert "QUANTATLAS_CONTRIBUTOR=alice" in why[0]
+        r = runner.invoke(root, args + ["--as-token-owner"], env=env)
+        assert r.exit_code == 0, r.output
+        assert "pushed 4 new run(s) as alice" in r.stdout and "pushed 4 run(s) of ubuntu as alice" in r.stdout
+        r = runner.invoke(root, args + ["--as-token-owner"], env=env)
+        assert r.exit_code == 0 and "pushed 0 run(s) of ubuntu as alice (4 already there)" in r.stdout, r.output
+    assert {x["contributor"] for x in app.state.ledger.runs(exp)} == {"alice"}

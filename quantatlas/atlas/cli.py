@@ -7,12 +7,13 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import typer
 
 from quantatlas.atlas.confidence import FORMULA
 from quantatlas.atlas.verdict import format_p
+from quantatlas.tables import plain_table, render
 
 app = typer.Typer(help="The atlas ledger: experiments, verdicts, confidence, reproductions, duplicates.",
                   no_args_is_help=True, add_completion=False)
@@ -20,8 +21,9 @@ app = typer.Typer(help="The atlas ledger: experiments, verdicts, confidence, rep
 DB_HELP = "Ledger database URL (sqlite:///file.db, postgresql://...); default $QUANTATLAS_DB or sqlite:///runs/atlas.db"
 
 
-def _user_errors(fn):
-    """ValueError (and a missing file) -> one line on stderr, exit 2; no traceback."""
+def user_errors(fn):
+    """A user mistake (`quantatlas.errors.UserError`, any other ValueError, a missing file) -> one
+    line on stderr, exit 2; no traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -37,6 +39,16 @@ def _ledger(db: str | None):
     from quantatlas.atlas.ledger import Ledger
 
     return Ledger(db)
+
+
+def text_table(columns: Sequence[str | tuple[str, str]], rows: Sequence[Sequence], indent: int = 0) -> str:
+    """Rows as a plain-text table (`quantatlas.tables`, rich): a column is a name, or (name,
+    "right") for numbers. Never cut: as wide as its widest row."""
+    t = plain_table(*((c, "left") if isinstance(c, str) else c for c in columns))
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    pad = " " * indent
+    return "\n".join((pad + line).rstrip() for line in render(t, width=100_000).splitlines())
 
 
 def _cut(text: str, width: int) -> str:
@@ -57,7 +69,6 @@ def _repro(row: dict) -> str:
 
 def format_rows(rows: list[dict], hypothesis_width: int = 58) -> str:
     """The OpenQuant-style table: ID, hypothesis, result, confidence, reproductions, key metrics."""
-    head = ["ID", "Hypothesis", "Result", "Conf.", "Reprod.", "Metrics"]
     body = []
     for r in rows:
         result = r["result"] or "pending"
@@ -67,11 +78,7 @@ def format_rows(rows: list[dict], hypothesis_width: int = 58) -> str:
             result += " (dup?)"
         body.append([r["id"], _cut(r["hypothesis"] or r.get("title") or "", hypothesis_width), result,
                      _conf(r["confidence"]), _repro(r), r.get("key_metrics") or ""])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    widths[-1] = 0
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    out = [line(head), line(["-" * w for w in widths[:-1]] + ["-" * 7])]
-    out += [line(b) for b in body]
+    out = [text_table(["ID", "Hypothesis", "Result", ("Conf.", "right"), "Reprod.", "Metrics"], body)]
     notes = []
     if any(r.get("duplicate_of") for r in rows):
         notes.append("(dup?) possible duplicate: " + ", ".join(
@@ -86,7 +93,7 @@ def format_rows(rows: list[dict], hypothesis_width: int = 58) -> str:
 
 
 @app.command("list")
-@_user_errors
+@user_errors
 def list_(tag: Optional[str] = typer.Option(None, "--tag", help="only experiments with this tag"),
           model: Optional[str] = typer.Option(None, "--model", help="only experiments on this model"),
           result: Optional[str] = typer.Option(None, "--result", help="success|failure|inconclusive|baseline|conflict"),
@@ -143,9 +150,10 @@ def format_show(d: dict) -> str:
     if d.get("arms_config"):
         L.append("")
         L.append("arms:")
-        for a in d["arms_config"]:
-            cfg = {k: v for k, v in (a["config"] or {}).items() if v not in (None, [], {}, False)}
-            L.append(f"  {a['arm']:<18} {'(control) ' if a['control'] else ''}{json.dumps(cfg, separators=(',', ':'))}")
+        L.append(text_table(["arm", "role", "config"], [
+            [a["arm"], "control" if a["control"] else "",
+             json.dumps({k: v for k, v in (a["config"] or {}).items() if v not in (None, [], {}, False)},
+                        separators=(",", ":"))] for a in d["arms_config"]], indent=2))
     cols = ("kld_mean", "kld_se", "kld_p99", "same_top", "ppl_ratio", "bits_per_weight", "bits_per_param")
     for i, rs in enumerate(d.get("run_sets") or []):
         L.append("")
@@ -153,20 +161,23 @@ def format_show(d: dict) -> str:
         L.append(f"run set {i + 1} ({role}): {rs['contributor']}@{rs['hostname']} "
                  f"device {rs['device']}, commit {rs['git_commit']}, model {rs['model_hash']}, "
                  f"eval {rs['eval_fingerprint']}")
-        L.append("  " + f"{'arm':<18} {'seed':>4} " + " ".join(f"{c:>15}" for c in cols))
-        for r in rs["runs"]:
-            figures = " ".join(f"{_fmt(r['metrics'].get(c)):>15}" for c in cols)
-            L.append(f"  {r['arm']:<18} {r['seed']:>4} {figures}")
+        L.append(text_table(["arm", ("seed", "right"), *((c, "right") for c in cols)],
+                            [[r["arm"], r["seed"], *(_fmt(r["metrics"].get(c)) for c in cols)] for r in rs["runs"]],
+                            indent=2))
     if d.get("verdicts"):
         L.append("")
         L.append("verdicts:")
+        table = []
         for v in d["verdicts"]:
             ci = "–" if not v.get("ci") else f"[{100 * v['ci'][0]:+.1f} %, {100 * v['ci'][1]:+.1f} %]"
             eff = "–" if v.get("effect") is None else f"{100 * v['effect']:+.2f} %"
-            L.append(f"  {v['arm']:<18} {v['result']:<13} effect {eff:>9}  CI {ci:<22} "
-                     f"p {format_p(v.get('p_value')):>8}  Holm p {format_p(v.get('p_adjusted')):>8}  "
-                     f"confidence {_conf(v.get('confidence'))}")
-            L.append(f"      {v['text']}")
+            table.append([v["arm"], v["result"], eff, ci, format_p(v.get("p_value")), format_p(v.get("p_adjusted")),
+                          _conf(v.get("confidence"))])
+        L.append(text_table(["arm", "result", ("effect", "right"), "CI", ("p", "right"), ("Holm p", "right"),
+                             ("confidence", "right")], table, indent=2))
+        for v in d["verdicts"]:
+            L.append("")
+            L.append(f"  {v['arm']}: {v['text']}")
             for ps in (v.get("details") or {}).get("per_seed") or []:
                 pci = ps.get("ci")
                 seed_ci = "" if not pci else f", token-bootstrap CI [{100 * pci[0]:+.1f} %, {100 * pci[1]:+.1f} %]"
@@ -179,7 +190,7 @@ def format_show(d: dict) -> str:
 
 
 @app.command()
-@_user_errors
+@user_errors
 def show(exp_id: str = typer.Argument(..., help="experiment id (or a unique prefix)"),
          as_json: bool = typer.Option(False, "--json", help="print JSON"),
          db: Optional[str] = typer.Option(None, "--db", help=DB_HELP)):
@@ -190,7 +201,7 @@ def show(exp_id: str = typer.Argument(..., help="experiment id (or a unique pref
 
 
 @app.command()
-@_user_errors
+@user_errors
 def export(out: Optional[Path] = typer.Option(None, "--out", "-o", help="file to write (default: stdout)"),
            db: Optional[str] = typer.Option(None, "--db", help=DB_HELP)):
     """Write the whole ledger as JSON lines (experiments, then runs with per-token KLD)."""
@@ -209,7 +220,7 @@ def export(out: Optional[Path] = typer.Option(None, "--out", "-o", help="file to
 
 
 @app.command("import")
-@_user_errors
+@user_errors
 def import_(file: Path = typer.Argument(..., help="JSON lines: exported records or hypothesis-only rows"),
             db: Optional[str] = typer.Option(None, "--db", help=DB_HELP)):
     """Import JSON lines; hypothesis-only rows (id, hypothesis, result, ...) keep their ids."""
@@ -227,7 +238,7 @@ def import_(file: Path = typer.Argument(..., help="JSON lines: exported records 
 
 
 @app.command()
-@_user_errors
+@user_errors
 def merge(keep: str = typer.Argument(..., help="the experiment that stays"),
           other: str = typer.Argument(..., help="the duplicate, merged into KEEP"),
           db: Optional[str] = typer.Option(None, "--db", help=DB_HELP)):
@@ -238,7 +249,7 @@ def merge(keep: str = typer.Argument(..., help="the experiment that stays"),
 
 
 @app.command()
-@_user_errors
+@user_errors
 def reproduce(exp_id: str = typer.Argument(..., help="experiment id"),
               device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, ... (default: best available)"),
               db: Optional[str] = typer.Option(None, "--db", help=DB_HELP)):

@@ -20,6 +20,8 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModu
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
+from quantatlas.atlas.errors import LedgerError
+
 DEFAULT_URL = "sqlite:///runs/atlas.db"
 BUSY_TIMEOUT_S = 60.0
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -37,7 +39,7 @@ def _parse(url: str):
     try:
         u = make_url(url)
     except ArgumentError:
-        raise ValueError(f"--db {url!r} is not a database URL (try sqlite:///runs/atlas.db or "
+        raise LedgerError(f"--db {url!r} is not a database URL (try sqlite:///runs/atlas.db or "
                          f"postgresql://user@host/dbname)") from None
     if u.drivername == "postgresql":       # prefer psycopg 3 (the `postgres` extra) when psycopg2 is absent
         try:
@@ -54,7 +56,7 @@ def _sqlite_engine(u, immediate: bool) -> Engine:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ValueError(f"--db sqlite:///{u.database}: cannot create folder {folder}: {e.strerror}") from None
+            raise LedgerError(f"--db sqlite:///{u.database}: cannot create folder {folder}: {e.strerror}") from None
     kw = {"poolclass": StaticPool} if memory else {}
     engine = create_engine(u, connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False}, **kw)
 
@@ -92,10 +94,10 @@ def open_engines(url: str) -> tuple[Engine, Engine, str]:
         with read.connect() as conn:
             conn.execute(text("SELECT 1"))
     except (NoSuchModuleError, ModuleNotFoundError, ImportError) as e:
-        raise ValueError(f"--db {url!r}: no driver for {u.drivername!r} ({e}); for PostgreSQL install "
+        raise LedgerError(f"--db {url!r}: no driver for {u.drivername!r} ({e}); for PostgreSQL install "
                          f"quantatlas[postgres]") from None
     except DBAPIError as e:       # unreachable server, unwritable folder, a file that is not a database
-        raise ValueError(f"--db {url!r}: cannot open the database: {e.orig}") from None
+        raise LedgerError(f"--db {url!r}: cannot open the database: {e.orig}") from None
     return write, read, u.get_backend_name()
 
 
@@ -139,7 +141,7 @@ def migrate(write: Engine, read: Engine) -> None:
         try:
             script.get_revision(current)
         except CommandError:
-            raise ValueError(f"the ledger's schema is at revision {current!r}, which this version of quantatlas "
+            raise LedgerError(f"the ledger's schema is at revision {current!r}, which this version of quantatlas "
                              f"does not know (written by a newer version?)") from None
     with write.begin() as conn:
         command.upgrade(_alembic_config(conn), "head")

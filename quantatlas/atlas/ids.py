@@ -3,51 +3,29 @@
 An experiment id is `cexp_` + the first hex digits of sha256 over the *normalised* spec
 without its free text (title, hypothesis, tags, notes). Normalised means:
 
-- validated by `quantatlas.spec` and dumped with every field that equals its default left
-  out (so writing a default explicitly, or a later version adding a field with a default,
-  does not change the id);
+- validated by `quantatlas.spec` and dumped with every field that equals its *first released*
+  default left out (`quantatlas.quant.config.identity_dump`), codec, transform and solver
+  options included: writing a default explicitly, or a later version adding a field whose
+  default does what was done before, does not change the id. A default that changes is
+  declared on its field (`json_schema_extra={"first_default": old}`): the id keeps measuring
+  against the old value, so the bare spelling (which now means the new default) gets a new id
+  and the old explicit spelling keeps the old one: one id never stands for two computations;
 - canonical JSON: keys sorted, no whitespace, integral floats written as integers
   (`bits: 4.0` == `bits: 4`), strings stripped of surrounding whitespace.
 
 Key order and formatting therefore never matter; list order does (transforms and
-overrides apply in order). Codec options are free mappings, so a codec default written
-out (`group: 128`) is still part of the id.
+overrides apply in order).
 
 The family hash is the same hash without `model`: one experiment run on several models.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-from typing import Any
+from quantatlas.canonical import canonical_json, sha256_hex
+from quantatlas.spec import SpecError, parse_spec  # pydantic + yaml only: no torch
 
-FREE_TEXT = ("title", "hypothesis", "tags", "notes")
 ID_PREFIX = "cexp_"
 ID_HEX_DIGITS = 8          # at least 6; the ledger lengthens an id on a (rare) prefix collision
 ENVIRONMENT_FIELDS = ("device", "packages", "git_commit", "hostname")
-
-
-def _canonical(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k).strip(): _canonical(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"spec holds a non-finite number ({value!r}); ids need finite numbers")
-        return int(value) if value.is_integer() else value
-    if isinstance(value, str):
-        return value.strip()
-    return value
-
-
-def canonical_json(value: Any) -> str:
-    return json.dumps(_canonical(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def sha256_hex(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def normalise_spec(spec: dict) -> tuple[dict, dict]:
@@ -55,19 +33,13 @@ def normalise_spec(spec: dict) -> tuple[dict, dict]:
 
     Raises ValueError (naming the field) when the spec does not validate.
     """
-    from quantatlas.spec import SpecError, parse_spec  # pydantic + yaml only: no torch
-
     if not isinstance(spec, dict):
         raise ValueError(f"spec must be a mapping, got {type(spec).__name__}")
     try:
         model = parse_spec(spec, "spec")
     except SpecError as e:
         raise ValueError(str(e)) from None
-    full = model.model_dump(mode="json")
-    identity = model.model_dump(mode="json", exclude_defaults=True)
-    for key in FREE_TEXT:
-        identity.pop(key, None)
-    return full, _canonical(identity)
+    return model.model_dump(mode="json"), model.identity()
 
 
 def spec_hash(identity: dict) -> str:

@@ -7,16 +7,25 @@ Both are idempotent: what the other side holds already is not sent again, and a 
 arrives twice is stored once (run ids are content-addressed). A push sends only the runs of
 the token's contributor (the server refuses others'); it goes in batches of about
 `batch_bytes`, each written all-or-nothing by the server.
+
+Local runs are recorded under $QUANTATLAS_CONTRIBUTOR or the login name (`Store.contributor`),
+which need not be the name the server's token was made for. `as_token_owner=True` also pushes
+the runs recorded under this ledger's contributor name, as the token's contributor (the server
+stores them under that name, so their ids there differ from the local ones); without it a push
+that finds none of the token's runs says why and how to fix it (the summary's "hint").
 """
 from __future__ import annotations
 
 import json
+import shlex
+from collections import Counter
 from typing import TYPE_CHECKING, Iterable
 
 import httpx
-from sqlalchemy import select
 
-from quantatlas.atlas.models import Contributor, Experiment, Run, RunSet
+from quantatlas.atlas import ids
+from quantatlas.atlas.io import experiment_record, run_records
+from quantatlas.errors import UserError
 
 if TYPE_CHECKING:
     from quantatlas.atlas.ledger import Ledger
@@ -28,9 +37,14 @@ KNOWN_CHUNK = 20_000           # ids asked per request
 TIMEOUT_S = 300.0
 
 
+class RemoteError(UserError):
+    """A push or pull that cannot be done: a bad URL, an unreachable server, a missing token, or
+    the server's refusal (its HTTP status and reason); one line."""
+
+
 def _base(url: str, what: str) -> str:
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        raise ValueError(f"{what} {url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000)")
+        raise RemoteError(f"{what} {url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000)")
     return url.rstrip("/")
 
 
@@ -46,7 +60,7 @@ def _call(client: httpx.Client, method: str, path: str, url: str, token: str | N
     try:
         r = client.request(method, url + path, headers=headers, **kw)
     except httpx.HTTPError as e:
-        raise ValueError(f"cannot reach {url}: {e}") from None
+        raise RemoteError(f"cannot reach {url}: {e}") from None
     if r.status_code >= 400:
         try:
             detail = r.json().get("detail")
@@ -54,7 +68,7 @@ def _call(client: httpx.Client, method: str, path: str, url: str, token: str | N
             detail = r.text[:300]
         if isinstance(detail, list):          # FastAPI's schema errors: say where and what
             detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail[:5])
-        raise ValueError(f"{url}{path}: HTTP {r.status_code}: {detail}")
+        raise RemoteError(f"{url}{path}: HTTP {r.status_code}: {detail}")
     return r
 
 
@@ -87,39 +101,81 @@ def _batches(exp_records: dict[str, dict], runs: list[dict], extra_exps: list[st
         yield {"schema_version": 1, "experiments": [exp_records[e] for e in exps], "runs": batch}
 
 
-def push(led: Ledger, url: str, token: str | None, client: httpx.Client | None = None,
-         batch_bytes: int = BATCH_BYTES) -> dict:
-    """Send this ledger's runs by the token's contributor that the server lacks (and the
-    experiments they belong to, and experiments the server lacks). Returns counts."""
-    from quantatlas.atlas.io import experiment_record
-    from quantatlas.web.records import run_records
+def _runs_to_push(q, owners: list[tuple[str, str]], who: str, local: str | None) -> dict[str, str]:
+    """{id the run has (or will have) on the server: local run id} for the runs of `who`, and
+    when `local` is given, the runs recorded here under `local`, as `who` would hold them (a run's
+    id includes its contributor). `owners`: (run id, contributor) of every local run. `who`'s own
+    run wins where both would get one id."""
+    out = {rid: rid for rid, name in owners if name == who}
+    if local is not None:
+        theirs = [rid for rid, name in owners if name == local]
+        for i in range(0, len(theirs), PULL_CHUNK):       # in chunks: a stored run carries its per-token KLD
+            for r in q.runs_by_id(theirs[i:i + PULL_CHUNK]):
+                rs = r.run_set
+                target = ids.run_id(r.experiment_id, r.arm, r.seed, rs.environment_key, who, rs.model_hash,
+                                    rs.eval_fingerprint)
+                out.setdefault(target, r.id)
+    return out
 
+
+def no_runs_hint(who: str, local: str, holders: dict[str, int], as_token_owner: bool) -> str:
+    """One line: why a push found no run to send, and the two ways to fix it."""
+    held = ", ".join(f"{name!r} ({n})" for name, n in sorted(holders.items(), key=lambda x: (-x[1], x[0])))
+    source = local if local in holders else max(sorted(holders), key=lambda n: holders[n])
+    env = "" if source == local else f"QUANTATLAS_CONTRIBUTOR={shlex.quote(source)} "
+    why = (f"no run here is recorded as {local!r}" if as_token_owner else
+           f"the token pushes as {who!r} and no run here is recorded under that name")
+    return (f"0 runs pushed: {why} (runs here are recorded as {held}; a run is recorded under "
+            f"$QUANTATLAS_CONTRIBUTOR or the login name, now {local!r}); fix: set QUANTATLAS_CONTRIBUTOR="
+            f"{shlex.quote(who)} so runs are recorded as {who!r}, or push the runs of {source!r} as {who!r} with "
+            f"`{env}quantatlas push --as-token-owner ...`")
+
+
+def push(led: Ledger, url: str, token: str | None, client: httpx.Client | None = None,
+         batch_bytes: int = BATCH_BYTES, as_token_owner: bool = False) -> dict:
+    """Send this ledger's runs by the token's contributor that the server lacks (and the
+    experiments they belong to, and experiments the server lacks). `as_token_owner`: also the
+    runs recorded here under `led.contributor`, stored by the server as the token's contributor.
+    Returns counts; "as_token_owner" is {"local": name, "runs": pushed, "existing": already there}
+    when runs were re-attributed, and "hint" one line when no run went although the ledger holds
+    runs."""
     url = _base(url, "--to")
     if not token:
-        raise ValueError("--token is missing (or set $QUANTATLAS_TOKEN); the server's admin creates one with "
-                         "`quantatlas atlas token create NAME`")
+        raise RemoteError("--token is missing (or set $QUANTATLAS_TOKEN); the server's admin creates one with "
+                          "`quantatlas atlas token create NAME`")
     http = _client(url, None, client)
     try:
         who = _call(http, "GET", "/api/whoami", url, token).json()["contributor"]
-        with led._reading() as s:
-            local = s.execute(select(Run.id, Contributor.name).join(RunSet, Run.run_set_id == RunSet.id)
-                              .join(Contributor, RunSet.contributor_id == Contributor.id)).all()
-            exp_records = {e.id: experiment_record(s, e) for e in s.scalars(
-                select(Experiment).order_by(Experiment.created_at, Experiment.id))}
-        mine = sorted(rid for rid, name in local if name == who)
-        others = sum(1 for _, name in local if name != who)
+        local_name = led.contributor
+        reattribute = as_token_owner and local_name != who
+        with led.read() as q:
+            owners = q.run_contributors()
+            exp_records = {e.id: experiment_record(q, e) for e in q.experiments()}
+            targets = _runs_to_push(q, owners, who, local_name if reattribute else None)
+        holders = dict(Counter(name for _, name in owners))
+        pushing = {who, local_name} if reattribute else {who}
+        mine = sorted(targets)
         have_runs, have_exps = _known(http, url, token, mine, list(exp_records))
-        missing = [rid for rid in mine if rid not in have_runs]
+        missing = [targets[t] for t in mine if t not in have_runs]
         runs = run_records(led, missing)
         runless = [e for e in exp_records if e not in have_exps]
+        moved = sum(1 for r in runs if r["contributor"] != who)
         total = {"contributor": who, "experiments": 0, "experiments_existing": 0, "runs": 0, "runs_existing": 0,
-                 "renamed": {}, "kept": {}, "skipped_other_contributors": others, "batches": 0}
+                 "renamed": {}, "kept": {},
+                 "skipped_other_contributors": sum(n for name, n in holders.items() if name not in pushing),
+                 "batches": 0, "local_contributors": holders, "as_token_owner": None, "hint": None}
+        if reattribute and holders.get(local_name):
+            total["as_token_owner"] = {"local": local_name, "runs": moved,
+                                       "existing": sum(1 for t, rid in targets.items() if rid != t) - moved}
+        if not targets and holders:
+            total["hint"] = no_runs_hint(who, local_name, holders, as_token_owner)
+        params = {"as_token_owner": "true"} if reattribute else None
         for payload in _batches(exp_records, runs, runless, batch_bytes):
             try:
-                got = _call(http, "POST", "/api/runs", url, token, json=payload).json()
+                got = _call(http, "POST", "/api/runs", url, token, json=payload, params=params).json()
             except ValueError as e:
-                raise ValueError(f"{e} (pushed {total['runs']} run(s) in {total['batches']} batch(es) before this; "
-                                 f"this batch wrote nothing)") from None
+                raise RemoteError(f"{e} (pushed {total['runs']} run(s) in {total['batches']} batch(es) before this; "
+                                  f"this batch wrote nothing)") from None
             total["batches"] += 1
             for k in ("experiments", "experiments_existing", "runs", "runs_existing"):
                 total[k] += got[k]
@@ -133,13 +189,12 @@ def push(led: Ledger, url: str, token: str | None, client: httpx.Client | None =
 
 def pull(led: Ledger, url: str, token: str | None = None, client: httpx.Client | None = None) -> dict:
     """Fetch the server's experiments and the runs this ledger lacks, and import them."""
-    from quantatlas.web.records import all_run_ids
-
     url = _base(url, "--from")
     http = _client(url, None, client)
     try:
         server_ids = _call(http, "GET", "/api/runs/ids", url, token).json()["ids"]
-        have = set(all_run_ids(led))
+        with led.read() as q:
+            have = set(q.run_ids())
         missing = [rid for rid in server_ids if rid not in have]
         exp_lines = [line for line in _call(http, "GET", "/api/records/experiments", url, token).text.splitlines()
                      if line.strip()]

@@ -38,6 +38,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator, \
     model_validator
 
+from quantatlas.errors import UserError
+
 SCHEMA_VERSION = 1
 MAX_DEPTH = 32                  # JSON nesting (objects and arrays) anywhere in a record or request
 MAX_TOKENS = 1 << 24            # per-token KLD values in one run (16.7 M: 64 MiB of float32)
@@ -50,7 +52,7 @@ NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 RESULTS = ("success", "failure", "inconclusive", "baseline", "conflict")
 
 
-class RecordError(ValueError):
+class RecordError(UserError):
     """A record that breaks a rule: one line naming the field and the value."""
 
 

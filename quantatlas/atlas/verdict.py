@@ -13,13 +13,16 @@ Within one run set (one environment, one contributor, one model hash, one eval f
 4. p = the larger of the two p-values when both exist (the claim must beat seed noise *and*
    token noise: an intersection-union test), else the one that exists; the CI is the hull of
    the two (1 - alpha) intervals. Holm's correction across the treatment arms of the run set.
-5. Too few seeds. When the comparison depends on the seed (the treatment or the control is a
-   seeded arm: a calibration draw, random rotation signs, k-means starts), the token bootstrap
+5. Too few seeds. When the comparison depends on the seed (the treatment or the control, or both,
+   is a seeded arm: a calibration draw, random rotation signs, k-means starts; the verdict's text
+   names which side), the token bootstrap
    sees only token noise: two identical recipes differ by their seeds' luck, which with one or
    two seeds no test can tell from an effect (a null simulation calls such pairs "success" or
    "failure" far more often than alpha). So with fewer than 3 paired seeds such an arm is
-   "inconclusive (too few seeds)" whatever its p-values, and takes no part in Holm's family.
-   Whether an arm is seeded comes from its spec (`quantatlas.spec.Arm.seeded`: the author's
+   "inconclusive (too few seeds)" whatever its p-values, and takes no part in Holm's family (its
+   Holm p is not computed: the pages say why).
+   Whether an arm is seeded comes from its spec, parsed once where it leaves the store
+   (`StoredSpec.seeded`, the one predicate `quantatlas.spec.Arm.seeded`: the author's
    `deterministic:`, else inferred from solver, transforms and codecs); deterministic arms
    (RTN, fixed formats) keep the token-level test with any number of seeds. Without a spec
    (imported runs) an arm counts as seeded unless all its seeds gave identical numbers (or the
@@ -28,7 +31,10 @@ Within one run set (one environment, one contributor, one model hash, one eval f
    failure      worse (improvement < 0) with Holm p < alpha, or the CI's upper end
                 < min_effect (the data exclude an improvement of min_effect);
    inconclusive otherwise (including: no test possible);
-   baseline     the control arm itself, and every arm of an experiment without a control.
+   baseline     the control arm itself, every arm of an experiment without a control, and every
+                reference arm (rule "reference"): an arm that quantizes nothing (fp16) or that the
+                spec marks `reference: true` is a reference point, shown but never judged as a
+                treatment (no Holm family member, never the experiment's result).
 
 Bits rule. The test compares quality with the declared control whatever the bits. When a
 treatment spends more bits per parameter than the control, its verdict text says so first
@@ -40,16 +46,28 @@ Pareto view is the landscape's job. bits = bits_per_param (whole model), else bi
 
 Across run sets (reproductions): the first run set that has the arm is the primary verdict;
 later run sets are reproductions; a success in one and a failure in another is a "conflict".
+Confidence: confidence.py (one meaning for every verdict kind).
+
+The experiment's result and confidence are one arm's: the primary arm, the spec's `primary:`, else
+the best treatment on the criterion (reference arms and the control are not treatments; an arm over
+the artifact cap stands only when no treatment fits it, and then cannot make the experiment a
+success). The list shows that arm's metrics beside them (`choose_primary`, `experiment_result`).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from quantatlas.atlas import confidence as conf
 from quantatlas.atlas.stats import block_bootstrap, holm, paired_t
+from quantatlas.quant.steps import is_reference
+from quantatlas.spec import Criterion, EvalData, arm_of
+
+if TYPE_CHECKING:
+    from quantatlas.atlas.stored import StoredSpec
 
 BITS_TOLERANCE = 0.001       # bits/param: smaller differences are rounding, not cost
 MIN_SEEDS_FOR_T = 3
@@ -64,47 +82,23 @@ class SeedRun:
     per_token: np.ndarray | None = None
 
 
-@dataclass
-class Criterion:
-    metric: str = "kld_mean"
-    better: str = "lower"
-    min_effect: float = 0.05
-    alpha: float = 0.01
-
-    @classmethod
-    def from_spec(cls, spec: dict | None) -> Criterion:
-        c = (spec or {}).get("criterion") or {}
-        return cls(c.get("metric", "kld_mean"), c.get("better", "lower"), float(c.get("min_effect", 0.05)),
-                   float(c.get("alpha", 0.01)))
-
-    @property
-    def lower_is_better(self) -> bool:
-        return self.better != "higher"
-
-
-def seeded_arms(spec: dict | None) -> dict[str, bool]:
-    """Arm name -> whether its results depend on the experiment seed, from the spec's typed
-    arms (`quantatlas.spec.Arm.seeded`). Empty when there is no spec or it no longer validates
-    (then every arm is judged as seeded unless its runs show otherwise)."""
-    if not spec or not isinstance(spec.get("arms"), dict):
-        return {}
-    from quantatlas.spec import parse_spec    # pydantic + yaml: no torch
-
-    try:
-        model = parse_spec(spec, "spec")
-    except Exception:
-        return {}
-    return {name: bool(arm.seeded) for name, arm in model.arms.items()}
-
-
 def is_reference_arm(config: dict | None) -> bool:
-    """An arm that quantizes nothing (fp16: no codec, no override codec, no KV/activation
-    scheme): a reference point, never the arm that stands for an experiment."""
-    if not isinstance(config, dict):
-        return False
-    return (config.get("codec") is None and not any(isinstance(o, dict) and o.get("codec")
-                                                    for o in config.get("overrides") or [])
-            and not config.get("kv") and not config.get("act"))
+    """A reference point (an arm none of whose steps changes the model's numbers, fp16, or one the spec
+    marks `reference: true`): never judged as a treatment, never the arm that stands for an experiment
+    (`quant.steps.is_reference` on the stored config)."""
+    arm = arm_of(config)
+    return arm is not None and is_reference(arm)
+
+
+def reference_arms(spec: StoredSpec | None) -> dict[str, str]:
+    """Arm -> why it is a reference point, for the reference arms of a stored spec (each arm parsed on
+    its own, so a spec that no longer validates as a whole still has them)."""
+    out = {}
+    for name, config in (spec.arms if spec is not None else {}).items():
+        if is_reference_arm(config):
+            marked = isinstance(config, dict) and config.get("reference") is True
+            out[name] = "the spec marks it `reference: true`" if marked else "it quantizes nothing"
+    return out
 
 
 def _seed_dependent(name: str, runs: dict[int, SeedRun], seeded: dict[str, bool] | None, metric: str) -> bool:
@@ -158,7 +152,9 @@ class ArmJudgement:
     se_seed: float | None = None
     se_tokens: float | None = None
     deterministic: bool = False
-    seed_dependent: bool = True         # the comparison depends on the seed (rule 5)
+    seed_dependent: bool = True         # the comparison depends on the seed (rule 5): either side does
+    treatment_seeded: bool = True       # this arm's results depend on the seed
+    control_seeded: bool = True         # the control's do
     bits_control: float | None = None
     bits_treatment: float | None = None
     dominated_by: str | None = None
@@ -177,32 +173,47 @@ class ArmJudgement:
         parts = [s for s in (self.se_seed, self.se_tokens) if s is not None]
         return math.sqrt(sum(s * s for s in parts)) if parts else None
 
-    def claim(self, min_effect: float) -> tuple[float | None, float | None]:
-        """(p, z) of the verdict's own claim, for the confidence formula."""
+    def margin_z(self, margin: float) -> float:
+        """A margin on the criterion in SE (signed; +-inf when there is no noise at all)."""
         se = self.se_total
-        if self.improvement is None or se is None:
+        if se is None or se == 0:
+            return math.copysign(math.inf, margin) if margin else 0.0
+        return margin / se
+
+    def claim(self, min_effect: float) -> tuple[float | None, float | None]:
+        """(p, z) of the verdict's own claim for the confidence formula (confidence.py): z is signed
+        towards the claim. Undecided: the lean towards the hypothesis, z = improvement / SE, p = Phi(-z)."""
+        if self.improvement is None or self.se_total is None:
             return None, None
-        z_diff = math.inf if se == 0 and self.improvement else (self.improvement / se if se else 0.0)
-        p_diff = self.p_adjusted
-        z_fail = None
-        if self.control_mean:
-            margin = min_effect * abs(self.control_mean) - self.improvement
-            z_fail = math.copysign(math.inf, margin) if se == 0 else margin / se
-        if self.result == "success" or self.rule == "worse":
-            return p_diff, abs(z_diff)
-        if self.rule == "ci_excludes_min_effect":
-            return self.p_failure, z_fail
-        # inconclusive: the nearer decision
-        if self.p_failure is not None and (p_diff is None or self.p_failure < p_diff):
-            return self.p_failure, z_fail
-        return p_diff, abs(z_diff)
+        if self.result == "success":
+            return self.p_adjusted, self.margin_z(self.improvement)
+        if self.rule == "worse":
+            return self.p_adjusted, self.margin_z(-self.improvement)
+        if self.rule == "ci_excludes_min_effect" and self.control_mean:
+            return self.p_failure, self.margin_z(min_effect * abs(self.control_mean) - self.improvement)
+        z = self.margin_z(self.improvement)
+        return conf.one_sided_p(z), z
+
+    def lean_z(self) -> float | None:
+        """How far the data lean towards the hypothesis (the treatment better), in SE."""
+        if self.improvement is None or self.se_total is None:
+            return None
+        return self.margin_z(self.improvement)
+
+    def seed_side(self) -> str:
+        """Which side of the comparison depends on the seed, in words."""
+        if self.treatment_seeded and self.control_seeded:
+            return f"both {self.arm} and the control {self.control} depend on the seed"
+        if self.control_seeded:
+            return f"the control {self.control} depends on the seed ({self.arm} does not)"
+        return f"{self.arm} depends on the seed (the control {self.control} does not)"
 
 
-def _block_length(n_tokens: int, spec: dict | None) -> int:
+def _block_length(n_tokens: int, spec: StoredSpec | None) -> int:
     """Scored tokens per eval window (ctx - 1 - first scored position), if it tiles the tokens."""
-    ev = ((spec or {}).get("data") or {}).get("eval") or {}
-    ctx = int(ev.get("ctx", 512))
-    first = ctx // 2 if ev.get("score", "second_half") == "second_half" else 0
+    ev = spec.eval if spec is not None else EvalData()
+    ctx = ev.ctx
+    first = ctx // 2 if ev.score == "second_half" else 0
     per_window = ctx - 1 - first
     if per_window > 0 and n_tokens % per_window == 0 and n_tokens // per_window >= 8:
         return per_window
@@ -210,11 +221,12 @@ def _block_length(n_tokens: int, spec: dict | None) -> int:
 
 
 def judge_arm(arm: str, control: str, c_runs: dict[int, SeedRun], t_runs: dict[int, SeedRun],
-              crit: Criterion, spec: dict | None, seeded: dict[str, bool] | None = None) -> ArmJudgement:
+              crit: Criterion, spec: StoredSpec | None = None, seeded: dict[str, bool] | None = None) -> ArmJudgement:
     """Everything but Holm and the final rules (those need all arms)."""
     j = ArmJudgement(arm, control)
-    j.seed_dependent = (_seed_dependent(arm, t_runs, seeded, crit.metric)
-                        or _seed_dependent(control, c_runs, seeded, crit.metric))
+    j.treatment_seeded = _seed_dependent(arm, t_runs, seeded, crit.metric)
+    j.control_seeded = _seed_dependent(control, c_runs, seeded, crit.metric)
+    j.seed_dependent = j.treatment_seeded or j.control_seeded
     seeds = sorted(s for s in c_runs if s in t_runs and crit.metric in c_runs[s].metrics
                    and crit.metric in t_runs[s].metrics)
     j.seeds = seeds
@@ -295,8 +307,8 @@ def decide(j: ArmJudgement, crit: Criterion) -> None:
         return
     if too_few_seeds(j):
         j.result, j.rule = "inconclusive", "too_few_seeds"
-        j.notes.append(f"the comparison depends on the seed and has {len(j.seeds)} seed(s): seed-to-seed noise "
-                       f"cannot be told from an effect with fewer than {MIN_SEEDS_SEEDED}")
+        j.notes.append(f"{j.seed_side()}: with {len(j.seeds)} seed(s), fewer than {MIN_SEEDS_SEEDED}, seed-to-seed "
+                       f"noise cannot be told from an effect; not in Holm's family")
         return
     a = crit.alpha
     significant = j.p_adjusted is not None and j.p_adjusted < a
@@ -313,22 +325,33 @@ def decide(j: ArmJudgement, crit: Criterion) -> None:
 
 
 def judge_run_set(arms: dict[str, dict[int, SeedRun]], arm_order: list[str], control: str | None,
-                  crit: Criterion, spec: dict | None, seeded: dict[str, bool] | None = None
-                  ) -> dict[str, ArmJudgement]:
-    """Judge every treatment arm of one run set; the control (or every arm without one) is baseline.
-    `seeded`: arm -> depends on the seed (default: from the spec, see `seeded_arms`)."""
+                  crit: Criterion, spec: StoredSpec | None = None, seeded: dict[str, bool] | None = None,
+                  reference: dict[str, str] | None = None) -> dict[str, ArmJudgement]:
+    """Judge every treatment arm of one run set; the control (or every arm without one) and every
+    reference arm are baselines. `spec`: the experiment's stored spec (its eval windows are the
+    bootstrap's blocks); `seeded`: arm -> depends on the seed (default: `spec.seeded`, from
+    `quantatlas.spec.Arm.seeded`); `reference`: arm -> why it is a reference point (default:
+    `reference_arms(spec)`)."""
     if seeded is None:
-        seeded = seeded_arms(spec)
+        seeded = spec.seeded if spec is not None else {}
+    if reference is None:
+        reference = reference_arms(spec)
     out: dict[str, ArmJudgement] = {}
     if control is None or control not in arm_order or len(arm_order) < 2:
         for name in arm_order:
             if arms.get(name):
-                out[name] = ArmJudgement(name, control, result="baseline", rule="baseline",
-                                         seeds=sorted(arms[name]))
+                ref = name in reference and name != control
+                out[name] = ArmJudgement(name, control, result="baseline", rule="reference" if ref else "baseline",
+                                         seeds=sorted(arms[name]), notes=[reference[name]] if ref else [])
                 _baseline_stats(out[name], arms[name], crit)
         return out
     c_runs = arms.get(control) or {}
-    treatments = [a for a in arm_order if a != control and arms.get(a)]
+    for name in arm_order:
+        if name != control and name in reference and arms.get(name):
+            out[name] = ArmJudgement(name, control, result="baseline", rule="reference", seeds=sorted(arms[name]),
+                                     notes=[reference[name]])
+            _baseline_stats(out[name], arms[name], crit)
+    treatments = [a for a in arm_order if a != control and a not in reference and arms.get(a)]
     judged = [judge_arm(a, control, c_runs, arms[a], crit, spec, seeded) for a in treatments]
     for j, p_adj in zip(judged, holm([None if too_few_seeds(j) else j.p_value for j in judged])):
         j.p_adjusted = p_adj
@@ -414,7 +437,9 @@ class FinalVerdict:
             "reproductions": len(self.reproductions),
             "reproductions_agree": sum(1 for _, _, agree, _ in self.reproductions if agree),
             "models": self.models_holding, "models_total": self.models_total,
-            "over_cap": j.over_cap is not None,
+            "over_cap": j.over_cap is not None, "reference": j.rule == "reference",
+            "seeded": None if j.result == "baseline" else {"treatment": j.treatment_seeded,
+                                                           "control": j.control_seeded},
         }
 
     def details(self) -> dict:
@@ -451,9 +476,11 @@ def combine_run_sets(per_run_set: list[tuple[RunSetInfo, dict[str, ArmJudgement]
     holding = 1 + (sum(1 for r in sibling_results if r == j0.result) if decisive else 0)
     k = len(agreeing) + holding - 1
     if result == "conflict":
-        terms = conf.Terms(0.0, 0.0, 0.0, k, 0.0)
+        terms = conf.conflict_confidence(k)
     elif j0.result == "baseline":
         terms = conf.baseline_confidence(len(j0.seeds), j0.deterministic, k)
+    elif j0.result == "inconclusive":
+        terms = conf.undecided_confidence(j0.lean_z(), len(j0.seeds), j0.deterministic, crit.alpha, k)
     else:
         p, z = j0.claim(crit.min_effect)
         terms = conf.verdict_confidence(p, z, len(j0.seeds), j0.deterministic, crit.alpha, k)
@@ -485,7 +512,11 @@ def verdict_text(fv: FinalVerdict, crit: Criterion) -> str:
     if j.result == "baseline":
         v = "n/a" if j.treatment_mean is None else f"{j.treatment_mean:.6g}"
         bits = "" if j.bits_treatment is None else f", {j.bits_treatment:.3f} bits/param"
-        parts.append(f"baseline: {fv.arm} is the reference point ({m} {v}{bits}, {len(j.seeds)} seed(s)).")
+        if j.rule == "reference":
+            parts.append(f"reference: {fv.arm} is a reference point, not judged as a treatment "
+                         f"({'; '.join(j.notes)}) ({m} {v}{bits}, {len(j.seeds)} seed(s)).")
+        else:
+            parts.append(f"baseline: {fv.arm} is the reference point ({m} {v}{bits}, {len(j.seeds)} seed(s)).")
     else:
         lead = {"success": "success", "failure": "failure", "inconclusive": "inconclusive"}[j.result]
         if j.rule == "too_few_seeds":
@@ -503,8 +534,8 @@ def verdict_text(fv: FinalVerdict, crit: Criterion) -> str:
                 "worse": f"worse than the control with Holm p {format_p(j.p_adjusted)} < {a:g}",
                 "ci_excludes_min_effect": f"the CI excludes an improvement of {100 * crit.min_effect:.1f} %",
                 "no_test": "no statistical test possible",
-                "too_few_seeds": f"the arm depends on the seed and {len(j.seeds)} seed(s) cannot separate seed "
-                                 f"noise from an effect (at least {MIN_SEEDS_SEEDED} are needed)",
+                "too_few_seeds": f"{j.seed_side()}, and {len(j.seeds)} seed(s) cannot separate seed noise from "
+                                 f"an effect (at least {MIN_SEEDS_SEEDED} are needed; no Holm p)",
                 "not_decided": f"neither better by {100 * crit.min_effect:.1f} % with p < {a:g} nor ruled out "
                                f"(Holm p {format_p(j.p_adjusted)})",
             }[j.rule]
@@ -516,8 +547,9 @@ def verdict_text(fv: FinalVerdict, crit: Criterion) -> str:
                 tests.append(f"tokens: paired block bootstrap p {format_p(j.p_tokens)}")
             if tests:
                 parts.append("Tests: " + "; ".join(tests) + ".")
-            if j.notes:
-                parts.append("Notes: " + "; ".join(j.notes) + ".")
+            notes = [n for n in j.notes if not (j.rule == "too_few_seeds" and n.startswith(j.seed_side()))]
+            if notes:
+                parts.append("Notes: " + "; ".join(notes) + ".")
         d = j.bits_delta
         if d is not None:
             if d > BITS_TOLERANCE:
@@ -542,35 +574,53 @@ def verdict_text(fv: FinalVerdict, crit: Criterion) -> str:
     if fv.models_total > 1:
         parts.append(f"Holds on {fv.models_holding} of {fv.models_total} models.")
     t = fv.terms
-    parts.append(f"Confidence {fv.confidence:.2f} (s_p {t.s_p:.2f} · s_z {t.s_z:.2f} · s_n {t.s_n:.2f}, k = {t.k}).")
+    terms = f"s_p {t.s_p:.2f} · s_z {t.s_z:.2f} · s_n {t.s_n:.2f}, k = {t.k}"
+    if t.kind == "lean":
+        lean = "better" if (j.improvement or 0) > 0 else "no better"
+        terms = f"undecided, below every decided verdict: leans {lean}, {terms}"
+    parts.append(f"Confidence {fv.confidence:.2f} ({terms}).")
     return " ".join(parts)
 
 
-def experiment_result(finals: list[FinalVerdict], has_treatments: bool = False
-                      ) -> tuple[str | None, float | None, FinalVerdict | None]:
-    """(result, confidence, the arm verdict that decided it) for a whole experiment:
-    conflict if any arm conflicts; success if any treatment within the artifact cap succeeds (Holm
-    keeps the family-wise error at alpha; the most confident success decides); failure if every
-    treatment within the cap fails (the
-    least confident decides); baseline with no treatment arm; else inconclusive. None (pending)
-    while no arm, or no treatment of an experiment that has some, has been judged yet."""
+def choose_primary(verdicts: list[dict], named: str | None, lower_is_better: bool = True) -> dict | None:
+    """The arm verdict that stands for the experiment, from arm summaries (`FinalVerdict.as_dict`: arm,
+    result, treatment_mean, over_cap): the spec's `primary:` (`named`; None while it has no verdict),
+    else the best treatment on the criterion, among the treatments within the artifact cap when any
+    is; reference arms and the control (results "baseline") are not treatments. Without any treatment
+    (no control), the best arm that is not a reference point. None: nothing judged yet."""
+    if named:
+        return next((v for v in verdicts if v.get("arm") == named), None)
+    treat = [v for v in verdicts if v.get("result") != "baseline"]
+    if not treat:     # nothing judged against a control (no control): the arms that are not reference points
+        treat = [v for v in verdicts if not v.get("reference")] or verdicts
+    fits = [v for v in treat if not v.get("over_cap")] or treat
+    measured = [v for v in fits if v.get("treatment_mean") is not None and math.isfinite(v["treatment_mean"])]
+    if measured:
+        sign = 1.0 if lower_is_better else -1.0
+        return min(measured, key=lambda v: sign * v["treatment_mean"])      # the first on a tie (arm order)
+    return fits[0] if fits else None
+
+
+def experiment_result(finals: list[FinalVerdict], has_treatments: bool = False, primary: str | None = None,
+                      crit: Criterion | None = None) -> tuple[str | None, float | None, FinalVerdict | None]:
+    """(result, confidence, the arm verdict they are) for a whole experiment: the primary arm's
+    (`choose_primary`; `primary` is the spec's `primary:`). An arm over the artifact cap cannot make
+    the experiment a success: it stands only when no treatment fits, and then as inconclusive with
+    the confidence of its lean (confidence.py). baseline with no treatment arm; None (pending) while no arm, or no treatment of an experiment that has some (or not the
+    named primary), has been judged yet."""
     if not finals:
         return None, None, None
-    treat = [f for f in finals if f.primary.result != "baseline"]
-    if not treat and has_treatments:
+    crit = crit or Criterion()
+    if has_treatments and not primary and all(f.primary.result == "baseline" for f in finals):
         return None, None, None
-    if not treat:
-        f = min(finals, key=lambda f: f.confidence)
-        return "baseline", f.confidence, f
-    pick = None
-    result = "inconclusive"
-    fits = [f for f in treat if f.primary.over_cap is None]  # an arm over the artifact cap cannot win
-    if any(f.result == "conflict" for f in treat):
-        result, pick = "conflict", next(f for f in treat if f.result == "conflict")
-    elif any(f.result == "success" for f in fits):
-        result, pick = "success", max((f for f in fits if f.result == "success"), key=lambda f: f.confidence)
-    elif fits and all(f.result == "failure" for f in fits):
-        result, pick = "failure", min(fits, key=lambda f: f.confidence)
-    else:
-        pick = max([f for f in treat if f.result == "inconclusive"] or treat, key=lambda f: f.confidence)
-    return result, pick.confidence, pick
+    chosen = choose_primary([{"arm": f.arm, "result": f.primary.result, "treatment_mean": f.primary.treatment_mean,
+                              "over_cap": f.primary.over_cap is not None, "reference": f.primary.rule == "reference"}
+                             for f in finals], primary, crit.lower_is_better)
+    if chosen is None:
+        return None, None, None
+    pick = next(f for f in finals if f.arm == chosen["arm"])
+    j = pick.primary
+    if pick.result == "success" and j.over_cap is not None:
+        terms = conf.undecided_confidence(j.lean_z(), len(j.seeds), j.deterministic, crit.alpha, pick.terms.k)
+        return "inconclusive", terms.confidence, pick
+    return pick.result, pick.confidence, pick

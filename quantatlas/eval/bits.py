@@ -9,13 +9,16 @@ A quantized model's artifact is one file (`Artifact.to_bytes`, `Artifact.write`)
     data                             the tensors' bytes, back to back, in header order
 
 Each header entry is a parameter by name, in sorted order: quantized matrices first
-(`{"name", "codec", "config", "shape", "parts": [{"key", "dtype", "shape", "nbytes"}]}`:
-the codec's registry name and options, enough for `build("codec", {codec: config})` to
-`decode` it, the run seed for codecs with seeded parts, and the packed tensors by key in sorted
-order), then every other parameter (embeddings, head, norms, biases) as fp16
-(`{"name", "dtype": "float16", "shape", "nbytes"}`), each tensor once (tied weights are stored
-once). What the file does not hold: the architecture (the model named in the spec) and the
-runtime steps (KV-cache, activation hooks, online rotations), which the spec describes.
+(`{"name", "codec", "config", "shape", "parts": [{"key", "dtype", "shape", "nbytes"}]}`: the
+codec's registry name and options and the pack's stored tensors (`Packed.parts()`) by key in
+sorted order, so every pack decodes from its own entry (`Packed.decode()`): a seeded codec's
+config holds the run's seed, an incoherence pack is flagged `"incoherence": true` and stores its
+seed as the part `incoherence_seed` (quant/incoherence.py)), then every other parameter
+(embeddings, head, norms, biases) as fp16 (`{"name", "dtype": "float16", "shape", "nbytes"}`),
+each tensor once (tied weights are stored once). The header's `seed` records the run that wrote
+the file; nothing reads it to decode. What the file does not hold: the architecture (the model
+named in the spec) and the runtime steps (KV-cache, activation hooks, online rotations), which
+the spec describes.
 
 Bits per weight covers the quantized matrices' packed bytes; bits per parameter covers every
 stored tensor (`bytes_packed`, without the file's JSON header, which `bytes_file` includes). Artifact sizes are the file's bytes and the same bytes after zstd level 22 and brotli
@@ -33,6 +36,7 @@ import torch
 import zstandard
 
 from quantatlas.quant.codecs.base import Packed
+from quantatlas.quant.incoherence import read_pack
 
 
 @dataclass
@@ -49,13 +53,14 @@ class Artifact:
         return self.quantized_params + sum(t.numel() for t in self.rest.values())
 
     def to_bytes(self, seed: int | None = None) -> bytes:
-        """The artifact file (format in the module docstring)."""
+        """The artifact file (format in the module docstring); `seed`, the run's, is recorded only."""
         entries, parts = [], []
         for k in sorted(self.packed):
             p = self.packed[k]
+            stored = p.parts()
             e = {"name": k, "codec": p.codec, "config": p.config, "shape": list(p.shape), "parts": []}
-            for key in sorted(p.data):
-                t = p.data[key].detach().contiguous().cpu()
+            for key in sorted(stored):
+                t = stored[key].detach().contiguous().cpu()
                 raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
                 e["parts"].append({"key": key, "dtype": str(t.dtype).removeprefix("torch."),
                                    "shape": list(t.shape), "nbytes": len(raw)})
@@ -122,7 +127,8 @@ def cap_check(blob: bytes, max_bytes: int, compressor: str) -> dict[str, float]:
 
 
 def load_artifact(blob: bytes) -> tuple[Artifact, int | None]:
-    """The Artifact (packed matrices and fp16 rest) and run seed stored in an artifact file."""
+    """The Artifact (packed matrices, each decoding on its own, and the fp16 rest) of an artifact
+    file, and the run seed the file records (not needed to decode anything)."""
     if blob[:len(MAGIC)] != MAGIC:
         raise ValueError("not a quantatlas artifact (bad magic)")
     (n,) = struct.unpack("<Q", blob[len(MAGIC):len(MAGIC) + 8])
@@ -143,7 +149,7 @@ def load_artifact(blob: bytes) -> tuple[Artifact, int | None]:
     for e in header["tensors"]:
         if "codec" in e:
             data = {p["key"]: take(p["nbytes"], p["dtype"], p["shape"]) for p in e["parts"]}
-            packed[e["name"]] = Packed(e["codec"], e["config"], tuple(e["shape"]), data)
+            packed[e["name"]] = read_pack(e["codec"], e["config"], tuple(e["shape"]), data)
         else:
             rest[e["name"]] = take(e["nbytes"], e["dtype"], e["shape"])
     if pos != len(blob):

@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quantatlas.errors import UserError
 from quantatlas.reference.corpus import eval_fingerprint
 
 
-class EvalDataError(ValueError):
-    pass
+class EvalDataError(UserError):
+    """Eval data that cannot make the windows the spec's `data.eval` asks for."""
 
 
 @dataclass
@@ -48,28 +49,39 @@ class EvalSet:
         return self.windows[:, self.first + 1:].reshape(-1)
 
 
-def make_eval_set(tokens: np.ndarray, n_tokens: int, ctx: int, score: str = "second_half") -> EvalSet:
+def make_eval_set(tokens: np.ndarray, n_tokens: int, ctx: int, score: str = "second_half",
+                  up_to: bool = False) -> EvalSet:
+    """Whole windows of `ctx` tokens cut from the first `n_tokens` of the stream (`data.eval.tokens`
+    counts these stream tokens, not the scored ones: with `second_half` each window scores
+    ctx - 1 - ctx // 2). A stream shorter than `n_tokens` is refused, saying how many it has, unless
+    `up_to` (then as many whole windows as it holds)."""
     if ctx < 2:
-        raise EvalDataError(f"data.eval.ctx must be at least 2, got {ctx}")
+        raise EvalDataError(f"data.eval.ctx must be at least 2, got {ctx}", "data.eval.ctx")
     if score not in ("second_half", "all"):
-        raise EvalDataError(f"data.eval.score must be second_half or all, got {score!r}")
+        raise EvalDataError(f"data.eval.score must be second_half or all, got {score!r}", "data.eval.score")
     avail = min(len(tokens), n_tokens)
     n_windows = avail // ctx
     if n_windows < 1:
-        raise EvalDataError(f"data.eval: {avail} tokens available is shorter than one window of ctx={ctx}")
-    used = np.ascontiguousarray(tokens[:n_windows * ctx])
+        raise EvalDataError(f"data.eval: {avail} tokens available is shorter than one window of ctx={ctx}",
+                            "data.eval")
     first = ctx // 2 if score == "second_half" else 0
+    if n_tokens > len(tokens) and not up_to:
+        most = len(tokens) // ctx
+        raise EvalDataError(f"data.eval.tokens: {n_tokens} tokens asked, but the eval stream has {len(tokens)} "
+                            f"(at most {most} windows of ctx {ctx}, {most * (ctx - 1 - first)} tokens scored "
+                            f"with score: {score}); ask for at most {len(tokens)}", "data.eval.tokens")
+    used = np.ascontiguousarray(tokens[:n_windows * ctx])
     return EvalSet(torch.from_numpy(used.copy()).reshape(n_windows, ctx), first,
                    eval_fingerprint(used, ctx, score == "all"))
 
 
 @torch.no_grad()
 def scored_logits(model, es: EvalSet, batch: int, device) -> "iter[tuple[int, torch.Tensor]]":
-    """Yield (offset, logits [b*scored, V]) over the eval set, in order. A layer-streamed model
-    (`models/stream.py`, the skeleton's `_qa_stream`) passes all windows layer by layer instead."""
-    streamed = getattr(model, "_qa_stream", None)
-    if streamed is not None:
-        yield from streamed.scored_logits(es, batch)
+    """Yield (offset, logits [b*scored, V]) over the eval set, in order. `model` is a torch module held
+    in memory, or a layer-streamed model (`models/stream.py: StreamedModel`, any object that is not a
+    module), which passes all windows layer by layer itself."""
+    if not isinstance(model, torch.nn.Module):
+        yield from model.scored_logits(es, batch)
         return
     off = 0
     for i in range(0, es.windows.shape[0], batch):
@@ -86,7 +98,8 @@ def cache_dir() -> Path:
 
 def reference_logprobs(model, model_hash: str, es: EvalSet, device, batch: int = 8, progress=None) -> np.ndarray:
     """float32 memmap [n_scored, V] of the reference log-softmax; computed once, then read from disk."""
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    module = model if isinstance(model, torch.nn.Module) else model.model  # a streamed model's skeleton
+    dtype = str(next(module.parameters()).dtype).replace("torch.", "")
     key = f"{model_hash}-{es.fingerprint}-{torch.device(device).type}-{dtype}"
     d = cache_dir() / "logits"
     path, meta_path = d / f"{key}.f32", d / f"{key}.json"

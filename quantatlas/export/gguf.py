@@ -32,6 +32,7 @@ import torch
 
 from quantatlas.quant.codecs.base import Packed
 from quantatlas.quant.codecs.ggml.block_codec import formats
+from quantatlas.quant.incoherence import IncoherentPacked
 
 #: model_type of a HF config -> llama.cpp architecture, for the architectures we write
 ARCHES: dict[str, str] = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -155,7 +156,7 @@ def _packed_rows(name: str, p: Packed, shape: tuple[int, int]) -> np.ndarray:
     rows, cols = shape
     if cols % block:
         raise ValueError(f"gguf export: {name!r} has rows of {cols}, not a multiple of {p.codec}'s block {block}")
-    if "incoherence_seed" in p.data:  # quant/incoherence.py: codes of U W Vᵀ, which GGUF cannot undo
+    if isinstance(p, IncoherentPacked):  # codes of U W Vᵀ, which GGUF cannot undo
         raise ValueError(f"gguf export: packed {name!r} holds incoherence-rotated codes; GGUF stores no rotation")
     blocks = p.data.get("blocks")
     if blocks is None:

@@ -11,7 +11,9 @@
   parameters (theta, scaling, how many dims of a head rotate), expert count.
 
 Roles, transforms, llama.cpp mixtures and the GGUF writer all ask this module instead of
-reading attribute names themselves.
+reading attribute names themselves. It also defines what it reports in: the role vocabulary
+(`ROLES`), `TensorRole` (one role-bearing module) and `UnmatchedModulesError`;
+`quantatlas.models.roles` builds the role-level queries and the weight access on top of it.
 
 Families. A family adapter knows the module paths of its decoder block, its final norm and
 where RoPE goes: `llama` (pre-norm Llama/Mistral/Qwen2/Qwen3/Phi-3/Gemma, the reference
@@ -47,11 +49,58 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from quantatlas.models.roles import MATRIX_KINDS, TensorRole, UnmatchedModulesError
+from quantatlas.errors import UserError
 
+ROLES: tuple[str, ...] = (
+    "q", "k", "v", "o", "qkv",              # attention matrices (qkv: fused)
+    "gate", "up", "down", "gate_up",         # MLP matrices (gate_up: fused)
+    "head",                                  # lm_head (output embedding)
+    "embed", "pos_embed",                    # token and learned position embeddings
+    "norm", "q_norm", "k_norm",              # LayerNorm/RMSNorm; per-head query/key norms
+)
+MATRIX_KINDS = ("linear", "conv1d")
 MATRIX_ROLES: tuple[str, ...] = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up")
 NORM_POSITIONS: tuple[str, ...] = ("attn_norm", "ffn_norm", "post_attn_norm", "post_ffn_norm", "q_norm", "k_norm")
 ROPE_PLACEMENTS: tuple[str | None, ...] = ("post_qk_norm", "post_proj", None)
+
+
+class UnmatchedModulesError(UserError):
+    """Weight-bearing modules that have no role, or that claim a role another module has: the spec's
+    `model` is one quantatlas cannot read (yet)."""
+
+    def __init__(self, model_class: str, unmatched: list[str], ambiguous: list[str] | None = None):
+        self.model_class, self.unmatched, self.ambiguous = model_class, list(unmatched), list(ambiguous or [])
+        parts = []
+        if self.unmatched:
+            parts.append(f"no tensor role for {len(self.unmatched)} weight-bearing module(s): "
+                         + ", ".join(self.unmatched))
+        if self.ambiguous:
+            parts.append("ambiguous roles: " + "; ".join(self.ambiguous))
+        super().__init__(f"{model_class}: " + "; ".join(parts)
+                         + f" (known roles: {', '.join(ROLES)}; matrices must sit in an attention or MLP block)",
+                         "model")
+
+
+@dataclass
+class TensorRole:
+    """One role-bearing module: what it is (`role`, one of ROLES), where it sits, and its kind."""
+
+    name: str                 # module path, e.g. "model.layers.3.self_attn.k_proj"
+    role: str                 # one of ROLES
+    layer: int | None         # decoder layer index; None for embeddings, head, final norm
+    module: nn.Module = field(repr=False)
+    kind: str                 # "linear", "conv1d", "embedding", "norm"
+    tied: bool = False        # head and token embedding share one weight (set on both)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """[out, in] for matrices, [rows, dim] for embeddings, the weight's shape for norms."""
+        w = getattr(self.module, "weight", None)
+        if w is None:
+            return ()
+        if self.kind == "conv1d":
+            return (w.shape[1], w.shape[0])
+        return tuple(w.shape)
 
 
 # ---- the layout --------------------------------------------------------------------------
@@ -231,12 +280,18 @@ def _largest_block_list(model: nn.Module) -> str:
         if best_key is None or key > best_key:
             best, best_key = name, key
     if best is None:
-        raise ValueError(f"{type(model).__name__}: cannot find the decoder layers (no ModuleList of repeated blocks)")
+        raise UserError(f"{type(model).__name__}: cannot find the decoder layers (no ModuleList of repeated blocks)",
+                        "model")
     return best
 
 
 def layer_prefix(model: nn.Module) -> str:
-    """Dotted path of the ModuleList of decoder blocks: the family's, else the largest list of blocks."""
+    """Dotted path of the ModuleList of repeated decoder blocks, e.g. "model.layers".
+
+    The family's own path (Llama's model.layers, GPT-2's transformer.h, ...); for other models
+    the ModuleList of same-class blocks holding the most parameters (nested lists, such as MoE
+    experts, hold fewer than the list that contains them); ties go to the shallower path.
+    """
     declared = family_of(model).layers
     if declared is not None:
         try:

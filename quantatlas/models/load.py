@@ -13,30 +13,44 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quantatlas.errors import UserError
 
-class ModelLoadError(ValueError):
-    pass
+class ModelLoadError(UserError):
+    """A model or data source that cannot be loaded as named (`field` is `model` where the spec's model is
+    at fault; a data source's field is known to the caller, which names eval or calibration)."""
 
 
 @dataclass
 class LoadedModel:
+    """A model and its backend: held in memory (`model` is the model), or layer-streamed (`streamed`
+    reads one decoder layer at a time from the folder's shards; `model` is its meta-device skeleton)."""
     model: torch.nn.Module
     source: str          # as written in the spec
     model_hash: str
     tokenizer: object | None  # None for the byte-level reference model
+    streamed: object | None = None  # a models.stream.StreamedModel, or None (in memory)
+
+    @property
+    def backend(self) -> str:
+        return "memory" if self.streamed is None else "stream"
+
+    @property
+    def forward(self):
+        """What evaluation runs: the in-memory model, or the streamed one (eval/windows.py dispatches)."""
+        return self.model if self.streamed is None else self.streamed
 
     def text_tokens(self, source: str, split: str) -> np.ndarray:
         """Token stream for evaluation/calibration: `stdlib` (or `reference`), the reference corpus's
         fixed splits shipped with the package (`eval`, `validation`; `train` gives the fixed calibration
         sample of the train split), the same on every Python; or a path to a text file."""
-        from quantatlas.reference import corpus, data as fixed_data
+        from quantatlas.reference import corpus, data as fixed_data, splits
 
         if source in ("stdlib", "reference"):
             fixed = {"eval": "eval", "validation": "validation", "train": "calib", "calib": "calib"}.get(split)
             if fixed is None:
                 raise ModelLoadError(f"data source {source!r}: unknown split {split!r}")
             if self.tokenizer is None:
-                return corpus.fixed_tokens(fixed)
+                return splits.fixed_tokens(fixed)
             return self._tokenize_texts(d.decode("utf-8", errors="replace") for d in fixed_data.documents(fixed))
         if source.startswith("hf:"):
             if self.tokenizer is None:
@@ -128,29 +142,30 @@ def load_model(source: str, device: str | torch.device = "cpu", dtype: torch.dty
     path = Path(source)
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise ModelLoadError(f"model {source!r}: folder has no config.json")
+            raise ModelLoadError(f"model {source!r}: folder has no config.json", "model")
         weights = list(path.glob("*.safetensors")) or list(path.glob("*.bin"))
         if not weights:
-            raise ModelLoadError(f"model {source!r}: folder has no *.safetensors or *.bin weights")
+            raise ModelLoadError(f"model {source!r}: folder has no *.safetensors or *.bin weights", "model")
         tok = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
         if _streaming(path, stream, weights[0].suffix == ".safetensors", device):
             from quantatlas.models.stream import StreamedModel
 
             sm = StreamedModel(path)
-            sm.model._qa_stream = sm  # eval/windows.py and quant/quantize.py stream through it
-            return LoadedModel(sm.model, source, _hash_files(weights), tok)
+            return LoadedModel(sm.model, source, _hash_files(weights), tok, sm)
         model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).to(device).eval()
         return LoadedModel(model, source, _hash_files(weights), tok)
 
     repo = source[3:] if source.startswith("hf:") else source
     if "/" not in repo or source.startswith((".", "/")):
-        raise ModelLoadError(f"model {source!r}: not 'reference', not a local folder, and not a hub id like hf:org/name")
+        raise ModelLoadError(f"model {source!r}: not 'reference', not a local folder, and not a hub id like hf:org/name",
+                             "model")
     try:
         from huggingface_hub import snapshot_download
 
         local = snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
     except Exception as e:  # noqa: BLE001 - the hub's errors are many; the user needs one line
-        raise ModelLoadError(f"model {source!r}: could not fetch from the Hugging Face hub ({type(e).__name__})") from None
+        raise ModelLoadError(f"model {source!r}: could not fetch from the Hugging Face hub ({type(e).__name__})",
+                             "model") from None
     lm = load_model(local, device, dtype, stream)
     lm.source = source  # as written in the spec
     return lm
@@ -166,7 +181,7 @@ def _streaming(path: Path, stream: bool | None, safetensors: bool, device) -> bo
     if not safetensors:
         if mode:
             raise ModelLoadError(f"model {str(path)!r}: layer streaming reads *.safetensors weights; this folder has "
-                                 "*.bin (set QUANTATLAS_STREAM=0, or convert the weights)")
+                                 "*.bin (set QUANTATLAS_STREAM=0, or convert the weights)", "model")
         return False
     streamed = should_stream(path) if mode is None else mode
     try:
@@ -175,7 +190,7 @@ def _streaming(path: Path, stream: bool | None, safetensors: bool, device) -> bo
         raise ModelLoadError(f"device {str(device)!r}: not a torch device (cpu, cuda, cuda:1 ...)") from None
     if streamed and not on_cpu:
         raise ModelLoadError(f"model {str(path)!r}: layer streaming runs on the CPU, not on {device}; use --device cpu, "
-                             "or QUANTATLAS_STREAM=0 to load the whole model on the device")
+                             "or QUANTATLAS_STREAM=0 to load the whole model on the device", "model")
     return streamed
 
 

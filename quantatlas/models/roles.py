@@ -1,12 +1,13 @@
 """Tensor roles: which weight of a causal LM is a query, a key, an MLP gate, the head, a norm.
 
 Roles are read by the model layout (`quantatlas.models.layout`, the one place that reads a
-model's structure): a family adapter's module paths, else a matrix's own attribute name
+model's structure, which also defines the role vocabulary `ROLES`, `TensorRole` and
+`UnmatchedModulesError`): a family adapter's module paths, else a matrix's own attribute name
 (q_proj, c_attn, dense_4h_to_h, ...) together with what its parent is (an attention block, an
 MLP block, or the decoder layer itself). The same name can mean different things in different
 places: GPT-2's `c_proj` is `o` under `attn` and `down` under `mlp`; NeoX's `dense` is `o`
-under `attention`. This module keeps the role vocabulary, weights in [out, in], and GPTQ's
-true-sequential groups.
+under `attention`. This module asks the layout for the roles, and keeps weights in [out, in]
+and GPTQ's true-sequential groups.
 
 Norms are tensors with roles too (`norm`, `q_norm`, `k_norm`, with their layer index), so an
 override can address them; their weights come and go as the 1-D vector they are.
@@ -21,72 +22,20 @@ the bit counts and the quantized model would both be wrong otherwise.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
-ROLES: tuple[str, ...] = (
-    "q", "k", "v", "o", "qkv",              # attention matrices (qkv: fused)
-    "gate", "up", "down", "gate_up",         # MLP matrices (gate_up: fused)
-    "head",                                  # lm_head (output embedding)
-    "embed", "pos_embed",                    # token and learned position embeddings
-    "norm", "q_norm", "k_norm",              # LayerNorm/RMSNorm; per-head query/key norms
-)
-MATRIX_KINDS = ("linear", "conv1d")
+# The layout owns the vocabulary and the structure queries; they are named here too, so a caller
+# asks one module for roles (layer_prefix: the family's decoder list, else the largest list of blocks).
+from quantatlas.models.layout import (MATRIX_KINDS, ROLES, TensorRole, UnmatchedModulesError, is_tied, layer_prefix,
+                                      layout)
+
+__all__ = ["ROLES", "MATRIX_KINDS", "SEQUENTIAL_ORDER", "TensorRole", "UnmatchedModulesError", "layer_prefix",
+           "decoder_layers", "is_tied", "find_roles", "quantizable", "sequential_groups", "get_weight", "set_weight"]
 
 # GPTQ's true-sequential order inside one decoder layer: a group's inputs are produced by
 # the groups before it, so each group is calibrated on the outputs of already-quantized ones.
 SEQUENTIAL_ORDER: tuple[tuple[str, ...], ...] = (("q", "k", "v", "qkv"), ("o",), ("gate", "up", "gate_up"), ("down",))
-
-
-class UnmatchedModulesError(ValueError):
-    """Weight-bearing modules that have no role, or that claim a role another module has."""
-
-    def __init__(self, model_class: str, unmatched: list[str], ambiguous: list[str] | None = None):
-        self.model_class, self.unmatched, self.ambiguous = model_class, list(unmatched), list(ambiguous or [])
-        parts = []
-        if self.unmatched:
-            parts.append(f"no tensor role for {len(self.unmatched)} weight-bearing module(s): "
-                         + ", ".join(self.unmatched))
-        if self.ambiguous:
-            parts.append("ambiguous roles: " + "; ".join(self.ambiguous))
-        super().__init__(f"{model_class}: " + "; ".join(parts)
-                         + f" (known roles: {', '.join(ROLES)}; matrices must sit in an attention or MLP block)")
-
-
-@dataclass
-class TensorRole:
-    name: str                 # module path, e.g. "model.layers.3.self_attn.k_proj"
-    role: str                 # one of ROLES
-    layer: int | None         # decoder layer index; None for embeddings, head, final norm
-    module: nn.Module = field(repr=False)
-    kind: str                 # "linear", "conv1d", "embedding", "norm"
-    tied: bool = False        # head and token embedding share one weight (set on both)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """[out, in] for matrices, [rows, dim] for embeddings, the weight's shape for norms."""
-        w = getattr(self.module, "weight", None)
-        if w is None:
-            return ()
-        if self.kind == "conv1d":
-            return (w.shape[1], w.shape[0])
-        return tuple(w.shape)
-
-
-# ---- structure: asked of the model layout (quantatlas.models.layout) ------------------------
-
-def layer_prefix(model: nn.Module) -> str:
-    """Dotted path of the ModuleList of repeated decoder blocks, e.g. "model.layers".
-
-    The family's own path (Llama's model.layers, GPT-2's transformer.h, ...); for other models
-    the ModuleList of same-class blocks holding the most parameters (nested lists, such as MoE
-    experts, hold fewer than the list that contains them); ties go to the shallower path.
-    """
-    from quantatlas.models.layout import layer_prefix as _layer_prefix
-
-    return _layer_prefix(model)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -94,17 +43,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(model.get_submodule(layer_prefix(model)))
 
 
-def is_tied(model: nn.Module) -> bool:
-    """True when the head's weight is the token embedding's weight (one tensor, stored once)."""
-    from quantatlas.models.layout import is_tied as _is_tied
-
-    return _is_tied(model)
-
-
 def find_roles(model: nn.Module) -> list[TensorRole]:
     """Every role-bearing module, in model order. Raises UnmatchedModulesError on unknowns."""
-    from quantatlas.models.layout import layout
-
     return layout(model).check().roles
 
 

@@ -5,8 +5,8 @@ read one decoder layer at a time:
 
 - the skeleton is built on the meta device from config.json (no weights; the rotary embedding,
   which holds computed buffers only, is rebuilt on the CPU);
-- `ShardReader` memory-maps the safetensors files (it parses their headers itself), so a tensor is
-  read from disk when asked for, and an embedding lookup touches only the rows it needs;
+- `ShardReader` opens the safetensors files with `safetensors.safe_open`, which memory-maps them,
+  so a tensor is read from disk when asked for, and an embedding lookup touches only the rows it needs;
 - `materialise(layer)` gives one decoder layer real fp32 weights from the shards and
   `release(layer)` returns it to the meta device.
 
@@ -35,19 +35,22 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
-_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+from quantatlas.errors import UserError
+from quantatlas.models.replay import advance, capture_layer_inputs
+
+#: the safetensors dtypes layer streaming reads (what materialise copies into fp32 from)
+READABLE_DTYPES = ("F16", "BF16", "F32", "F64", "I64", "I32", "I16", "I8", "U8", "BOOL")
 
 
-class StreamError(ValueError):
-    pass
+class StreamError(UserError):
+    """A model folder that cannot be layer-streamed as asked (unreadable shards, a family or a step
+    streaming does not support); `field` is the spec field at fault where it is known."""
 
 
 def rss_mb() -> dict[str, float]:
@@ -62,12 +65,15 @@ def rss_mb() -> dict[str, float]:
 
 class ShardReader:
     """Tensors by name over the safetensors files of one or more folders (the first that has a name
-    wins), memory-mapped copy-on-write: reading a tensor touches only its pages."""
+    wins), memory-mapped copy-on-write by `safe_open`: reading a tensor touches only its pages.
+    `entries[name]` is (file, dtype, shape); `metadata[file]` the file's `__metadata__`. A copy (deepcopy,
+    pickle) leaves the open files behind and opens them again when it first reads."""
 
     def __init__(self, folders):
         self.folders = [Path(f) for f in folders]
-        self.entries: dict[str, tuple[Path, str, tuple, int, int]] = {}
+        self.entries: dict[str, tuple[Path, str, tuple]] = {}
         self.metadata: dict[Path, dict] = {}
+        self._handles: dict[Path, object] = {}  # open safe_open handles, by file
         for folder in reversed(self.folders):
             files = sorted(folder.glob("*.safetensors"))
             index = folder / "model.safetensors.index.json"
@@ -75,19 +81,25 @@ class ShardReader:
                 try:
                     files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
                 except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-                    raise StreamError(f"{index}: not a safetensors index with a weight_map ({type(e).__name__}: {e})") \
-                        from None
+                    raise StreamError(f"{index}: not a safetensors index with a weight_map ({type(e).__name__}: {e})",
+                                      "model") from None
             for file in files:
-                try:
-                    with open(file, "rb") as fh:
-                        n = struct.unpack("<Q", fh.read(8))[0]
-                        header = json.loads(fh.read(n))
-                    self.metadata[file] = header.pop("__metadata__", None) or {}
-                    for name, e in header.items():
-                        start, end = e["data_offsets"]
-                        self.entries[name] = (file, e["dtype"], tuple(e["shape"]), 8 + n + start, end - start)
-                except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as e:
-                    raise StreamError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+                handle = self._open(file)
+                self.metadata[file] = handle.metadata() or {}
+                for name in handle.keys():
+                    part = handle.get_slice(name)
+                    self.entries[name] = (file, part.get_dtype(), tuple(part.get_shape()))
+
+    def _open(self, file: Path):
+        """The file's safe_open handle (opened once); safe_open checks the header and that the data
+        covers it, so a truncated or foreign file fails here, in one line naming it."""
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except (OSError, SafetensorError) as e:
+                raise StreamError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})",
+                                  "model") from None
+        return self._handles[file]
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -95,15 +107,16 @@ class ShardReader:
     def tensor(self, name: str) -> torch.Tensor:
         """The stored tensor (its own dtype), a view of the mapped file."""
         if name not in self.entries:
-            raise StreamError(f"tensor {name!r} is in none of the safetensors files of {', '.join(map(str, self.folders))}")
-        file, dtype, shape, offset, nbytes = self.entries[name]
-        if dtype not in _DTYPES:
+            raise StreamError(f"tensor {name!r} is in none of the safetensors files of {', '.join(map(str, self.folders))}",
+                              "model")
+        file, dtype, _ = self.entries[name]
+        if dtype not in READABLE_DTYPES:
             raise StreamError(f"{file}: tensor {name!r} is {dtype}, which layer streaming does not read "
-                              f"({', '.join(_DTYPES)}); set QUANTATLAS_STREAM=0")
-        if nbytes == 0:
-            return torch.empty(shape, dtype=_DTYPES[dtype])
-        arr = np.memmap(file, dtype=np.uint8, mode="c", offset=offset, shape=(nbytes,))
-        return torch.frombuffer(arr, dtype=_DTYPES[dtype]).reshape(shape)
+                              f"({', '.join(READABLE_DTYPES)}); set QUANTATLAS_STREAM=0", "model")
+        return self._open(file).get_tensor(name)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": {}}  # safe_open handles cannot be copied
 
 
 def build_skeleton(folder: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -134,7 +147,7 @@ def materialise(module: torch.nn.Module, prefix: str, reader: ShardReader, keys:
             if key in reader:
                 t.copy_(reader.tensor(key))
             elif not name.endswith("inv_freq"):
-                raise StreamError(f"tensor {key!r} is in none of the safetensors files")
+                raise StreamError(f"tensor {key!r} is in none of the safetensors files", "model")
     return module
 
 
@@ -156,9 +169,9 @@ class StreamedModel:
         lay = layout(self.model)
         if lay.family != "llama" or lay.final_norm is None or lay.head is None or lay.embed is None:
             raise StreamError(f"model {str(folder)!r}: layer streaming supports Llama-family decoders "
-                              f"(Llama, Mistral, Qwen2, Qwen3), not {lay.arch or lay.model_class}")
+                              f"(Llama, Mistral, Qwen2, Qwen3), not {lay.arch or lay.model_class}", "model")
         if getattr(self.model.config, "final_logit_softcapping", None):
-            raise StreamError(f"model {str(folder)!r}: layer streaming does not apply logit soft-capping")
+            raise StreamError(f"model {str(folder)!r}: layer streaming does not apply logit soft-capping", "model")
         self.prefix = lay.prefix
         self.layers = [la.block for la in lay.layers]
         self.embed_name = lay.embed.name + ".weight"
@@ -173,6 +186,14 @@ class StreamedModel:
         sm.head_name = self.head_name  # quantizing a tied head materialised it apart from the embedding
         return sm
 
+    def copy(self) -> StreamedModel:
+        """An independent skeleton over the same files (hooks attached to one do not reach the other)."""
+        import copy
+
+        sm = StreamedModel(self.folder, self.reader.folders, copy.deepcopy(self.model))
+        sm.head_name = self.head_name
+        return sm
+
     def layer_prefix(self, i: int) -> str:
         return f"{self.prefix}.{i}."
 
@@ -181,44 +202,21 @@ class StreamedModel:
         table = self.reader.tensor(self.embed_name)
         return table[tokens.reshape(-1)].float().reshape(*tokens.shape, -1)
 
-    @torch.no_grad()
     def layer_inputs(self, tokens: torch.Tensor, batch: int):
         """(hidden, args, kwargs) reaching decoder layer 0, per batch of `tokens` [n, seq]."""
-        from quantatlas.quant.quantize import _Stop
-
-        captured = []
-
-        def hook(module, args, kwargs):
-            hidden, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
-            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
-            kwargs["use_cache"] = False
-            captured.append((hidden, rest, kwargs))
-            raise _Stop
-
-        handle = self.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            for i in range(0, tokens.shape[0], batch):
-                try:
-                    self.model(inputs_embeds=self.embed(tokens[i:i + batch]), use_cache=False)
-                except _Stop:
-                    pass
-        finally:
-            handle.remove()
-        return captured
+        return capture_layer_inputs(self.model, self.layers[0], tokens, batch, embed=self.embed)
 
     @torch.no_grad()
     def scored_logits(self, es, batch: int, chunk: int = 8192):
         """`eval.windows.scored_logits` streamed: (offset, logits [b * scored, V]) in window order."""
-        from quantatlas.quant.quantize import _run_layer
-
-        _return_freed_memory()
+        return_freed_memory()
         inputs = self.layer_inputs(es.windows, batch)
         hidden = [h for h, _, _ in inputs]
         for i, layer in enumerate(self.layers):
             materialise(layer, self.layer_prefix(i), self.reader)
-            hidden = [_run_layer(layer, h, r, k) for h, (_, r, k) in zip(hidden, inputs)]
+            hidden = advance(layer, hidden, inputs)
             release(layer)
-            _return_freed_memory()
+            return_freed_memory()
         materialise(self.final_norm, self.final_norm_prefix, self.reader)
         head = self.reader.tensor(self.head_name)
         off = 0
@@ -234,7 +232,7 @@ class StreamedModel:
             release(self.final_norm)
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """glibc keeps freed blocks under its mmap threshold (which grows up to 32 MiB) in the heap, so a
     process that materialises and frees a layer at a time creeps up layer by layer. Large blocks
     (>= 1 MiB) get their own mappings from here on, returned to the system when freed; malloc_trim hands
@@ -249,7 +247,7 @@ def _return_freed_memory() -> None:
         pass
 
 
-def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> int:
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> int:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
@@ -257,19 +255,19 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _save_packed(packed: dict, path: Path) -> None:
+def save_packed(packed: dict, path: Path) -> None:
     """Packed tensors of one layer: data under `<param>::<key>`, codec/options/shape in the metadata."""
     tensors, meta = {}, {}
     for name, p in packed.items():
-        for key, t in p.data.items():
+        for key, t in p.parts().items():
             tensors[f"{name}::{key}"] = t.cpu()
         meta[name] = json.dumps({"codec": p.codec, "config": p.config, "shape": list(p.shape)})
-    _save(tensors, path, meta)
+    save_tensors(tensors, path, meta)
 
 
 def load_packed(folder: str | Path) -> dict:
     """The packed tensors a streaming run wrote, by parameter name (for the artifact and tests)."""
-    from quantatlas.quant.codecs.base import Packed
+    from quantatlas.quant.incoherence import read_pack
 
     reader = ShardReader([folder])
     out = {}
@@ -280,94 +278,8 @@ def load_packed(folder: str | Path) -> dict:
             m = json.loads(blob)
             data = {k.split("::", 1)[1]: reader.tensor(k).clone() for k, e in reader.entries.items()
                     if e[0] == file and k.split("::", 1)[0] == name}
-            out[name] = Packed(m["codec"], m["config"], tuple(m["shape"]), data)
+            out[name] = read_pack(m["codec"], m["config"], tuple(m["shape"]), data)
     return out
-
-
-def _check_recipe(recipe) -> None:
-    if recipe.transforms:
-        raise StreamError("layer streaming: transforms need the whole model; run this arm without streaming")
-    if recipe.mixture is not None:
-        raise StreamError("layer streaming: llama.cpp mixtures (codec: gguf) need the whole model")
-
-
-@torch.no_grad()
-def quantize_streamed(sm: StreamedModel, recipe, calib: torch.Tensor | None, seed: int, out_dir: str | Path,
-                      progress=None, log=None, batch: int = 8) -> dict:
-    """The recipe's weight step, one decoder layer resident at a time (module docstring). Writes the
-    quantized layers and packed codes to `out_dir`; returns the bit counts
-    (`bits_per_weight`, `bits_per_param`, `bytes_packed`, `quantized_params`, `total_params`)."""
-    from quantatlas.quant.quantize import LayerStream, for_run, quantize_layer, solve_direct, tensors_to_quantize
-
-    _check_recipe(recipe)
-    _return_freed_memory()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model = sm.model
-    plans = [p for p in recipe.plan(tensors_to_quantize(model, recipe), model) if p.codec is not None]
-    for_run(plans, seed)
-    layered = [p for p in plans if p.solver.needs and p.layer is not None and not p.is_vector]
-    direct = [p for p in plans if p not in layered]
-    if layered and calib is None:
-        raise ValueError("a GPTQ-family solver needs calibration data")
-    qbytes = qparams = 0
-
-    def count(packed: dict):
-        nonlocal qbytes, qparams
-        for p in packed.values():
-            if len(p.shape) == 2:
-                qbytes += p.nbytes
-                qparams += p.shape[0] * p.shape[1]
-
-    # outside the layers: the head (include_head), the final norm (an override): one module at a time
-    rest_packed, rest_tensors = {}, {}
-    for p in [p for p in direct if p.layer is None]:
-        module = p.target.module
-        materialise(module, p.name + ".", sm.reader, {"weight": sm.head_name} if p.target.role == "head" else None)
-        rest_packed[p.name + ".weight"] = solve_direct(p)
-        key = sm.head_name if p.target.role == "head" else p.name + ".weight"
-        rest_tensors[key] = module.weight.detach().clone()
-        release(module)
-        if progress:
-            progress(1)
-    if rest_tensors:
-        _save(rest_tensors, out / "rest.safetensors")
-        _save_packed(rest_packed, out / "packed_rest.safetensors")
-        count(rest_packed)
-        del rest_tensors, rest_packed
-    # a quantized tied head is the embedding: calibration then starts from it, as in memory
-    embed_from = sm.over(out) if (out / "rest.safetensors").exists() else sm
-    stream = LayerStream(embed_from.layer_inputs(calib, batch), recipe, layered) if layered else None
-    for i, layer in enumerate(sm.layers):
-        todo_direct = [p for p in direct if p.layer == i]
-        todo = [p for p in layered if p.layer == i]
-        if not (todo or todo_direct or stream is not None):
-            continue
-        prefix = sm.layer_prefix(i)
-        materialise(layer, prefix, sm.reader)
-        packed: dict = {}
-        for p in todo_direct:
-            packed[p.name + ".weight"] = solve_direct(p)
-            if progress:
-                progress(1)
-        if stream is not None:
-            quantize_layer(layer, todo, recipe, stream, packed, progress)
-        if packed:
-            _save({prefix + n: t for n, t in layer.state_dict().items()}, out / f"layer_{i:05d}.safetensors")
-            _save_packed(packed, out / f"packed_{i:05d}.safetensors")
-            count(packed)
-        release(layer)
-        _return_freed_memory()
-        if log:
-            mem = rss_mb()
-            log(f"layer {i + 1}/{sm.n_layers}: rss {mem['rss']:.0f} MiB, peak {mem['hwm']:.0f} MiB")
-    total = n_params(model)
-    payload = qbytes + 2 * (total - qparams)
-    summary = {"bits_per_weight": 8.0 * qbytes / qparams if qparams else 16.0,
-               "bits_per_param": 8.0 * payload / total, "bytes_packed": payload,
-               "quantized_params": qparams, "total_params": total}
-    (out / "summary.json").write_text(json.dumps(summary))
-    return summary
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -400,55 +312,3 @@ def stream_mode(value: bool | None = None) -> bool | None:
     if env != "auto":
         raise StreamError(f"QUANTATLAS_STREAM: expected 1, 0 or auto, got {env!r}")
     return None
-
-
-class StreamedPacked(dict):
-    """What `quantize_model` returns for a layer-streamed model: no tensors in memory (they are in
-    `folder`, `load_packed` reads them), and the bit counts in `summary`."""
-
-    def __init__(self, summary: dict, folder: Path):
-        super().__init__()
-        self.summary, self.folder = summary, folder
-
-
-def quantize_skeleton(model: torch.nn.Module, recipe, calib, seed: int, progress=None) -> StreamedPacked:
-    """`quantize_model` for a layer-streamed skeleton (`model._qa_stream`): the quantized layers go to a
-    temporary folder under the cache, removed when the model is; the model then reads its layers there."""
-    import shutil
-    import tempfile
-    import weakref
-
-    from quantatlas.eval.windows import cache_dir
-
-    if getattr(recipe, "recovery", None) is not None:
-        raise StreamError("layer streaming: recovery (finetuning) needs the whole model; run this arm without streaming")
-    _check_recipe(recipe)
-    sm = model._qa_stream
-    root = cache_dir() / "stream"
-    root.mkdir(parents=True, exist_ok=True)
-    out = Path(tempfile.mkdtemp(prefix="quantized-", dir=root))
-    try:
-        summary = quantize_streamed(sm, recipe, calib, seed, out, progress)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
-    model._qa_stream = sm.over(out)
-    weakref.finalize(model._qa_stream, shutil.rmtree, str(out), True)
-    return StreamedPacked(summary, out)
-
-
-def check_streamable(spec, name: str, recipe) -> None:
-    """Refuse, in one line, what a layer-streamed run cannot do (before any work is done)."""
-    where = f"arms.{name}"
-    if spec.arms[name].allocate is not None:
-        raise StreamError(f"{where}.allocate: sensitivity and allocation need the whole model; "
-                          "set QUANTATLAS_STREAM=0 to run it in memory")
-    if spec.artifact is not None:
-        raise StreamError("artifact: the artifact cap needs the whole artifact file, which a layer-streamed run "
-                          "does not write; set QUANTATLAS_STREAM=0")
-    if getattr(recipe, "recovery", None) is not None:
-        raise StreamError(f"{where}.recovery: finetuning needs the whole model; set QUANTATLAS_STREAM=0")
-    try:
-        _check_recipe(recipe)
-    except StreamError as e:
-        raise StreamError(f"{where}: {e}; set QUANTATLAS_STREAM=0") from None

@@ -60,6 +60,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from quantatlas.context import RunContext
 from quantatlas.quant.config import config_field
 
 #: rows over which the per-value bits are counted
@@ -160,7 +161,7 @@ class ActivationQuantizer:
         self.cfg = cfg
         self.seed = seed
         c = cfg.codec_config()
-        self.codec = None if c is None else c.build().for_run(seed)
+        self.codec = None if c is None else c.build().for_run(RunContext(seed))
         self.widths: list[tuple[int, object]] = []     # (input width, codec) per hooked Linear
         self.handles = []
 
@@ -215,10 +216,9 @@ class ActivationQuantizer:
 
     def _rotation(self, width, t):
         from quantatlas.quant.hadamard import RandomizedHadamard
-        from quantatlas.quant.transforms.base import subseed
 
         try:
-            return RandomizedHadamard(width, subseed(self.seed, "act", t.role, t.layer))
+            return RandomizedHadamard(width, RunContext(self.seed).sub_seed("named", "act", t.role, t.layer))
         except ValueError as e:
             raise ValueError(f"act.hadamard: {t.name} (width {width}): {e}") from None
 
@@ -266,7 +266,7 @@ def _clipped(codec, g, r: float):
     from quantatlas.quant.codecs.uniform import Uniform
 
     if isinstance(codec, Uniform):
-        params = codec._params(g, torch.full((g.shape[0],), r, device=g.device))
+        params = codec.row_params(g, torch.full((g.shape[0],), r, device=g.device))
     elif isinstance(codec, FP8):
         params = codec.fit(g)
         params = FP8Params(torch.where(g.abs().amax(-1) > 0, params.scale * r, params.scale))

@@ -16,7 +16,10 @@ import pkgutil
 from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
+
+from quantatlas.errors import UserError
 
 KINDS = ("codec", "transform", "solver")
 #: packages whose modules define families (every module in them is imported by `load_families`)
@@ -26,13 +29,16 @@ _REGISTRY: dict[str, dict[str, type[Config]]] = {k: {} for k in KINDS}
 _loaded = False
 
 
-class ConfigError(ValueError):
-    """A config that does not validate: `loc` is the path inside the config (name first)."""
+class ConfigError(UserError):
+    """A config that does not validate: `loc` is the path inside the config (name first). Where the
+    config sits in a spec is known only to the caller, which may give it as `field` (`arms.a.codec`)."""
 
-    def __init__(self, loc: tuple, message: str, value: Any = None, has_value: bool = False):
+    def __init__(self, loc: tuple, message: str, value: Any = None, has_value: bool = False,
+                 field: str | None = None):
         self.loc, self.message, self.value, self.has_value = tuple(loc), message, value, has_value
         shown = f" (value: {value!r})" if has_value else ""
-        super().__init__(f"{'.'.join(map(str, self.loc))}: {message}{shown}" if self.loc else f"{message}{shown}")
+        super().__init__(f"{'.'.join(map(str, self.loc))}: {message}{shown}" if self.loc else f"{message}{shown}",
+                         field)
 
 
 class Config(BaseModel):
@@ -62,10 +68,83 @@ class Config(BaseModel):
         raise NotImplementedError(f"{type(self).__name__}.build")
 
     def options(self, exclude_defaults: bool = False) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_defaults=exclude_defaults)
+        """Every option; exclude_defaults: only those that differ from their first released default
+        (`identity_dump`, what an experiment id records). An option `added_later` is left out of
+        both while at its first default, so configs stored before it existed read the same."""
+        if exclude_defaults:
+            return identity_dump(self)
+        later = [name for name, field in type(self).model_fields.items()
+                 if _declared(field, ADDED_LATER, False) and getattr(self, name) == identity_default(field)]
+        return self.model_dump(mode="json", exclude=set(later) or None)
 
     def to_spec(self, exclude_defaults: bool = False) -> dict[str, dict]:
         return {self.name: self.options(exclude_defaults)}
+
+
+#: json_schema_extra keys of a field whose default changed or that came later (see `identity_dump`):
+#: {FIRST_DEFAULT: v}: the option's default when first released, v, is not its default now;
+#: {ADDED_LATER: True}: the option came after results were stored; its (first) default is what they did
+FIRST_DEFAULT = "first_default"
+ADDED_LATER = "added_later"
+_UNDECLARED = object()
+
+
+def _declared(field: FieldInfo, key: str, absent: Any = _UNDECLARED) -> Any:
+    extra = field.json_schema_extra
+    return extra.get(key, absent) if isinstance(extra, dict) else absent
+
+
+def identity_default(field: FieldInfo) -> Any:
+    """The default an experiment id measures a field against: its first released default."""
+    first = _declared(field, FIRST_DEFAULT)
+    return field.get_default(call_default_factory=True) if first is _UNDECLARED else first
+
+
+def identity_dump(model: BaseModel) -> dict[str, Any]:
+    """model_dump(mode="json", exclude_defaults=True), except that every field (of the model and of
+    the spec models nested in it) is measured against its first released default: so once a default
+    changes, the bare spelling gets a new id and the old explicit spelling keeps its old one. Fields
+    without a FIRST_DEFAULT declaration are measured against their default, as pydantic does (configs
+    nested as fields apply this rule in their own serializer: `Config.options`)."""
+    return _first_defaults(model, model.model_dump(mode="json", exclude_defaults=True))
+
+
+def _first_defaults(model: BaseModel, dumped: dict) -> dict:
+    for name, field in type(model).model_fields.items():
+        value, first = getattr(model, name), _declared(field, FIRST_DEFAULT)
+        if first is not _UNDECLARED:
+            if value == first:
+                dumped.pop(name, None)
+                continue
+            if name not in dumped:   # at the current default, which is not the first
+                dumped[name] = (value.model_dump(mode="json", exclude_defaults=True) if isinstance(value, BaseModel)
+                                else model.model_dump(mode="json", include={name})[name])
+        if name in dumped:
+            written = dumped[name] != {}
+            _nested_first_defaults(value, dumped[name])
+            if written and dumped[name] == {} and isinstance(identity_default(field), BaseModel):
+                dumped.pop(name)   # a nested model that differed only by a changed default: at its first one
+        elif isinstance(value, BaseModel) and not isinstance(value, Config):
+            # left out at its default, yet a default inside it may have changed since its first release
+            plain = value.model_dump(mode="json", exclude_defaults=True)
+            inner = _first_defaults(value, value.model_dump(mode="json", exclude_defaults=True))
+            if inner != plain and inner:
+                dumped[name] = inner
+    return dumped
+
+
+def _nested_first_defaults(value: Any, dumped: Any) -> None:
+    if isinstance(value, Config):
+        return
+    if isinstance(value, BaseModel) and isinstance(dumped, dict):
+        _first_defaults(value, dumped)
+    elif isinstance(value, (list, tuple)) and isinstance(dumped, list) and len(value) == len(dumped):
+        for v, d in zip(value, dumped):
+            _nested_first_defaults(v, d)
+    elif isinstance(value, dict) and isinstance(dumped, dict):
+        for k, v in value.items():
+            if str(k) in dumped:
+                _nested_first_defaults(v, dumped[str(k)])
 
 
 class CodecConfig(Config):

@@ -10,26 +10,52 @@ which is the same problem: x' = V x gives W' x' = U y, and
 tr((Ŵ' - W') H' (Ŵ' - W')ᵀ) = tr((Ŵ - W) H (Ŵ - W)ᵀ) for Ŵ = Uᵀ Ŵ' V, both maps being orthogonal.
 After the rotations W' and H' are incoherent (no entry or eigenvector coordinate much larger than
 the RMS), so outlier columns/rows are spread over all of them and a per-row or per-group scale
-fits. The solver returns Ŵ = Uᵀ Ŵ' V in the original basis; the Packed holds the codec's codes
-of Ŵ' plus the 8-byte seed the signs come from (counted in its bits), and `decode` undoes the
-rotations. Signs: s_in from `seed`, s_out from `seed + 1` (mod 2^63). The Packed keeps the codec's
-name and adds `"incoherence": true` to its config, so `build("codec", {codec: config})` refuses it
-loudly instead of decoding it in the rotated basis: decode it with `decode(codec, packed)` below.
+fits. The solver returns Ŵ = Uᵀ Ŵ' V in the original basis and an `IncoherentPacked`: the codec's
+Packed of Ŵ' (`inner`) and the seed the signs come from (`seed`, stored as 8 bytes and counted in
+the bits). Its `decode()` undoes the rotations. Signs: s_in from `seed`, s_out from `seed + 1`
+(mod 2^63); the seed of a run's i-th matrix is the run context's "tensor" derivation.
+
+In a file (eval/bits.py's artifact, a streamed run's shards) the pack is stored under the codec's
+name with `"incoherence": true` added to its config and the seed as the stored part
+`incoherence_seed`, so `build("codec", {codec: config})` refuses it loudly instead of decoding it
+in the rotated basis; `IncoherentPacked.from_parts` reads it back.
 """
 from __future__ import annotations
-
-import numpy as np
 
 from quantatlas._lazy import torch
 from quantatlas.quant.codecs.base import Codec, Packed
 from quantatlas.quant.hadamard import RandomizedHadamard, has_hadamard
 
 SEED_KEY = "incoherence_seed"
+#: the config key that marks an incoherence pack in a file
+FLAG = "incoherence"
 
 
-def tensor_seed(run_seed: int, index: int) -> int:
-    """The seed of the `index`-th matrix a solver handles in a run with experiment seed `run_seed`."""
-    return int(np.random.SeedSequence([int(run_seed), int(index), 0x1C0]).generate_state(1, np.uint64)[0]) % 2 ** 62
+class IncoherentPacked(Packed):
+    """A codec's pack of U W Vᵀ (`inner`) and the seed of U's and V's signs: decodes to W's basis."""
+
+    def __init__(self, inner: Packed, seed: int):
+        super().__init__(inner.codec, {**inner.config, FLAG: True}, inner.shape, inner.data)
+        self.inner, self.seed = inner, int(seed)
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        return {**self.inner.parts(), SEED_KEY: torch.tensor([self.seed], dtype=torch.int64)}
+
+    @classmethod
+    def from_parts(cls, codec, config, shape, parts) -> "IncoherentPacked":
+        """The pack whose `parts()` and flagged config a file stores."""
+        inner = Packed.from_parts(codec, {k: v for k, v in config.items() if k != FLAG}, shape,
+                                  {k: v for k, v in parts.items() if k != SEED_KEY})
+        return cls(inner, int(parts[SEED_KEY].reshape(-1)[0]))
+
+    def decode(self) -> torch.Tensor:
+        return decode(None, self)
+
+
+def read_pack(codec: str, config: dict, shape, parts: dict[str, torch.Tensor]) -> Packed:
+    """A pack as a file stores it (codec name, config, shape, `parts()`): an IncoherentPacked where
+    the config carries the incoherence flag, else the codec's own Packed."""
+    return (IncoherentPacked if config.get(FLAG) else Packed).from_parts(codec, config, shape, parts)
 
 
 class Incoherence:
@@ -54,18 +80,15 @@ class Incoherence:
         """V H Vᵀ (input side; also for a non-symmetric cross term)."""
         return self.inp.rotate(self.inp.rotate(H).T).T.contiguous()
 
-    def wrap(self, packed: Packed) -> Packed:
-        """The codec's Packed of W' plus the seed: what `decode` needs to give Ŵ."""
-        return Packed(packed.codec, {**packed.config, "incoherence": True}, packed.shape,
-                      {**packed.data, SEED_KEY: torch.tensor([self.seed], dtype=torch.int64)})
+    def wrap(self, packed: Packed) -> IncoherentPacked:
+        """The codec's Packed of W' with the seed: what decodes to Ŵ."""
+        return IncoherentPacked(packed, self.seed)
 
 
-def decode(codec: Codec, packed: Packed) -> torch.Tensor:
-    """Ŵ in the original basis from a Packed that `Incoherence.wrap` made (any other goes to the codec)."""
-    if SEED_KEY not in packed.data:
-        return codec.decode(packed)
-    data = {k: v for k, v in packed.data.items() if k != SEED_KEY}
-    config = {k: v for k, v in packed.config.items() if k != "incoherence"}
-    inner = Packed(packed.codec, config, packed.shape, data)
-    inc = Incoherence(*packed.shape, int(packed.data[SEED_KEY][0]))
-    return inc.unweight(codec.decode(inner).double()).float()
+def decode(codec: Codec | None, packed: Packed) -> torch.Tensor:
+    """Ŵ in the original basis: an IncoherentPacked's inner pack decoded by `codec` (None: the codec its
+    config names) and rotated back; any other pack goes to the codec as it is."""
+    if not isinstance(packed, IncoherentPacked):
+        return packed.decode() if codec is None else codec.decode(packed)
+    inner = packed.inner.decode() if codec is None else codec.decode(packed.inner)
+    return Incoherence(*packed.shape, packed.seed).unweight(inner.double()).float()

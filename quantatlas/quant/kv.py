@@ -65,6 +65,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from quantatlas.context import RunContext
 from quantatlas.quant.config import config_field
 
 #: the name our attention function is registered under
@@ -191,8 +192,8 @@ class KVCacheQuantizer:
     def __init__(self, cfg: KVCacheConfig, seed: int = 0):
         self.cfg = cfg
         self.seed = seed
-        self.k = None if cfg.k is None else cfg.k.build().for_run(seed)
-        self.v = None if cfg.v is None else cfg.v.build().for_run(seed)
+        self.k = None if cfg.k is None else cfg.k.build().for_run(RunContext(seed))
+        self.v = None if cfg.v is None else cfg.v.build().for_run(RunContext(seed))
         self.halves: tuple[_Half, _Half] | None = None
 
     def rotates(self, head_dim: int) -> bool:
@@ -205,7 +206,7 @@ class KVCacheQuantizer:
             from quantatlas.quant.hadamard import RandomizedHadamard
 
             try:
-                rotation = RandomizedHadamard(head_dim, (self.cfg.rotation_seed + self.seed) % 2 ** 63)
+                rotation = RandomizedHadamard(head_dim, RunContext(self.seed).sub_seed("offset", self.cfg.rotation_seed))
             except ValueError as e:
                 raise ValueError(f"kv.rotate: {e}") from None
         return (_Half(self.k, self.cfg.k_granularity, self.cfg, rotation),

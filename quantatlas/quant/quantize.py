@@ -1,14 +1,19 @@
-"""Run a recipe on a model: transforms, then each tensor's solver with its codec, then the
-KV-cache and activation hooks (`attach_runtime`).
+"""The weights step's pass over a model held in memory: each tensor's solver with its codec
+(quant/recipe.py). Layer-streamed models take the same per-layer step (`quantize_layer`) from
+quant/streamed.py.
 
 RTN needs no data. GPTQ-family solvers go decoder layer by decoder layer: the inputs of
-layer 0 are captured once, then each layer is replayed on them, so only one layer and its
-calibration activations need to be on the accelerator at a time.
+layer 0 are captured once, then each layer is replayed on them (models/replay.py), so only one
+layer and its calibration activations need to be on the accelerator at a time.
 
 propagation
   sequential: a layer's Hessians come from inputs produced by the already-quantized
               earlier layers, and within a layer groups go in true-sequential order
               (q/k/v, then o, then gate/up, then down), each seeing its predecessors quantized.
+  layer:      a layer's Hessians all come from one pass over its input (the quantized model's
+              hidden states) before any of its matrices is quantized, then the layer is solved and
+              the stream advanced: two passes per layer (llm-compressor's order) where true-sequential
+              takes four partial ones and the advance.
   parallel:   every Hessian comes from the fp model's activations.
 gptaq: the target uses the fp model's layer inputs while the update uses the quantized
        model's inputs; the solver receives H from the quantized inputs and the cross term.
@@ -20,7 +25,10 @@ import copy
 import numpy as np
 import torch
 
+from quantatlas.context import RunContext
+from quantatlas.errors import UserError
 from quantatlas.models.calib import InputAccumulator
+from quantatlas.models.replay import StopForward, advance, capture_layer_inputs, run_layer
 from quantatlas.models.roles import (decoder_layers, find_roles, get_weight, is_tied, quantizable, sequential_groups,
                                      set_weight)
 from quantatlas.quant.codecs.base import Packed
@@ -28,11 +36,12 @@ from quantatlas.quant.recipe import VECTOR_ROLES, Recipe, TensorPlan
 from quantatlas.quant.solvers.rtn import rtn
 
 
-def calibration_tokens(stream: np.ndarray, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+def calibration_tokens(stream: np.ndarray, samples: int, seq_len: int, seed: int | RunContext) -> torch.Tensor:
     """`samples` windows of `seq_len` tokens at random offsets of the calibration stream (the seed picks them)."""
     if len(stream) < seq_len + 1:
-        raise ValueError(f"data.calib: the calibration stream has {len(stream)} tokens, fewer than seq_len={seq_len}")
-    rng = np.random.default_rng(seed)
+        raise UserError(f"data.calib: the calibration stream has {len(stream)} tokens, fewer than seq_len={seq_len}",
+                        "data.calib")
+    rng = as_context(seed).rng("calibration")
     starts = rng.integers(0, len(stream) - seq_len, size=samples)
     return torch.from_numpy(np.stack([stream[s:s + seq_len] for s in starts]).astype(np.int64))
 
@@ -61,23 +70,18 @@ def _solve(plan: TensorPlan, W: torch.Tensor, stats: dict | None) -> tuple[torch
     return plan.solver.solve(W, stats, plan.codec)
 
 
-def quantize_model(model: torch.nn.Module, recipe: Recipe, calib: torch.Tensor | None, seed: int,
-                   progress=None, on_transformed=None) -> dict[str, Packed]:
-    """The recipe's transforms and weight step on `model`, in place (`attach_runtime` adds the
-    KV-cache and activation steps). Returns the packed tensors by parameter name (`<module>.weight`).
-    `on_transformed(model)` is called between the transforms and the weights (recovery's teacher).
-    A layer-streamed skeleton (`model._qa_stream`, models/stream.py) is quantized one decoder layer
-    at a time from its shards, with the same per-layer step (`quantize_layer`)."""
-    if getattr(model, "_qa_stream", None) is not None:
-        from quantatlas.models.stream import quantize_skeleton
+def as_context(ctx: int | RunContext) -> RunContext:
+    """A bare seed is the context of a CPU run with that seed."""
+    return ctx if isinstance(ctx, RunContext) else RunContext(int(ctx))
 
-        return quantize_skeleton(model, recipe, calib, seed, progress)
-    for t in recipe.transforms:
-        t.apply(model, calib, seed)
-    if on_transformed is not None:
-        on_transformed(model)
+
+def quantize_model(model: torch.nn.Module, recipe: Recipe, calib: torch.Tensor | None, ctx: int | RunContext,
+                   progress=None) -> dict[str, Packed]:
+    """The weight recipe on `model` (held in memory), in place. Returns the packed tensors by
+    parameter name (`<module>.weight`)."""
+    ctx = as_context(ctx)
     plans = [p for p in recipe.plan(tensors_to_quantize(model, recipe), model) if p.codec is not None]
-    for_run(plans, seed)
+    for_run(plans, ctx)
     importance = {}
     if recipe.mixture is not None and recipe.mixture.imatrix:
         from quantatlas.quant.imatrix import compute_imatrix
@@ -98,13 +102,13 @@ def quantize_model(model: torch.nn.Module, recipe: Recipe, calib: torch.Tensor |
     return packed
 
 
-def for_run(plans: list[TensorPlan], seed: int) -> None:
+def for_run(plans: list[TensorPlan], ctx: RunContext) -> None:
     """One per-run codec per recipe codec (a turbo rotation is built once); solvers likewise."""
     run_codecs: dict[int, object] = {}
     run_solvers: dict[int, object] = {}
     for p in plans:
-        p.codec = run_codecs.setdefault(id(p.codec), p.codec.for_run(seed))
-        p.solver = run_solvers.setdefault(id(p.solver), p.solver.for_run(seed))
+        p.codec = run_codecs.setdefault(id(p.codec), p.codec.for_run(ctx))
+        p.solver = run_solvers.setdefault(id(p.solver), p.solver.for_run(ctx))
 
 
 def solve_direct(p: TensorPlan, importance=None) -> Packed:
@@ -114,72 +118,13 @@ def solve_direct(p: TensorPlan, importance=None) -> Packed:
     return packed
 
 
-def attach_runtime(model, recipe: Recipe, seed: int, ctx: int | None = None) -> dict[str, float]:
-    """The KV-cache and activation steps: hooks that act in every later forward pass. Returns
-    their bits per stored value (kv_bits_k, kv_bits_v, kv_bits, act_bits); `ctx`, the eval window,
-    counts a KV cache's fp16 residual/sink tokens at that length (quant/kv.py)."""
-    bits: dict[str, float] = {}
-    if recipe.kv is not None:
-        from quantatlas.models.layout import layout
-        from quantatlas.quant.kv import KVCacheQuantizer
-
-        kv = KVCacheQuantizer(recipe.kv, seed)
-        kv.attach(model)
-        head_dim = next(layer.head_dim for layer in layout(model).layers)
-        bits.update(kv.bits(head_dim, ctx))
-    if recipe.act is not None:
-        from quantatlas.quant.act import ActivationQuantizer
-
-        act = ActivationQuantizer(recipe.act, seed)
-        act.attach(model, recipe)  # the recipe: each Linear's weight type, for llamacpp_cpu
-        bits.update(act.bits())
-    return bits
-
-
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def _capture_layer0_inputs(model, layer0, calib: torch.Tensor, batch: int):
-    """Inputs (hidden states and keyword arguments) that reach decoder layer 0, per calibration batch."""
-    captured = []
-
-    def hook(module, args, kwargs):
-        if args:
-            hidden, rest = args[0], args[1:]
-        else:
-            hidden, rest = kwargs.pop("hidden_states"), ()
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
-        kwargs["use_cache"] = False
-        captured.append((hidden, rest, kwargs))
-        raise _Stop
-
-    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
-    dev = next(model.parameters()).device
-    try:
-        for i in range(0, calib.shape[0], batch):
-            try:
-                model(calib[i:i + batch].to(dev), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _run_layer(layer, hidden, rest, kwargs) -> torch.Tensor:
-    out = layer(hidden, *rest, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
 @torch.no_grad()
 def _layerwise(model, recipe: Recipe, plans: list[TensorPlan], calib, packed, progress, batch: int = 8):
     layers = decoder_layers(model)
     by_layer: dict[int, list[TensorPlan]] = {}
     for p in plans:
         by_layer.setdefault(p.layer, []).append(p)
-    stream = LayerStream(_capture_layer0_inputs(model, layers[0], calib, batch), recipe, plans)
+    stream = LayerStream(capture_layer_inputs(model, layers[0], calib, batch), recipe, plans)
     for li, layer in enumerate(layers):
         quantize_layer(layer, by_layer.get(li, []), recipe, stream, packed, progress)
 
@@ -202,10 +147,10 @@ def quantize_layer(layer, todo: list[TensorPlan], recipe: Recipe, stream: LayerS
                    progress=None) -> None:
     """One decoder layer of a GPTQ-family pass: collect each group's statistics on the stream, solve
     its matrices in place (packed tensors into `packed`), then advance the stream through the layer.
-    The in-memory pass (`_layerwise`) and the streaming one (models/stream.py) both call this."""
+    The in-memory pass (`_layerwise`) and the streamed one (quant/streamed.py) both call this."""
     fp_layer = copy.deepcopy(layer) if stream.track_fp and todo else None
     if todo:
-        if recipe.propagation == "parallel":
+        if recipe.propagation in ("parallel", "layer"):
             groups = [todo]
         else:
             names = {p.name for p in todo}
@@ -238,8 +183,8 @@ def quantize_layer(layer, todo: list[TensorPlan], recipe: Recipe, stream: LayerS
     inputs = stream.inputs
     if stream.track_fp:
         ref = fp_layer if fp_layer is not None else layer
-        stream.fp_hidden = [_run_layer(ref, h, r, k) for h, (_, r, k) in zip(stream.fp_hidden, inputs)]
-    stream.q_hidden = [_run_layer(layer, h, r, k) for h, (_, r, k) in zip(stream.q_hidden, inputs)]
+        stream.fp_hidden = advance(ref, stream.fp_hidden, inputs)
+    stream.q_hidden = advance(layer, stream.q_hidden, inputs)
     if not stream.track_fp:
         stream.fp_hidden = stream.q_hidden
     del fp_layer
@@ -261,7 +206,8 @@ def _collect(layer, group: list[TensorPlan], hidden, inputs, fp_layer, fp_hidden
     """Hessians (and for GPTAQ the cross term) of the group's modules on one pass over the calibration set.
 
     Each layer pass stops as soon as every module of the group has seen its input, so the
-    q/k/v group costs a fraction of a layer forward rather than all of it.
+    q/k/v group costs a fraction of a layer forward rather than all of it. Modules fed the very same
+    input tensor (q/k/v, gate/up) share one accumulation; each gets its own copy of the result.
     """
     modules = {p.name: p.target.module for p in group}
     accs = {n: InputAccumulator(_width(p), p.target.module.weight.device) for n, p in zip(modules, group)}
@@ -270,20 +216,28 @@ def _collect(layer, group: list[TensorPlan], hidden, inputs, fp_layer, fp_hidden
     fp_x: dict[str, torch.Tensor] = {}
     seen: set[str] = set()
     handles = []
+    same_input: dict[str, str] = {}          # module -> the module whose accumulation is its input's
+    this_pass: list[tuple[torch.Tensor, str]] = []   # inputs seen in this pass (held: no id reuse)
 
     def fp_hook(mod, args, n):
         fp_x[n] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
         if len(fp_x) == len(modules):
-            raise _Stop
+            raise StopForward
 
     def q_hook(mod, args, n):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        accs[n].add(x)
-        if cross is not None:
-            cross[n].addmm_((fp_x[n] - x).T, x)
+        owner = next((m for t, m in this_pass if t is args[0]), None) if cross is None else None
+        if n in same_input or owner is not None:
+            if same_input.setdefault(n, owner) != owner:
+                raise RuntimeError(f"{n}: its input changed between calibration batches")
+        else:
+            this_pass.append((args[0], n))
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            accs[n].add(x)
+            if cross is not None:
+                cross[n].addmm_((fp_x[n] - x).T, x)
         seen.add(n)
         if len(seen) == len(modules):
-            raise _Stop
+            raise StopForward
 
     if fp_layer is not None:
         fp_named = dict(fp_layer.named_modules())
@@ -298,24 +252,29 @@ def _collect(layer, group: list[TensorPlan], hidden, inputs, fp_layer, fp_hidden
             if fp_layer is not None:
                 fp_x.clear()
                 try:
-                    _run_layer(fp_layer, fp_hidden[b], r, k)
-                except _Stop:
+                    run_layer(fp_layer, fp_hidden[b], r, k)
+                except StopForward:
                     pass
             seen.clear()
             try:
-                _run_layer(layer, h, r, k)
-            except _Stop:
+                run_layer(layer, h, r, k)
+            except StopForward:
                 pass
+            this_pass.clear()
     finally:
         for hd in handles:
             hd.remove()
     out = {}
     for n, a in accs.items():
+        if n in same_input:
+            continue
         s = a.result()
         d = {"hessian": s.hessian, "sq_mean": s.sq_mean}
         if cross is not None:
             d["cross"] = cross.pop(n).mul_(2.0 / max(s.count, 1))
         out[n] = d
+    for n, owner in same_input.items():
+        out[n] = {k: v.clone() for k, v in out[owner].items()}
     return out
 
 

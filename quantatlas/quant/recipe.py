@@ -1,13 +1,7 @@
-"""A recipe: what an arm does to a model, as an ordered plan of steps.
+"""The weight recipe: which solver and codec each tensor gets (the weights step of an arm's
+pipeline, `quant/steps/weights.py`; the other steps are in `quant/steps/`).
 
-    1. transforms      function-preserving re-parametrisations (rotations, scales)
-    2. weights         a solver with a codec per tensor (overrides), or a llama.cpp mixture
-    3. kv              KV-cache quantization in the forward pass (quant/kv.py)
-    4. act             activation quantization of Linear inputs (quant/act.py)
-    5. recovery        finetuning against the fp teacher on calibration tokens (quant/recovery.py);
-                       the runner runs it right after the weights (the KV/act hooks attach later)
-
-Each step says which statistics it needs; the runner collects only those. Overrides pick
+The solvers say which statistics they need; the weight pass collects only those. Overrides pick
 tensors by role name (k, down, q_norm, ...) or by a regex searched in the module name, in order,
 the last match winning; `codec: null` in an override keeps a tensor fp16. The arm's codec
 applies to matrices; norm vectors are quantized only where an override gives them a codec.
@@ -18,14 +12,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from quantatlas.quant.act import ActConfig
+from quantatlas.errors import UserError
 from quantatlas.quant.codecs import Codec
 from quantatlas.quant.codecs.gguf import GGUFConfig
 from quantatlas.quant.config import parse_config
-from quantatlas.quant.kv import KVCacheConfig
-from quantatlas.quant.recovery import RecoveryConfig
 from quantatlas.quant.solvers.base import Solver
-from quantatlas.spec import Arm
 
 VECTOR_ROLES = ("norm", "q_norm", "k_norm")
 
@@ -46,16 +37,12 @@ class TensorPlan:
 
 @dataclass
 class Recipe:
-    transforms: list = field(default_factory=list)
     solver: Solver | None = None
     codec: Codec | None = None
     overrides: list[tuple[re.Pattern | str, Codec | None, Solver | None]] = field(default_factory=list)
     propagation: str = "sequential"
     include_head: bool = False
     mixture: Any = None  # a GGUFMixture: llama.cpp's per-tensor types instead of one codec
-    kv: KVCacheConfig | None = None
-    act: ActConfig | None = None
-    recovery: RecoveryConfig | None = None
 
     def __post_init__(self):
         if self.solver is None:
@@ -92,16 +79,8 @@ class Recipe:
         return out
 
     @property
-    def uses_seed(self) -> bool:
-        """Whether results differ between experiment seeds (calibration draw, random signs)."""
-        codecs = [self.codec] + [c for _, c, _ in self.overrides]
-        runtime = [c for c in (self.kv, self.act) if c is not None]
-        return self.needs_calibration or any(c is not None and c.seeded for c in codecs) or \
-            any(c.seeded for c in runtime) or any(s.seeded for s in self.solvers) or self.recovery is not None
-
-    @property
     def needs_calibration(self) -> bool:
-        return bool(self.transforms) or bool(self.statistics)
+        return bool(self.statistics)
 
 
 def _hits(match: re.Pattern | str, t) -> bool:
@@ -116,11 +95,11 @@ def _match(pattern: str, where: str) -> re.Pattern | str:
     try:
         return re.compile(pattern)
     except re.error as e:
-        raise ValueError(f"{where}.match: bad regex {pattern!r}: {e}") from None
+        raise UserError(f"{where}.match: bad regex {pattern!r}: {e}", f"{where}.match") from None
 
 
-def build_recipe(arm: Arm, where: str = "arm") -> Recipe:
-    """Turn a validated arm (typed configs) into the objects that run; ValueErrors name the field."""
+def build_recipe(arm, where: str = "arm") -> Recipe:
+    """The weight recipe of a validated arm (`spec.Arm`: typed configs); ValueErrors name the field."""
     solver = arm.solver_options.build()
     overrides = []
     for i, o in enumerate(arm.overrides):
@@ -134,10 +113,5 @@ def build_recipe(arm: Arm, where: str = "arm") -> Recipe:
         mixture = arm.codec.build()
     elif arm.codec is not None:
         codec = arm.codec.build()
-    transforms = [t.build() for t in arm.transforms]
-    for t in transforms:
-        if getattr(t, "codec", "absent") is None:  # AWQ searches its scales for the arm's own codec
-            t.codec = codec
-    return Recipe(transforms=transforms, solver=solver, codec=codec, overrides=overrides,
-                  propagation=arm.propagation, include_head=arm.include_head, mixture=mixture, kv=arm.kv,
-                  act=arm.act, recovery=arm.recovery)
+    return Recipe(solver=solver, codec=codec, overrides=overrides, propagation=arm.propagation,
+                  include_head=arm.include_head, mixture=mixture)

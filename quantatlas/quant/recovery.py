@@ -42,6 +42,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from quantatlas._lazy import nn, no_grad, torch
+from quantatlas.context import RunContext
 
 
 class RecoveryConfig(BaseModel):
@@ -94,7 +95,7 @@ def draw_windows(stream: np.ndarray, samples: int, seq_len: int, seed: int) -> t
     """`samples` windows of `seq_len` tokens at seeded random offsets: (tokens [samples, seq_len], starts)."""
     if len(stream) < seq_len + 1:
         raise ValueError(f"recovery.seq_len: the calibration stream has {len(stream)} tokens, fewer than {seq_len}")
-    rng = np.random.default_rng([int(seed), 0x5EC0])
+    rng = RunContext(int(seed)).rng("recovery.windows")
     starts = rng.integers(0, len(stream) - seq_len, size=samples)
     return np.stack([stream[s:s + seq_len] for s in starts]).astype(np.int64), starts
 
@@ -102,7 +103,7 @@ def draw_windows(stream: np.ndarray, samples: int, seq_len: int, seed: int) -> t
 def batch_order(cfg: RecoveryConfig, seed: int) -> list[int]:
     """The mini-batch of each step: the pool is cut into batches of `batch` consecutive windows (the
     pool itself is a seeded draw), visited in a seeded random order, epoch after epoch."""
-    rng = np.random.default_rng([int(seed), 0x0DE5])
+    rng = RunContext(int(seed)).rng("recovery.batches")
     n = math.ceil(cfg.samples / cfg.batch)
     out: list[int] = []
     while len(out) < cfg.steps:
@@ -116,24 +117,22 @@ def _chunk(windows: torch.Tensor, i: int, batch: int) -> torch.Tensor:
 
 # -- trainable views of one packed matrix ---------------------------------------------------------
 
-def _codec_of(packed, seed: int):
-    """The run codec that made `packed` (rebuilt from its config, with the run seed)."""
+def _codec_of(packed):
+    """The run codec that made `packed`, rebuilt from its config: a seeded codec's config already holds
+    the seed its run derived (`Codec.for_run`), so it is not derived again."""
     from quantatlas.quant.config import build
 
     config = {k: v for k, v in packed.config.items() if k != "incoherence"}
-    return build("codec", {packed.codec: config}).for_run(seed)
+    return build("codec", {packed.codec: config})
 
 
 def _basis(packed):
     """(inner Packed in the codec's basis, Incoherence or None)."""
-    from quantatlas.quant.codecs.base import Packed
-    from quantatlas.quant.incoherence import SEED_KEY, Incoherence
+    from quantatlas.quant.incoherence import Incoherence, IncoherentPacked
 
-    if SEED_KEY not in packed.data:
+    if not isinstance(packed, IncoherentPacked):
         return packed, None
-    inner = Packed(packed.codec, {k: v for k, v in packed.config.items() if k != "incoherence"}, packed.shape,
-                   {k: v for k, v in packed.data.items() if k != SEED_KEY})
-    return inner, Incoherence(*packed.shape, int(packed.data[SEED_KEY][0]))
+    return packed.inner, Incoherence(*packed.shape, packed.seed)
 
 
 def _expand(scale: torch.Tensor, cols: int) -> torch.Tensor:
@@ -211,7 +210,7 @@ class _UniformCodes(_Scales):
         from quantatlas.quant.codecs.base import unpack_bits
 
         rows, cols = packed.shape
-        self.lo, self.hi = codec._levels()
+        self.lo, self.hi = codec.levels()
         self.q = unpack_bits(self.inner.data["codes"], codec.bits, rows * cols).reshape(rows, cols).float() + self.lo
         self.zero = self.q - self.base  # base = q − z
         self.grad = torch.zeros_like(self.base)
@@ -290,8 +289,8 @@ class _Latent(_Tuned):
         return self._wrap(self.codec.encode(self.latent.detach()))
 
 
-def _make(kind: str, packed, seed: int, w_fp: torch.Tensor | None):
-    codec = _codec_of(packed, seed)
+def _make(kind: str, packed, w_fp: torch.Tensor | None):
+    codec = _codec_of(packed)
     _, rot = _basis(packed)
     if kind == "weights":
         return _Latent(packed, codec, rot, w_fp)
@@ -329,7 +328,7 @@ class Recovery:
             mod = mods.get(pname.rsplit(".", 1)[0])
             if not isinstance(mod, nn.Linear) or len(pk.shape) != 2:
                 continue  # norm vectors an override quantizes, embeddings: kept as packed
-            out[pname] = _make(kind, pk, self.seed, fp[pname].detach() if kind == "weights" else None)
+            out[pname] = _make(kind, pk, fp[pname].detach() if kind == "weights" else None)
         return out
 
     def _norms(self, model, packed: dict, layer: int | None = None) -> dict[str, torch.Tensor]:
@@ -448,12 +447,12 @@ class Recovery:
         from torch.func import functional_call
 
         from quantatlas.models.roles import decoder_layers
-        from quantatlas.quant.quantize import _capture_layer0_inputs, _run_layer
+        from quantatlas.models.replay import advance, capture_layer_inputs
 
         cfg = self.cfg
         layers, fp_layers = decoder_layers(model), decoder_layers(teacher)
-        q_in = _capture_layer0_inputs(model, layers[0], windows, cfg.batch)   # one entry per batch of windows
-        fp_in = _capture_layer0_inputs(teacher, fp_layers[0], windows, cfg.batch)
+        q_in = capture_layer_inputs(model, layers[0], windows, cfg.batch)   # one entry per batch of windows
+        fp_in = capture_layer_inputs(teacher, fp_layers[0], windows, cfg.batch)
         q_h = [h for h, _, _ in q_in]
         fp_h = [h for h, _, _ in fp_in]
         new: dict = {}
@@ -461,7 +460,7 @@ class Recovery:
         prefix = {li: f"{name}." for name, m in model.named_modules() for li, layer in enumerate(layers) if m is layer}
         for li, (layer, fp_layer) in enumerate(zip(layers, fp_layers)):
             with torch.no_grad():
-                target = [_run_layer(fp_layer, h, r, k) for h, (_, r, k) in zip(fp_h, fp_in)]
+                target = advance(fp_layer, fp_h, fp_in)
             pre = prefix[li]
             names = {n for n in packed if n.startswith(pre)}
             tuned = self._tunables(model, teacher, packed, names)
@@ -485,7 +484,7 @@ class Recovery:
                         progress(1)
             self._apply(model, tuned, norms, new)
             with torch.no_grad():
-                q_h = [_run_layer(layer, h, r, k) for h, (_, r, k) in zip(q_h, q_in)]
+                q_h = advance(layer, q_h, q_in)
             fp_h = target
         if not trained:
             raise ValueError("recovery: the arm stores no Linear weight matrix through a codec: nothing to tune")

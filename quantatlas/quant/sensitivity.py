@@ -107,13 +107,16 @@ class Sensitivity:
 
 
 def format_roi(s: Sensitivity, limit: int | None = None) -> str:
-    lines = [f"base {s.base}: KLD {s.kld_base:.5g} on {s.calib_tokens} calibration tokens, "
-             f"{s.forward_passes} forward passes; ROI = -ΔKLD per added bit per weight (whole model)",
-             f"{'rank':>4}  {'group':<12} {'candidate':<28} {'ΔKLD':>11} {'± SE':>9} {'Δbits/wt':>9} {'ROI':>10}"]
+    from quantatlas.tables import plain_table, render
+
+    table = plain_table(("rank", "right"), ("group", "left"), ("candidate", "left"), ("ΔKLD", "right"),
+                        ("± SE", "right"), ("Δbits/wt", "right"), ("ROI", "right"))
     for i, r in enumerate(s.rows()[:limit], 1):
-        lines.append(f"{i:>4}  {r['group']:<12} {r['candidate']:<28} {r['delta_kld']:>+11.3e} {r['delta_kld_se']:>9.2e} "
-                     f"{r['delta_bpw']:>+9.4f} {r['roi']:>10.4g}")
-    return "\n".join(lines)
+        table.add_row(str(i), r["group"], r["candidate"], f"{r['delta_kld']:+.3e}", f"{r['delta_kld_se']:.2e}",
+                      f"{r['delta_bpw']:+.4f}", f"{r['roi']:.4g}")
+    return (f"base {s.base}: KLD {s.kld_base:.5g} on {s.calib_tokens} calibration tokens, "
+            f"{s.forward_passes} forward passes; ROI = -ΔKLD per added bit per weight (whole model)\n"
+            + render(table))
 
 
 def role_summary(s: Sensitivity, candidate: str | None = None) -> list[dict]:
@@ -140,13 +143,17 @@ def role_summary(s: Sensitivity, candidate: str | None = None) -> list[dict]:
 def _variant(lm, arm, codec_cfg, calib, seed: int, compressor: str | None = None, keep: list | None = None):
     """The model quantized by `arm` with its codec replaced: ({param name: weight}, {param name: bits},
     recipe, {param name: compressed bits} when `compressor`); `keep` gets (model, packed)."""
+    from quantatlas.context import RunContext
     from quantatlas.quant.quantize import quantize_model
     from quantatlas.quant.recipe import build_recipe
+    from quantatlas.quant.steps.transforms import apply_transforms
 
-    recipe = build_recipe(arm.model_copy(update={"codec": codec_cfg}), "sensitivity")
-    torch.manual_seed(seed)
+    variant = arm.model_copy(update={"codec": codec_cfg})
+    recipe = build_recipe(variant, "sensitivity")
     model = copy.deepcopy(lm.model)
-    packed = quantize_model(model, recipe, calib if recipe.needs_calibration else None, seed)
+    ctx = RunContext(seed)
+    apply_transforms(model, variant, calib, ctx)
+    packed = quantize_model(model, recipe, calib if recipe.needs_calibration else None, ctx)
     params = dict(model.named_parameters())
     weights = {n: params[n].detach().clone() for n in packed}
     zbits = {}
@@ -281,7 +288,7 @@ def allocated_arm(lm, arm, calib, seed: int = 0):
     from quantatlas.models.roles import find_roles
     from quantatlas.quant.allocate import choose
     from quantatlas.quant.recipe import build_recipe
-    from quantatlas.spec import Override
+    from quantatlas.quant.overrides import Override
 
     a = arm.allocate
     base_arm = arm.model_copy(update={"allocate": None})

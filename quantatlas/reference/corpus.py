@@ -4,10 +4,11 @@ Files are split into train / validation / eval by a hash of their path relative 
 stdlib root, which keeps the split stable as files are added or removed elsewhere.
 
 What is measured is fixed: the eval and validation splits, and a calibration sample of
-the train split, were cut once from Python 3.11.7's standard library and ship with the
-package (`quantatlas/reference/data/`, see data.py), so every Python gives the same tokens
-and the same eval fingerprint. Only training reads the running interpreter's standard
-library (`stdlib_tokens("train")`); nothing is downloaded either way.
+the train split, were cut once from Python 3.11.7's standard library with this module's
+rule and ship with the package (`quantatlas/reference/data/`, see data.py; splits.py gives
+the streams by split), so every Python gives the same tokens and the same eval fingerprint.
+Only training reads the running interpreter's standard library (`stdlib_tokens("train")`);
+nothing is downloaded either way.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import numpy as np
 BOS, EOS = 256, 257
 VOCAB_SIZE = 258
 SPLITS = ("train", "validation", "eval")          # of the live standard library
-FIXED_SPLITS = ("validation", "eval", "calib")     # shipped with the package (calib: a sample of train)
 
 
 def stdlib_root() -> Path:
@@ -71,27 +71,6 @@ def stdlib_tokens(split: str, max_tokens: int | None = None) -> np.ndarray:
     """A split of the running interpreter's standard library (differs between Python versions)."""
     toks = _split_tokens(split)
     return toks if max_tokens is None else toks[:max_tokens]
-
-
-def fixed_tokens(split: str, max_tokens: int | None = None) -> np.ndarray:
-    """A shipped split (`validation`, `eval`, or `calib`, the calibration sample of train): the
-    same tokens on every Python."""
-    from quantatlas.reference import data
-
-    if split not in FIXED_SPLITS:
-        raise ValueError(f"unknown fixed split {split!r}; expected one of {FIXED_SPLITS}")
-    toks = data.tokens(split)
-    return toks if max_tokens is None else toks[:max_tokens]
-
-
-def corpus_tokens(split: str, max_tokens: int | None = None) -> np.ndarray:
-    """The reference corpus: `eval`, `validation` and `calib` are the shipped fixed splits;
-    `train` (training only) is the running interpreter's standard library.
-
-    Each stream is, for each file in path order, BOS + its bytes + EOS."""
-    if split == "train":
-        return stdlib_tokens(split, max_tokens)
-    return fixed_tokens(split, max_tokens)
 
 
 def eval_fingerprint(tokens: np.ndarray, ctx: int, score_all: bool = False) -> str:

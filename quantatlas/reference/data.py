@@ -36,7 +36,8 @@ BOS, EOS = 256, 257        # as in corpus.py (kept here so this module imports n
 
 
 class FixedDataError(RuntimeError):
-    pass
+    """The package's shipped data is missing or corrupt: a broken installation, not a mistake in what
+    the user gave, so not a UserError (and this module imports nothing of the package)."""
 
 
 @lru_cache(maxsize=None)
@@ -46,6 +47,14 @@ def manifest() -> dict:
     except FileNotFoundError:
         raise FixedDataError(f"{MANIFEST} is missing: the package was installed without its data "
                              "(rebuild with `python -m quantatlas.reference.data build`)") from None
+
+
+def token_count(name: str) -> int:
+    """Tokens in a shipped stream, from the manifest (nothing decompressed): what a spec reading
+    `stdlib` on the byte-level reference model can ask for before any model is loaded."""
+    if name not in NAMES:
+        raise ValueError(f"unknown fixed split {name!r}; expected one of {NAMES}")
+    return int(manifest()["files"][name]["tokens"])
 
 
 @lru_cache(maxsize=None)
@@ -187,16 +196,21 @@ def check() -> dict:
 
 
 def _main(argv: list[str]) -> int:
+    from quantatlas.tables import plain_table, render  # the command runs inside the package (rich)
+
     cmd = argv[0] if argv else "check"
     if cmd == "build":
-        doc = build()
-        for name, e in doc["files"].items():
-            print(f"{name:<10} {e['tokens']:>9} tokens {e['n_files']:>4} files "
-                  f"{e['compressed_bytes']:>8} bytes  {e['sha256']}")
+        table = plain_table(("split", "left"), ("tokens", "right"), ("files", "right"), ("bytes", "right"),
+                            ("sha256", "left"))
+        for name, e in build()["files"].items():
+            table.add_row(name, str(e["tokens"]), str(e["n_files"]), str(e["compressed_bytes"]), e["sha256"])
+        print(render(table))
         return 0
     if cmd == "check":
+        table = plain_table(("split", "left"), ("tokens", "right"), ("check", "left"))
         for name, n in check().items():
-            print(f"{name:<10} {n:>9} tokens ok")
+            table.add_row(name, str(n), "ok")
+        print(render(table))
         return 0
     print("usage: python -m quantatlas.reference.data [build|check]", file=sys.stderr)
     return 2

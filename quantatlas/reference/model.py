@@ -6,9 +6,14 @@ from pathlib import Path
 
 import torch
 
+from quantatlas.errors import UserError
 from quantatlas.reference.corpus import BOS, EOS, VOCAB_SIZE
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoint"
+
+
+class MissingCheckpointError(UserError):
+    """The spec's `model: reference`, but the committed checkpoint is not there (train it)."""
 
 
 def reference_config():
@@ -40,10 +45,8 @@ def load_reference(dtype: torch.dtype = torch.float32, device: str | torch.devic
 
     weights = CHECKPOINT_DIR / "model.safetensors"
     if not weights.exists():
-        from quantatlas.models.load import ModelLoadError
-
-        raise ModelLoadError(
-            f"model 'reference': {weights} is missing; train it with `quantatlas reference train`")
+        raise MissingCheckpointError(
+            f"model 'reference': {weights} is missing; train it with `quantatlas reference train`", "model")
     config = Qwen3Config(**json.loads((CHECKPOINT_DIR / "config.json").read_text()))
     model = Qwen3ForCausalLM(config)
     model.load_state_dict(load_file(str(weights)), strict=True)

@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantatlas.reference.corpus import corpus_files, fixed_tokens, stdlib_tokens
+from quantatlas.reference.corpus import corpus_files, stdlib_tokens
 from quantatlas.reference.model import CHECKPOINT_DIR, reference_config
+from quantatlas.reference.splits import fixed_tokens
 
 
 @dataclass

@@ -12,7 +12,8 @@ from typing import Optional
 
 import typer
 
-from quantatlas.atlas.cli import DB_HELP, _user_errors
+from quantatlas.atlas.cli import DB_HELP, text_table, user_errors
+from quantatlas.errors import UserError
 
 TOKEN_HELP = "contributor token (default $QUANTATLAS_TOKEN); made on the server by `quantatlas atlas token create NAME`"
 
@@ -23,7 +24,7 @@ def _ledger(db: str | None):
     return Ledger(db)
 
 
-@_user_errors
+@user_errors
 def serve(db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
           host: str = typer.Option("127.0.0.1", "--host", help="address to bind (loopback unless told otherwise)"),
           port: int = typer.Option(8000, "--port", min=1, max=65535),
@@ -37,26 +38,35 @@ def serve(db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
     from quantatlas.web.app import create_app
 
     if not max_body_mb > 0:
-        raise ValueError(f"--max-body-mb must be positive, got {max_body_mb}")
+        raise UserError(f"--max-body-mb must be positive, got {max_body_mb}", "--max-body-mb")
     app = create_app(db, max_body_bytes=max(1024, int(max_body_mb * (1 << 20))),
                      max_request_tokens=max_request_tokens)
     typer.echo(f"quantatlas atlas on http://{host}:{port}  (ledger {app.state.ledger.url})", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
-@_user_errors
+@user_errors
 def push(to: str = typer.Option(..., "--to", help="the atlas server, e.g. http://127.0.0.1:8000"),
          token: Optional[str] = typer.Option(None, "--token", help=TOKEN_HELP),
+         as_token_owner: bool = typer.Option(False, "--as-token-owner",
+                                             help="also push the runs recorded here under $QUANTATLAS_CONTRIBUTOR "
+                                                  "or the login name, as the token's contributor"),
          db: Optional[str] = typer.Option(None, "--db", help=DB_HELP)):
     """Send your local runs that the server lacks (idempotent: pushing twice adds nothing)."""
     from quantatlas.atlas.push import push as push_runs
 
     with _ledger(db) as led:
-        s = push_runs(led, to, token or os.environ.get("QUANTATLAS_TOKEN"))
+        s = push_runs(led, to, token or os.environ.get("QUANTATLAS_TOKEN"), as_token_owner=as_token_owner)
     typer.echo(f"pushed {s['runs']} new run(s) as {s['contributor']} ({s['runs_existing']} already there), "
                f"{s['experiments']} new experiment(s) ({s['experiments_existing']} already there), "
                f"{s['batches']} request(s)")
-    if s["skipped_other_contributors"]:
+    if s["as_token_owner"]:
+        moved = s["as_token_owner"]
+        typer.echo(f"  pushed {moved['runs']} run(s) of {moved['local']} as {s['contributor']} "
+                   f"({moved['existing']} already there)")
+    if s["hint"]:
+        typer.echo(f"  {s['hint']}")
+    elif s["skipped_other_contributors"]:
         typer.echo(f"  {s['skipped_other_contributors']} run(s) by other contributors not pushed "
                    f"(each contributor pushes their own)")
     for old, new in s["renamed"].items():
@@ -66,7 +76,7 @@ def push(to: str = typer.Option(..., "--to", help="the atlas server, e.g. http:/
                    f"your tags are stored as yours)")
 
 
-@_user_errors
+@user_errors
 def pull(from_url: str = typer.Option(..., "--from", help="the atlas server, e.g. http://127.0.0.1:8000"),
          token: Optional[str] = typer.Option(None, "--token", help="token, if the server asks for one"),
          db: Optional[str] = typer.Option(None, "--db", help=DB_HELP)):
@@ -81,7 +91,7 @@ def pull(from_url: str = typer.Option(..., "--from", help="the atlas server, e.g
         typer.echo(f"  {old} is {new} here (same spec)")
 
 
-@_user_errors
+@user_errors
 def token_create(name: str = typer.Argument(..., help="the contributor the token pushes as"),
                  db: Optional[str] = typer.Option(None, "--db", help=DB_HELP)):
     """Create a push token for contributor NAME; it is printed once (only its hash is stored)."""
@@ -94,7 +104,7 @@ def token_create(name: str = typer.Argument(..., help="the contributor the token
                f"(quantatlas push --to URL --token ...)", err=True)
 
 
-@_user_errors
+@user_errors
 def token_list(db: Optional[str] = typer.Option(None, "--db", help=DB_HELP)):
     """The tokens (their first characters only), their contributors, and whether revoked."""
     from quantatlas.atlas.tokens import list_tokens
@@ -103,12 +113,13 @@ def token_list(db: Optional[str] = typer.Option(None, "--db", help=DB_HELP)):
         rows = list_tokens(led)
     if not rows:
         typer.echo("no tokens")
-    for t in rows:
-        state = f"revoked {t['revoked_at'][:19]}" if t["revoked_at"] else "live"
-        typer.echo(f"{t['prefix']}…  {t['contributor']:<24} created {t['created_at'][:19]}  {state}")
+        return
+    typer.echo(text_table(["token", "contributor", "created", "state"], [
+        [f"{t['prefix']}…", t["contributor"], t["created_at"][:19],
+         f"revoked {t['revoked_at'][:19]}" if t["revoked_at"] else "live"] for t in rows]))
 
 
-@_user_errors
+@user_errors
 def token_revoke(prefix: str = typer.Argument(..., help="the token, or its first characters (see `token list`)"),
                  db: Optional[str] = typer.Option(None, "--db", help=DB_HELP)):
     """Revoke a token: it stops working at once; the runs it pushed stay."""

@@ -35,30 +35,40 @@ def _as_json(fig: go.Figure) -> dict:
 
 
 def _hover(p: dict) -> str:
+    se = p.get("kld_se")
+    tokens = p.get("tokens")
     return (f"<b>{_e(p['arm'])}</b> ({_e(p['experiment'])})<br>{_e(p['title'])}<br>"
-            f"KLD {p['kld_mean']:.4g} at {p['bits']:.4g} bits<br>{_e(', '.join(p['techniques']) or 'fp16')}"
-            f"<br>{p['n_runs']} run(s){' · Pareto' if p['pareto'] else ''}")
+            f"KLD {p['kld_mean']:.4g}{f' ± {se:.2g}' if _finite(se) else ''} at {p['bits']:.4g} bits<br>"
+            f"{f'{tokens:,} tokens scored · ' if isinstance(tokens, int) else ''}{p['n_runs']} run(s)"
+            f"{' · Pareto' if p['pareto'] else ''}<br>{_e(', '.join(p['techniques']) or 'fp16')}")
+
+
+def _label(p: dict) -> str:
+    return _e(p.get("label") or f"{p['arm']} · {p['experiment']}")
 
 
 def landscape_figure(group: dict, bits: str) -> dict:
     """Mean KLD (log) against bits: arms, llama.cpp reference points, the Pareto frontier (a
-    staircase: what the best known arm at most this many bits reaches)."""
+    staircase: what the best known arm at most this many bits reaches). Each point has its SE as an
+    error bar and its arm, experiment, SE and tokens scored on hover; the points on the frontier and
+    the llama.cpp formats are labelled with arm and experiment."""
     drawable = [p for p in group["points"] if _finite(p.get("bits"), p.get("kld_mean"))]
     ours = [p for p in drawable if not p["llamacpp"]]
     refs = [p for p in drawable if p["llamacpp"]]
     frontier = [f for f in group["frontier"] if _finite(f.get("bits"), f.get("kld_mean"))]
 
-    def trace(points, name, symbol, colour, text_labels=False):
-        t = go.Scatter(mode="markers+text" if text_labels else "markers", name=name,
-                       x=[p["bits"] for p in points], y=[p["kld_mean"] for p in points],
-                       customdata=[[p["url"]] for p in points], hovertext=[_hover(p) for p in points],
-                       hoverinfo="text",
-                       marker={"symbol": symbol, "size": 11, "color": colour,
-                               "line": {"width": [2.5 if p["pareto"] else 0.5 for p in points], "color": "#111"}})
-        if text_labels:
-            t.update(text=[_e(p["arm"]) for p in points], textposition="top center",
-                     textfont={"size": 10, "color": "#555"})
-        return t
+    def trace(points, name, symbol, colour, label_all=False):
+        se = [p.get("kld_se") if _finite(p.get("kld_se")) else 0.0 for p in points]
+        text = [_label(p) if label_all or p["pareto"] else "" for p in points]
+        return go.Scatter(mode="markers+text", name=name,
+                          x=[p["bits"] for p in points], y=[p["kld_mean"] for p in points],
+                          error_y={"type": "data", "array": se, "visible": True, "thickness": 1, "width": 3,
+                                   "color": colour},
+                          customdata=[[p["url"]] for p in points], hovertext=[_hover(p) for p in points],
+                          hoverinfo="text", text=text, textposition="top center",
+                          textfont={"size": 10, "color": "#555"},
+                          marker={"symbol": symbol, "size": 11, "color": colour,
+                                  "line": {"width": [2.5 if p["pareto"] else 0.5 for p in points], "color": "#111"}})
 
     data = []
     if frontier:
@@ -68,7 +78,7 @@ def landscape_figure(group: dict, bits: str) -> dict:
     if ours:
         data.append(trace(ours, "arms", "circle", PALETTE[0]))
     if refs:
-        data.append(trace(refs, "llama.cpp formats (reference)", "diamond", PALETTE[1], text_labels=True))
+        data.append(trace(refs, "llama.cpp formats (reference)", "diamond", PALETTE[1], label_all=True))
     layout = {
         "xaxis": {"title": {"text": BITS_TITLES.get(bits, bits)}, "zeroline": False},
         "yaxis": {"title": {"text": "mean KLD (log)"}, "type": "log"},

@@ -20,13 +20,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
-from sqlalchemy import select
 
-from quantatlas.atlas.io import experiment_record as _experiment_record
-from quantatlas.atlas.io import prepare_experiment, prepare_run, run_record, write_records
-from quantatlas.atlas.models import Arm, Experiment, Run
-from quantatlas.atlas.records import (MAX_TOKENS, SCHEMA_VERSION, ExperimentRecord, PerTokenKLD,  # noqa: F401
-                                      RecordError, RunRecord, check_numbers)
+from quantatlas.atlas.io import prepare_experiment, prepare_run, write_records
+from quantatlas.atlas.records import ExperimentRecord, RecordError, RunRecord
 
 if TYPE_CHECKING:
     from quantatlas.atlas.ledger import Ledger
@@ -41,11 +37,6 @@ class PushRejected(Exception):
     def __init__(self, status: int, reason: str):
         super().__init__(reason)
         self.status, self.reason = status, reason
-
-
-def check_finite(value, where: str) -> None:
-    """Every number in a free-form JSON value finite and within float range (nested too)."""
-    check_numbers(value, where)
 
 
 class PushPayload(BaseModel):
@@ -86,7 +77,7 @@ def accept_push(led: Ledger, contributor: str, payload: PushPayload,
         exps = [(f"experiments[{i}] ({e.id})", prepare_experiment(e, f"experiments[{i}] ({e.id})"))
                 for i, e in enumerate(payload.experiments)]
         runs = [(f"runs[{i}]", prepare_run(r, f"runs[{i}]")) for i, r in enumerate(payload.runs)]
-        got = led._writing(lambda s: write_records(led, s, exps, runs, pusher=contributor))
+        got = led.transact(lambda tx: write_records(tx, exps, runs, led.contributor, pusher=contributor))
     except RecordError as e:
         raise PushRejected(422, str(e)) from None
     summary = {k: got[k] for k in ("experiments", "experiments_existing", "runs", "runs_existing", "renamed",
@@ -96,40 +87,12 @@ def accept_push(led: Ledger, contributor: str, payload: PushPayload,
 
 # ---- records for pull ------------------------------------------------------------------------
 
-def experiment_record(e: Experiment) -> dict:
-    """An experiment record as export writes it (`e` read in an open session)."""
-    from sqlalchemy.orm import object_session
-
-    return _experiment_record(object_session(e), e)
-
-
-def experiment_records(led: Ledger) -> list[dict]:
-    with led._reading() as s:
-        return [_experiment_record(s, e)
-                for e in s.scalars(select(Experiment).order_by(Experiment.created_at, Experiment.id))]
-
-
-def run_records(led: Ledger, run_ids: list[str]) -> list[dict]:
-    """The runs with these ids that the ledger holds, in ledger order."""
-    out = []
-    with led._reading() as s:
-        for i in range(0, len(run_ids), 2000):
-            q = (select(Run).join(Arm, Run.arm_id == Arm.id).where(Run.id.in_(run_ids[i:i + 2000]))
-                 .order_by(Arm.experiment_id, Run.run_set_id, Arm.position, Run.seed))
-            out += [run_record(r) for r in s.scalars(q)]
-    return out
-
-
 def known(led: Ledger, run_ids: list[str], experiment_ids: list[str]) -> dict:
     """Which of these run and experiment ids the ledger holds."""
-    out = {"runs": [], "experiments": []}
-    with led._reading() as s:
-        for key, column, asked in (("runs", Run.id, run_ids), ("experiments", Experiment.id, experiment_ids)):
-            for i in range(0, len(asked), 2000):        # stay under SQLite's bound-parameter limit
-                out[key] += list(s.scalars(select(column).where(column.in_(asked[i:i + 2000]))))
-    return out
+    with led.read() as q:
+        return q.known(run_ids, experiment_ids)
 
 
 def all_run_ids(led: Ledger) -> list[str]:
-    with led._reading() as s:
-        return list(s.scalars(select(Run.id).order_by(Run.id)))
+    with led.read() as q:
+        return q.run_ids()

@@ -1,19 +1,33 @@
-"""What the list and experiment pages (and their JSON twins) show, computed from the ledger.
+"""What each page and its JSON twin show, computed from the ledger: one view function per pair
+(the page adds only its figures and layout).
 
-No torch: numpy for the per-token KLD distributions, SQLAlchemy for the environments.
+    experiment_list      /  and  /api/experiments
+    experiment_view      /experiments/{id}  and  /api/experiments/{id} (and .../kld)
+    landscape_view       /landscape  and  /api/landscape
+    composition_view     /composition  and  /api/composition
+    left_to_try_view     /left-to-try  and  /api/left-to-try
+    sensitivity_view     /sensitivity  and  /api/sensitivity
+
+No torch: numpy for the per-token KLD distributions.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
-from sqlalchemy import select
 
-from quantatlas.atlas.models import Environment, RunSet
+from quantatlas.atlas.stored import isoformat
+from quantatlas.atlas.verdict import RESULTS
+from quantatlas.web import landscape as land
 from quantatlas.web.techniques import is_llamacpp_format, techniques
 
 if TYPE_CHECKING:
     from quantatlas.atlas.ledger import Ledger
+
+#: the list's result filter: a verdict, or "pending" (a spec waiting for runs)
+ListResult = Literal[(*RESULTS, "pending")]
+#: query parameters with a fixed set of values, as a 422 names them
+QUERY_CHOICES: dict[str, tuple[str, ...]] = {"result": get_args(ListResult), "bits": land.BITS_METRICS}
 
 ECDF_POINTS = 400          # evenly spaced order statistics per arm, plus the upper tail below
 ECDF_TAIL = 40             # log-spaced points in the top 1 %, so p99.9 and the max are on the curve
@@ -38,6 +52,16 @@ def experiment_rows(led: Ledger, tag: str | None = None, model: str | None = Non
     if q:
         rows = [r for r in rows if matches(r, q)]
     return rows[::-1]
+
+
+def experiment_list(led: Ledger, tag: str | None = None, model: str | None = None, result: str | None = None,
+                    q: str | None = None) -> list[dict]:
+    """The list page's rows and /api/experiments: `experiment_rows`, where result "pending" is a
+    spec waiting for runs (a hypothesis-only row is not pending: it has no spec to run)."""
+    if result == "pending":
+        return [r for r in experiment_rows(led, tag, model, None, q)
+                if r["result"] is None and r.get("source") != "import"]
+    return experiment_rows(led, tag, model, result, q)
 
 
 def facets(led: Ledger) -> dict:
@@ -89,17 +113,14 @@ def experiment_view(led: Ledger, exp_id: str) -> dict:
     """`Ledger.describe` plus each run set's full environment, each arm's techniques, and the
     per-token KLD distributions of each run set."""
     d = led.describe(exp_id)
-    keys = {rs["environment_key"] for rs in d["run_sets"]}
-    with led._reading() as s:
-        envs = {e.key: e for e in s.scalars(select(Environment).where(Environment.key.in_(keys)))} if keys else {}
-        created = {rs.id: rs.created_at for rs in s.scalars(select(RunSet).where(RunSet.experiment_id == d["id"]))}
+    stored = {rs.id: rs for rs in led.run_sets(d["id"])}
     for i, rs in enumerate(d["run_sets"]):
-        e = envs.get(rs["environment_key"])
+        e = stored.get(rs["id"])
         rs["role"] = "primary" if i == 0 else "reproduction"
         rs["python"] = e.python if e else None
         rs["platform"] = e.platform if e else None
         rs["packages"] = (e.packages or {}) if e else {}
-        rs["created_at"] = rs.get("created_at") or (created.get(rs["id"]).isoformat() if created.get(rs["id"]) else None)
+        rs["created_at"] = rs.get("created_at") or (isoformat(e.created_at) if e else None)
     for a in d.get("arms_config") or []:
         a["compact"] = {k: v for k, v in (a["config"] or {}).items() if v not in (None, [], {}, False)}
         a["techniques"] = sorted(techniques(a["config"]))
@@ -110,3 +131,23 @@ def experiment_view(led: Ledger, exp_id: str) -> dict:
     present = {k for rs in d["run_sets"] for r in rs["runs"] for k, v in r["metrics"].items() if v is not None}
     d["seed_columns"] = [c for c in SEED_COLUMNS if c in present]
     return d
+
+
+def landscape_view(led: Ledger, bits: land.BitsMetric = "bits_per_weight") -> dict:
+    """KLD against `bits` per model hash × eval fingerprint, with the Pareto frontier."""
+    return land.landscape(led, bits)
+
+
+def composition_view(led: Ledger) -> dict:
+    """Technique × technique: the verdicts of arms that stacked each pair."""
+    return land.composition(led)
+
+
+def left_to_try_view(led: Ledger) -> dict:
+    """Compatible technique pairs and bit budgets not yet covered."""
+    return land.left_to_try(led)
+
+
+def sensitivity_view(led: Ledger, experiment: str | None = None) -> list[dict]:
+    """Stored sensitivity measurements (of one experiment, by id or prefix; or all), newest first."""
+    return led.sensitivities(experiment)

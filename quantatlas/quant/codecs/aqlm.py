@@ -35,6 +35,7 @@ from typing import Literal
 from pydantic import Field
 
 from quantatlas._lazy import torch
+from quantatlas.context import RunContext
 from quantatlas.quant.codecs.base import Codec, Packed, Quantized
 from quantatlas.quant.codecs.gptvq import (FP16_MAX, load_codebook, pack_wide, store_codebook, unpack_wide,
                                            weighted_kmeans)
@@ -130,11 +131,11 @@ class AQLM(Codec):
         self.block_width = cfg.group
         self.seed = cfg.seed
 
-    def for_run(self, seed: int) -> "AQLM":
-        """Run seed s seeds k-means with `seed + s` (seed 0 is the spec's own `seed`)."""
-        if seed == 0:
-            return self
-        return AQLM(self.cfg.model_copy(update={"seed": (self.seed + seed) % 2 ** 63}))
+    def for_run(self, ctx: RunContext) -> "AQLM":
+        """Run seed s seeds k-means with `seed + s` (the context's "offset" derivation; run seed 0 is the
+        spec's own `seed`); the run codec's config holds it, so its packs decode on their own."""
+        seed = ctx.sub_seed("offset", self.seed)
+        return self if seed == self.seed else AQLM(self.cfg.model_copy(update={"seed": seed}))
 
     def group_of(self, cols: int) -> int:
         if cols % self.g:

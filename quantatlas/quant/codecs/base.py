@@ -13,15 +13,23 @@ point, ggml's scale search) is stored as found. `encode` is these steps over eve
 interleaves them with its error feedback. Bits are counted from `Packed.nbytes`, i.e. from
 what is stored.
 
+A Packed decodes from its own contents (`Packed.decode()`): its codec's name and config, which
+for a seeded codec hold the run's seed (`for_run` puts it there), and its stored tensors. A
+format that wraps another pack (incoherence's rotations, quant/incoherence.py) is a subclass
+that holds the inner pack and adds its own stored parts (`parts()`).
+
 A codec is built from its config (`quantatlas.quant.config`); a family is one file with both.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from quantatlas._lazy import torch
+
+if TYPE_CHECKING:
+    from quantatlas.context import RunContext
 
 
 @dataclass
@@ -33,9 +41,19 @@ class Packed:
     shape: tuple[int, int]
     data: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def parts(self) -> dict[str, torch.Tensor]:
+        """Every tensor that is stored (and counted), by key: the codec's `data` (a wrapper adds its own)."""
+        return self.data
+
+    @classmethod
+    def from_parts(cls, codec: str, config: dict[str, Any], shape: tuple[int, int],
+                   parts: dict[str, torch.Tensor]) -> "Packed":
+        """The pack that `parts()` came from (what a file stores: codec name, config, shape, tensors)."""
+        return cls(codec, config, tuple(shape), dict(parts))
+
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.data.values())
+        return sum(t.numel() * t.element_size() for t in self.parts().values())
 
     @property
     def bits_per_weight(self) -> float:
@@ -43,8 +61,14 @@ class Packed:
 
     def to_bytes(self) -> bytes:
         """The stored bytes, concatenated in a fixed order (for artifact-size measurement)."""
-        return b"".join(self.data[k].contiguous().cpu().view(torch.uint8).numpy().tobytes()
-                        for k in sorted(self.data))
+        parts = self.parts()
+        return b"".join(parts[k].contiguous().cpu().view(torch.uint8).numpy().tobytes() for k in sorted(parts))
+
+    def decode(self) -> torch.Tensor:
+        """The float32 matrix, from this pack alone: its codec rebuilt from name and config."""
+        from quantatlas.quant.config import build
+
+        return build("codec", {self.codec: self.config}).decode(self)
 
 
 @dataclass
@@ -107,9 +131,10 @@ class Codec(ABC):
     def config(self) -> dict[str, Any]:
         return {} if self.cfg is None else self.cfg.options()
 
-    def for_run(self, seed: int) -> "Codec":
-        """The codec a run with this experiment seed uses; codecs with random parts (rotation
-        signs, k-means starts) derive them from the seed, the others are the same for every seed."""
+    def for_run(self, ctx: "RunContext") -> "Codec":
+        """The codec a run uses; codecs with random parts (rotation signs, k-means starts) derive
+        them from the run context and keep the result in their config (so every pack they make
+        decodes from its own contents); the others are the same for every run."""
         return self
 
     @property

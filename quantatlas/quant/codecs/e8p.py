@@ -44,7 +44,7 @@ from pydantic import Field
 
 from quantatlas._lazy import torch
 from quantatlas.quant.codecs.base import Packed, Quantized
-from quantatlas.quant.codecs.lattice import BlockLattice, ScaleParams, _LatticeConfig
+from quantatlas.quant.codecs.lattice import BlockLattice, LatticeConfig, ScaleParams
 from quantatlas.quant.config import CodecConfig  # noqa: F401  (the family base, for readers)
 
 #: positions of the three ½ entries in the 29 norm-12 patterns (the others are 3/2), in order
@@ -186,7 +186,7 @@ def e81b_nearest(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return t["e81b"][idx], idx
 
 
-class E8PConfig(_LatticeConfig):
+class E8PConfig(LatticeConfig):
     name = "e8p"
     bits: Literal[2, 3, 4] = Field(2)
     scale_search: bool = False

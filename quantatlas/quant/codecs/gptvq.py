@@ -30,6 +30,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from quantatlas._lazy import torch
+from quantatlas.context import RunContext
 from quantatlas.quant.codecs.base import Codec, Packed, Quantized, pack_bits, unpack_bits
 from quantatlas.quant.config import CodecConfig
 
@@ -169,11 +170,11 @@ class GPTVQ(Codec):
         self.block_width = cfg.dim
         self.k = 1 << (cfg.bits * cfg.dim)
 
-    def for_run(self, seed: int) -> "GPTVQ":
-        """Run seed s seeds k-means with `seed + s` (seed 0 is the spec's own `seed`)."""
-        if seed == 0:
-            return self
-        return GPTVQ(self.cfg.model_copy(update={"seed": (self.seed + seed) % 2 ** 63}))
+    def for_run(self, ctx: RunContext) -> "GPTVQ":
+        """Run seed s seeds k-means with `seed + s` (the context's "offset" derivation; run seed 0 is the
+        spec's own `seed`); the run codec's config holds it, so its packs decode on their own."""
+        seed = ctx.sub_seed("offset", self.seed)
+        return self if seed == self.seed else GPTVQ(self.cfg.model_copy(update={"seed": seed}))
 
     def group_of(self, cols: int) -> int:
         g = super().group_of(cols)

@@ -93,7 +93,9 @@ def d4_box(y: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---- a block lattice codec with a per-group scale ----------------------------------------------
 
-class _LatticeConfig(CodecConfig):
+class LatticeConfig(CodecConfig):
+    """The options every block-lattice codec shares (d4, e8, e8p, nestquant); registers no name."""
+
     bits: int = Field(ge=2, le=8)
     group: int | None = Field(128, gt=0)
     scale_search: bool = True
@@ -177,7 +179,7 @@ class BlockLattice(Codec):
         return Quantized(v.reshape(rows, c) * s[:, None], codes)
 
 
-class D4Config(_LatticeConfig):
+class D4Config(LatticeConfig):
     name = "d4"
     lattice_dim = 4
 
@@ -185,7 +187,7 @@ class D4Config(_LatticeConfig):
         return D4(self)
 
 
-class E8Config(_LatticeConfig):
+class E8Config(LatticeConfig):
     name = "e8"
     lattice_dim = 8
 

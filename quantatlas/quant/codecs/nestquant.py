@@ -25,7 +25,7 @@ from pydantic import Field
 
 from quantatlas._lazy import torch
 from quantatlas.quant.codecs.base import Packed, Quantized, pack_bits, unpack_bits
-from quantatlas.quant.codecs.lattice import BlockLattice, ScaleParams, _LatticeConfig, nearest_e8, row_scale
+from quantatlas.quant.codecs.lattice import BlockLattice, LatticeConfig, ScaleParams, nearest_e8, row_scale
 
 #: (c_b, γ) of the β ladder per bits (tuned on N(0,1) samples, 4 betas: least MSE on a grid of c, γ)
 LADDER = {2: (7.9, 1.35), 3: (7.0, 1.3), 4: (7.0, 1.3), 5: (7.0, 1.25), 6: (7.0, 1.25)}
@@ -40,7 +40,7 @@ def e8_generator(dtype=None, device=None) -> torch.Tensor:
     return g
 
 
-class NestQuantConfig(_LatticeConfig):
+class NestQuantConfig(LatticeConfig):
     name = "nestquant"
     bits: int = Field(ge=2, le=6)
     betas: Literal[1, 2, 4, 8] = 4

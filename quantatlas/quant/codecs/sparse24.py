@@ -3,8 +3,9 @@ storage trick; NVIDIA's 2:4 layout).
 
 In every run of 4 consecutive columns of a row, the 2 weights of largest magnitude are kept and
 the other 2 are zero. The kept values are rounded to a symmetric `bits`-bit grid with one fp16
-scale per row and column group (the `uniform` codec's grid and its clip search: `clip: mse` or
-`hessian`, the Hessian-weighted per-row search, fitted on the group with its pruned entries zero).
+scale per row and column group (the `uniform` codec's grid, its `scale` rule, absmax | half_step |
+signed_max, and its clip search: `clip: mse` or `hessian`, the Hessian-weighted per-row search,
+fitted on the group with its pruned entries zero).
 
 Stored per 4 weights: 2 value codes of `bits` bits and 2 position codes of 2 bits (the kept
 columns, ascending), so bits per weight = (2 bits + 4) / 4 + 16 / group: 3.125 at bits 4, group 128.
@@ -20,6 +21,7 @@ from pydantic import Field, field_validator
 
 from quantatlas._lazy import torch
 from quantatlas.quant.codecs.base import Codec, Packed, Quantized, pack_bits, unpack_bits
+from quantatlas.quant.codecs.uniform import SymmetricScale, UniformConfig, symmetric_scale_field
 from quantatlas.quant.config import CodecConfig
 
 
@@ -28,6 +30,7 @@ class Sparse24Config(CodecConfig):
     bits: int = Field(4, ge=2, le=8)
     group: int = Field(128, gt=0)
     clip: Literal["minmax", "mse", "hessian"] = "minmax"
+    scale: SymmetricScale = symmetric_scale_field()
 
     @field_validator("group")
     @classmethod
@@ -54,10 +57,9 @@ class Sparse24(Codec):
 
     def __init__(self, cfg: Sparse24Config):
         super().__init__(cfg)
-        from quantatlas.quant.codecs.uniform import UniformConfig
-
         self.bits, self.group_size = cfg.bits, cfg.group
-        self.grid = UniformConfig(bits=cfg.bits, group=cfg.group, symmetric=True, clip=cfg.clip).build()
+        self.grid = UniformConfig(bits=cfg.bits, group=cfg.group, symmetric=True, clip=cfg.clip,
+                                  scale=cfg.scale).build()
 
     def group_of(self, cols: int) -> int:
         if cols % 4:
@@ -74,9 +76,9 @@ class Sparse24(Codec):
         if cols % 4:
             raise ValueError(f"sparse24: quantize needs whole tiles of 4 columns, got {cols}")
         mask = keep_mask(w)
-        q = self.grid._codes(w, params)                                    # [rows, cols] in [lo, hi]
-        values = self.grid._values(q, params) * mask
-        lo = self.grid._levels()[0]
+        q = self.grid.codes(w, params)                                     # [rows, cols] in [lo, hi]
+        values = self.grid.values(q, params) * mask
+        lo = self.grid.levels()[0]
         pos = mask.reshape(rows, cols // 4, 4).nonzero()[:, 2].reshape(rows, cols // 4, 2)   # ascending
         kept = torch.gather(q.reshape(rows, cols // 4, 4), -1, pos) - lo
         codes = torch.cat([kept, pos.to(kept.dtype)], -1).reshape(rows, cols)  # per tile: v0 v1 p0 p1
@@ -96,7 +98,7 @@ class Sparse24(Codec):
         rows, cols = packed.shape
         g = self.group_of(cols)
         n = rows * cols // 2
-        lo = self.grid._levels()[0]
+        lo = self.grid.levels()[0]
         q = unpack_bits(packed.data["codes"], self.bits, n).reshape(rows, cols // 4, 2).float() + lo
         pos = unpack_bits(packed.data["positions"], 2, n).reshape(rows, cols // 4, 2)
         s = packed.data["scale"].float().repeat_interleave(g, 1).reshape(rows, cols // 4, 4)

@@ -34,6 +34,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from quantatlas._lazy import torch
+from quantatlas.context import RunContext
 from quantatlas.quant.codecs.base import Codec, Packed, Quantized, pack_bits, unpack_bits
 from quantatlas.quant.config import CodecConfig
 from quantatlas.quant.hadamard import RandomizedHadamard, has_hadamard
@@ -113,11 +114,11 @@ class Turbo(Codec):
         self.levels = _Levels(cb.levels * (root if codebook == "sphere" else 1.0),
                               cb.thresholds * (root if codebook == "sphere" else 1.0))
 
-    def for_run(self, seed: int) -> "Turbo":
-        """Run seed s draws the signs from `seed + s`: seed 0 is the spec's own `seed`."""
-        if seed == 0:
-            return self
-        return Turbo(self.cfg.model_copy(update={"seed": (self.seed + seed) % 2 ** 63}))
+    def for_run(self, ctx: RunContext) -> "Turbo":
+        """Run seed s draws the signs from `seed + s` (the context's "offset" derivation; run seed 0 is the
+        spec's own `seed`); the run codec's config holds it, so its packs decode on their own."""
+        seed = ctx.sub_seed("offset", self.seed)
+        return self if seed == self.seed else Turbo(self.cfg.model_copy(update={"seed": seed}))
 
     # -- the recipe ------------------------------------------------------------------------
     def _codes(self, w: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:

@@ -1,26 +1,55 @@
 """Round-to-nearest uniform integer grid with fp16 scales (and fp16 zero points when asymmetric).
 
-symmetric:  w_hat = s * q,        q in [-2^(b-1), 2^(b-1) - 1],  s = clip * max|w| / (2^(b-1) - 1)
+symmetric:  w_hat = s * q,        q in [-2^(b-1), 2^(b-1) - 1]
 asymmetric: w_hat = s * (q - z),  q in [0, 2^b - 1],            s = clip * (max - min) / (2^b - 1),
             z = round(-clip * min / s)
 
+A symmetric group's scale s comes from its weights by `scale` (m = clip * max|w|, n = 2^(b-1)):
+
+    absmax      s = m / (n - 1)        the largest |w| lands on ±(n - 1): 2^b - 1 levels used, the code
+                                       -n only under a clip < 1 (the default, this codec's first rule)
+    half_step   s = m / (n - ½)        all 2^b levels: ±m lands on ±(n - ½), half a step past the top
+                                       code n - 1 (clamped to it) and rounding to the bottom one -n
+                                       (compressed-tensors' symmetric int: absmax / (bit_range / 2))
+    signed_max  s = -clip * w_max / n  w_max the group's weight of largest magnitude with its sign (the
+                                       positive one on a tie): it lands exactly on -n, so the sign of s
+                                       says which side gets the extra level (AutoRound's int_sym)
+
+Stored per group: s rounded to fp16 (signed for `signed_max`; every grid rounds and codes with that
+fp16 value), one fp16 per row and group, the codes q + n in `bits` bits; `scale` is a symmetric
+grid's option (asymmetric grids have their own min/max rule). An all-zero group stores s = 1.
+compressed-tensors keeps s in the weights' dtype: for fp16 weights the same fp16 number as here.
+
 `clip` is 1 for `clip: minmax`; `mse` and `hessian` search a grid of shrink factors per row
 of each group, minimising sum_j imp_j (w_j - w_hat_j)^2 with imp = 1 (mse) or imp = diag(H)
-(hessian, passed in as `importance`).
+(hessian, passed in as `importance`); the shrink multiplies m (or w_max) before the rule above.
+
+Public grid (for recovery's code steps, activations' clip ratio, sparse24): `levels()`, the code
+range; `row_params(w, shrink)`, each row's scale (and zero point); `codes(w, params)`, the grid
+index of each weight; `values(codes, params)`, the weights they stand for.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from quantatlas._lazy import torch
 from quantatlas.quant.codecs.base import Codec, Packed, Quantized, pack_bits, unpack_bits
-from quantatlas.quant.config import CodecConfig
+from quantatlas.quant.config import ADDED_LATER, CodecConfig
 
 #: shrink factors 1.0, 0.98, ..., 0.5 searched by clip: mse / hessian
 CLIP_STEPS = 26
+
+#: how a symmetric grid's scale comes from a group's weights (module docstring)
+SymmetricScale = Literal["absmax", "half_step", "signed_max"]
+
+
+def symmetric_scale_field():
+    """The `scale` option of a symmetric integer grid; it came after results were stored, so at its
+    first default (absmax, the rule before it existed) stored configs leave it out."""
+    return Field("absmax", json_schema_extra={ADDED_LATER: True})
 
 
 class UniformConfig(CodecConfig):
@@ -29,6 +58,14 @@ class UniformConfig(CodecConfig):
     group: int | None = Field(128, gt=0)   # null: one group per row
     symmetric: bool = True
     clip: Literal["minmax", "mse", "hessian"] = "minmax"
+    scale: SymmetricScale = symmetric_scale_field()
+
+    @field_validator("scale")
+    @classmethod
+    def _symmetric_only(cls, v, info):
+        if v != "absmax" and info.data.get("symmetric") is False:
+            raise ValueError(f"{v} is a scale rule of the symmetric grid (symmetric: false fits min and max)")
+        return v
 
     def build(self):
         return Uniform(self)
@@ -36,7 +73,7 @@ class UniformConfig(CodecConfig):
 
 @dataclass
 class UniformParams:
-    scale: torch.Tensor  # [rows], already rounded to fp16
+    scale: torch.Tensor  # [rows], already rounded to fp16 (negative rows possible under signed_max)
     zero: torch.Tensor | None  # [rows] integer-valued, asymmetric only
 
 
@@ -46,19 +83,28 @@ class Uniform(Codec):
     def __init__(self, cfg: UniformConfig):
         super().__init__(cfg)
         self.bits, self.group_size, self.symmetric, self.clip = cfg.bits, cfg.group, cfg.symmetric, cfg.clip
+        self.scale_rule = cfg.scale
 
     # -- grid -----------------------------------------------------------------------------
-    def _levels(self) -> tuple[int, int]:
+    def levels(self) -> tuple[int, int]:
+        """The lowest and highest code q (the stored code is q - lowest)."""
         if self.symmetric:
             return -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
         return 0, (1 << self.bits) - 1
 
-    def _params(self, w: torch.Tensor, shrink: torch.Tensor) -> UniformParams:
-        """Parameters for each row of w [rows, g] at shrink factors [rows] (or [k, rows])."""
-        lo, hi = self._levels()
+    def row_params(self, w: torch.Tensor, shrink: torch.Tensor | None = None) -> UniformParams:
+        """Parameters for each row of w [rows, g] at shrink factors [rows] (or [k, rows]; None: 1)."""
+        if shrink is None:
+            shrink = torch.ones(w.shape[:-1], device=w.device)
+        lo, hi = self.levels()
+        if self.symmetric and self.scale_rule == "signed_max":
+            wmax, wmin = w.amax(-1).clamp_min(0), w.amin(-1).clamp_max(0)
+            largest = torch.where(wmax >= -wmin, wmax, wmin)
+            scale = (-(largest * shrink) / -lo).half().float()
+            return UniformParams(torch.where(scale != 0, scale, torch.ones_like(scale)), None)
         if self.symmetric:
             amax = w.abs().amax(-1) * shrink
-            scale = (amax / hi).half().float()
+            scale = (amax / (hi + 0.5 if self.scale_rule == "half_step" else hi)).half().float()
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))
             return UniformParams(scale, None)
         wmin = torch.minimum(w.amin(-1), torch.zeros_like(w[..., 0])) * shrink
@@ -68,49 +114,51 @@ class Uniform(Codec):
         zero = torch.round(-wmin / scale).clamp(lo, hi)
         return UniformParams(scale, zero)
 
-    def _codes(self, w: torch.Tensor, p: UniformParams) -> torch.Tensor:
+    def codes(self, w: torch.Tensor, p: UniformParams) -> torch.Tensor:
         """Grid indices q in [lo, hi] (q - z is the multiple of the scale), as float."""
-        lo, hi = self._levels()
+        lo, hi = self.levels()
         q = torch.round(w / p.scale.unsqueeze(-1))
         if p.zero is not None:
             q = q + p.zero.unsqueeze(-1)
         return torch.clamp(q, lo, hi)
 
-    def _values(self, q: torch.Tensor, p: UniformParams) -> torch.Tensor:
+    def values(self, q: torch.Tensor, p: UniformParams) -> torch.Tensor:
+        """The weights that grid indices q stand for."""
         if p.zero is not None:
             q = q - p.zero.unsqueeze(-1)
         return q * p.scale.unsqueeze(-1)
 
     def _round(self, w: torch.Tensor, p: UniformParams) -> torch.Tensor:
-        return self._values(self._codes(w, p), p)
+        return self.values(self.codes(w, p), p)
 
     # -- codec steps ------------------------------------------------------------------------
     def fit(self, w, importance=None):
         w = w.float()
         rows = w.shape[0]
         if self.clip == "minmax":
-            return self._params(w, torch.ones(rows, device=w.device))
+            return self.row_params(w, torch.ones(rows, device=w.device))
         imp = torch.ones(w.shape[1], device=w.device) if self.clip == "mse" or importance is None \
             else importance.float().to(w.device)
         grid = torch.linspace(1.0, 0.5, CLIP_STEPS, device=w.device)
         shrink = grid[:, None].expand(len(grid), rows)                   # [k, rows]
-        p = self._params(w.unsqueeze(0).expand(len(grid), *w.shape), shrink)
+        p = self.row_params(w.unsqueeze(0).expand(len(grid), *w.shape), shrink)
         err = ((self._round(w.unsqueeze(0), p) - w) ** 2 * imp).sum(-1)  # [k, rows]
         best = err.argmin(0)
         idx = torch.arange(rows, device=w.device)
         return UniformParams(p.scale[best, idx], None if p.zero is None else p.zero[best, idx])
 
     def quantize(self, w, params, col=0):
-        q = self._codes(w.float(), params)
-        return Quantized(self._values(q, params), (q - self._levels()[0]).to(torch.int64))
+        q = self.codes(w.float(), params)
+        return Quantized(self.values(q, params), (q - self.levels()[0]).to(torch.int64))
 
     def column_quantizer(self, params):
         """quantize for one column, fused in place: 5 operations, bit for bit quantize's result.
 
         clamp(round(w/s) + z, lo, hi) - z = clamp(round(w/s), lo - z, hi - z) exactly (small integers
-        in float), so the values are that times s and the codes that plus z - lo.
+        in float), so the values are that times s and the codes that plus z - lo. The same for every
+        symmetric scale rule (a negative s included): only the fitted s differs.
         """
-        lo, hi = self._levels()
+        lo, hi = self.levels()
         scale, zero = params.scale, params.zero
         if zero is None:
             low, high, shift = lo, hi, -lo
@@ -135,7 +183,7 @@ class Uniform(Codec):
     def decode(self, packed):
         rows, cols = packed.shape
         g = self.group_of(cols)
-        lo, _ = self._levels()
+        lo, _ = self.levels()
         q = unpack_bits(packed.data["codes"], self.bits, rows * cols).reshape(rows, cols).float() + lo
         s = packed.data["scale"].float().repeat_interleave(g, 1)
         if "zero" in packed.data:

@@ -12,6 +12,8 @@ import copy
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
+from quantatlas.context import RunContext
+
 STATISTICS = ("hessian", "cross", "sq_mean")
 
 
@@ -37,20 +39,19 @@ class Solver(ABC):
     def seeded(self) -> bool:
         return bool(self.cfg is not None and self.cfg.seeded)
 
-    #: the experiment seed of the run (set by `for_run`); solvers with random parts derive them from it
-    run_seed: int = 0
+    #: the run context (set by `for_run`); solvers with random parts draw them from it
+    ctx: RunContext = RunContext()
     _tensors: int = 0
 
-    def for_run(self, seed: int) -> "Solver":
-        """The solver a run with this experiment seed uses (as `Codec.for_run`): a copy that knows
-        the seed and counts the matrices it solves, so each gets its own random signs."""
+    def for_run(self, ctx: RunContext) -> "Solver":
+        """The solver a run uses (as `Codec.for_run`): a copy that holds the run context and counts
+        the matrices it solves, so each gets its own random signs."""
         run = copy.copy(self)
-        run.run_seed, run._tensors = int(seed), 0
+        run.ctx, run._tensors = ctx, 0
         return run
 
     def next_tensor_seed(self) -> int:
-        """A seed for the next matrix of this run (deterministic: matrices are solved in a fixed order)."""
-        from quantatlas.quant.incoherence import tensor_seed
-
+        """A seed for the next matrix of this run (the context's "tensor" derivation; deterministic:
+        matrices are solved in a fixed order)."""
         self._tensors += 1
-        return tensor_seed(self.run_seed, self._tensors - 1)
+        return self.ctx.sub_seed("tensor", self._tensors - 1)

@@ -94,7 +94,7 @@ from pydantic import Field
 
 from quantatlas._lazy import torch
 from quantatlas.quant.codecs.base import Codec, Packed
-from quantatlas.quant.config import SolverConfig
+from quantatlas.quant.config import FIRST_DEFAULT, SolverConfig
 from quantatlas.quant.solvers.base import Solver
 
 #: how many times damp is multiplied by 10 before giving up on a Hessian
@@ -110,14 +110,29 @@ class GPTQConfig(SolverConfig):
     seeded = True   # the calibration draw follows the seed
     block_size: int = Field(128, gt=0)
     damp: float = Field(0.01, ge=0, allow_inf_nan=False)
-    act_order: bool = False
-    static_groups: bool = False
+    #: act_order and static_groups on by default since the sweep of experiments/gptq/defaults_int*.yaml
+    #: (issue 25: at 4, 3 and 2 bits both lower KLD); first released off, so ids without them keep their meaning
+    act_order: bool = Field(True, json_schema_extra={FIRST_DEFAULT: False})
+    static_groups: bool = Field(True, json_schema_extra={FIRST_DEFAULT: False})
     importance_from_hessian: bool = True
     #: random-sign Hadamard on both sides of W and H ← V H Vᵀ (quant/incoherence.py), signs from the run seed
     incoherence: bool = False
 
     def build(self):
         return GPTQ(self)
+
+    def codec_conflict(self, codec) -> tuple[str, str] | None:
+        """(option, why) where these options cannot run with `codec` (a codec, or its `name`,
+        `block_width` and `group_size`) on any matrix of more than one group: what `_check` refuses at
+        run time, found from the configs before any compute (spec.Arm). None when they go together."""
+        bw = codec.block_width
+        if self.block_size % bw:
+            return "block_size", (f"block_size must be a multiple of {codec.name}'s block_width {bw} (the columns "
+                                  f"it quantizes together), got {self.block_size}")
+        if self.act_order and not self.static_groups and codec.group_size is not None:
+            return "act_order", (f"act_order with {codec.name} (groups of {codec.group_size} columns) needs "
+                                 "static_groups: true, so groups stay on the stored column grid")
+        return None
 
 
 class GPTAQConfig(GPTQConfig):

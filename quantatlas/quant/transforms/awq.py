@@ -88,7 +88,7 @@ class AWQ(Transform):
         return chunks + ([current] if current else [])
 
     @no_grad
-    def apply(self, model, calib_tokens, seed=0):
+    def apply(self, model, calib_tokens, ctx=None):
         from quantatlas.models.calib import input_statistics
 
         if self.codec is None:

@@ -1,17 +1,18 @@
 """What every transform is: a function-preserving re-parametrisation applied to a model in place.
 
-`apply(model, calib_tokens, seed)` edits the fp model so that its logits are unchanged (to fp
+`apply(model, calib_tokens, ctx)` edits the fp model so that its logits are unchanged (to fp
 rounding) while the weights the solver will quantize become easier to quantize. Whatever is
-random (rotation signs) comes from `seed`; `calib_tokens` [n, seq] feeds the transforms that
-need activation statistics (equalize, awq) and is ignored by the others.
+random (rotation signs) comes from the run context `ctx` (a rotation named by its place draws
+`ctx.sub_seed("named", ...)`); `calib_tokens` [n, seq] feeds the transforms that need activation
+statistics (equalize, awq) and is ignored by the others.
 """
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Literal
 
 from quantatlas._lazy import nn, torch
+from quantatlas.context import RunContext
 
 # One consumer group per input that can absorb a diagonal scale from the op before it.
 ROLE_GROUPS = ("qkv", "gate_up", "o", "down")
@@ -25,17 +26,11 @@ class Transform(ABC):
         self.cfg = cfg
 
     @abstractmethod
-    def apply(self, model: nn.Module, calib_tokens: torch.Tensor | None, seed: int = 0) -> None:
+    def apply(self, model: nn.Module, calib_tokens: torch.Tensor | None, ctx: RunContext = RunContext()) -> None:
         """Edit `model` in place, keeping its function."""
 
     def config(self) -> dict[str, Any]:
         return {} if self.cfg is None else self.cfg.options()
-
-
-def subseed(seed: int, *tags: object) -> int:
-    """A seed for one rotation, derived from the experiment seed and a tag (stable across runs)."""
-    digest = hashlib.sha256("/".join(map(str, (seed, *tags))).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def check_calib(transform: str, calib_tokens) -> torch.Tensor:

@@ -34,7 +34,7 @@ class Equalize(Transform):
         self.alpha, self.roles = cfg.alpha, tuple(cfg.roles)
 
     @no_grad
-    def apply(self, model, calib_tokens, seed=0):
+    def apply(self, model, calib_tokens, ctx=None):
         from quantatlas.models.calib import input_statistics
 
         calib_tokens = check_calib("equalize", calib_tokens)

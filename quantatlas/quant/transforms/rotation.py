@@ -1,7 +1,7 @@
 """Randomized Hadamard rotations (QuaRot-style), folded into the weights or applied online.
 
 Q = H·diag(±1)/√b per block of width b (the full width when block is null), signs from the
-experiment seed. Three places, each keeping the fp function:
+run context (`ctx.sub_seed("named", place...)`). Three places, each keeping the fp function:
 
 residual  The residual stream h becomes Q h. RMSNorm commutes with Q once its gain is moved
           into the linears it feeds (rms(Q h) = rms(h)), so first W ← W diag(γ), γ ← 1 for
@@ -23,10 +23,11 @@ from typing import Literal
 from pydantic import Field
 
 from quantatlas._lazy import no_grad, torch
+from quantatlas.context import RunContext
 from quantatlas.quant.config import TransformConfig
 from quantatlas.quant.hadamard import RandomizedHadamard
 from quantatlas.quant.transforms import _llama
-from quantatlas.quant.transforms.base import Transform, subseed
+from quantatlas.quant.transforms.base import Transform
 
 @no_grad
 def _rotate_rows(p: torch.Tensor, q: RandomizedHadamard) -> None:
@@ -83,21 +84,22 @@ class HadamardRotation(Transform):
             raise ValueError(f"hadamard: width {size}: {e}") from None
 
     @no_grad
-    def apply(self, model, calib_tokens=None, seed=0):
+    def apply(self, model, calib_tokens=None, ctx: RunContext = RunContext()):
         from quantatlas.quant.online import OnlineRotation, attach_online_rotation, has_online_rotation
 
         layers = _llama.layers(model)
         # build (and so validate) every rotation before the first edit: an error leaves the model as it was
         residual = None
         if self.residual:
-            residual = self._rotation(_llama.embedding(model).weight.shape[1], subseed(seed, "residual"))
+            residual = self._rotation(_llama.embedding(model).weight.shape[1], ctx.sub_seed("named", "residual"))
         online = []
         for layer in layers:
             for role in self.online:
                 lin = getattr(layer, role)
                 if has_online_rotation(lin):
                     raise ValueError(f"hadamard: layer {layer.index} {role}_proj is already rotated online")
-                online.append((lin, self._rotation(lin.in_features, subseed(seed, "online", role, layer.index))))
+                seed = ctx.sub_seed("named", "online", role, layer.index)
+                online.append((lin, self._rotation(lin.in_features, seed)))
         if residual is not None:
             fuse_norm_gains(model, layers)
             _rotate_rows(_llama.embedding(model).weight, residual)
@@ -109,7 +111,8 @@ class HadamardRotation(Transform):
                 _rotate_output(layer.down, residual)
         if self.heads:
             for layer in layers:
-                _rotate_heads(layer, RandomizedHadamard(layer.head_dim, subseed(seed, "heads", layer.index)))
+                seed = ctx.sub_seed("named", "heads", layer.index)
+                _rotate_heads(layer, RandomizedHadamard(layer.head_dim, seed))
         for lin, rotation in online:
             attach_online_rotation(lin, OnlineRotation(rotation))
 

@@ -57,7 +57,7 @@ class SmoothQuant(Transform):
         return a ** self.alpha / w ** (1 - self.alpha)
 
     @no_grad
-    def apply(self, model, calib_tokens, seed=0):
+    def apply(self, model, calib_tokens, ctx=None):
         calib_tokens = check_calib("smoothquant", calib_tokens)
         layers = _llama.layers(model)
         for layer in layers:

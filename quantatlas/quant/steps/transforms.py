@@ -1,0 +1,34 @@
+"""Transforms: function-preserving re-parametrisations (rotations, channel scales), in order."""
+from __future__ import annotations
+
+from quantatlas.quant.steps.base import Step, option_techniques
+
+
+class TransformsStep(Step):
+    field = "transforms"
+    order = 20
+    in_first_release = True
+
+    def reads_calibration(self) -> bool:
+        return True   # every transform gets the calibration draw (AWQ, SmoothQuant and equalize read it)
+
+    def needs_whole_model(self) -> str | None:
+        return "transforms need the whole model"
+
+    def techniques(self) -> set[str]:
+        """transform:<name> for each, and its options away from their defaults (transform:hadamard.no_residual)."""
+        return {f"transform:{t.name}" for t in self.value} | \
+            {o for t in self.value for o in option_techniques(t, f"transform:{t.name}")}
+
+    def apply(self, state, ctx) -> None:
+        apply_transforms(state.working_model(), state.arm, state.calibration.tokens(ctx), ctx)
+
+
+def apply_transforms(model, arm, calib, ctx) -> None:
+    """The arm's transforms on `model`, in place, in order (sensitivity measures with them too)."""
+    codec = None if arm.codec is None or arm.codec.name == "gguf" else arm.codec.build()
+    for cfg in arm.transforms:
+        t = cfg.build()
+        if getattr(t, "codec", "absent") is None:  # AWQ searches its scales for the arm's own codec
+            t.codec = codec
+        t.apply(model, calib, ctx)

@@ -1,0 +1,293 @@
+"""Specs refused before any compute, naming the spec's file:line, the field and the value: duplicate
+YAML keys, eval tokens beyond the data, solver options a codec cannot take, data files that are not
+there. The command line exits 2 with one line and never starts the run."""
+import re
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from quantatlas.cli import app
+from quantatlas.eval.windows import EvalDataError, make_eval_set
+from quantatlas.reference import splits
+from quantatlas.spec import SpecError, field_line, load_spec, parse_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL_TOKENS = len(splits.fixed_tokens("eval"))   # the shipped stream itself, not its manifest
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+    """The run must not start: run_spec (model loading, tokenizing, reference logits) fails the test."""
+    import quantatlas.runner
+
+    def started(*a, **k):
+        raise AssertionError("the run started: the spec should have been refused before")
+    monkeypatch.setattr(quantatlas.runner, "run_spec", started)
+
+
+def refused(tmp_path, text: str) -> str:
+    """The one error line of `quantatlas run` on this spec (exit 2, no traceback)."""
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    result = CliRunner().invoke(app, ["run", str(path), "--quiet"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}:"), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def loaded_error(tmp_path, text: str) -> SpecError:
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    return e.value
+
+
+# ---- duplicate keys -----------------------------------------------------------------------------
+
+DUPLICATE_ARM = """\
+title: an arm twice
+seeds: [0]
+arms:
+  rtn4: {codec: {uniform: {bits: 4}}}
+  gptq4: {solver: gptq, codec: {uniform: {bits: 4}}}
+  rtn4: {codec: {uniform: {bits: 3}}}
+"""
+
+
+def test_an_arm_declared_twice_is_refused_at_its_second_line(tmp_path, no_compute):
+    line = refused(tmp_path, DUPLICATE_ARM)
+    assert re.search(r"spec\.yaml:6: field arms\.rtn4: duplicate key 'rtn4' \(first on line 4\)", line), line
+    assert loaded_error(tmp_path, DUPLICATE_ARM).field == "arms.rtn4"
+    # what YAML alone does with it: the last wins, silently (why the spec is refused)
+    assert yaml.safe_load(DUPLICATE_ARM)["arms"]["rtn4"]["codec"]["uniform"]["bits"] == 3
+
+
+@pytest.mark.parametrize("text,line,field", [
+    # inside a flow mapping, several levels down
+    ("title: t\narms:\n  a: {codec: {uniform: {bits: 4, group: 64, bits: 3}}}\n", 3, "arms.a.codec.uniform.bits"),
+    # a top-level section twice, far apart
+    ("title: t\ndata: {eval: {tokens: 4096}}\narms:\n  a: {codec: q8_0}\ndata: {eval: {ctx: 128}}\n", 5, "data"),
+    # in a list item (an override)
+    ("title: t\narms:\n  a:\n    codec: q4_k\n    overrides:\n      - match: down\n        codec: q8_0\n"
+     "        codec: q6_k\n", 8, "arms.a.overrides.0.codec"),
+    ("title: t\ntitle: u\narms: {a: {codec: q8_0}}\n", 2, "title"),
+])
+def test_duplicate_keys_anywhere_name_their_line_and_path(tmp_path, text, line, field):
+    e = loaded_error(tmp_path, text)
+    assert e.field == field
+    assert str(e).startswith(f"{tmp_path / 'spec.yaml'}:{line}: field {field}: duplicate key"), str(e)
+
+
+def test_equal_keys_in_different_mappings_and_merge_keys_are_fine(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("title: t\narms:\n  a: {codec: {uniform: {bits: 4, group: 64}}}\n"
+                    "  b: {codec: {uniform: {bits: 3, group: 64}}}\n")
+    assert list(load_spec(path).arms) == ["a", "b"]
+    # `<<:` merges an anchor's keys and may restate one of them: that is YAML's override, not a duplicate
+    path.write_text("title: t\narms:\n  a: &a {codec: q8_0, include_head: false}\n  b: {<<: *a, include_head: true}\n")
+    assert load_spec(path).arms["b"].include_head is True
+
+
+# ---- eval tokens beyond the data ----------------------------------------------------------------
+
+def eval_spec(tokens, ctx=512, score="second_half", model="reference"):
+    return (f"title: long eval\nmodel: {model}\ndata:\n  calib: {{samples: 4}}\n  eval:\n    ctx: {ctx}\n"
+            f"    score: {score}\n    tokens: {tokens}\narms:\n  rtn4: {{codec: {{uniform: {{bits: 4}}}}}}\n")
+
+
+@pytest.mark.parametrize("asked", [EVAL_TOKENS + 1, 100_000_000])
+def test_reference_eval_beyond_the_shipped_stream_is_refused_at_parse_time(tmp_path, no_compute, asked):
+    line = refused(tmp_path, eval_spec(asked))
+    windows = EVAL_TOKENS // 512
+    assert windows == 2979
+    assert f"spec.yaml:8: field data.eval.tokens: {asked} tokens asked, but the reference eval stream has " \
+           f"{EVAL_TOKENS} (at most {windows} windows of ctx 512, {windows * 255} tokens scored with score: " \
+           f"second_half); ask for at most {EVAL_TOKENS}" in line, line
+    assert loaded_error(tmp_path, eval_spec(asked)).field == "data.eval.tokens"
+
+
+def test_the_scored_count_in_the_refusal_follows_score_and_ctx(tmp_path):
+    msg = str(loaded_error(tmp_path, eval_spec(2_000_000, ctx=1000, score="all")))
+    assert f"at most {EVAL_TOKENS // 1000} windows of ctx 1000, {EVAL_TOKENS // 1000 * 999} tokens scored" in msg
+
+
+def test_every_shipped_token_may_be_asked_for_and_other_models_are_counted_later(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text(eval_spec(EVAL_TOKENS))
+    assert load_spec(path).data.eval.tokens == EVAL_TOKENS
+    # a model with its own tokenizer: the stream's length is known once it is tokenized (make_eval_set)
+    path.write_text(eval_spec(100_000_000, model="hf:org/some-llama"))
+    assert load_spec(path).data.eval.tokens == 100_000_000
+
+
+def test_every_shipped_spec_is_still_accepted():
+    specs = sorted((ROOT / "experiments").rglob("*.yaml"))
+    assert len(specs) > 20
+    for p in specs:
+        load_spec(p)
+
+
+def test_make_eval_set_refuses_more_tokens_than_the_stream_has():
+    toks = np.arange(1000) % 97
+    with pytest.raises(EvalDataError) as e:
+        make_eval_set(toks, 1001, 128)
+    assert e.value.field == "data.eval.tokens"
+    # 1000 tokens: 7 windows of 128, each scoring 128 - 1 - 64 = 63 (second half) or 127 (all)
+    assert str(e.value) == ("data.eval.tokens: 1001 tokens asked, but the eval stream has 1000 (at most 7 windows "
+                            "of ctx 128, 441 tokens scored with score: second_half); ask for at most 1000")
+    with pytest.raises(EvalDataError, match="889 tokens scored with score: all"):
+        make_eval_set(toks, 5000, 128, "all")
+    assert make_eval_set(toks, 1000, 128).n_scored == 441
+    assert make_eval_set(toks, 5000, 128, up_to=True).windows.shape == (7, 128)   # the old reading, on request
+
+
+def test_a_text_eval_file_shorter_than_asked_is_refused_before_the_reference_logits(tmp_path, tiny_reference,
+                                                                                     monkeypatch):
+    from quantatlas.runner import run_spec
+
+    monkeypatch.setenv("QUANTATLAS_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "eval.txt"
+    text.write_bytes(b"x = 1\n" * 100)       # 600 bytes: BOS + 600 + EOS = 602 byte-level tokens
+    spec_text = (f"title: short file\ndata:\n  eval:\n    source: {text}\n    ctx: 64\n    tokens: 4096\n"
+                 "arms:\n  rtn4: {codec: {uniform: {bits: 4, group: 32}}}\n")
+    path = tmp_path / "spec.yaml"
+    path.write_text(spec_text)
+    spec = load_spec(path)   # the file's token count depends on the model: not known at parse time
+    db = tmp_path / "ledger.db"
+    with pytest.raises(EvalDataError) as e:
+        run_spec(spec, db_url=f"sqlite:///{db}", loaded=tiny_reference, compress=False, log=lambda m: None)
+    assert e.value.field == "data.eval.tokens" and field_line(path, e.value.field) == 6
+    assert str(e.value).startswith("data.eval.tokens: 4096 tokens asked, but the eval stream has 602 (at most 9 "
+                                   "windows of ctx 64, 279 tokens scored"), str(e.value)
+    assert not (tmp_path / "cache" / "logits").exists() or not any((tmp_path / "cache" / "logits").iterdir())
+    if db.exists():   # nothing written to the ledger: no empty experiment
+        with sqlite3.connect(db) as con:
+            assert con.execute("select count(*) from experiment").fetchone()[0] == 0
+
+
+# ---- solver options a codec cannot take ---------------------------------------------------------
+
+ACT_ORDER = """\
+title: act order
+arms:
+  rtn4: {codec: {uniform: {bits: 4}}}
+  gptq4:
+    solver: gptq
+    solver_options:
+      act_order: true
+      static_groups: false
+    codec: {uniform: {bits: 4, group: 128}}
+"""
+
+
+def test_act_order_on_a_grouped_codec_without_static_groups_is_refused_at_its_line(tmp_path, no_compute):
+    line = refused(tmp_path, ACT_ORDER)
+    assert "spec.yaml:7: field arms.gptq4.solver_options.act_order: act_order with uniform (groups of 128 " \
+           "columns) needs static_groups: true" in line, line
+    assert loaded_error(tmp_path, ACT_ORDER).field == "arms.gptq4.solver_options.act_order"
+
+
+def arm(**a):
+    return parse_spec({"title": "t", "arms": {"a": a}}).arms["a"]
+
+
+def arm_error(**a) -> SpecError:
+    with pytest.raises(SpecError) as e:
+        arm(**a)
+    return e.value
+
+
+def test_solver_codec_conflicts_are_arm_validation_errors():
+    grouped = {"uniform": {"bits": 4, "group": 128}}
+    e = arm_error(solver="gptaq", solver_options={"act_order": True, "static_groups": False}, codec="q4_k")
+    assert e.field == "arms.a.solver_options.act_order" and "q4_k (groups of 256 columns)" in str(e)
+    # what runs
+    arm(solver="gptq", solver_options={"act_order": True, "static_groups": True}, codec=grouped)
+    arm(solver="gptq", solver_options={"act_order": True}, codec={"uniform": {"bits": 4, "group": None}})
+    arm(solver="gptq", solver_options={"block_size": 256}, codec={"trellis": {"bits": 2}})
+    arm(solver="rtn", codec={"trellis": {"bits": 2}})
+    # the trellis quantizes T = 256 columns together: GPTQ's default blocks of 128 cannot hold them
+    e = arm_error(solver="gptq", codec={"trellis": {"bits": 2}})
+    assert e.field == "arms.a.solver_options.block_size"
+    assert "block_size must be a multiple of trellis's block_width 256" in str(e) and "got 128" in str(e)
+    # the codecs an arm's solver is handed besides its own: an override's, a gguf mixture's, a candidate's
+    e = arm_error(solver="gptq", solver_options={"act_order": True, "static_groups": False},
+                  codec={"uniform": {"bits": 4, "group": None}}, overrides=[{"match": "down", "codec": "q8_0"}])
+    assert e.field == "arms.a.solver_options.act_order" and "(the codec at overrides.0.codec)" in str(e)
+    e = arm_error(solver="gptq", solver_options={"act_order": True, "static_groups": False}, codec={"gguf": "Q4_K_M"})
+    assert e.field == "arms.a.solver_options.act_order"
+    e = arm_error(solver="gptq", solver_options={"act_order": True, "static_groups": False},
+                  codec={"uniform": {"bits": 4, "group": None}}, allocate={"candidates": ["q6_k"], "target": {"bits_per_weight": 5.0}})
+    assert "(the codec at allocate.candidates.0)" in str(e)
+    # an override with a solver of its own runs it with that solver's defaults
+    e = arm_error(solver="rtn", codec={"uniform": {"bits": 4, "group": None}},
+                  overrides=[{"match": "down", "codec": {"trellis": {"bits": 2}}, "solver": "gptq"}])
+    assert e.field == "arms.a.overrides.0.solver" and "gptq runs with its default options" in str(e)
+
+
+def test_the_refusal_matches_what_the_solver_would_raise_at_run_time():
+    import torch
+
+    from quantatlas.quant.codecs import make_codec
+    from quantatlas.quant.solvers.gptq import gptq
+
+    W, H = torch.randn(8, 256, dtype=torch.float64), torch.eye(256, dtype=torch.float64)
+    with pytest.raises(ValueError, match="static_groups"):
+        gptq(W, H, make_codec("uniform", {"bits": 4, "group": 128}), act_order=True)
+    with pytest.raises(ValueError, match="block_size must be a positive multiple"):
+        gptq(W, H, make_codec("trellis", {"bits": 2}))
+
+
+def test_the_conflict_is_refused_without_torch_too():
+    """The atlas server (no torch) refuses such a spec as well, where the codec builds without torch."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from quantatlas.spec import SpecError, parse_spec\n"
+            "try:\n    parse_spec({'title': 'x', 'arms': {'a': {'solver': 'gptq', 'solver_options': "
+            "{'act_order': True, 'static_groups': False}, 'codec': {'uniform': {'bits': 4}}}}})\n"
+            "except SpecError as e:\n    print(e.field)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "arms.a.solver_options.act_order"
+
+
+# ---- data files that are not there --------------------------------------------------------------
+
+MISSING = """\
+title: missing data
+data:
+  calib: {samples: 4, source: CALIB}
+  eval:
+    source: EVAL
+arms:
+  rtn4: {codec: {uniform: {bits: 4}}}
+"""
+
+
+def test_a_missing_eval_file_is_refused_at_its_line(tmp_path, no_compute):
+    line = refused(tmp_path, MISSING.replace("CALIB", "stdlib").replace("EVAL", "path/that/does/not/exist.txt"))
+    assert "spec.yaml:5: field data.eval.source: no such file: 'path/that/does/not/exist.txt'" in line, line
+
+
+def test_a_missing_calibration_file_or_a_folder_is_refused(tmp_path, no_compute):
+    e = loaded_error(tmp_path, MISSING.replace("CALIB", str(tmp_path / "nope.txt")).replace("EVAL", "reference"))
+    assert e.field == "data.calib.source" and str(e).startswith(f"{tmp_path / 'spec.yaml'}:3: field data.calib.source")
+    e = loaded_error(tmp_path, MISSING.replace("CALIB", "stdlib").replace("EVAL", str(tmp_path)))
+    assert e.field == "data.eval.source" and "not a file" in str(e)
+
+
+def test_sources_that_are_not_paths_and_files_that_exist_pass(tmp_path):
+    text = tmp_path / "eval.txt"
+    text.write_text("x = 1\n")
+    path = tmp_path / "spec.yaml"
+    for calib, ev in (("stdlib", "reference"), ("hf:org/corpus", "hf:org/corpus:wikitext"), (str(text), str(text))):
+        path.write_text(MISSING.replace("CALIB", calib).replace("EVAL", ev))
+        assert load_spec(path).data.eval.source == ev
