@@ -25,8 +25,9 @@ wrapped by timers (nothing else changes; each wrapper adds two clock reads per c
 
 Each stage's wall (perf_counter) and process CPU seconds (process_time: on a shared machine CPU
 seconds are the steadier figure, and with one thread wall ≥ CPU says how much the machine stole),
-its calls, and the number of layer passes per decoder layer (collection calls and propagation calls
-per layer per calibration batch; a collection pass that stops early still counts as one). The
+its calls, and the number of layer passes per decoder layer (collection: `run_layer` calls, one per
+calibration batch, per layer and batch, a pass that stops early counting as one; propagation:
+`advance` calls, each over every batch, per layer). The
 reference log-probs are computed (or read from the cache) once before the runs and timed apart.
 Runs alternate the propagation modes, --repeats times; every run's figures are kept and the table
 shows each mode's minimum wall run. Writes --out (JSON) and prints the table; `uptime` before
@@ -207,7 +208,8 @@ def main() -> None:
         for m in modes:
             r = one_run(lm, specs[m], args.seed, es, ref, not args.no_compress, n_bytes)
             r.update(propagation=m, repeat=rep,
-                     passes_per_layer={s: r["calls"][s] / (n_layers * batches) for s in ("collection", "propagation")})
+                     passes_per_layer={"collection": r["calls"]["collection"] / (n_layers * batches),
+                                       "propagation": r["calls"]["propagation"] / n_layers})
             runs.append(r)
             print(f"{m} repeat {rep}: total {r['wall_s']['total']:.1f} s wall, quantize "
                   f"{r['wall_s']['quantize']:.1f} s, evaluate {r['wall_s']['evaluate']:.1f} s", flush=True)

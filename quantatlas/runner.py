@@ -18,6 +18,7 @@ from quantatlas.eval.bpb import eval_bytes
 from quantatlas.eval.windows import make_eval_set, reference_logprobs
 from quantatlas.measure import calibration_for, measure_arm
 from quantatlas.models import LoadedModel, load_model
+from quantatlas.models.layout import layout
 from quantatlas.progress import Progress
 from quantatlas.quant.pipeline import check_backend
 from quantatlas.quant.steps import arm_reads_calibration
@@ -82,6 +83,7 @@ class Sweep:
         self.device = device = device or default_device()
         self.json_path = Path(json_path) if json_path else None
         self.lm = lm = loaded or load_model(spec.model, device=device)
+        layout(lm.model).check()  # a model whose modules have no role is refused before anything is stored
         for name, arm in spec.arms.items():  # a step the backend cannot run is refused before any work
             check_backend(lm, arm, f"arms.{name}")
         ev = spec.data.eval

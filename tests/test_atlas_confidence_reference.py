@@ -123,3 +123,49 @@ def test_an_fp16_arm_never_decides_the_experiment_its_primary_arm_does(tiny_refe
     assert row["metrics"]["gptq4"]["kld_mean"] == pytest.approx(gptq_kld)
     assert f"KLD {gptq_kld:.4g}" in row["key_metrics"]
     led.close()
+
+
+# ---- how the list and the page write numbers ------------------------------------------------------
+
+def test_metrics_are_written_as_a_reader_needs_them():
+    from quantatlas.atlas.listing import format_metric, human_bytes
+
+    assert human_bytes(2_081_000) == "2.08 MB" and human_bytes(950) == "950 B" and human_bytes(12_345) == "12.3 kB"
+    assert human_bytes(123_456_789) == "123 MB" and human_bytes(1.5e9) == "1.50 GB"
+    assert format_metric("bytes_zstd", 2_081_000.0) == "2.08 MB" and format_metric("artifact_bytes", 950) == "950 B"
+    # 4 significant digits would write 1.0004 as 1 and 1.00049 as 1.000: a ratio near 1 gets 4 decimals
+    assert format_metric("ppl_ratio", 1.00042) == "1.0004" and format_metric("ppl_ratio", 1.0) == "1.0000"
+    assert format_metric("kld_mean", 0.0012345) == "0.001234" and format_metric("kld_mean", 2e-5) == "2.000e-05"
+    assert format_metric("bits_per_param", 4.4583) == "4.458" and format_metric("seed", 3) == "3"
+    assert format_metric("kld_mean", None) == "–" and format_metric("kld_max", float("inf")) == "inf"
+
+
+def test_the_pages_show_bytes_ratios_holm_and_a_favicon(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from quantatlas.web import create_app
+
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    led = Ledger(url)
+    spec = dict(SPEC, seeds=[0, 1], arms={"rtn4": {"codec": {"uniform": {"bits": 4}}},
+                                          "gptq4": {"solver": "gptq", "codec": {"uniform": {"bits": 4}}},
+                                          "fp16": {"codec": None}})
+    e = led.register_experiment(spec)
+    env = {"device": "cpu", "hostname": "h", "packages": {}, "git_commit": "c"}
+    for arm, scale in (("rtn4", 1.0), ("gptq4", 0.8), ("fp16", 0.0)):
+        for s, r in runs(scale, (0, 1), fixed=arm != "gptq4").items():
+            m = dict(r.metrics, bytes_zstd=2_081_000.0, ppl_ratio=1.00042)
+            led.record_run(e, arm, s, m, r.per_token, env, "mh", "ef")
+    led.add_hypothesis("cexp_2067d8", "An imported claim.", "success", imported={"reproductions_column": "1/5"})
+    led.close()
+    with TestClient(create_app(url)) as client:
+        page = client.get(f"/experiments/{e}").text
+        assert "2.08 MB" in page and "2.081e+06" not in page and "1.0004" in page
+        holm = page[page.index('<table class="verdicts">'):page.index("</table>")]
+        assert "too few seeds</span>" in holm and "reference</span>" in holm and "control</span>" in holm
+        listing = client.get("/").text
+        assert '<th class="num">Conf.</th>' in listing and 'rel="icon"' in listing
+        assert listing.index(e) < listing.index("cexp_2067d8")            # the imported claim below
+        assert f'data-id="{e}" data-primary="gptq4"' in listing
+        icon = client.get("/static/favicon.svg")
+        assert icon.status_code == 200 and icon.text.startswith("<svg")

@@ -165,7 +165,8 @@ def atlas(tmp_path):
     _record(led, ids["e8p"], "e8p3", 1.2, 3.125, (0, 1), "mh", "fp-16k")
     _record(led, ids["e8p"], "q3_k_m", 1.5, 3.88, (0, 1), "mh", "fp-16k")
     # another ctx, another scoring, another model: three more plots
-    ids["ctx"] = led.register_experiment(_spec("ctx 256", {"int4": {"codec": {"uniform": {"bits": 4}}}}, 16384, ctx=256))
+    ids["ctx"] = led.register_experiment(_spec("ctx 256", {"int4": {"codec": {"uniform": {"bits": 4}}}}, 16384,
+                                               ctx=256))
     _record(led, ids["ctx"], "int4", 1.1, 4.125, (0,), "mh", "fp-ctx256")
     ids["all"] = led.register_experiment(_spec("score all", {"int4": {"codec": {"uniform": {"bits": 4}}}}, 16384,
                                                score="all"))

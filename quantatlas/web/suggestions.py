@@ -7,37 +7,42 @@ Candidates, per plot of the landscape (model hash x eval source x ctx x score; w
             (anywhere in the atlas): the treatment A+T against A as control
     swap    the same where T is of a kind an arm holds one of (a solver, a codec, a recovery method, an
             option's value): T replaces A's; a codec only at a budget it produces (below)
-    budget  A at another bit budget its codec produces, against the best measured arm at that budget
-            (A itself where that budget has none)
+    budget  A one budget up or down, where its codec produces it, against the best measured arm at that
+            budget (A itself where that budget has none)
 
 A reference arm (fp16, `reference: true`) is never a base and gives no budget. A candidate whose
-technique set was measured at its budget on that plot is dropped. A budget is
-`techniques.bit_budget` of bits per weight; the budgets a codec produces are its config's
-(`techniques.codec_budgets`: its `bits` option's range, a ggml type's one size), unless its measured
-arms land elsewhere than its `bits` option says (sparse24 stores 2 of 4 weights): then only the budgets
-it was measured at. Arms registered but never run that would measure a candidate are listed with it.
+technique set was measured at its budget on that plot is dropped. A budget is `techniques.bit_budget` of
+bits per weight. The budgets a codec is proposed at are its config's (`techniques.codec_budgets`: its
+`bits` option's range, a ggml type's one size) within BUDGET_STEP of one it was measured at: its
+overheads (a VQ codebook's above all) grow with its bits and shrink with the model's matrices, so the
+`bits` option is trusted near measurements only. A codec whose measured arms land elsewhere than its
+`bits` option says (sparse24 stores 2 of every 4 weights), or whose config does not say (aqlm, fp8, a
+gguf mixture), is proposed only at the budgets and configs it was measured with. A candidate's bits are
+its base's moved by what the two codec configs store (`Atlas.bits_with`). Arms registered but never run
+that would measure a candidate are listed with it.
 
 Ranking: an additive model of log mean KLD over every measured point,
 
-    log KLD = a_plot + g * bits + sum_t b_t [t in arm] + e,      e ~ N(0, s^2),
+    log KLD = a_(plot, budget) + g * (bits - budget) + sum_t b_t [t in arm] + e,      e ~ N(0, s^2),
 
-with Gaussian priors b_t ~ N(0, 1) (a technique's effect before any measurement: within e^±2),
-g ~ N(-ln 4, 0.5^2) (a bit more quarters the error) and flat intercepts; s^2 from the residuals (a
-scaled inverse-chi^2 prior, 0.3 on 2 degrees of freedom). A candidate's predicted log KLD is A's measured
-one plus the effects it adds, minus those it removes, plus g times its change in bits; its standard
-deviation comes from the posterior covariance and s (the interactions an additive model misses). The
-gain is log(frontier KLD at the candidate's bits) minus the prediction: the plot's Pareto frontier,
-linear in log KLD between its points and extended along g beyond its ends.
-Candidates rank by expected improvement E[max(gain, 0)] = m Phi(m/sd) + sd phi(m/sd): a confident
-small gain over the frontier and an uncertain large one both rank; a gap on the frontier (a budget
-with no good point) is a large gain.
+a level per plot and budget (flat prior), a slope g within a budget (Q4_0's 4.5 bits against uniform's
+4.125), g ~ N(-ln 4, 0.5^2) (a bit more quarters the error), b_t ~ N(0, 1) (a technique's effect before
+any measurement: within e^±2), s^2 from the residuals (a scaled inverse-chi^2 prior, 0.3 on 2 degrees of
+freedom). The effects are thus measured at equal budget. A candidate's predicted log KLD is A's measured
+one plus the effects it adds, minus those it removes, plus the change of level and of bits within the
+budget (a budget the plot has no level at: along the prior slope); its standard deviation comes from the
+posterior covariance and s (the interactions an additive model misses). The gain is log(frontier KLD at
+the candidate's bits) minus the prediction: the plot's Pareto frontier, linear in log KLD between its
+points and extended along g beyond its ends. Candidates rank by expected improvement
+E[max(gain, 0)] = m Phi(m/sd) + sd phi(m/sd): a confident small gain over the frontier and an uncertain
+large one both rank; a gap on the frontier (a budget with no good point) is a large gain.
 """
 from __future__ import annotations
 
 import copy
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import combinations
 from typing import TYPE_CHECKING
 
@@ -213,6 +218,7 @@ class Atlas:
         self.trusted: dict[str, bool] = {}
         self.measured_codec: dict[str, dict[int, dict]] = defaultdict(dict)
         self.measured_bits: dict[str, float] = {}
+        self.overheads: dict[str, list[float]] = defaultdict(list)
         for p in sorted(self.usable, key=lambda p: p["kld_mean"]):
             if p["reference"]:
                 continue
@@ -225,8 +231,10 @@ class Atlas:
             self.measured_codec[label].setdefault(b, cfg["codec"])
             self.measured_bits.setdefault(canonical_json(cfg["codec"]), p["bits_per_weight"])
             if name != "gguf":
-                rule = bit_budget(nominal_bits(parse_config("codec", cfg["codec"])))
-                self.trusted[name] = self.trusted.get(name, True) and rule == b
+                nominal = nominal_bits(parse_config("codec", cfg["codec"]))
+                self.trusted[name] = self.trusted.get(name, True) and bit_budget(nominal) == b
+                if nominal is not None:
+                    self.overheads[name].append(p["bits_per_weight"] - nominal)
 
     def producible(self, codec: dict, near: bool = False) -> dict[int, dict]:
         """Budget -> codec config for a codec written as in a spec (module doc). `near`: only budgets within
@@ -242,16 +250,30 @@ class Atlas:
                 return rule
         return dict(measured)
 
-    def bits_with(self, point: dict, old: dict | None, new: dict | None) -> float:
-        """Bits per weight of a measured arm with its codec `old` replaced by `new`: its bits moved by what
-        the two configs say they store; where a config does not say, what `new` was measured at."""
+    def codec_bits(self, codec: dict | None) -> float | None:
+        """Bits per weight a codec config stores: as measured (an arm whose bits are the codec's alone), else
+        what its config says plus the overhead its codec was measured with (the median over its arms)."""
+        if codec is None:
+            return None
+        measured = self.measured_bits.get(canonical_json(codec))
+        if measured is not None:
+            return measured
         try:
-            a, b = (None if c is None else nominal_bits(parse_config("codec", c)) for c in (old, new))
+            nominal = nominal_bits(parse_config("codec", codec))
         except ConfigError:
-            a = b = None
-        if a is not None and b is not None:
-            return point["bits_per_weight"] + b - a
-        return self.measured_bits.get(canonical_json(new), point["bits_per_weight"])
+            return None
+        if nominal is None:
+            return None
+        over = self.overheads.get(next(iter(codec)))
+        return nominal + (float(np.median(over)) if over else 0.0)
+
+    def bits_with(self, point: dict, old: dict | None, new: dict | None) -> float:
+        """Bits per weight of a measured arm with its codec `old` replaced by `new`: `new`'s bits plus what the
+        arm stores besides its codec (overrides, a head)."""
+        a, b = self.codec_bits(old), self.codec_bits(new)
+        if b is None:
+            return point["bits_per_weight"]
+        return b + (0.0 if a is None else point["bits_per_weight"] - a)
 
     def frontier_log_kld(self, plot: tuple, bits: float, slope: float) -> float:
         """log KLD the plot's Pareto frontier reaches at `bits`: linear in log KLD between its points (what
@@ -413,7 +435,7 @@ def _candidates(atlas: Atlas, model: EffectModel) -> list[Candidate]:
         cfg = normal_config(c)
         if cfg is not None:
             for t in techniques(c):
-                if not examples[t] or cfg not in examples[t]:
+                if cfg not in examples[t]:
                     examples[t].append(cfg)
     labels = sorted(examples)
 
@@ -441,6 +463,10 @@ def _candidates(atlas: Atlas, model: EffectModel) -> list[Candidate]:
             approx = frozenset((base_t - replaced) | {t})
             bits = atlas.bits_with(p, base.get("codec"), cfg.get("codec")) if kind(t) == "codec" else \
                 p["bits_per_weight"]
+            if t == "allocate":     # the allocation's target is the arm's bits: only at the base's budget
+                bits = (cfg["allocate"].get("target") or {}).get("bits_per_weight") or math.nan
+                if bit_budget(bits) != p["budget"]:
+                    continue
             budget = bit_budget(bits)
             if budget is not None:
                 out.append(Candidate("swap" if replaced else "add", t, p["group"], p, cfg, approx, budget, bits))
