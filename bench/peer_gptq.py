@@ -131,7 +131,8 @@ def peer_python(peer: str, root: Path, install: bool, notes: dict, retry: bool =
                 lines = [x for x in logfile.read_text().splitlines() if not x.startswith("WARNING: Location")]
                 why = [x.strip() for x in lines if "conflict is caused" in x or x.strip().startswith(
                     ("ERROR", "Exception", "error:"))]
-                notes[peer] = f"`{' '.join(cmd[-3:])}` failed ({rc}): {' | '.join(why[-4:] or lines[-3:])}"
+                why = list(dict.fromkeys(why))[-3:] or lines[-3:]
+                notes[peer] = f"`{' '.join(cmd[-3:])}` failed ({rc}): {' | '.join(why)}"
                 if "-c" in cmd:
                     notes[peer] += newest_conflict(python, cmd, lines)
                 failed.write_text(notes[peer] + "\n")
@@ -307,6 +308,29 @@ def run_child(python: Path, job: dict, run_dir: Path, timeout: float) -> dict:
     return res
 
 
+def sources_fingerprint() -> str:
+    """sha256 of quantatlas's Python sources as they are now (names and contents)."""
+    h = hashlib.sha256()
+    for f in sorted((ROOT / "quantatlas").rglob("*.py")):
+        h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
+_PEER_VERSIONS: dict[str, dict] = {}
+
+
+def peer_versions(peer: str, python: Path | None = None) -> dict:
+    """The peer's packages as installed in its virtualenv (read once; part of its runs' cache key)."""
+    if peer not in _PEER_VERSIONS:
+        venv, package, _, _ = PEERS[peer]
+        code = ("import json, importlib.metadata as m; out = {}\n"
+                f"for n in {[package, 'torch', 'transformers', 'compressed-tensors']!r}:\n"
+                "    try: out[n] = m.version(n)\n    except m.PackageNotFoundError: pass\nprint(json.dumps(out))")
+        run = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True)
+        _PEER_VERSIONS[peer] = json.loads(run.stdout)
+    return _PEER_VERSIONS[peer]
+
+
 def job_key(job: dict) -> str:
     keyed = {k: v for k, v in job.items() if k != "out"}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:10]
@@ -394,6 +418,10 @@ def make_job(side: str, model: str, folder: Path, scheme: dict, seed: int, calib
         job["model"] = "reference" if model == "reference" else str(folder)
         job["arm"] = default_arm(scheme, side) if side in ("gptq", "rtn") else variant_arm(scheme, variants[side])
         job["stream"] = None if args.stream == "auto" else args.stream == "1"
+        # quantatlas is edited while benches run: a cached run stands only for the sources it ran
+        job["quantatlas_sources"] = sources_fingerprint()
+    else:
+        job["peer_versions"] = peer_versions(side)
     job["out"] = str(Path(args.dir) / "runs" / model / scheme["name"] / side / f"s{seed}-{job_key(job)}")
     return job
 
@@ -416,6 +444,9 @@ def run_side(job: dict, python: Path, scorer, args, label: str) -> dict | None:
         return None
     arm = job.get("arm")
     res["kind"] = None if arm is None else ("rtn" if arm.get("solver", "rtn") == "rtn" else "calibrated")
+    if fresh and "quantatlas_sources" in job and sources_fingerprint() != job["quantatlas_sources"]:
+        res["sources_changed_during_run"] = True   # flagged in the comparisons
+        (run_dir / "result.json").write_text(json.dumps(res, indent=1) + "\n")
     res["run_dir"] = str(run_dir)
     log(f"{label}: quantize {res['quant_wall_s']:.1f} s wall, {res['quant_cpu_s']:.1f} s CPU, peak RSS "
         f"{res['peak_rss_mb']:.0f} MB" + (f", KLD {res['kld_mean']:.6f}" if scorer is not None else "")
@@ -492,6 +523,7 @@ def main() -> None:
             log(f"peer {p} left out: {notes[p]}")
         else:
             pythons[p] = py
+            peer_versions(p, py)
     lm = load_model("reference")
     calib_stream = lm.text_tokens("stdlib", "train")   # the random Llama has no tokenizer either: the same bytes
     doc = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -564,6 +596,9 @@ def compare(scheme: str, runs: dict, scorer) -> list[dict]:
             if not seeds:
                 continue
             row = {"scheme": scheme, "ours": side, "peer": peer, "seeds": [int(s) for s in seeds]}
+            # one computation across the seeds: the same resolved arm, sources unchanged while each ran
+            arms = {json.dumps(by_seed[s].get("settings", {}).get("arm"), sort_keys=True) for s in seeds}
+            row["consistent"] = len(arms) == 1 and not any(by_seed[s].get("sources_changed_during_run") for s in seeds)
             for key in ("quant_wall_s", "quant_cpu_s", "peak_rss_mb", "process_wall_s", "process_cpu_s"):
                 row[f"{key}_ratio"] = sum(by_seed[s][key] for s in seeds) / sum(pby_seed[s][key] for s in seeds)
             above = lambda r: r["peak_rss_mb"] - r["rss_loaded_mb"]  # noqa: E731 what quantization added
@@ -599,19 +634,30 @@ def print_tables(doc: dict) -> None:
                     f"{np.mean([x['quant_wall_s'] for x in r]):8.2f} {np.mean([x['quant_cpu_s'] for x in r]):8.2f} "
                     f"{np.mean([x['peak_rss_mb'] for x in r]):8.0f} "
                     f"{np.mean([x['peak_rss_mb'] - x['rss_loaded_mb'] for x in r]):8.0f}")
-        log(f"\n{'scheme':6} {'ours':12} {'peer':18} {'KLD ratio [95% CI]':28} {'p':>8} {'wall':>6} {'CPU':>6} "
+        log(f"\n{'scheme':6} {'ours':16} {'peer':18} {'KLD ratio [95% CI]':28} {'p':>8} {'wall':>6} {'CPU':>6} "
             f"{'peakRSS':>7}  (ours / peer)")
         for c in m["comparisons"]:
             k = c.get("kld")
             kr = "-" if k is None else f"{k['ratio']:.3f} " + ("[-]" if k["ci95"] is None else
                                                                  f"[{k['ci95'][0]:.3f}, {k['ci95'][1]:.3f}]")
             kp = "-" if k is None else f"{k['p']:.2g}"
-            log(f"{c['scheme']:6} {c['ours']:12} {c['peer']:18} {kr:28} {kp:>8} {c['quant_wall_s_ratio']:6.2f} "
+            mark = "" if c.get("consistent", True) else " (!)"
+            log(f"{c['scheme']:6} {c['ours'] + mark:16} {c['peer']:18} {kr:28} {kp:>8} {c['quant_wall_s_ratio']:6.2f} "
                 f"{c['quant_cpu_s_ratio']:6.2f} {c['peak_rss_mb_ratio']:7.2f}")
             if "kld_weights_only" in c:
                 w = c["kld_weights_only"]
                 ci = "[-]" if w["ci95"] is None else f"[{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}]"
-                log(f"{'':6} {'':12} {'(weights only)':18} {w['ratio']:.3f} {ci}")
+                log(f"{'':6} {'':16} {'(weights only)':18} {w['ratio']:.3f} {ci}")
+    if any(not c.get("consistent", True) for m in doc["models"].values() for c in m["comparisons"]):
+        log("(!) the seeds of this arm ran different computations (its resolved config differs between seeds, "
+            "or quantatlas's sources changed during a run): rerun with --fresh")
+    for model, m in doc["models"].items():
+        for s, runs in m["runs"].items():
+            for side, by_seed in runs.items():
+                arm = next(iter(by_seed.values())).get("settings", {}).get("arm")
+                if side == "gptq" and arm is not None:
+                    log(f"{model} {s} gptq = quantatlas's default, resolved: {json.dumps(arm.get('solver_options'))} "
+                        f"{json.dumps(arm.get('codec'))}")
     if doc["notes"]:
         log("\nnotes:")
         for k, v in doc["notes"].items():
