@@ -5,7 +5,13 @@ where it installs), each tool in its own process and virtualenv, every result sc
         [--seeds 0,1,2] [--eval-tokens 32768] [--calib-samples 64] [--calib-seq-len 512]
         [--peers llmcompressor,llmcompressor-rtn,autoround,autoround-rtn,gptqmodel]
         [--ours NAME='{"solver_options": {"act_order": true}}' | --ours variants.yaml] [--threads 1]
-        [--dir /tmp/quantatlas-bench] [--no-install] [--fresh] [--out bench/results/peer_gptq.json]
+        [--stream auto|0|1] [--dir /tmp/quantatlas-bench] [--no-install] [--retry-install] [--fresh]
+        [--out bench/results/peer_gptq.json]
+
+    # issue 25's setting on the reference model; the 1.1 B model for time and memory
+    OMP_NUM_THREADS=1 .venv/bin/python bench/peer_gptq.py --seeds 0,1,2 --schemes int4,int3 --ours variants.yaml
+    OMP_NUM_THREADS=1 .venv/bin/python bench/peer_gptq.py --models llama1b --schemes int4 --seeds 0 \
+        --peers llmcompressor --calib-samples 4 --out bench/results/peer_gptq_llama1b.json
 
 What it does
 1. Finds or installs each peer's virtualenv under --dir (venv-llmcompressor, venv-autoround,
@@ -23,14 +29,19 @@ What it does
    OMP_NUM_THREADS / torch threads = --threads, all sides loading the model in fp32. The child times
    the quantization call alone (wall and process CPU seconds) and reads its peak RSS (VmHWM) right
    after it; the bench also keeps the whole child's wall and CPU seconds (wait4 rusage).
-   Sides: ours = quantatlas's default GPTQ (`solver: gptq, codec: {uniform: {bits: N}}`), each
+   Sides: ours = quantatlas's public call `quant.pipeline.quantize(lm, arm, calibration, ctx)` as a
+   run makes it (on a working copy of the loaded model: its peak RSS includes that copy; `--stream 1`
+   takes the layer-streamed path) with quantatlas's default GPTQ (`solver: gptq, codec: {uniform:
+   {bits: N}}`, printed resolved), each
    --ours variant (a partial arm deep-merged onto that default, so a variant names only what it
    changes; a variant with its own `codec` name replaces the codec, bits filled in) and, where an
    RTN peer runs, quantatlas's RTN (`codec: {uniform: {bits: N}}`). Peers: llm-compressor's
    `oneshot` with `GPTQModifier(scheme=W4A16 | W8A8 | an int3 g128 config group, ignore=[lm_head],
-   dampening_frac=0.01)` (its defaults otherwise: actorder static), its RTN `QuantizationModifier`;
-   AutoRound (its default 200 iterations; `amp=False`, i.e. tuned in fp32 like the others, where
-   its CPU default would be bf16) and its plain RTN (`iters=0, disable_opt_rtn=True`).
+   dampening_frac=0.01)` (its defaults otherwise: actorder static; scales in the model's dtype, fp32
+   here, so its bits per weight count 32-bit scales), its RTN `QuantizationModifier`; AutoRound
+   (scheme W4A16 / W3A16 / INT8, i.e. W8A8 with per-token int8 activations in its tuning loop; its
+   default 200 iterations; `amp=False`, i.e. tuned in fp32 like the others, where its CPU default
+   would be bf16) and its plain RTN (`iters=0, disable_opt_rtn=True`).
 5. Scoring: each run's dequantized decoder Linear weights (the worker's weights.safetensors) are
    loaded into quantatlas's fp32 reference model (everything else untouched) and scored by
    `quantatlas.measure.evaluate` against the cached reference log-probs (eval/windows.py) on the
@@ -46,8 +57,12 @@ What it does
    Our calibrated arms are set against the calibrated peers, our RTN arms (a variant with
    `solver: rtn` too) against the RTN peers.
 
-Runs are cached under --dir/runs (keyed by tool, settings, model, calibration windows, threads);
---fresh reruns them. Writes --out (JSON) and prints the tables. Not part of `make test`.
+Runs are cached under --dir/runs, keyed by tool, settings, model, calibration windows, threads, the
+peer's package versions and, for our side, a hash of quantatlas's sources (the tree changes under a
+long bench: a run whose sources changed while it ran, or an arm whose resolved config differs between
+seeds, is marked (!) in the table); the worker's own code is not in the key: --fresh after editing it.
+Writes --out (JSON: settings, versions, machine load, every run and every comparison) and prints the
+tables. Not part of `make test`.
 """
 from __future__ import annotations
 
@@ -267,7 +282,8 @@ def check_arm(name: str, arm: dict) -> None:
     try:
         build_recipe(Arm(**arm), f"ours.{name}")
     except Exception as e:  # noqa: BLE001 - pydantic and recipe errors alike: one line for the user
-        raise SystemExit(f"--ours {name}: {str(e).splitlines()[0]} (arm: {json.dumps(arm)})") from None
+        why = " ".join(x.strip() for x in str(e).splitlines()[:3] if "For further information" not in x)
+        raise SystemExit(f"--ours {name}: {why} (arm: {json.dumps(arm)})") from None
 
 
 # -- runs ------------------------------------------------------------------------------------------

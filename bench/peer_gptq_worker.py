@@ -125,6 +125,17 @@ def llmcompressor_scheme(scheme: dict):
                     "group_size": scheme["group"]}}}}
 
 
+def stub_tokenizer():
+    """oneshot insists on a processor when handed a dataset, and the models here have no tokenizer
+    files; the windows come as token ids, which it neither tokenizes again nor pads (its truncation
+    collator), so a one-token vocabulary stands in."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, unk_token="<pad>")),
+                                   pad_token="<pad>")
+
+
 def run_llmcompressor(job: dict, calib, timer) -> dict:
     import numpy as np
     import torch
@@ -146,7 +157,8 @@ def run_llmcompressor(job: dict, calib, timer) -> dict:
         modifier = GPTQModifier(**kw, **opts)
         c = calib.numpy()
         data = dict(dataset=Dataset.from_dict({"input_ids": c.tolist(), "attention_mask": np.ones_like(c).tolist()}),
-                    num_calibration_samples=c.shape[0], max_seq_length=c.shape[1], shuffle_calibration_samples=False)
+                    num_calibration_samples=c.shape[0], max_seq_length=c.shape[1], shuffle_calibration_samples=False,
+                    processor=stub_tokenizer())
     torch.manual_seed(job["seed"])
     with timer.quantizing():
         oneshot(model=model, recipe=modifier, **data)
