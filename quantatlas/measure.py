@@ -49,7 +49,8 @@ def quantize_arm(lm: LoadedModel, spec, name: str, seed: int, device: str | None
 
         ev = spec.data.eval
         es = make_eval_set(lm.text_tokens(ev.source, "eval"), ev.tokens, ev.ctx, ev.score)
-    ctx = RunContext(seed, device or str(next(lm.model.parameters()).device))
+    ctx = RunContext(seed, device or ("cpu" if lm.streamed is not None   # a streamed skeleton sits on meta
+                                      else str(next(lm.model.parameters()).device)))
     return quantize(lm, spec.arms[name], calibration_for(lm, spec, name, es), ctx, progress, f"arms.{name}")
 
 

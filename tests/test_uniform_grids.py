@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from quantatlas.quant.codecs import make_codec
-from quantatlas.quant.codecs.base import Codec, unpack_bits
+from quantatlas.quant.codecs.base import unpack_bits
 from quantatlas.quant.codecs.uniform import CLIP_STEPS
 from quantatlas.quant.config import ConfigError, build, parse_config
+from test_gptq_fast import NoFastPath   # the uniform codec without its fused column path
 
 RULES = ("absmax", "half_step", "signed_max")
 
@@ -174,26 +175,6 @@ def test_clip_search_works_with_every_rule(rule, clip):
     assert shrunk > 0                                   # the search moved away from min/max somewhere
 
 
-class _NoFastPath(Codec):
-    """A uniform codec without its column_quantizer: GPTQ takes the generic quantize path."""
-
-    def __init__(self, inner):
-        super().__init__(inner.cfg)
-        self.inner, self.name, self.group_size = inner, inner.name, inner.group_size
-
-    def fit(self, w, importance=None):
-        return self.inner.fit(w, importance)
-
-    def quantize(self, w, params, col=0):
-        return self.inner.quantize(w, params, col)
-
-    def pack(self, codes, params):
-        return self.inner.pack(codes, params)
-
-    def decode(self, packed):
-        return self.inner.decode(packed)
-
-
 @pytest.mark.parametrize("rule", ["half_step", "signed_max"])
 @pytest.mark.parametrize("clip", ["minmax", "hessian"])
 def test_fused_column_rounding_is_quantize_for_every_rule(rule, clip):
@@ -216,7 +197,7 @@ def test_fused_column_rounding_is_quantize_for_every_rule(rule, clip):
     W, H = torch.randn(32, cols, generator=g), (2.0 / n) * X.T @ X
     for dtype in (torch.float32, torch.float64):
         fast, packed_fast, _ = gptq(W.to(dtype), H, codec)
-        slow, packed_slow, _ = gptq(W.to(dtype), H, _NoFastPath(codec))
+        slow, packed_slow, _ = gptq(W.to(dtype), H, NoFastPath(codec))
         assert torch.equal(fast, slow)
         assert all(torch.equal(packed_fast.data[k], packed_slow.data[k]) for k in packed_slow.data)
 
