@@ -1,4 +1,5 @@
-"""MSE per dimension of every registered codec on i.i.d. N(0, 1) weights, against the rate–distortion bound.
+"""MSE per dimension of every registered codec on i.i.d. N(0, 1) weights, against the rate–distortion bound,
+with each codec's encoding speed.
 
 For a memoryless Gaussian source of variance 1, no code of R bits per sample does better than
 D(R) = 2^(-2R); the gap 10·log10(MSE / D(R)) in dB is what a codec leaves on the table at its
@@ -6,29 +7,38 @@ actual stored rate R (codes plus scales, norms, seeds, ... from Packed.bits_per_
 The ideal scalar Lloyd-Max quantizer (no side information, R = b) sits 1.62 / 2.74 / 3.45 / 3.87 dB
 above D(R) at 1 / 2 / 3 / 4 bits, tending to 10·log10(√3·π/2) = 4.35 dB at high rate.
 
-Codecs that take `bits` are run at 2, 3, 4 bits (named variants below, defaults otherwise);
-fixed formats (ggml types) are listed at their nominal bits (the digit in their name).
+The list of runs (`bench_runs`) comes from the codec registry: every codec quantatlas registers runs,
+with each option set VARIANTS lists for it (none listed: its defaults); a codec with a `bits` option runs
+at those of BITS (or BITS_OF[name]) its config accepts, unless its variant fixes `bits`. A codec with a
+required option other than `bits` and no variant stops the bench (and tests/test_gaussian_bench.py) with
+its name: add it to VARIANTS. NOT_MATRIX_CODECS lists registered configs that are not matrix codecs (with why).
 
-The bitshift trellis (`trellis`) is measured apart, on its own sample (`--trellis-rows` rows of
-`--cols`; its search costs T·2^L per tile) at each L of `--trellis-L`, for every code, with the
-published L = 16 figures (QTIP; exllamav3) beside it: `vs pub dB` = 10·log10(MSE / published MSE).
+Slow searches run on smaller samples (TRELLIS_ROWS): the bitshift trellis (`trellis`, T·2^L per tile)
+at each L of `--trellis-L`, for every code, with the published L = 16 figures (QTIP; exllamav3) beside
+it (`vs pub dB` = 10·log10(MSE / published MSE)).
 
-    .venv/bin/python bench/gaussian_mse.py [--rows 256] [--cols 4096] [--seed 0] [--codecs e8p,e8,d4,nestquant]
+Speed: `w/cpu-s` is weights encoded per second of CPU time (`codec.encode`, the search included, decode
+not; the process's CPU time over all its torch threads, so a busy shared machine does not slow it down
+as wall time would; the JSON also has wall-clock `weights_per_second`). With OMP_NUM_THREADS=1 it is
+what one core of this machine encodes per second: what runs on a laptop.
+
+    .venv/bin/python bench/gaussian_mse.py [--rows 256] [--cols 4096] [--seed 0] [--codecs tcq,e8p,d4]
                                            [--trellis-L 12,16] [--trellis-rows 64] [--trellis-rows-16 8]
 """
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import platform
 import re
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,7 +47,10 @@ from quantatlas.quant.config import registry  # noqa: E402
 from quantatlas.quant.lloyd_max import codebook  # noqa: E402
 
 BITS = (2, 3, 4)
-VARIANTS = {  # extra options per codec that takes bits; unknown codecs run with their defaults
+#: bits a codec with a `bits` option runs at, where not BITS
+BITS_OF = {"tcq": (1, 2, 3, 4), "leech": (1, 2)}
+#: option sets per codec (its `bits` added from BITS unless given); a codec not listed runs with its defaults
+VARIANTS: dict[str, list[dict]] = {
     "uniform": [{"group": 128}, {"group": 128, "clip": "mse"}, {"group": 128, "symmetric": False, "clip": "mse"}],
     "lloyd_max": [{"group": 128, "scale": "rms"}, {"group": 128, "scale": "absmax"}],
     "turbo": [{"group": 128}, {"group": 128, "codebook": "gaussian"}, {"group": 128, "norm_correction": False},
@@ -46,53 +59,174 @@ VARIANTS = {  # extra options per codec that takes bits; unknown codecs run with
     "e8p": [{"group": None}, {"group": 128}],
     "e8": [{"group": 128}, {"group": 128, "scale_search": False}],
     "d4": [{"group": 128}, {"group": 128, "scale_search": False}],
+    # D_n (issue 28 part 2): 4096 = 341·12 + 4, so D12 takes one scale per row (a short last block)
+    "dn": [{"n": 8, "group": 128}, {"n": 8, "group": None}, {"n": 12, "group": None}, {"n": 16, "group": 128},
+           {"n": 16, "group": None}],
     "nestquant": [{"group": 128, "betas": 1}, {"group": 128, "betas": 4}, {"group": 128, "betas": 8}],
+    # classic TCQ (issue 28 part 4): 1-4 bits, 8/32/256 states, Lloyd-Max levels; uniform levels at 256
+    "tcq": [{"states": 8}, {"states": 32}, {"states": 256}, {"states": 256, "levels": "uniform"}],
+    # AQLM needs its codebooks: M codebooks of 2^B entries per 8 weights, M·B/8 bits per weight
+    "aqlm": [{"codebooks": 1, "code_bits": 8}, {"codebooks": 2, "code_bits": 8}, {"codebooks": 3, "code_bits": 8}],
+    "mx": [{"element": "fp4_e2m1"}, {"element": "fp6_e2m3"}, {"element": "fp8_e4m3"}],
+    "polarquant": [{"group": 128}, {"group": 64, "bits": [4, 2, 2, 2]}],   # + the paper's 4/2/2/2: 3.875 bits
+    # Leech lattice Λ24 (issue 28 part 1): the lattice points (Euclidean) or their directions and 1 or 2 gain
+    # bits; 3×8 tiles (256 rows padded to 258), one scale per row or per 128 columns
+    "leech": [{"group": None}, {"bits": 2, "group": None, "gain_bits": 1}, {"bits": 2, "group": None, "gain_bits": 2},
+              {"bits": 2, "group": 128}],
+    # the bitshift trellis is listed by `trellis_variants` (per L, on its own sample)
 }
-
+#: registered codec configs that do not quantize a matrix themselves
+NOT_MATRIX_CODECS = {"gguf": "a per-tensor mixture of the ggml types (each of which runs here on its own)"}
+#: rows of the sample for codecs whose search is slow (None: the main sample)
+TRELLIS_ROWS = {"L<16": 64, "L16": 8}
 
 #: i.i.d. N(0, 1) MSE at 2 / 3 / 4 bits of the L = 16 trellis codes as published
 TRELLIS_PUBLISHED = {"1mad": (0.0686, 0.0178, 0.0046), "3inst": (0.0699, 0.0181, 0.0047)}
 TRELLIS_CODES = (("1mad", 1), ("3inst", 1), ("hyb", 2), ("gaussian", 1))
 
 
+@dataclass
+class Run:
+    codec: str
+    options: dict
+    sample: str = "main"          # which sample: "main", or "trellis L=<L>" (fewer rows)
+    extra: dict = field(default_factory=dict)
+
+
+def trellis_variants(trellis_L) -> list[Run]:
+    runs = []
+    for L in trellis_L:
+        for bits in BITS:
+            for code, V in TRELLIS_CODES:
+                if L >= 16 and code not in TRELLIS_PUBLISHED:
+                    continue  # at L = 16 on CPU: only the codes with published figures
+                extra = {}
+                if L == 16 and code in TRELLIS_PUBLISHED:
+                    extra["published_mse"] = TRELLIS_PUBLISHED[code][bits - 2]
+                runs.append(Run("trellis", {"bits": bits, "L": L, "V": V, "code": code}, f"trellis L={L}", extra))
+    return runs
+
+
 def takes_bits(cls) -> bool:
-    fields = getattr(cls, "model_fields", None)   # a typed codec config
-    return "bits" in fields if fields is not None else "bits" in inspect.signature(cls.__init__).parameters
+    return "bits" in cls.model_fields
 
 
-def trellis_rows(L: int, n_rows: int, cols: int, seed: int) -> list[dict]:
-    w = torch.randn(n_rows, cols, generator=torch.Generator().manual_seed(seed + 1000 * L))
-    out = []
-    for bits in BITS:
-        for code, V in TRELLIS_CODES:
-            if L >= 16 and code not in TRELLIS_PUBLISHED:
-                continue  # at L = 16 on CPU: only the codes with published figures
-            r = {**measure("trellis", {"bits": bits, "L": L, "V": V, "code": code}, w), "nominal_bits": bits,
-                 "sample": [n_rows, cols]}
-            pub = TRELLIS_PUBLISHED.get(code)
-            if pub is not None and L == 16:
-                r["published_mse"] = pub[bits - 2]
-                r["vs_published_db"] = 10 * math.log10(r["mse"] / pub[bits - 2])
-            out.append(r)
-            print(f"  trellis L={L} {code} {bits} bits: MSE {r['mse']:.5f} ({r['seconds']:.1f} s)", flush=True)
-    return out
+def accepts(cls, options: dict) -> bool:
+    try:
+        cls.model_validate(options)
+    except ValidationError:
+        return False
+    return True
 
 
-def nominal_bits(name: str) -> int | None:
-    m = re.match(r"i?q(\d)", name)
-    return int(m.group(1)) if m else None
+def bench_runs(codecs: dict | None = None, trellis_L=(12, 16)) -> list[Run]:
+    """Every run of the bench, from the registered codecs (default: quantatlas's own, not test toys).
+    Raises ValueError naming a codec with a required option and no variant here."""
+    if codecs is None:
+        codecs = {n: c for n, c in registry("codec").items() if c.__module__.startswith("quantatlas.")}
+    missing = {}
+    runs: list[Run] = []
+    for name, cls in sorted(codecs.items()):
+        if name in NOT_MATRIX_CODECS:
+            continue
+        if name == "trellis":
+            runs += trellis_variants(trellis_L)
+            continue
+        required = sorted(k for k, f in cls.model_fields.items() if f.is_required() and k != "bits")
+        variants = VARIANTS.get(name, [{}])
+        lacking = sorted({k for v in variants for k in required if k not in v})
+        if lacking:
+            missing[name] = lacking
+            continue
+        for opts in variants:
+            if takes_bits(cls) and "bits" not in opts:
+                # the bits this config takes (a Literal, a range, a rule with other options); none is an error
+                allowed = [b for b in BITS_OF.get(name, BITS) if accepts(cls, {"bits": b, **opts})]
+                if not allowed:
+                    raise ValueError(f"bench/gaussian_mse.py: codec {name!r} with {opts} takes none of the bits "
+                                     f"{BITS_OF.get(name, BITS)}: set BITS_OF[{name!r}] or its variants")
+                runs += [Run(name, {"bits": b, **opts}) for b in allowed]
+            else:
+                runs.append(Run(name, dict(opts)))
+    if missing:
+        raise ValueError("bench/gaussian_mse.py: " + "; ".join(
+            f"codec {n!r} has required options {o} and no variant in VARIANTS that sets them"
+            for n, o in missing.items()))
+    return runs
+
+
+def nominal_bits(name: str, options: dict, rate: float) -> int:
+    """The codec's `bits` option, else the digit of a format named by its bits (q4_1, iq4_xs, mxfp4, nvfp4,
+    fp8), else its stored rate rounded down."""
+    bits = options.get("bits")
+    if isinstance(bits, int):
+        return bits
+    m = re.match(r"(?:i?q|mxfp|nvfp|fp)(\d)", name)
+    return int(m.group(1)) if m else int(math.floor(rate + 1e-9))
 
 
 def measure(name: str, options: dict, w: torch.Tensor) -> dict:
     codec = make_codec(name, options)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     packed = codec.encode(w)
+    encode_s, encode_cpu = time.perf_counter() - t, time.process_time() - cpu
     w_hat = codec.decode(packed)
     seconds = time.perf_counter() - t
     mse = float(((w_hat.double() - w.double()) ** 2).mean())
     rate = packed.bits_per_weight
     return {"codec": name, "options": options, "bits_per_weight": rate, "mse": mse,
-            "gap_db": 10 * math.log10(mse / 2 ** (-2 * rate)), "seconds": seconds}
+            "gap_db": 10 * math.log10(mse / 2 ** (-2 * rate)) if mse > 0 else -math.inf, "seconds": seconds,
+            "encode_seconds": encode_s, "weights_per_second": w.numel() / max(encode_s, 1e-9),
+            "encode_cpu_seconds": encode_cpu, "weights_per_cpu_second": w.numel() / max(encode_cpu, 1e-9),
+            "nominal_bits": nominal_bits(name, options, rate)}
+
+
+def run_all(runs: list[Run], samples: dict[str, torch.Tensor], log=print) -> list[dict]:
+    rows = []
+    for r in runs:
+        w = samples[r.sample]
+        row = {**measure(r.codec, r.options, w), "sample": list(w.shape), **r.extra}
+        if "published_mse" in row:
+            row["vs_published_db"] = 10 * math.log10(row["mse"] / row["published_mse"])
+        rows.append(row)
+        log(f"  {r.codec} {r.options}: MSE {row['mse']:.5f} at {row['bits_per_weight']:.3f} bpw "
+            f"({row['weights_per_cpu_second']:.3g} w/cpu-s)")
+    return rows
+
+
+def samples_for(runs: list[Run], rows: int, cols: int, seed: int, trellis_rows: int, trellis_rows_16: int):
+    out = {"main": torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))}
+    for r in runs:
+        if r.sample not in out:
+            L = r.options["L"]
+            n = trellis_rows_16 if L >= 16 else trellis_rows
+            out[r.sample] = torch.randn(n, cols, generator=torch.Generator().manual_seed(seed + 1000 * L))
+    return out
+
+
+def bound_rows(bits_list) -> list[dict]:
+    out = []
+    for bits in bits_list:
+        ideal = codebook(bits).mse
+        out.append({"codec": "ideal scalar Lloyd-Max", "options": {"bits": bits}, "bits_per_weight": float(bits),
+                    "mse": ideal, "gap_db": 10 * math.log10(ideal / 2 ** (-2 * bits)), "nominal_bits": bits})
+        out.append({"codec": "D(R) = 2^-2R", "options": {"bits": bits}, "bits_per_weight": float(bits),
+                    "mse": 2.0 ** (-2 * bits), "gap_db": 0.0, "nominal_bits": bits})
+    return out
+
+
+def print_table(rows: list[dict], header: str) -> None:
+    print(header)
+    print(f"{'bits':>4}  {'codec':<24} {'options':<44} {'R (bpw)':>8} {'MSE':>10} {'gap dB':>7} {'vs pub dB':>9} "
+          f"{'w/cpu-s':>9}  sample")
+    bounds = ("D(R) = 2^-2R", "ideal scalar Lloyd-Max")
+    for r in sorted(rows, key=lambda r: (r["nominal_bits"], r["codec"] not in bounds, r["codec"])):
+        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items() if k != "bits")
+        pub = f"{r['vs_published_db']:+9.3f}" if "vs_published_db" in r else ""
+        speed = f"{r['weights_per_cpu_second']:9.3g}" if "weights_per_cpu_second" in r else ""
+        sample = "x".join(map(str, r["sample"])) if "sample" in r else ""
+        print(f"{r['nominal_bits']:>4}  {r['codec']:<24} {opts:<44} {r['bits_per_weight']:8.4f} "
+              f"{r['mse']:10.6f} {r['gap_db']:7.2f} {pub} {speed}  {sample}")
 
 
 def main(argv=None) -> list[dict]:
@@ -101,47 +235,27 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trellis-L", default="12,16", help="comma-separated L values for the trellis rows ('' skips)")
-    ap.add_argument("--trellis-rows", type=int, default=64, help="rows of the trellis sample for L < 16")
-    ap.add_argument("--trellis-rows-16", type=int, default=8, help="rows of the trellis sample at L = 16 (CPU)")
+    ap.add_argument("--trellis-rows", type=int, default=TRELLIS_ROWS["L<16"], help="rows of the trellis sample, L < 16")
+    ap.add_argument("--trellis-rows-16", type=int, default=TRELLIS_ROWS["L16"],
+                    help="rows of the trellis sample at L = 16")
     ap.add_argument("--codecs", default="", help="comma-separated codec names to run (default: all)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gaussian_mse.json")
     args = ap.parse_args(argv)
 
-    w = torch.randn(args.rows, args.cols, generator=torch.Generator().manual_seed(args.seed))
-    CODECS = {name: cls for name, cls in registry("codec").items() if name != "trellis"}
+    runs = bench_runs(trellis_L=[int(v) for v in args.trellis_L.split(",") if v.strip()])
     if args.codecs:
-        CODECS = {name: cls for name, cls in CODECS.items() if name in args.codecs.split(",")}
-    rows: list[dict] = []
-    for L in [int(v) for v in args.trellis_L.split(",") if v.strip()]:
-        rows += trellis_rows(L, args.trellis_rows_16 if L >= 16 else args.trellis_rows, args.cols, args.seed)
-    for bits in BITS:
-        ideal = codebook(bits).mse
-        rows.append({"codec": "ideal scalar Lloyd-Max", "options": {"bits": bits}, "bits_per_weight": float(bits),
-                     "mse": ideal, "gap_db": 10 * math.log10(ideal / 2 ** (-2 * bits)), "seconds": 0.0,
-                     "nominal_bits": bits})
-        for name, cls in sorted(CODECS.items()):
-            if takes_bits(cls):
-                for extra in VARIANTS.get(name, [{}]):
-                    rows.append({**measure(name, {"bits": bits, **extra}, w), "nominal_bits": bits})
-            elif nominal_bits(name) == bits:
-                rows.append({**measure(name, {}, w), "nominal_bits": bits})
-    for name, cls in sorted(CODECS.items()):  # fixed formats above 4 bits, for reference
-        nb = nominal_bits(name)
-        if not takes_bits(cls) and (nb is None or nb not in BITS):
-            rows.append({**measure(name, {}, w), "nominal_bits": nb})
-
-    print(f"i.i.d. N(0,1), {args.rows}x{args.cols}, seed {args.seed}; gap = 10 log10(MSE / 2^(-2R))")
-    print(f"{'bits':>4}  {'codec':<24} {'options':<46} {'R (bpw)':>8} {'MSE':>10} {'gap dB':>7} {'vs pub dB':>9}")
-    for r in rows:
-        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items() if k != "bits")
-        pub = f"{r['vs_published_db']:+9.3f}" if "vs_published_db" in r else ""
-        print(f"{str(r['nominal_bits']):>4}  {r['codec']:<24} {opts:<46} {r['bits_per_weight']:8.4f} "
-              f"{r['mse']:10.6f} {r['gap_db']:7.2f} {pub}")
+        runs = [r for r in runs if r.codec in args.codecs.split(",")]
+    samples = samples_for(runs, args.rows, args.cols, args.seed, args.trellis_rows, args.trellis_rows_16)
+    rows = run_all(runs, samples)
+    bits_seen = sorted({r["nominal_bits"] for r in rows if 1 <= r["nominal_bits"] <= 4} | set(BITS))
+    rows = bound_rows(bits_seen) + rows
+    print_table(rows, f"i.i.d. N(0,1), {args.rows}x{args.cols}, seed {args.seed}; gap = 10 log10(MSE / 2^(-2R)); "
+                      f"w/cpu-s = weights encoded per CPU second, torch threads {torch.get_num_threads()}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "benchmark": "gaussian_mse", "rows": args.rows, "cols": args.cols, "seed": args.seed,
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-        "results": rows}, indent=1))
+        "threads": torch.get_num_threads(), "results": rows}, indent=1))
     print(f"wrote {args.out}")
     return rows
 

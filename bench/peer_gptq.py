@@ -438,6 +438,8 @@ def make_job(side: str, model: str, folder: Path, scheme: dict, seed: int, calib
         job["quantatlas_sources"] = sources_fingerprint()
     else:
         job["peer_versions"] = peer_versions(side)
+        if args.save_artifacts and side.startswith("llmcompressor"):
+            job["save_artifact"] = True
     job["out"] = str(Path(args.dir) / "runs" / model / scheme["name"] / side / f"s{seed}-{job_key(job)}")
     return job
 
@@ -446,7 +448,8 @@ def run_side(job: dict, python: Path, scorer, args, label: str) -> dict | None:
     """One run (or its cached result) and its scores; None, logged, if it failed."""
     run_dir = Path(job["out"])
     done = run_dir / "result.json"
-    fresh = args.fresh or not done.exists() or (job["write_weights"] and not (run_dir / "weights.safetensors").exists())
+    fresh = args.fresh or not done.exists() or (job["write_weights"] and not (run_dir / "weights.safetensors").exists()) \
+        or (job.get("save_artifact") and not (run_dir / "compressed-tensors").is_dir())
     try:
         if fresh:
             log(f"{label}: quantizing ...")
@@ -464,6 +467,14 @@ def run_side(job: dict, python: Path, scorer, args, label: str) -> dict | None:
         res["sources_changed_during_run"] = True   # flagged in the comparisons
         (run_dir / "result.json").write_text(json.dumps(res, indent=1) + "\n")
     res["run_dir"] = str(run_dir)
+    if job.get("save_artifact"):   # a stable name for an `artifact:` arm (experiments/tools/external.yaml)
+        link = Path(args.dir) / "artifacts" / f"{Path(job['model_dir']).name}-{job['scheme']['name']}-{job['tool']}-s{job['seed']}"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(run_dir / "compressed-tensors", target_is_directory=True)
+        res["artifact"] = str(link)
+        log(f"{label}: compressed-tensors folder {link}")
     log(f"{label}: quantize {res['quant_wall_s']:.1f} s wall, {res['quant_cpu_s']:.1f} s CPU, peak RSS "
         f"{res['peak_rss_mb']:.0f} MB" + (f", KLD {res['kld_mean']:.6f}" if scorer is not None else "")
         + ("" if fresh else " (cached)"))
@@ -506,6 +517,10 @@ def main() -> None:
     ap.add_argument("--no-install", action="store_true", help="use the peers' virtualenvs only if they exist")
     ap.add_argument("--retry-install", action="store_true", help="retry a peer install that failed before")
     ap.add_argument("--fresh", action="store_true", help="rerun cached runs")
+    ap.add_argument("--save-artifacts", action="store_true",
+                    help="llm-compressor runs also save their compressed-tensors folder, linked as "
+                         "DIR/artifacts/<model folder>-<scheme>-<tool>-s<seed> (an `artifact:` arm reads it: "
+                         "experiments/tools/external.yaml)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "peer_gptq.json"))
     args = ap.parse_args()
 

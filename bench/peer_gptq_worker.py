@@ -8,7 +8,9 @@ also takes `reference`), the scheme (`int4`, `int3`: symmetric groups of 128; `w
 per row), the calibration windows (an int64 .npy of [samples, seq_len] token ids: the very windows
 quantatlas draws), the seed, the thread count and the run folder. The run writes there
 `weights.safetensors` (every decoder Linear's weight after quantization, dequantized, fp32, by
-parameter name; skipped with `write_weights: false`) and `result.json`: the tool's versions, the
+parameter name; skipped with `write_weights: false`), for llm-compressor with `save_artifact: true` its
+compressed-tensors folder (`compressed-tensors/`, what `quantatlas run` reads as an `artifact:` arm),
+and `result.json`: the tool's versions, the
 wall and process CPU seconds of the quantization call alone (model loading and imports apart), and
 the process's resident memory after the imports, after loading the model and at its peak (VmHWM,
 read right after the quantization call).
@@ -164,6 +166,8 @@ def run_llmcompressor(job: dict, calib, timer) -> dict:
         oneshot(model=model, recipe=modifier, **data)
     some = next(iter(decoder_linears(model).values()))
     weights, off_grid = llmcompressor_weights(model) if job["write_weights"] else (None, None)
+    if job.get("save_artifact"):   # the compressed-tensors folder itself, for an `artifact:` arm to read
+        model.save_pretrained(str(Path(job["out"]) / "compressed-tensors"), save_compressed=True)
     return {"weights": weights,
             "settings": {"modifier": repr(modifier), "resolved_scheme": str(getattr(some, "quantization_scheme", None)),
                          "scale_dtype": str(getattr(some, "weight_scale", torch.empty(0)).dtype),

@@ -16,32 +16,35 @@ import tempfile
 
 import torch
 
-#: GPTQ's first released defaults, written out: the defaults changed since (act_order, static_groups),
-#: and an explicit first default keeps the experiment id and arm keys (atlas/ids.py)
+#: GPTQ's first released defaults, written out: the defaults changed since (act_order, static_groups,
+#: propagation; uniform's scale, spelled `A` below), and an explicit first default keeps the experiment id
+#: and arm keys (atlas/ids.py)
 OLD_GPTQ = {"act_order": False, "static_groups": False}
+SEQ = {"propagation": "sequential"}
+A = {"scale": "absmax"}
 
 SPEC = {
     "title": "pipeline identity", "model": "reference", "seeds": [0, 1],
     "data": {"calib": {"samples": 8, "seq_len": 256}, "eval": {"tokens": 8192, "ctx": 512}},
     "arms": {
-        "rtn4": {"codec": {"uniform": {"bits": 4}}},
-        "gptq4": {"solver": "gptq", "solver_options": OLD_GPTQ, "codec": {"uniform": {"bits": 4}}},
-        "gptq3_ao": {"solver": "gptq", "solver_options": {"act_order": True, "static_groups": True},
-                     "codec": {"uniform": {"bits": 3}}},
+        "rtn4": {"codec": {"uniform": {"bits": 4, **A}}},
+        "gptq4": {"solver": "gptq", "solver_options": OLD_GPTQ, **SEQ, "codec": {"uniform": {"bits": 4, **A}}},
+        "gptq3_ao": {"solver": "gptq", "solver_options": {"act_order": True, "static_groups": True}, **SEQ,
+                     "codec": {"uniform": {"bits": 3, **A}}},
         "gptq3_par": {"solver": "gptq", "solver_options": OLD_GPTQ, "propagation": "parallel",
-                      "codec": {"uniform": {"bits": 3}}},
-        "gptaq3": {"solver": "gptaq", "solver_options": OLD_GPTQ, "codec": {"uniform": {"bits": 3}}},
-        "e8p_inc": {"solver": "gptq", "solver_options": {"incoherence": True, **OLD_GPTQ}, "codec": {"e8p": {"bits": 2}}},
+                      "codec": {"uniform": {"bits": 3, **A}}},
+        "gptaq3": {"solver": "gptaq", "solver_options": OLD_GPTQ, **SEQ, "codec": {"uniform": {"bits": 3, **A}}},
+        "e8p_inc": {"solver": "gptq", "solver_options": {"incoherence": True, **OLD_GPTQ}, **SEQ, "codec": {"e8p": {"bits": 2}}},
         "turbo3": {"codec": {"turbo": {"bits": 3, "group": 128}}},
-        "awq_had": {"transforms": [{"awq": {"grid": 5}}, {"hadamard": {}}], "codec": {"uniform": {"bits": 3}}},
+        "awq_had": {"transforms": [{"awq": {"grid": 5}}, {"hadamard": {}}], "codec": {"uniform": {"bits": 3, **A}}},
         "q4km_im": {"codec": {"gguf": {"ftype": "Q4_K_M", "imatrix": True}}},
         "alloc": {"codec": "q4_k", "allocate": {"candidates": ["q6_k"], "target": {"bits_per_weight": 5.0}}},
-        "kd": {"codec": {"uniform": {"bits": 3}},
+        "kd": {"codec": {"uniform": {"bits": 3, **A}},
                "recovery": {"method": "kd_ste", "train": "scales", "steps": 4, "samples": 4, "seq_len": 128,
                             "batch": 2}},
-        "kv_act": {"codec": {"uniform": {"bits": 4}},
+        "kv_act": {"codec": {"uniform": {"bits": 4, **A}},
                    "kv": {"k": "q4_0", "v": "q8_0", "rotate": True},
-                   "act": {"codec": {"uniform": {"bits": 8, "group": None}}}},
+                   "act": {"codec": {"uniform": {"bits": 8, "group": None, **A}}}},
     },
 }
 
@@ -65,8 +68,8 @@ def streamed(tmp: str) -> dict:
     spec = {"title": "streamed", "model": tmp, "seeds": [0],
             "data": {"calib": {"samples": 4, "seq_len": 64, "source": text},
                      "eval": {"tokens": 2048, "ctx": 128, "source": text}},
-            "arms": {"gptq4": {"solver": "gptq", "solver_options": OLD_GPTQ, "codec": {"uniform": {"bits": 4, "group": 32}}},
-                     "rtn3": {"codec": {"uniform": {"bits": 3, "group": 32}}}}}
+            "arms": {"gptq4": {"solver": "gptq", "solver_options": OLD_GPTQ, **SEQ, "codec": {"uniform": {"bits": 4, "group": 32, **A}}},
+                     "rtn3": {"codec": {"uniform": {"bits": 3, "group": 32, **A}}}}}
     os.environ["QUANTATLAS_STREAM"] = "1"
     try:
         return run_spec(spec, ledger=False, device="cpu", compress=False, log=lambda m: None)

@@ -99,10 +99,11 @@ def run(spec: Path = typer.Argument(..., help="experiment spec (YAML)"),
 def export(spec: Path = typer.Argument(..., help="experiment spec (YAML)"),
            arm: str = typer.Option(..., help="the arm to export"),
            seed: Optional[int] = typer.Option(None, help="seed (default: the spec's first)"),
-           format: str = typer.Option("gguf", "--format", help="gguf"),
-           out: Path = typer.Option(..., help="output file"),
+           format: str = typer.Option("gguf", "--format", help="gguf (a file llama.cpp reads) or compressed-tensors "
+                                                                "(a Hugging Face folder vLLM and transformers load)"),
+           out: Path = typer.Option(..., help="output file (gguf) or folder (compressed-tensors)"),
            device: Optional[str] = typer.Option(None)):
-    """Quantize one arm x seed of SPEC exactly as `run` does and write it as a file llama.cpp reads."""
+    """Quantize one arm x seed of SPEC exactly as `run` does and write it as a runtime loads it."""
     from quantatlas.export.gguf import write_gguf
     from quantatlas.models import load_model
     from quantatlas.measure import quantize_arm
@@ -113,10 +114,27 @@ def export(spec: Path = typer.Argument(..., help="experiment spec (YAML)"),
         s = load_spec(spec)
         if arm not in s.arms:
             raise SpecError(f"{spec}: --arm {arm!r} is not one of the arms ({', '.join(s.arms)})")
-        if format != "gguf":
-            raise SpecError(f"--format {format!r}: only gguf is supported")
+        if format not in ("gguf", "compressed-tensors"):
+            raise SpecError(f"--format {format!r}: one of gguf, compressed-tensors")
+        if format == "compressed-tensors":
+            from quantatlas.export.schemes import check_arm
+
+            check_arm(s.arms[arm], f"arms.{arm}")   # refused before any compute
         lm = load_model(s.model, device=device or default_device())
         qm = quantize_arm(lm, s, arm, s.seeds[0] if seed is None else seed)
+        if format == "compressed-tensors":
+            from quantatlas.export.compressed_tensors import write_compressed_tensors
+
+            info = write_compressed_tensors(out, qm.model, qm.packed, s.arms[arm], tokenizer=lm.tokenizer,
+                                            input_amax=qm.records.get("act_static_amax"))
+            counts = {}
+            for f in info["schemes"].values():
+                counts[f] = counts.get(f, 0) + 1
+            typer.echo(f"wrote {out} (compressed-tensors {info['format']}, {', '.join(info['files'])}): "
+                       + ", ".join(f"{n} x {f}" for f, n in sorted(counts.items()))
+                       + (f"; kv cache {info['kv_cache_scheme']['type']}{info['kv_cache_scheme']['num_bits']}"
+                          if info["kv_cache_scheme"] else ""))
+            return
         codec = s.arms[arm].codec
         ftype = codec.ftype.upper() if codec is not None and codec.name == "gguf" else None
         types = write_gguf(out, qm.model, qm.packed, tokenizer=lm.tokenizer, ftype=ftype)
@@ -132,17 +150,21 @@ def export(spec: Path = typer.Argument(..., help="experiment spec (YAML)"),
 def reference_train(steps: int = typer.Option(1000), seed: int = typer.Option(0),
                     batch_size: int = typer.Option(8), seq_len: int = typer.Option(512),
                     device: str = typer.Option("cpu"),
-                    out: Optional[Path] = typer.Option(None, help="checkpoint folder (default: the package's)")):
-    """Train the reference model reproducibly and write checkpoint + card."""
+                    out: Optional[Path] = typer.Option(None, help="checkpoint folder (default: the package's)"),
+                    arch: str = typer.Option("qwen3", help="qwen3 (model: reference), llama (reference-llama) "
+                                                           "or qwen3_moe (reference-moe)")):
+    """Train a reference model reproducibly and write checkpoint + card."""
     from rich.progress import Progress
 
-    from quantatlas.reference.model import CHECKPOINT_DIR
+    from quantatlas.reference.model import ARCHES
     from quantatlas.reference.train import TrainConfig, train
 
+    if arch not in ARCHES:
+        fail(f"field arch: {arch!r} is not one of {', '.join(ARCHES)}")
     cfg = TrainConfig(steps=steps, seed=seed, batch_size=batch_size, seq_len=seq_len, device=device)
     with Progress() as p:
         task = p.add_task("training", total=steps)
-        card = train(cfg, out or CHECKPOINT_DIR,
+        card = train(cfg, out, arch=arch,
                      progress=lambda s, n, loss: p.update(task, completed=s, description=f"training loss {loss:.3f}"))
     typer.echo(f"validation bits per byte: {card['validation_bits_per_byte']}  ({card['train_seconds']} s)")
 

@@ -13,6 +13,7 @@ from quantatlas.eval.bits import artifact_of, cap_check
 from quantatlas.eval.bpb import bpb_metrics
 from quantatlas.eval.kld import concat_metrics, kld_statistics, token_metrics
 from quantatlas.eval.windows import EvalSet, scored_logits
+from quantatlas.export.runtimes import measured_runs_on
 from quantatlas.models.load import LoadedModel
 from quantatlas.quant.pipeline import Calibration, QuantizedModel, quantize
 
@@ -72,12 +73,25 @@ def measure_arm(lm: LoadedModel, spec, name: str, ctx: RunContext, es: EvalSet, 
         res.update(bpb_metrics(metrics, n_bytes))
     if qm.sizes is not None:  # layer-streamed: bits counted from the packed files it wrote
         res.update({k: float(v) for k, v in qm.sizes.items()})
+    elif qm.external is not None:  # an artifact arm: bits from its stored tensors, bytes of its own files
+        res.update({k: float(v) for k, v in qm.external.measure(compress).items()})
+        if spec.artifact is not None:
+            res.update(cap_check(qm.external.blob(), spec.artifact.max_bytes, spec.artifact.compressor))
     else:
         art = artifact_of(qm.model, qm.packed)
         res.update({k: float(v) for k, v in art.measure(compress, ctx.seed).items()})
         if spec.artifact is not None:  # the real file's bytes after the cap's compressor
             res.update(cap_check(art.to_bytes(ctx.seed), spec.artifact.max_bytes, spec.artifact.compressor))
     res.update(qm.runtime_bits(es.ctx))  # KV-cache and activation bits per stored value
+    runs_on = measured_runs_on(qm, spec.arms[name])  # which runtimes load it as measured (quantatlas/runtimes.py)
+    if runs_on is not None:
+        res["runs_on"] = runs_on
     res.update({k: float(v) for k, v in qm.records.get("recovery", {}).items()})  # CPU seconds, train KL
+    res.update({k: float(v) for k, v in qm.records.get("freeze_dry", {}).items()})  # share of weights dropped
+    moe = qm.records.get("moe")
+    if moe:  # MoE calibration coverage: tokens routed per expert (the full table goes to the run JSON)
+        res.update({"moe_tokens_min": float(moe["tokens_min"]), "moe_tokens_median": float(moe["tokens_median"]),
+                    "moe_experts_under_threshold": float(len(moe["under_threshold"])),
+                    "moe_threshold": float(moe["threshold"])})
     res["seconds"] = round(time.time() - t0, 3)
     return res, metrics.kld.astype(np.float32), qm.records

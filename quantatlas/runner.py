@@ -22,7 +22,7 @@ from quantatlas.models.layout import layout
 from quantatlas.progress import Progress
 from quantatlas.quant.pipeline import check_backend
 from quantatlas.quant.steps import arm_reads_calibration
-from quantatlas.spec import Spec, parse_spec, stable_arm_config
+from quantatlas.spec import Spec, parse_spec, resolve_inputs, stable_arm_config
 
 RESULT_KEYS = ("kld_mean", "kld_se", "kld_median", "kld_p99", "kld_max", "same_top", "rms_dp", "ppl", "ppl_base",
                "ppl_ratio", "bpb", "bpb_base", "delta_bpb", "bits_per_weight", "bits_per_param", "bytes_packed",
@@ -79,6 +79,9 @@ class Sweep:
                  env: dict | None = None):
         if isinstance(spec, dict):
             spec = parse_spec(spec)
+        # artifact arms: read the files (a relative path from the working directory), fill in their content
+        # hash, refuse one that is not there, before the model is loaded (load_spec resolved a spec file's)
+        spec = resolve_inputs(spec, Path.cwd(), require=True)
         self.spec, self.log, self.t_start = spec, log, time.time()
         self.device = device = device or default_device()
         self.json_path = Path(json_path) if json_path else None
@@ -109,7 +112,7 @@ class Sweep:
             env_key = environment_key(env)
             # only this contributor's runs in this environment resume: another contributor's are theirs,
             # and running the spec again as someone else is a reproduction
-            self.in_ledger = {(r["arm"], r["seed"]): r["metrics"] for r in self.led.runs(self.exp_id)
+            self.in_ledger = {(r["arm"], r["seed"]): stored_result(r) for r in self.led.runs(self.exp_id)
                               if r["environment_key"] == env_key and r["model_hash"] == lm.model_hash
                               and r["eval_fingerprint"] == es.fingerprint and r["contributor"] == self.led.contributor}
         self.copies: dict[tuple[str, int], np.ndarray | None] = {}
@@ -160,7 +163,7 @@ class Sweep:
             run = find(environment_key(self.env))
             if run is not None:
                 self.copies[(name, seed)] = run["per_token_kld"]
-                return run["metrics"]
+                return stored_result(run)
             if res is not None:  # the JSON's result; its per-token KLD from the ledger run it came from
                 run = find(None)
                 same = run is not None and run["metrics"].get("kld_mean") == res.get("kld_mean")
@@ -187,6 +190,8 @@ class Sweep:
                                     self.lm.model_hash, self.es.fingerprint)
             return
         info = info or {}
+        if "moe" in info:  # tokens routed to each expert of each MoE layer, and those under the threshold
+            entry.setdefault("coverage", {})[str(seed)] = info["moe"]
         if "allocation" in info:  # the chosen codec per group: `allocate.assignment` reruns it
             entry.setdefault("allocations", {})[str(seed)] = info["allocation"]
             if self.led is not None and info["allocation"].get("measured"):
@@ -251,6 +256,13 @@ def over_cap_arms(doc: dict) -> dict[str, float]:
         if sizes:
             out[name] = max(sizes)
     return out
+
+
+def stored_result(run: dict) -> dict:
+    """A ledger run as a result: its metrics, and the stored fields a result carries besides numbers
+    (`runs_on`), so a copied run keeps them."""
+    extra = run.get("extra") or {}
+    return dict(run["metrics"], **({"runs_on": extra["runs_on"]} if "runs_on" in extra else {}))
 
 
 def format_table(doc: dict, width: int = 160) -> str:

@@ -19,7 +19,8 @@ from quantatlas.canonical import canonical, canonical_json, sha256_hex
 from quantatlas.errors import UserError
 from quantatlas.quant.act import ActConfig
 from quantatlas.quant.allocate import AllocateConfig
-from quantatlas.quant.config import (ADDED_LATER, ConfigError, config_field, error_parts, identity_dump,
+from quantatlas.quant.config import (ADDED_LATER, FIRST_DEFAULT, ConfigError, drop_first_defaults_of_later,
+                                     config_field, error_parts, fill_first_defaults, identity_dump,
                                      parse_config, pydantic_error)
 from quantatlas.quant.kv import KVCacheConfig
 from quantatlas.quant.overrides import Override, known_solver
@@ -91,7 +92,10 @@ class Arm(BaseModel):
     codec: config_field("codec") = None       # null: keep fp16 (the unquantized arm)
     transforms: list[config_field("transform", nullable=False)] = []
     overrides: list[Override] = []
-    propagation: Literal["sequential", "layer", "parallel"] = "sequential"
+    #: layer by default since issue 25 (no worse than sequential at 4, 3 and 2 bits, 27 % faster); first
+    #: released sequential, which arms whose solvers propagate nothing (rtn) keep (`_defaults_of_the_recipe`)
+    propagation: Literal["sequential", "layer", "parallel"] = Field("layer", json_schema_extra={
+        FIRST_DEFAULT: "sequential"})
     include_head: bool = False
     calib: CalibData | None = None  # this arm's calibration draw, instead of data.calib
     kv: KVCacheConfig | None = None
@@ -132,6 +136,21 @@ class Arm(BaseModel):
             raise pydantic_error(e, skip=1) from None
 
     @model_validator(mode="after")
+    def _defaults_of_the_recipe(self):
+        """Defaults that follow the rest of the arm, where the arm does not write them: `propagation` stays
+        at its first default where no solver propagates (rtn: nothing changes, the id neither), and the
+        solver's options follow the codec (`GPTQConfig.for_codec`)."""
+        if "propagation" not in self.model_fields_set and not self._propagates():
+            self.propagation = "sequential"
+        for_codec = getattr(self.solver_options, "for_codec", None)
+        if for_codec is not None and self.codec is not None:
+            self.solver_options = for_codec(self.codec)
+        return self
+
+    def _propagates(self) -> bool:
+        return any(s not in (None, "rtn") for s in [self.solver, *(o.solver for o in self.overrides)])
+
+    @model_validator(mode="after")
     def _solver_takes_its_codecs(self):
         """A solver option that cannot run with a codec the solver is handed (act_order on a grouped
         codec without static_groups, a block_size the codec's blocks do not divide) is refused here,
@@ -169,6 +188,8 @@ class Arm(BaseModel):
         d = handler(self)
         if info.exclude_defaults and d.get("solver_options") == {}:  # the solver's defaults are not a choice
             d.pop("solver_options")
+        if info.exclude_defaults and not self._propagates() and d.get("propagation") == "sequential":
+            d.pop("propagation")   # what an arm that propagates nothing gets by default (`_defaults_of_the_recipe`)
         for name, default in added_later_defaults().items():   # as `Config.options`: stored specs read the same
             if name in d and d[name] == default:                # (and an older atlas still parses them)
                 d.pop(name)
@@ -211,6 +232,12 @@ class Arm(BaseModel):
         if errors:
             raise ValidationError.from_exception_data(cls.__name__, errors)
         arm.__pydantic_extra__.update(parsed)
+        for key in parsed:   # a step that cannot stand beside the arm's other keys (an artifact with a codec)
+            why = steps[key](arm).conflicts()
+            if why:
+                raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(
+                    type=PydanticCustomError("step_conflict", why.replace("{", "(").replace("}", ")")), loc=(key,),
+                    input=extra[key])])
         return arm
 
 
@@ -247,9 +274,21 @@ def _arm_from_json(blob: str) -> Arm | None:
     import json
 
     try:
-        return Arm.model_validate(json.loads(blob))
+        return Arm.model_validate(fill_first_defaults(json.loads(blob)))
     except ValidationError:
         return None
+
+
+def runnable_arm(arm: Arm) -> dict:
+    """`arm` as a spec writes it: without its defaults where that reads back as the same arm, else in
+    full (the id's short form leaves out first defaults, which a changed default would misread)."""
+    short = arm.model_dump(mode="json", exclude_defaults=True)
+    try:
+        if Arm.model_validate(short).model_dump(mode="json") == arm.model_dump(mode="json"):
+            return short
+    except ValidationError:
+        pass
+    return arm.model_dump(mode="json")
 
 
 def stable_arm_config(cfg: dict) -> dict:
@@ -258,7 +297,16 @@ def stable_arm_config(cfg: dict) -> dict:
     result (runner.arm_key, Ledger.find_run); so are declared fields marked `added_later` while at their
     default (`reference: false`)."""
     later, added = later_fields(), added_later_defaults()
-    return {k: v for k, v in cfg.items() if not (k in later and v is None) and not (k in added and v == added[k])}
+    cfg = drop_first_defaults_of_later(cfg)   # e.g. uniform's scale: absmax, stored before the option existed
+    kept = {k: v for k, v in cfg.items() if not (k in later and v is None) and not (k in added and v == added[k])}
+    return step_identities(kept)
+
+
+def step_identities(arm_cfg: dict) -> dict:
+    """An arm's dumped config with each registered step's config as far as it identifies the arm
+    (`Step.identity`: an artifact arm is its tensors' hash, not its path)."""
+    steps = registry()
+    return {k: steps[k].identity(v) if k in steps and v is not None else v for k, v in arm_cfg.items()}
 
 
 @lru_cache(maxsize=1)
@@ -301,6 +349,7 @@ class Spec(_Strict):
         identity = identity_dump(self)
         for key in FREE_TEXT:
             identity.pop(key, None)
+        identity["arms"] = {name: step_identities(arm) for name, arm in identity["arms"].items()}
         return canonical(identity)
 
     def spec_hash(self) -> str:
@@ -341,6 +390,12 @@ def parse_spec(data: Any, source: str = "<spec>", root: yaml.Node | None = None)
         raise SpecError(f"{where}: field {field}: {msg}{shown}", field if loc else None) from None
 
 
+def parse_stored_spec(data: Any, source: str = "<spec>") -> Spec:
+    """A spec as quantatlas stored it (`Spec.to_dict()`, a ledger's or a pushed record's spec): options
+    added later whose default changed since read as what was run when it was stored (`fill_first_defaults`)."""
+    return parse_spec(fill_first_defaults(data), source)
+
+
 def load_spec(path: str | Path) -> Spec:
     path = Path(path)
     if not path.is_file():
@@ -357,7 +412,40 @@ def load_spec(path: str | Path) -> Spec:
     spec = parse_spec(data, str(path), root)
     _refuse_missing_data(spec, str(path), root)
     _refuse_eval_beyond_data(spec, str(path), root)
-    return spec
+    try:
+        return resolve_inputs(spec, path.parent)
+    except UserError as e:
+        raise SpecError(_located(str(path), root, e), e.field) from None
+
+
+def _located(source: str, root: yaml.Node | None, e: UserError) -> str:
+    """A UserError about a spec field as the one line a SpecError prints (file:line: field ...: message)."""
+    if not e.field:
+        return f"{source}: {e}"
+    line = _line_of(root, tuple(int(k) if k.isdigit() else k for k in e.field.split(".")))
+    msg = str(e)
+    return f"{source}:{line}: field " + (msg if msg.startswith(e.field + ":") else f"{e.field}: {msg}")
+
+
+def resolve_inputs(spec: Spec, base: Path | None, require: bool = False) -> Spec:
+    """`spec` with each arm's steps' own inputs resolved (`Step.resolve`: an artifact's path made absolute,
+    a relative one read from `base`, the spec file's folder; its content hash and provenance read from
+    it). `require` (a spec about to run): an input that is not there is refused (UserError naming the
+    field); otherwise it is left unread, to be refused when the spec runs."""
+    steps = registry()
+    arms = {}
+    for name, arm in spec.arms.items():
+        updates = {}
+        for key in (arm.__pydantic_extra__ or {}):
+            if key in steps:
+                resolved = steps[key](arm, f"arms.{name}").resolve(base, require)
+                if resolved is not None and resolved != arm.__pydantic_extra__[key]:
+                    updates[key] = resolved
+        if updates:
+            arm = arm.model_copy(deep=True)
+            arm.__pydantic_extra__.update(updates)
+        arms[name] = arm
+    return spec if all(arms[n] is spec.arms[n] for n in arms) else spec.model_copy(update={"arms": arms})
 
 
 def _refuse_duplicate_keys(root: yaml.Node | None, source: str) -> None:
@@ -412,8 +500,8 @@ def _refuse_eval_beyond_data(spec: Spec, source: str, root: yaml.Node | None) ->
     shipped stream's length is known without loading anything, so asking for more is refused here;
     other streams are counted once tokenized (eval/windows.py: make_eval_set)."""
     ev = spec.data.eval
-    if spec.model != "reference" or ev.source not in ("stdlib", "reference"):
-        return
+    if spec.model not in ("reference", "reference-llama", "reference-moe") or ev.source not in ("stdlib", "reference"):
+        return   # (the embedded byte-level models, reference/model.py ZOO_ARCH: that module imports torch)
     from quantatlas.reference.data import token_count
 
     have = token_count("eval")

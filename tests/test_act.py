@@ -270,7 +270,7 @@ def test_presets_and_defaults():
     from quantatlas.quant.act import ActConfig
 
     assert ActConfig.model_validate("W8A8").codec_config().to_spec() == \
-        {"uniform": {"bits": 8, "group": None, "symmetric": True, "clip": "minmax"}}
+        {"uniform": {"bits": 8, "group": None, "symmetric": True, "clip": "minmax", "scale": "absmax"}}
     assert ActConfig.model_validate("W4A8").codec_config() == ActConfig.model_validate("W8A8").codec_config()
     assert ActConfig.model_validate("llamacpp_cpu").head and not ActConfig.model_validate("W8A8").head
     assert ActConfig.model_validate({"scheme": "W4A4", "hadamard": ["o"]}).seeded

@@ -41,7 +41,7 @@ def _direct_bpb(model, tiny_reference, spec):
 
 
 def test_bpb_matches_a_direct_computation(tiny_reference):
-    spec = _spec({"fp16": {"codec": None}, "int3": {"codec": {"uniform": {"bits": 3, "group": 32}}}})
+    spec = _spec({"fp16": {"codec": None}, "int3": {"codec": {"uniform": {"bits": 3, "group": 32, "scale": "absmax"}}}})
     doc = runner.run_spec(spec, loaded=tiny_reference, **QUIET)
     base_direct, n_bytes = _direct_bpb(tiny_reference.model, tiny_reference, spec)
     assert doc["eval_bytes_scored"] == n_bytes <= doc["eval_tokens_scored"]

@@ -51,7 +51,9 @@ def test_uniform_matches_direct(bits, group, symmetric):
     w = torch.randn(6, 128, generator=g) * 0.05
     w[0] = 0.0                       # an all-zero row
     w[1, :group] = 0.3               # a constant group
-    codec = make_codec("uniform", {"bits": bits, "group": group, "symmetric": symmetric})
+    # absmax: the grid `_direct_uniform` writes (signed_max, the default, is tests/test_gptq_defaults.py's)
+    codec = make_codec("uniform", {"bits": bits, "group": group, "symmetric": symmetric,
+                                   **({"scale": "absmax"} if symmetric else {})})
     packed = codec.encode(w)
     got = codec.decode(packed).numpy()
     want = _direct_uniform(w.numpy().astype(np.float32), bits, group, symmetric)

@@ -50,6 +50,10 @@ SEARCHED = {
     "nestquant": {"bits": 3, "group": 64},
     "turbo": {"bits": 3, "group": 128},
     "lloyd_max": {"bits": 3, "group": 64},
+    "dn": {"bits": 2, "n": 12, "group": None},      # 21 D12 blocks and a D4 block per row
+    "tcq": {"bits": 2, "states": 16, "T": 64},
+    "polarquant": {"bits": [4, 2, 2, 2], "group": 64},   # a rotation, then angle thresholds
+    "leech": {"bits": 2, "group": 64},                  # 3x8 tiles, 64 rows padded to 66
 }
 #: extra configurations of codecs above that take another path (key: a label, value: (codec, options))
 VARIANTS = {

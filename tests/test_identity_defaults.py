@@ -86,11 +86,14 @@ def test_without_declarations_the_identity_is_pydantics_exclude_defaults():
     from quantatlas.spec import parse_spec
 
     spec = {"title": "t", "model": "reference", "data": {"eval": {"tokens": 32768}}, "seeds": [0, 1],
+            # every declared option (act_order, static_groups, scale, propagation) away from both its defaults
             "arms": {"a": {"solver": "gptq", "solver_options": {"act_order": True, "static_groups": True},
-                           "codec": {"uniform": {"bits": 4, "clip": "mse"}},
+                           "codec": {"uniform": {"bits": 4, "clip": "mse", "scale": "half_step"}},
+                           "propagation": "parallel",
                            "transforms": [{"hadamard": {}}], "overrides": [{"match": "down", "codec": "q8_0"}],
-                           "kv": {"k": "q8_0"}, "act": {"codec": {"uniform": {"bits": 8, "group": None}}}},
-                     "b": {"codec": "q4_0", "calib": {"samples": 8}}},
+                           "kv": {"k": "q8_0"},
+                           "act": {"codec": {"uniform": {"bits": 8, "group": None, "scale": "half_step"}}}},
+                     "b": {"codec": "q4_0", "calib": {"samples": 8}, "propagation": "parallel"}},
             "criterion": {"min_effect": 0.1}}
     model = parse_spec(spec)
     assert identity_dump(model) == model.model_dump(mode="json", exclude_defaults=True)

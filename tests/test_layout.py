@@ -200,18 +200,20 @@ def test_norm_vectors_are_addressable_tensors():
 
 
 def test_unknown_modules_are_recorded_and_check_raises():
-    model = T.MixtralForCausalLM(T.MixtralConfig(
+    # PhiMoE (sparsemixer routing) is an MoE family the layout does not read (Mixtral and Qwen-MoE it does:
+    # tests/test_moe.py): its router and experts are recorded by name
+    model = T.PhimoeForCausalLM(T.PhimoeConfig(
         hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=2, num_attention_heads=HEADS,
         num_key_value_heads=KV_HEADS, vocab_size=VOCAB, num_local_experts=4, **TOKEN_IDS))
     m = layout(model)                                             # structure is still readable
     assert m.n_experts == 4 and m.n_layers == 2 and m.n_kv_heads == KV_HEADS
-    assert any("model.layers.0.mlp.gate" in u for u in m.unmatched)
+    assert any("model.layers.0.mlp.router" in u for u in m.unmatched)
     with pytest.raises(UnmatchedModulesError):
         m.check()
     from quantatlas.quant.gguf_mix import model_shape
 
     shape = model_shape(model)
-    assert (shape.n_layers, shape.n_expert, shape.n_gqa, shape.arch) == (2, 4, HEADS // KV_HEADS, "mixtral")
+    assert (shape.n_layers, shape.n_expert, shape.n_gqa, shape.arch) == (2, 4, HEADS // KV_HEADS, "phimoe")
 
 
 def test_model_shape_accepts_a_layout():

@@ -105,19 +105,19 @@ def test_streaming_refuses_it_before_any_work(tmp_path):
 
 
 def test_a_model_the_layout_cannot_read_is_refused_before_the_ledger_holds_anything(tmp_path):
-    """A mixture of experts (router and expert tensors have no role yet) is refused in one line, and the
-    ledger keeps no empty experiment behind."""
-    from transformers import MixtralConfig, MixtralForCausalLM
+    """A mixture of experts of a family the layout does not read (PhiMoE; Mixtral and Qwen-MoE it reads:
+    tests/test_moe.py) is refused in one line, and the ledger keeps no empty experiment behind."""
+    from transformers import PhimoeConfig, PhimoeForCausalLM
 
     from quantatlas.atlas.ledger import Ledger
     from quantatlas.errors import UserError
     from quantatlas.models.load import LoadedModel
     from quantatlas.runner import run_spec
 
-    cfg = MixtralConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,
-                        max_position_embeddings=256)
-    lm = LoadedModel(MixtralForCausalLM(cfg).eval(), "moe", "moe-hash", None)
+    cfg = PhimoeConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,
+                       max_position_embeddings=256)
+    lm = LoadedModel(PhimoeForCausalLM(cfg).eval(), "moe", "moe-hash", None)
     db = f"sqlite:///{tmp_path / 'atlas.db'}"
     with pytest.raises(UserError) as e:
         run_spec(_spec((0,)), loaded=lm, db_url=db, compress=False, log=lambda m: None, device="cpu")

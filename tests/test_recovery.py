@@ -177,7 +177,7 @@ def test_pv_lite_discrete_step_follows_the_gradient_and_undoes():
     from quantatlas.quant.config import build
     from quantatlas.quant.recovery import _UniformCodes
 
-    codec = build("codec", {"uniform": {"bits": 3, "group": 16}})
+    codec = build("codec", {"uniform": {"bits": 3, "group": 16, "scale": "absmax"}})   # positive scales
     packed = codec.encode(torch.randn(8, 32, generator=torch.Generator().manual_seed(0)))
     t = _UniformCodes(packed, codec, None)
     q0 = t.q.clone()

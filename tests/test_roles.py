@@ -322,13 +322,14 @@ def test_two_modules_claiming_one_role_are_refused():
         find_roles(model)
 
 
-def test_moe_router_and_fused_experts_are_refused():
-    model = T.MixtralForCausalLM(T.MixtralConfig(
+def test_moe_router_and_fused_experts_of_an_unread_family_are_refused():
+    # PhiMoE: an MoE family the layout does not read (Mixtral, Qwen2/3-MoE: tests/test_moe.py)
+    model = T.PhimoeForCausalLM(T.PhimoeConfig(
         hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=2, num_attention_heads=HEADS,
         num_key_value_heads=KV_HEADS, vocab_size=VOCAB, num_local_experts=4, **TOKEN_IDS))
     with pytest.raises(UnmatchedModulesError) as err:
         find_roles(model)
-    assert "model.layers.0.mlp.gate" in str(err.value) and "model.layers.1.mlp.gate" in str(err.value)
+    assert "model.layers.0.mlp.router" in str(err.value) and "model.layers.1.mlp.router" in str(err.value)
     assert "experts" in str(err.value)
 
 

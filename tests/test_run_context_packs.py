@@ -116,7 +116,9 @@ def test_a_run_does_not_read_the_global_random_state(run):
 # ---- packs decode from their own contents ------------------------------------------------------
 OPTIONS = {"aqlm": {"codebooks": 1, "code_bits": 4, "iters": 2, "beam": 2}, "gptvq": {"bits": 2, "iters": 2},
            "trellis": {"bits": 2}, "turbo": {"bits": 3}, "uniform": {"bits": 3}, "lloyd_max": {"bits": 3},
-           "d4": {"bits": 3}, "e8": {"bits": 3}, "nestquant": {"bits": 3}}
+           "d4": {"bits": 3}, "e8": {"bits": 3}, "nestquant": {"bits": 3},
+           "dn": {"n": 12, "bits": 3, "group": None}, "tcq": {"bits": 2, "states": 16},
+           "polarquant": {"bits": [4, 2, 2, 2]}, "leech": {"bits": 2, "gain_bits": 2}}
 
 
 def _codecs():

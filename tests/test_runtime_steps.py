@@ -97,7 +97,7 @@ def test_activation_fake_quant_of_one_linear_is_per_token(tiny_reference):
     down.register_forward_pre_hook(lambda m, a: inputs.setdefault("x", a[0].detach().clone()))
     outputs = {}
     down.register_forward_hook(lambda m, a, o: outputs.setdefault("y", o.detach().clone()))
-    act = ActivationQuantizer(ActConfig(codec={"uniform": {"bits": 8, "group": None}}))
+    act = ActivationQuantizer(ActConfig(codec={"uniform": {"bits": 8, "group": None, "scale": "absmax"}}))
     act.attach(model)
     _logits(model, TOKENS[:1])
     x = inputs["x"].reshape(-1, down.in_features)

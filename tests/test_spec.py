@@ -26,7 +26,8 @@ def test_good_spec_loads(tmp_path):
     s = load_spec(write(tmp_path, GOOD))
     assert s.arms["b"].codec.to_spec() == {"q8_0": {}} and s.arms["b"].solver_options.name == "gptq"
     # typed: defaults filled in, the stored spec writes them out
-    assert s.arms["a"].codec.to_spec() == {"uniform": {"bits": 4, "group": 128, "symmetric": True, "clip": "minmax"}}
+    assert s.arms["a"].codec.to_spec() == {"uniform": {"bits": 4, "group": 128, "symmetric": True, "clip": "minmax",
+                                                       "scale": "signed_max"}}
     assert s.to_dict()["arms"]["b"]["solver_options"]["damp"] == 0.01
     assert s.data.eval.ctx == 256 and s.data.calib.samples == 64 and s.seeds == [0, 1]
 
@@ -96,11 +97,12 @@ def test_writing_defaults_out_keeps_the_experiment_id():
         "b": {"solver": "gptq", "codec": "q4_k", "transforms": [{"hadamard": {}}],
               "overrides": [{"match": "k", "codec": {"turbo": {"bits": 3}}}], "kv": {"k": "q8_0"}}}}
     spelled = {"title": "x", "control": "a", "seeds": [0], "model": "reference", "arms": {
-        "a": {"solver": "rtn", "codec": {"uniform": {"bits": 4, "group": 128, "symmetric": True, "clip": "minmax"}}},
+        "a": {"solver": "rtn", "codec": {"uniform": {"bits": 4, "group": 128, "symmetric": True, "clip": "minmax",
+                                                     "scale": "signed_max"}}},
         "b": {"solver": "gptq", "solver_options": {"block_size": 128, "damp": 0.01, "act_order": True},
               "codec": {"q4_k": {}}, "transforms": [{"hadamard": {"residual": True, "online": ["down"], "block": None}}],
               "overrides": [{"match": "k", "codec": {"turbo": {"bits": 3, "group": 128, "seed": 0}}}],
-              "kv": {"k": {"q8_0": {}}, "v": None}, "propagation": "sequential"}}}
+              "kv": {"k": {"q8_0": {}}, "v": None}, "propagation": "layer"}}}
     assert parse_spec(base).spec_hash() == parse_spec(spelled).spec_hash()
     # a value that differs from the default is part of the experiment
     spelled["arms"]["b"]["solver_options"]["damp"] = 0.1

@@ -143,13 +143,22 @@ def test_pareto_front_matches_a_brute_force_dominance_check():
 
 
 def test_techniques_of_arm_configs():
-    assert techniques({"solver": "rtn", "codec": {"uniform": {"bits": 4}}, "transforms": []}) == {"codec:uniform"}
-    # option labels come on top (GPTQ's act_order and static_groups are on by default now; the KV cache's K codec)
+    assert techniques({"solver": "rtn", "codec": {"uniform": {"bits": 4, "scale": "absmax"}},
+                       "transforms": []}) == {"codec:uniform"}
+    # a default that changed is labelled against the first one: the bare spelling's grid is signed_max now (as
+    # its stored config says), while a config stored before `scale` existed ran absmax
+    from quantatlas.spec import parse_spec
+    stored_now = parse_spec({"title": "t", "arms": {"a": {"codec": {"uniform": {"bits": 4}}}}}).arms["a"]
+    assert techniques(stored_now.model_dump(mode="json")) == {"codec:uniform", "codec.scale=signed_max"}
+    assert techniques({"codec": {"uniform": {"bits": 4, "group": 128, "symmetric": True, "clip": "minmax"}}}) == \
+        {"codec:uniform"}
+    # option labels come on top (GPTQ's act_order and static_groups are on by default now, except for lattices
+    # and turbo; layer propagation; the KV cache's K codec)
     assert techniques({"solver": "gptaq", "codec": {"turbo": {"bits": 3}}, "transforms": [{"hadamard": {}}, {"awq": {}}],
                        "overrides": [{"match": "k", "codec": {"q8_0": {}}}, {"match": "down", "codec": None}],
                        "kv": {"k": "q8_0"}}) == {"solver:gptaq", "codec:turbo", "transform:hadamard", "transform:awq",
                                                "override:q8_0", "override:fp16", "kv",
-                                               "solver.act_order", "solver.static_groups", "kv.k=q8_0"}
+                                               "propagation=layer", "kv.k=q8_0"}
     assert techniques({"codec": {"gguf": {"ftype": "q4_k_m"}}}) == {"gguf:Q4_K_M"}
     assert techniques({"codec": None}) == frozenset()
     assert techniques({"codec": {"turbo": {}}}) == frozenset()        # no longer a valid arm: nothing claimed

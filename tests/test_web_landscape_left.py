@@ -70,6 +70,8 @@ def _typical(name: str) -> dict:
     choices = bits_choices(name)
     if name == "aqlm":
         return {"aqlm": {"codebooks": 1, "code_bits": 8}}
+    if name == "dn":   # the lattice dimension is required
+        return {"dn": {"n": 8, "bits": 4}}
     if not choices:
         return {name: {}}
     return {name: {"bits": 4 if 4 in choices else choices[0]}}
@@ -91,7 +93,8 @@ def test_codec_budgets_come_from_the_config_ranges():
     assert sorted(codec_budgets("e8p")) == [2, 3, 4]                    # E8P takes bits 2, 3, 4
     assert sorted(codec_budgets({"uniform": {"bits": 4, "group": 64}})) == [2, 3, 4, 5, 6, 7, 8]
     assert codec_budgets({"uniform": {"bits": 4, "group": 64}})[3] == {"uniform": {"bits": 3, "group": 64,
-                                                                                  "symmetric": True, "clip": "minmax"}}
+                                                                                  "symmetric": True, "clip": "minmax",
+                                                                                  "scale": "signed_max"}}
     assert codec_budgets("q4_k") == {4: {"q4_k": {}}} and codec_budgets("q3_k") == {3: {"q3_k": {}}}
     assert codec_budgets("q8_0") == {8: {"q8_0": {}}}
     assert codec_budgets("f16") == {} and codec_budgets("aqlm") == {}   # their configs do not say: measured only
@@ -193,9 +196,10 @@ def _effects_atlas(url: str, seeds=(0,)):
     led = Ledger(url)
     ids = []
     for i, (b, level) in enumerate(((4, 0.02), (3, 0.08), (4, 0.025))):
-        arms = {"rtn": {"codec": {"uniform": {"bits": b}}},
-                "had": {"codec": {"uniform": {"bits": b}}, "transforms": [{"hadamard": {}}]},
-                "gptq": {"solver": "gptq", "codec": {"uniform": {"bits": b}},
+        grid = {"bits": b, "scale": "absmax"}   # first defaults throughout: one technique apart
+        arms = {"rtn": {"codec": {"uniform": grid}},
+                "had": {"codec": {"uniform": grid}, "transforms": [{"hadamard": {}}]},
+                "gptq": {"solver": "gptq", "codec": {"uniform": grid}, "propagation": "sequential",
                          "solver_options": {"act_order": False, "static_groups": False}}}
         exp = led.register_experiment(_spec(f"e{i}", arms, "rtn", seeds, tokens=16384 + 512 * i))
         _record(led, exp, "rtn", level, b + 0.125, seeds)
@@ -203,7 +207,9 @@ def _effects_atlas(url: str, seeds=(0,)):
         _record(led, exp, "gptq", level * 0.8, b + 0.125, seeds)
         ids.append(exp)
     # a plan: GPTQ after a Hadamard rotation at 4 bits, registered and not run
-    plan = led.register_experiment(_spec("plan", {"had_gptq": {"solver": "gptq", "codec": {"uniform": {"bits": 4}},
+    plan = led.register_experiment(_spec("plan", {"had_gptq": {"solver": "gptq",
+                                                               "codec": {"uniform": {"bits": 4, "scale": "absmax"}},
+                                                               "propagation": "sequential",
                                                                "transforms": [{"hadamard": {}}],
                                                                "solver_options": {"act_order": False,
                                                                                   "static_groups": False}}}))

@@ -39,6 +39,11 @@ def normalise_spec(spec: dict) -> tuple[dict, dict]:
         model = parse_spec(spec, "spec")
     except SpecError as e:
         raise ValueError(str(e)) from None
+    for name, arm in model.arms.items():   # an artifact arm is identified by its tensors' hash, read where it ran
+        artifact = getattr(arm, "artifact", None)
+        if artifact is not None and artifact.sha256 is None:
+            raise ValueError(f"spec: field arms.{name}.artifact.sha256: missing; an artifact arm is identified by "
+                             "the sha256 of its tensors, which `quantatlas run` fills in where the artifact is")
     return model.model_dump(mode="json"), model.identity()
 
 

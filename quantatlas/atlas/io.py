@@ -23,6 +23,7 @@ from quantatlas.atlas.errors import LedgerError
 from quantatlas.atlas.records import ExperimentRecord, ListingRow, RecordError, RunRecord, parse_line, plain
 from quantatlas.atlas.store import Reader, Store, Transaction
 from quantatlas.atlas.stored import StoredExperiment, StoredRun, isoformat
+from quantatlas.quant.config import fill_first_defaults
 
 
 # ---- export (and pull) ---------------------------------------------------------------------------
@@ -87,7 +88,8 @@ def prepare_experiment(rec: ExperimentRecord | ListingRow, where: str) -> tuple:
     normal = None
     if isinstance(rec, ExperimentRecord) and rec.spec is not None:
         try:
-            normal = ids.normalise_spec(rec.spec)
+            # a record's spec is a stored one (possibly by an older quantatlas): read it as it was run
+            normal = ids.normalise_spec(fill_first_defaults(rec.spec))
         except ValueError as e:
             raise RecordError(f"{where}.spec: {e}") from None
     created = _time(rec.created_at) if isinstance(rec, ExperimentRecord) else None

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Valid
     model_validator
 
 from quantatlas.errors import UserError
+from quantatlas.runtimes import check_runs_on
 
 SCHEMA_VERSION = 1
 MAX_DEPTH = 32                  # JSON nesting (objects and arrays) anywhere in a record or request
@@ -337,6 +338,8 @@ class RunRecord(_Record):
         for k in self.extra or {}:
             if k in self.metrics or metric_range(k) is not None:
                 raise ValueError(f"extra.{k} shadows the metric {k!r}: a metric goes in metrics")
+        if "runs_on" in (self.extra or {}):   # which runtimes load the arm (quantatlas/runtimes.py)
+            check_runs_on(self.extra["runs_on"], "extra.runs_on")
         return self
 
     def metric_values(self) -> dict[str, float]:

@@ -379,6 +379,19 @@ class Reader:
                                       int(n_runs), stats.get((arm_id, mh, ef), {})))
         return out
 
+    def arm_runs_on(self) -> dict[tuple[str, str, str, str], list]:
+        """(experiment id, arm, model hash, eval fingerprint) -> the `runs_on` its runs there recorded
+        (quantatlas/runtimes.py: it follows from the arm, so its runs agree; the newest one's is kept).
+        Arms whose runs were stored without one are absent."""
+        q = (select(Arm.experiment_id, Arm.name, RunSet.model_hash, RunSet.eval_fingerprint, Run.extra)
+             .join(Run, Run.arm_id == Arm.id).join(RunSet, Run.run_set_id == RunSet.id)
+             .where(Run.extra.is_not(None)).order_by(Run.created_at, Run.id))
+        out = {}
+        for exp_id, arm, mh, ef, extra in self._s.execute(q).all():
+            if isinstance(extra, dict) and "runs_on" in extra:
+                out[(exp_id, arm, mh, ef)] = extra["runs_on"]
+        return out
+
     def arms(self, include_merged: bool = True) -> list[StoredArm]:
         """Every registered arm (of unmerged experiments only, unless `include_merged`)."""
         q = select(Arm)

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from quantatlas.atlas.errors import LedgerError
 from quantatlas.atlas.records import MAX_TOKENS, NONFINITE, RecordError, decode_per_token
-from quantatlas.spec import Criterion, EvalData, Spec, parse_spec
+from quantatlas.spec import Criterion, EvalData, Spec, parse_stored_spec
 
 
 def isoformat(dt: datetime | None) -> str | None:
@@ -50,7 +50,7 @@ class StoredSpec:
         if not self.data or not isinstance(self.data.get("arms"), dict):
             return None
         try:
-            return parse_spec(self.data, "spec")
+            return parse_stored_spec(self.data, "spec")
         except Exception:  # any failure of an old spec means "no typed spec", never a failed read
             return None
 

@@ -21,14 +21,20 @@ named in the spec) and the runtime steps (KV-cache, activation hooks, online rot
 the spec describes.
 
 Bits per weight covers the quantized matrices' packed bytes; bits per parameter covers every
-stored tensor (`bytes_packed`, without the file's JSON header, which `bytes_file` includes). Artifact sizes are the file's bytes and the same bytes after zstd level 22 and brotli
+stored tensor (`bytes_packed`, without the file's JSON header, which `bytes_file` includes). A
+mixture-of-experts model is stored expert by expert (a fused 3-D expert tensor as its experts'
+[out, in] matrices, `<experts>.<e>.gate_proj.weight` ..., quantized or fp16), so both count every expert;
+beside them `active_bits_per_param` counts the weights one token uses: every tensor but the routed
+experts, and of each MoE block's experts the top_k a token is routed to (each expert's stored bits
+weighted top_k / n_experts: the expected bits of a token's experts under uniform routing, exact when
+the experts of a block share a codec), over the parameters those tensors hold (`active_params`). Artifact sizes are the file's bytes and the same bytes after zstd level 22 and brotli
 quality 11, measured by compressing the file, never estimated.
 """
 from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import brotli
@@ -43,6 +49,9 @@ from quantatlas.quant.incoherence import read_pack
 class Artifact:
     packed: dict[str, Packed]       # quantized matrices by parameter name ("...k_proj.weight")
     rest: dict[str, torch.Tensor]   # everything else, stored as fp16
+    #: routed MoE experts' tensors -> the fraction of a block's experts one token uses (top_k / n_experts);
+    #: every other tensor is used by every token (not written to the file: the architecture says it)
+    active: dict[str, float] = field(default_factory=dict)
 
     @property
     def quantized_params(self) -> int:
@@ -92,6 +101,13 @@ class Artifact:
             "bytes_packed": payload,
             "bytes_file": len(blob),
         }
+        if self.active:
+            sizes = {**{k: (8 * p.nbytes, p.shape[0] * p.shape[1]) for k, p in self.packed.items()},
+                     **{k: (16 * t.numel(), t.numel()) for k, t in self.rest.items()}}
+            bits = sum(b * self.active.get(k, 1.0) for k, (b, _) in sizes.items())
+            params = sum(n * self.active.get(k, 1.0) for k, (_, n) in sizes.items())
+            out["active_bits_per_param"] = bits / params
+            out["active_params"] = params
         if compress:
             out["bytes_zstd"] = compressed_size(blob, "zstd-22")
             out["bytes_brotli"] = compressed_size(blob, "brotli-11")
@@ -158,12 +174,23 @@ def load_artifact(blob: bytes) -> tuple[Artifact, int | None]:
 
 
 def artifact_of(model: torch.nn.Module, packed: dict[str, Packed]) -> Artifact:
-    """Split a model's parameters into the quantized ones (`packed`, by param name) and the rest."""
+    """Split a model's parameters into the quantized ones (`packed`, by param name) and the rest; fused
+    MoE expert tensors as their experts' matrices (models/roles.py `matrix_weights`)."""
+    from quantatlas.models.layout import layout
+    from quantatlas.models.roles import matrix_weights
+
     rest, seen = {}, set()
-    for name, p in model.named_parameters(remove_duplicate=False):
+    for name, p in matrix_weights(model).items():
         if p.data_ptr() in seen:
             continue
         seen.add(p.data_ptr())
         if name not in packed:
             rest[name] = p
-    return Artifact(packed, rest)
+    active = {t.name + ".weight": t.moe.top_k / t.moe.n_experts
+              for t in (layout(model).roles if _has_experts(model) else []) if t.expert is not None}
+    return Artifact(packed, rest, active)
+
+
+def _has_experts(model: torch.nn.Module) -> bool:
+    cfg = getattr(model, "config", None)
+    return bool(getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None))

@@ -21,6 +21,15 @@ What convert_hf_to_gguf.py + llama-quantize would produce for the same weights:
 
 A tied head is written once, as token_embd (llama.cpp uses it as the output when output.weight
 is absent). Codecs that are not ggml block formats cannot be stored and raise ValueError.
+
+Mixture-of-experts models (Qwen3-MoE as `qwen3moe`, Mixtral as `llama`, as convert_hf_to_gguf.py
+writes them): each layer's experts of one role are one 3-D tensor, blk.N.ffn_gate_exps / ffn_up_exps /
+ffn_down_exps (numpy [n_expert, out, in], ggml ne = [in, out, n_expert]), stacked from the experts'
+matrices in expert order, whether the model keeps them in fused 3-D tensors or a ModuleList; quantized,
+every expert of a tensor must share one ggml type (their rows' blocks are stacked as they are). The
+router is blk.N.ffn_gate_inp, written F32 as the converter does. Metadata adds expert_count,
+expert_used_count and (qwen3moe) expert_feed_forward_length. llama.cpp's qwen3moe renormalises the
+top-k weights and has no dense layers, so a Qwen3-MoE config that says otherwise is refused.
 """
 from __future__ import annotations
 
@@ -35,7 +44,8 @@ from quantatlas.quant.codecs.ggml.block_codec import formats
 from quantatlas.quant.incoherence import IncoherentPacked
 
 #: model_type of a HF config -> llama.cpp architecture, for the architectures we write
-ARCHES: dict[str, str] = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCHES: dict[str, str] = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+                          "qwen3_moe": "qwen3moe", "mixtral": "llama"}
 
 #: ggml block types a Packed can carry into GGUF: the ggml formats' table (codec name == lower-case type)
 GGML_TYPES: tuple[str, ...] = tuple(formats())
@@ -66,15 +76,19 @@ def _layout(model):
     return model if isinstance(model, ModelLayout) else layout(model)
 
 
-def _parameters(model) -> dict[str, torch.nn.Parameter]:
-    """Named parameters, each storage once (a tied head shares the embedding's)."""
-    return dict(model.named_parameters())
+def _parameters(model) -> dict[str, torch.Tensor]:
+    """Named parameters, each storage once (a tied head shares the embedding's), with fused 3-D expert
+    tensors split into their experts' matrices (models/roles.py `matrix_weights`)."""
+    from quantatlas.models.roles import matrix_weights
+
+    return matrix_weights(model)
 
 
 #: layout role or norm position -> llama.cpp tensor (gguf.MODEL_TENSOR member name)
 _LAYER_TENSORS: dict[str, str] = {
     "q": "ATTN_Q", "k": "ATTN_K", "v": "ATTN_V", "o": "ATTN_OUT", "qkv": "ATTN_QKV",
     "gate": "FFN_GATE", "up": "FFN_UP", "down": "FFN_DOWN", "gate_up": "FFN_UP",
+    "router": "FFN_GATE_INP", "expert_gate": "FFN_GATE_EXP", "expert_up": "FFN_UP_EXP", "expert_down": "FFN_DOWN_EXP",
     "attn_norm": "ATTN_NORM", "ffn_norm": "FFN_NORM", "post_attn_norm": "ATTN_POST_NORM",
     "post_ffn_norm": "FFN_POST_NORM", "q_norm": "ATTN_Q_NORM", "k_norm": "ATTN_K_NORM",
 }
@@ -101,7 +115,8 @@ def _module_names(m, arch: str) -> dict[str, str]:
         if t is not None and (g := base(kind)) is not None:
             out[t.name] = g
     for layer in m.layers:
-        for key, t in (*layer.matrices.items(), *layer.norms.items()):
+        experts = [(t.role, t) for t in layer.moe.tensors()] if layer.moe is not None else []
+        for key, t in (*layer.matrices.items(), *layer.norms.items(), *experts):
             if key in _LAYER_TENSORS and (g := base(_LAYER_TENSORS[key], layer.index)) is not None:
                 out[t.name] = g
     return out
@@ -109,7 +124,8 @@ def _module_names(m, arch: str) -> dict[str, str]:
 
 def gguf_tensor_names(model, arch_hint: str | None = None) -> dict[str, str]:
     """Parameter name (model.layers.0.mlp.down_proj.weight) -> GGUF name (blk.0.ffn_down.weight),
-    from the layout's roles and norm positions."""
+    from the layout's roles and norm positions. An MoE expert's matrix (model.layers.0.mlp.experts.3.down_proj.weight,
+    fused or not) -> its layer's 3-D tensor (blk.0.ffn_down_exps.weight), shared by every expert."""
     return _tensor_names(model, _layout(model), arch_hint)
 
 
@@ -168,6 +184,27 @@ def _packed_rows(name: str, p: Packed, shape: tuple[int, int]) -> np.ndarray:
     return arr
 
 
+def _write_experts(w, gname: str, members: list[str], experts: dict, params: dict, packed: dict) -> str:
+    """One MoE 3-D tensor [n_expert, out, in] from its experts' matrices, in expert order: their packed
+    rows stacked (one ggml type for all), or their weights as F16. Returns the type written."""
+    members = sorted(members, key=lambda n: experts[n].expert)
+    if [experts[n].expert for n in members] != list(range(len(members))):
+        raise ValueError(f"gguf export: {gname} needs experts 0..n-1, got {[experts[n].expert for n in members]}")
+    if any(experts[n].transposed for n in members):
+        raise ValueError(f"gguf export: {gname}: experts stored transposed ([E, in, out]) are not written")
+    codecs = {packed[n].codec if n in packed else "f16" for n in members}
+    if len(codecs) > 1:
+        raise ValueError(f"gguf export: {gname} stores all its experts in one ggml type, but they were quantized "
+                         f"as {', '.join(sorted(codecs))} (an override by expert index cannot travel into GGUF)")
+    codec = codecs.pop()
+    if codec == "f16":
+        w.add_tensor(gname, np.stack([params[n].detach().float().cpu().numpy() for n in members]).astype(np.float16))
+        return "f16"
+    rows = np.stack([_packed_rows(n, packed[n], tuple(experts[n].shape)) for n in members])
+    w.add_tensor(gname, np.ascontiguousarray(rows), raw_dtype=_qtype(members[0], packed[members[0]]))
+    return codec
+
+
 def _rope(m) -> tuple[float, dict]:
     if m.rope_theta is None:
         raise ValueError("gguf export: the config has no rope_theta")
@@ -195,6 +232,8 @@ def _write_hparams(w, model, arch: str, m) -> dict[str, np.ndarray]:
     if arch == "llama":
         w.add_vocab_size(c.vocab_size)
         w.add_rope_dimension_count(m.head_dim)
+    if m.moe_blocks:
+        _write_moe_hparams(w, c, arch, m)
     extra = {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
     if rope_type == "linear":
@@ -205,6 +244,24 @@ def _write_hparams(w, model, arch: str, m) -> dict[str, np.ndarray]:
     elif rope_type != "default":
         raise ValueError(f"gguf export: rope scaling {rope_type!r} is not supported for {arch}")
     return extra
+
+
+def _write_moe_hparams(w, c, arch: str, m) -> None:
+    """expert_count, expert_used_count (and qwen3moe's expert_feed_forward_length), refusing what llama.cpp's
+    graph for the architecture would compute differently."""
+    blocks = m.moe_blocks
+    if len(blocks) != m.n_layers:
+        dense = [layer.index for layer in m.layers if layer.moe is None]
+        raise ValueError(f"gguf export: llama.cpp's {arch} has an MoE block in every layer; layers {dense} are dense")
+    if not all(b.normalise for b in blocks):
+        raise ValueError(f"gguf export: llama.cpp's {arch} renormalises the top-k routing weights; this model does not "
+                         "(norm_topk_prob: false)")
+    if any(b.shared for b in blocks):
+        raise ValueError(f"gguf export: shared experts are not written for {arch}")
+    w.add_expert_count(m.n_experts)
+    w.add_expert_used_count(m.experts_used)
+    if arch == "qwen3moe":
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
 
 
 def _llama3_rope_factors(dim: int, theta: float, rope: dict) -> np.ndarray:
@@ -317,6 +374,8 @@ def _file_type(ftype: str | None, packed: dict[str, Packed]):
     kinds = {p.codec for p in packed.values()}
     if not kinds:
         return gguf.LlamaFileType.MOSTLY_F16
+    if kinds == {"mxfp4"}:   # llama.cpp names an all-MXFP4 file so (llama_model_loader's guess, llama-quantize)
+        return gguf.LlamaFileType.MOSTLY_MXFP4_MOE
     if len(kinds) == 1 and f"MOSTLY_{next(iter(kinds)).upper()}" in gguf.LlamaFileType.__members__:
         return gguf.LlamaFileType[f"MOSTLY_{next(iter(kinds)).upper()}"]
     return None  # a mixture we cannot name: llama.cpp guesses it from the tensor types
@@ -382,15 +441,23 @@ def write_gguf(path: str | Path, model, packed: dict[str, Packed], arch_hint: st
     for gname, arr in extra.items():
         w.add_tensor(gname, arr)
         written[gname] = "f32"
+    experts = {t.name + ".weight": t for t in m.roles if t.expert is not None}
+    stacks: dict[str, list[str]] = {}     # an MoE 3-D tensor's GGUF name -> its experts' parameter names
+    for pname in params:
+        if pname in experts:
+            stacks.setdefault(names[pname], []).append(pname)
     for pname, p in params.items():
         gname = names[pname]
-        if pname in packed:
+        if pname in experts:
+            if gname not in written:
+                written[gname] = _write_experts(w, gname, stacks[gname], experts, params, packed)
+        elif pname in packed:
             rows = permute(pname, _packed_rows(pname, packed[pname], tuple(p.shape)))
             w.add_tensor(gname, np.ascontiguousarray(rows), raw_dtype=_qtype(pname, packed[pname]))
             written[gname] = packed[pname].codec
         else:
             t = p.detach().float().cpu().numpy()
-            keep_f32 = t.ndim <= 1 or gname.endswith("_norm.weight")
+            keep_f32 = t.ndim <= 1 or gname.endswith(("_norm.weight", "ffn_gate_inp.weight"))
             arr = t.astype(np.float32 if keep_f32 else np.float16)
             w.add_tensor(gname, np.ascontiguousarray(permute(pname, arr)))
             written[gname] = "f32" if keep_f32 else "f16"

@@ -14,8 +14,8 @@ import torch
 @dataclass
 class InputStats:
     hessian: torch.Tensor   # [in, in] = (2/N) sum x x^T
-    abs_mean: torch.Tensor  # [in]
-    sq_mean: torch.Tensor   # [in]  (llama-imatrix's per-column mean of x^2)
+    abs_mean: torch.Tensor | None  # [in] (None: an accumulator without channel sums)
+    sq_mean: torch.Tensor | None   # [in]  (llama-imatrix's per-column mean of x^2)
     count: int              # N, the number of input vectors seen
 
 
@@ -25,21 +25,29 @@ class InputAccumulator:
     #: elements per chunk of the per-channel sums (bounds their temporaries on wide inputs)
     CHUNK = 1 << 22
 
-    def __init__(self, width: int, device, hessian: bool = True):
+    def __init__(self, width: int, device, hessian: bool = True, channel_sums: bool = True):
+        """`channel_sums`: also the per-channel sums of |x| and x² (AWQ, imatrix); GPTQ reads only H, and
+        the float64 sums cost about a quarter of a Hessian collection pass."""
         self.width, self.device, self.hessian = width, device, hessian
         self.xx = None   # [in, in], allocated at the first add (after the forward's own temporaries are freed)
-        self.abs_sum = torch.zeros(width, device=device, dtype=torch.float64)
-        self.sq_sum = torch.zeros(width, device=device, dtype=torch.float64)
+        self.abs_sum = torch.zeros(width, device=device, dtype=torch.float64) if channel_sums else None
+        self.sq_sum = torch.zeros(width, device=device, dtype=torch.float64) if channel_sums else None
         self.count = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Add the rows of `x` [..., in]. `weight` [rows], when given, weighs row n's terms by weight_n^2
+        (H gets w_n^2 x_n x_n^T, the per-channel sums w_n^2 x^2 and |w_n x|): the rows of an MoE expert
+        scaled as the forward pass scales its output (quantize.py's `moe.weighting: routing`); the count
+        stays the number of rows."""
         x = x.detach().reshape(-1, x.shape[-1]).float()
+        if weight is not None:
+            x = x * weight.detach().reshape(-1, 1).to(x)
         if self.hessian:
             if self.xx is None:
                 self.xx = torch.zeros(self.width, self.width, device=self.device, dtype=torch.float32)
             self.xx.addmm_(x.T, x)
         rows = max(1, self.CHUNK // max(x.shape[1], 1))
-        for a in range(0, x.shape[0], rows):
+        for a in range(0, x.shape[0] if self.sq_sum is not None else 0, rows):
             part = x[a:a + rows]
             self.abs_sum += part.abs().sum(0, dtype=torch.float64)
             self.sq_sum += (part * part).sum(0, dtype=torch.float64)
@@ -56,6 +64,8 @@ class InputAccumulator:
             h = self.xx if self.xx is not None else torch.zeros(self.width, self.width, device=self.device)
             h = h.mul_(2.0 / n)
             self.xx = None
+        if self.sq_sum is None:
+            return InputStats(h, None, None, self.count)
         return InputStats(h, (self.abs_sum / n).float(), (self.sq_sum / n).float(), self.count)
 
 

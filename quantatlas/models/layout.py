@@ -47,6 +47,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from quantatlas.errors import UserError
@@ -54,12 +55,22 @@ from quantatlas.errors import UserError
 ROLES: tuple[str, ...] = (
     "q", "k", "v", "o", "qkv",              # attention matrices (qkv: fused)
     "gate", "up", "down", "gate_up",         # MLP matrices (gate_up: fused)
+    "router",                                # an MoE block's router (expert scores), kept fp16 by default
+    "expert_gate", "expert_up", "expert_down",  # one routed expert's matrices (TensorRole.expert: its index)
+    "shared_expert_gate", "shared_expert_up", "shared_expert_down",  # an always-on shared expert
+    "shared_router",                         # the shared expert's sigmoid gate (Qwen2-MoE), kept fp16 by default
     "head",                                  # lm_head (output embedding)
     "embed", "pos_embed",                    # token and learned position embeddings
     "norm", "q_norm", "k_norm",              # LayerNorm/RMSNorm; per-head query/key norms
 )
-MATRIX_KINDS = ("linear", "conv1d")
-MATRIX_ROLES: tuple[str, ...] = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up")
+#: "expert": one expert's [out, in] slice of a fused 3-D expert tensor (TensorRole.param, .expert, .rows)
+MATRIX_KINDS = ("linear", "conv1d", "expert")
+EXPERT_ROLES: tuple[str, ...] = ("expert_gate", "expert_up", "expert_down")
+SHARED_EXPERT_ROLES: tuple[str, ...] = ("shared_expert_gate", "shared_expert_up", "shared_expert_down")
+#: matrices an arm's codec leaves in fp16 (an override can still give them one): what routes tokens
+ROUTER_ROLES: tuple[str, ...] = ("router", "shared_router")
+MATRIX_ROLES: tuple[str, ...] = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up",
+                                 *ROUTER_ROLES, *EXPERT_ROLES, *SHARED_EXPERT_ROLES)
 NORM_POSITIONS: tuple[str, ...] = ("attn_norm", "ffn_norm", "post_attn_norm", "post_ffn_norm", "q_norm", "k_norm")
 ROPE_PLACEMENTS: tuple[str | None, ...] = ("post_qk_norm", "post_proj", None)
 
@@ -89,12 +100,24 @@ class TensorRole:
     role: str                 # one of ROLES
     layer: int | None         # decoder layer index; None for embeddings, head, final norm
     module: nn.Module = field(repr=False)
-    kind: str                 # "linear", "conv1d", "embedding", "norm"
+    kind: str                 # "linear", "conv1d", "expert", "embedding", "norm"
     tied: bool = False        # head and token embedding share one weight (set on both)
+    expert: int | None = None  # expert index of expert_* roles
+    # kind "expert" (a fused 3-D expert tensor, e.g. transformers' `experts.gate_up_proj` [E, 2I, H]): the
+    # parameter's attribute on `module`, the rows of this expert's [out, in] matrix in it, and whether the
+    # tensor is stored [E, in, out]
+    param: str | None = None
+    rows: slice | None = field(default=None, repr=False)
+    transposed: bool = field(default=False, repr=False)
+    moe: MoELayout | None = field(default=None, repr=False)  # the MoE block of expert, router and shared roles
 
     @property
     def shape(self) -> tuple[int, ...]:
         """[out, in] for matrices, [rows, dim] for embeddings, the weight's shape for norms."""
+        if self.param is not None:
+            p = getattr(self.module, self.param)
+            out, width = (p.shape[2], p.shape[1]) if self.transposed else (p.shape[1], p.shape[2])
+            return (len(range(out)[self.rows]), width)
         w = getattr(self.module, "weight", None)
         if w is None:
             return ()
@@ -104,6 +127,38 @@ class TensorRole:
 
 
 # ---- the layout --------------------------------------------------------------------------
+
+@dataclass
+class MoELayout:
+    """One mixture-of-experts block: a router that scores the experts for each token, the top_k routed
+    experts (gated MLPs: down(act(gate x) * up x)) whose outputs are summed with their routing weights,
+    and, in some families, a shared expert every token goes through.
+
+    Experts are stored either as a ModuleList of MLPs (each matrix an nn.Linear) or, in recent
+    transformers versions, as fused 3-D tensors on one module (`fused`): then each expert's matrix is a
+    TensorRole of kind "expert", a slice [out, in] of the 3-D parameter. Paths are kept relative to the
+    decoder layer too (`path`, `router_path`, `experts_path`), so the same block can be found in a copy
+    of the layer (quant/quantize.py's fp layer)."""
+
+    name: str                                  # "model.layers.3.mlp"
+    block: nn.Module = field(repr=False)
+    path: str                                  # the block inside its decoder layer: "mlp"
+    router: TensorRole = field(repr=False)
+    router_path: str                           # inside the block: "gate"
+    experts_path: str                          # inside the block: "experts"
+    experts_module: nn.Module = field(repr=False)
+    fused: bool                                # 3-D expert tensors (True) or a ModuleList of MLPs
+    n_experts: int
+    top_k: int
+    normalise: bool                            # the top-k routing weights renormalised to sum to 1
+    experts: list[dict[str, TensorRole]] = field(repr=False)   # per expert index: expert_gate/up/down
+    shared: dict[str, TensorRole] = field(default_factory=dict, repr=False)  # shared_expert_*, shared_router
+    act: object = field(default=None, repr=False)  # the experts' activation, applied to the gate projection
+
+    def tensors(self) -> list[TensorRole]:
+        """Every expert matrix, expert by expert."""
+        return [t for roles in self.experts for t in roles.values()]
+
 
 @dataclass
 class LayerLayout:
@@ -123,6 +178,9 @@ class LayerLayout:
     n_kv_heads: int | None
     head_dim: int | None
     rope: str | None                           # "post_qk_norm", "post_proj" or None
+    #: the layer's mixture-of-experts block (its router and shared roles are also in `matrices`; the
+    #: routed experts, many per role, only here), or None for a dense MLP
+    moe: MoELayout | None = field(default=None, repr=False)
 
     def module(self, key: str) -> nn.Module | None:
         """The module of a matrix role ("q", "gate_up") or a norm position ("attn_norm", "q_norm")."""
@@ -152,12 +210,18 @@ class ModelLayout:
     rope_theta: float | None
     rope_parameters: dict = field(repr=False)  # config.rope_parameters / rope_scaling, as given
     rope_dim: int | None                       # dims of a head that rotate (partial rotary: fewer)
+    experts_used: int = 0                      # experts each token is routed to (top_k); 0 for dense models
     unmatched: list[str] = field(default_factory=list, repr=False)
     ambiguous: list[str] = field(default_factory=list, repr=False)
 
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def moe_blocks(self) -> list[MoELayout]:
+        """The mixture-of-experts blocks, in layer order."""
+        return [layer.moe for layer in self.layers if layer.moe is not None]
 
     def check(self) -> ModelLayout:
         """Raise UnmatchedModulesError when a weight-bearing module has no role or two claim one."""
@@ -183,6 +247,7 @@ class Family:
     modules: dict[str, str] = field(default_factory=dict)  # path in a block -> matrix role or norm position
     final_norm: str | None = None              # path of the final norm
     rope: str = "auto"                         # "auto": post_qk_norm with q/k norms, else post_proj; or fixed
+    moe: bool = False                          # its MLPs may be mixture-of-experts blocks (`_moe_block`)
 
 
 _LLAMA_BLOCK = {
@@ -206,6 +271,9 @@ FAMILIES: tuple[Family, ...] = (
            {"attention.query_key_value": "qkv", "attention.dense": "o", "mlp.dense_h_to_4h": "up",
             "mlp.dense_4h_to_h": "down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"},
            "gpt_neox.final_layer_norm", rope="post_proj"),
+    # Qwen3-MoE, Qwen2-MoE (a shared expert), Mixtral: the Llama decoder with MoE blocks (dense layers keep mlp.*_proj)
+    Family("llama_moe", ("qwen3_moe", "qwen2_moe", "mixtral"), "model.layers",
+           {**_LLAMA_BLOCK, "post_attention_layernorm": "ffn_norm"}, "model.norm", moe=True),
     Family("opt", ("opt",), "model.decoder.layers",
            {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.out_proj": "o",
             "fc1": "up", "fc2": "down", "self_attn_layer_norm": "attn_norm", "final_layer_norm": "ffn_norm"},
@@ -406,6 +474,120 @@ def _rope_placement(family: Family, has_rope: bool, has_qk_norm: bool) -> str | 
     return "post_qk_norm" if has_qk_norm else "post_proj"
 
 
+# ---- mixture-of-experts blocks -------------------------------------------------------------
+
+_MOE_BLOCKS = ("mlp", "block_sparse_moe")      # where a decoder layer keeps its MoE block (Mixtral's older name)
+_ROUTERS = ("gate", "router")
+#: an expert MLP's matrices in the ModuleList form, by attribute name (Qwen: *_proj; Mixtral: w1 w3 w2)
+_EXPERT_MATRICES = {"expert_gate": ("gate_proj", "w1"), "expert_up": ("up_proj", "w3"),
+                    "expert_down": ("down_proj", "w2")}
+_SHARED_MATRICES = {"shared_expert_gate": "gate_proj", "shared_expert_up": "up_proj", "shared_expert_down": "down_proj"}
+#: families whose routers always renormalise the top-k weights (no config switch)
+_ALWAYS_NORMALISED = ("mixtral",)
+
+
+def _child(module: nn.Module, names) -> tuple[str | None, nn.Module | None]:
+    return next(((n, getattr(module, n)) for n in names if isinstance(getattr(module, n, None), nn.Module)),
+                (None, None))
+
+
+def _moe_block(cfg, layer_name: str, layer: nn.Module, index: int,
+               claimed: dict[str, list[TensorRole]], unmatched: list[str]) -> MoELayout | None:
+    """The MoE block of one decoder layer (None: a dense MLP). Its modules' roles go into `claimed`
+    (module name -> roles); a block it cannot read goes into `unmatched`, naming why."""
+    path, block = _child(layer, _MOE_BLOCKS)
+    if block is None:
+        return None
+    experts = getattr(block, "experts", None)
+    router_path, router = _child(block, _ROUTERS)
+    if experts is None or router is None:
+        return None
+    name = f"{layer_name}.{path}"
+    experts_name, router_name = f"{name}.experts", f"{name}.{router_path}"
+
+    def refuse(why: str) -> None:
+        unmatched.append(f"{experts_name} ({type(experts).__name__}: {why})")
+        claimed.setdefault(experts_name, [])
+        claimed.setdefault(router_name, [])
+
+    w = getattr(router, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        refuse(f"its router {router_name} has no [experts, hidden] weight")
+        return None
+    n_experts = int(w.shape[0])
+    top_k = int(getattr(router, "top_k", None) or getattr(cfg, "num_experts_per_tok", 0) or 0)
+    if not 0 < top_k <= n_experts:
+        refuse(f"cannot tell how many experts a token is routed to (num_experts_per_tok={top_k})")
+        return None
+    normalise = getattr(router, "norm_topk_prob", None)
+    if normalise is None:
+        normalise = getattr(cfg, "model_type", None) in _ALWAYS_NORMALISED or bool(getattr(cfg, "norm_topk_prob", False))
+    roles: list[dict[str, TensorRole]] = []
+    if isinstance(experts, nn.ModuleList):
+        if len(experts) != n_experts:
+            refuse(f"{len(experts)} experts, but the router scores {n_experts}")
+            return None
+        for e, mlp in enumerate(experts):
+            found = {role: _child(mlp, names) for role, names in _EXPERT_MATRICES.items()}
+            linears = [n for n, m in mlp.named_children() if isinstance(m, nn.Linear)]
+            if any(not isinstance(m, nn.Linear) for _, m in found.values()) or len(linears) != 3:
+                refuse(f"expert {e} is not a gated MLP of three Linears named gate_proj/up_proj/down_proj or w1/w3/w2 "
+                       f"(has {', '.join(linears) or 'none'})")
+                return None
+            roles.append({role: TensorRole(f"{experts_name}.{e}.{attr}", role, index, m, "linear", expert=e)
+                          for role, (attr, m) in found.items()})
+        act = getattr(experts[0], "act_fn", None) if n_experts else None
+    else:
+        params = dict(experts.named_parameters(recurse=False))
+        if set(params) != {"gate_up_proj", "down_proj"} or not getattr(experts, "has_gate", True) \
+                or getattr(experts, "has_bias", False):
+            refuse(f"fused experts with parameters {', '.join(sorted(params)) or 'none'} (readable: gate_up_proj and "
+                   "down_proj, no biases)")
+            return None
+        gate_up, down = params["gate_up_proj"], params["down_proj"]
+        transposed = bool(getattr(experts, "is_transposed", False))
+        concatenated = bool(getattr(experts, "is_concatenated", True))
+        two_i = gate_up.shape[2] if transposed else gate_up.shape[1]
+        if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[0] != n_experts or down.shape[0] != n_experts \
+                or two_i % 2 or (down.shape[1] if transposed else down.shape[2]) != two_i // 2:
+            refuse(f"fused expert tensors of shapes {tuple(gate_up.shape)} and {tuple(down.shape)} do not fit "
+                   f"{n_experts} experts [E, 2I, H] and [E, H, I]")
+            return None
+        inner = two_i // 2
+        # gate and up: the two halves of gate_up (transformers' chunk(2)), or its even and odd rows (interleaved)
+        gate_rows = slice(0, inner) if concatenated else slice(0, two_i, 2)
+        up_rows = slice(inner, two_i) if concatenated else slice(1, two_i, 2)
+        for e in range(n_experts):
+            roles.append({role: TensorRole(f"{experts_name}.{e}.{attr}", role, index, experts, "expert", expert=e,
+                                           param=param, rows=rows, transposed=transposed)
+                          for role, attr, param, rows in (("expert_gate", "gate_proj", "gate_up_proj", gate_rows),
+                                                          ("expert_up", "up_proj", "gate_up_proj", up_rows),
+                                                          ("expert_down", "down_proj", "down_proj", slice(None)))})
+        act = getattr(experts, "act_fn", None)
+    if act is None:
+        refuse("no act_fn on the experts: the gated MLP's activation is unknown")
+        return None
+    router_role = TensorRole(router_name, "router", index, router, "linear")
+    shared: dict[str, TensorRole] = {}
+    shared_mlp = getattr(block, "shared_expert", None)
+    if isinstance(shared_mlp, nn.Module):
+        for role, attr in _SHARED_MATRICES.items():
+            m = getattr(shared_mlp, attr, None)
+            if isinstance(m, nn.Linear):
+                shared[role] = TensorRole(f"{name}.shared_expert.{attr}", role, index, m, "linear")
+    shared_gate = getattr(block, "shared_expert_gate", None)
+    if isinstance(shared_gate, nn.Linear):
+        shared["shared_router"] = TensorRole(f"{name}.shared_expert_gate", "shared_router", index, shared_gate, "linear")
+    moe = MoELayout(name=name, block=block, path=path, router=router_role, router_path=router_path,
+                    experts_path="experts", experts_module=experts, fused=not isinstance(experts, nn.ModuleList),
+                    n_experts=n_experts, top_k=top_k, normalise=bool(normalise), experts=roles, shared=shared,
+                    act=act)
+    for t in [router_role, *moe.tensors(), *shared.values()]:
+        t.moe = moe
+        claimed.setdefault(t.name if t.kind != "expert" else experts_name, []).append(t)
+    return moe
+
+
 # ---- building the layout -----------------------------------------------------------------
 
 def layout(model: nn.Module) -> ModelLayout:
@@ -421,8 +603,15 @@ def layout(model: nn.Module) -> ModelLayout:
     roles: list[TensorRole] = []
     positions: dict[str, str] = {}          # norm module name -> declared position
     unmatched: list[str] = []
+    claimed: dict[str, list[TensorRole]] = {}   # MoE blocks' modules -> their roles
+    blocks = list(model.get_submodule(prefix))
+    moe = {i: _moe_block(cfg, f"{prefix}.{i}", block, i, claimed, unmatched) for i, block in enumerate(blocks)} \
+        if family.moe else {}
     for name, module in modules.items():
         if not name:
+            continue
+        if name in claimed:
+            roles.extend(claimed[name])
             continue
         parent_name, _, attr = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
@@ -465,20 +654,20 @@ def layout(model: nn.Module) -> ModelLayout:
         elif _has_matrix_parameter(module):  # e.g. an MoE router or fused expert tensors
             unmatched.append(f"{name} ({type(module).__name__})")
 
-    # One module per matrix role per layer: two claimants mean we have misread the model.
-    seen: dict[tuple[int | None, str], str] = {}
+    # One module per matrix role per layer (and expert): two claimants mean we have misread the model.
+    seen: dict[tuple[int | None, str, int | None], str] = {}
     ambiguous = []
     for t in roles:
         if t.kind in MATRIX_KINDS:
-            key = (t.layer, t.role)
+            key = (t.layer, t.role, t.expert)
             if key in seen:
                 ambiguous.append(f"{seen[key]} and {t.name} are both '{t.role}' in layer {t.layer}")
             seen[key] = t.name
 
     theta, rope_params = _rope_config(cfg)
     has_rope = _has_rope(cfg, theta, rope_params)
-    blocks = list(model.get_submodule(prefix))
-    layers = [_layer(family, cfg, prefix, i, block, [t for t in roles if t.layer == i], positions, modules, has_rope)
+    layers = [_layer(family, cfg, prefix, i, block, [t for t in roles if t.layer == i], positions, modules, has_rope,
+                     moe.get(i))
               for i, block in enumerate(blocks)]
 
     outside = {t.role: t for t in reversed(roles) if t.layer is None}  # the first of each role
@@ -499,13 +688,15 @@ def layout(model: nn.Module) -> ModelLayout:
         n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, n_experts=int(n_experts),
         rope=rope, rope_theta=theta, rope_parameters=rope_params,
         rope_dim=_rope_dim(cfg, rope_params, head_dim) if rope is not None else None,
+        experts_used=max((m.top_k for m in moe.values() if m is not None), default=0),
         unmatched=unmatched, ambiguous=ambiguous)
 
 
 def _layer(family: Family, cfg, prefix: str, index: int, block: nn.Module, roles: list[TensorRole],
-           positions: dict[str, str], modules: dict[str, nn.Module], has_rope: bool) -> LayerLayout:
+           positions: dict[str, str], modules: dict[str, nn.Module], has_rope: bool,
+           moe: MoELayout | None = None) -> LayerLayout:
     name = f"{prefix}.{index}"
-    matrices = {t.role: t for t in roles if t.kind in MATRIX_KINDS}
+    matrices = {t.role: t for t in roles if t.kind in MATRIX_KINDS and t.expert is None}
     norms: dict[str, TensorRole] = {}
     unplaced = []
     for t in (t for t in roles if t.kind == "norm"):
@@ -531,11 +722,11 @@ def _layer(family: Family, cfg, prefix: str, index: int, block: nn.Module, roles
         return pname, modules[pname]
 
     attention_name, attention = parent("q", "qkv", "k", "v", "o")
-    mlp_name, mlp = parent("down", "up", "gate", "gate_up")
+    mlp_name, mlp = (moe.name, moe.block) if moe is not None else parent("down", "up", "gate", "gate_up")
     q = matrices.get("q")
     q_rows = q.shape[0] if q is not None and q.shape else None
     n_heads, n_kv, head_dim = _heads(getattr(attention, "config", None) or cfg, attention, q_rows)
     rope = _rope_placement(family, has_rope, "q_norm" in norms or "k_norm" in norms)
     return LayerLayout(index=index, name=name, block=block, roles=roles, matrices=matrices, norms=norms,
                        attention_name=attention_name, attention=attention, mlp_name=mlp_name, mlp=mlp,
-                       n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, rope=rope)
+                       n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, rope=rope, moe=moe)

@@ -125,17 +125,20 @@ def _hash_files(files) -> str:
 
 def load_model(source: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                stream: bool | None = None) -> LoadedModel:
-    """`reference`, a local folder with config.json, or `hf:org/name` (or `org/name`) from the hub.
+    """An embedded model (`reference`, `reference-llama`, `reference-moe`), a local folder with config.json, or
+    `hf:org/name` (or `org/name`) from the hub.
 
     A local folder (or hub snapshot) with safetensors weights may be layer-streamed
     (`quantatlas/models/stream.py`): `stream` True/False, else $QUANTATLAS_STREAM (1/0/auto), else
     the automatic rule: stream when its weights in fp32 would take more than half the available memory.
     A streamed model is a meta-device skeleton; evaluation and quantization read one decoder layer at a time."""
-    if source == "reference":
-        from quantatlas.reference.model import CHECKPOINT_DIR, load_reference
+    from quantatlas.reference.model import is_reference_model
 
-        model = load_reference(dtype=dtype, device=device)
-        return LoadedModel(model, source, _hash_files([CHECKPOINT_DIR / "model.safetensors"]), None)
+    if is_reference_model(source):   # reference, reference-llama, reference-moe: embedded, byte-level
+        from quantatlas.reference.model import load_reference, reference_weights
+
+        model = load_reference(dtype=dtype, device=device, name=source)
+        return LoadedModel(model, source, _hash_files([reference_weights(source)]), None)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -157,8 +160,8 @@ def load_model(source: str, device: str | torch.device = "cpu", dtype: torch.dty
 
     repo = source[3:] if source.startswith("hf:") else source
     if "/" not in repo or source.startswith((".", "/")):
-        raise ModelLoadError(f"model {source!r}: not 'reference', not a local folder, and not a hub id like hf:org/name",
-                             "model")
+        raise ModelLoadError(f"model {source!r}: not an embedded model (reference, reference-llama, reference-moe), "
+                             "not a local folder, and not a hub id like hf:org/name", "model")
     try:
         from huggingface_hub import snapshot_download
 

@@ -28,8 +28,12 @@ bench/peak_memory.py (1.1 B TinyLlama-shaped model, GPTQ 4-bit): peak 874 MiB, 4
 2098 MiB fp16 model) above the floor of python, torch, transformers and the meta skeleton.
 
 What streams: pre-norm Llama-family decoders (Llama, Mistral, Qwen2, Qwen3: the `llama` layout,
-final norm then head, no logit soft-capping). Transforms, llama.cpp mixtures and allocation need the
-whole model and are refused in streaming mode.
+final norm then head, no logit soft-capping), and their mixture-of-experts versions (Qwen3-MoE,
+Qwen2-MoE, Mixtral: `llama_moe`). Checkpoints store experts one by one (`mlp.experts.3.gate_proj.weight`,
+Mixtral's `block_sparse_moe.experts.3.w1.weight`) while recent transformers fuse them into 3-D tensors
+(`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]): `materialise` stacks a fused
+tensor from the per-expert ones where the files have no fused one (`stacked_experts`). Transforms, llama.cpp
+mixtures and allocation need the whole model and are refused in streaming mode.
 """
 from __future__ import annotations
 
@@ -144,11 +148,35 @@ def materialise(module: torch.nn.Module, prefix: str, reader: ShardReader, keys:
     with torch.no_grad():
         for name, t in list(module.named_parameters()) + list(module.named_buffers()):
             key = (keys or {}).get(name, prefix + name)
+            alias = key.replace(".mlp.", ".block_sparse_moe.")   # Mixtral's checkpoint name of its MoE block
             if key in reader:
                 t.copy_(reader.tensor(key))
+            elif alias in reader:
+                t.copy_(reader.tensor(alias))
+            elif (stacked := stacked_experts(reader, key, t.shape[0])) is not None:
+                t.copy_(stacked)
             elif not name.endswith("inv_freq"):
                 raise StreamError(f"tensor {key!r} is in none of the safetensors files", "model")
     return module
+
+
+#: a fused expert tensor -> the per-expert matrices it stacks, as checkpoints name them (Qwen-MoE, Mixtral)
+_PER_EXPERT = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")), "down_proj": (("down_proj",), ("w2",))}
+
+
+def stacked_experts(reader: ShardReader, key: str, n_experts: int) -> torch.Tensor | None:
+    """A fused 3-D expert tensor (`<block>.experts.gate_up_proj`: [E, 2I, H], gate rows then up rows, as
+    transformers concatenates them; `down_proj`: [E, H, I]) from a checkpoint's per-expert matrices, or None
+    where `key` is not one or the files lack them."""
+    block, _, param = key.rpartition(".experts.")
+    if param not in _PER_EXPERT or not block:
+        return None
+    for prefix in (block, block.replace(".mlp", ".block_sparse_moe")):
+        for names in _PER_EXPERT[param]:
+            keys = [[f"{prefix}.experts.{e}.{n}.weight" for n in names] for e in range(n_experts)]
+            if all(k in reader for row in keys for k in row):
+                return torch.stack([torch.cat([reader.tensor(k) for k in row], dim=0) for row in keys])
+    return None
 
 
 def release(module: torch.nn.Module) -> None:
@@ -167,9 +195,11 @@ class StreamedModel:
         self.reader = ShardReader(folders or [self.folder])
         self.model = model if model is not None else build_skeleton(self.folder)
         lay = layout(self.model)
-        if lay.family != "llama" or lay.final_norm is None or lay.head is None or lay.embed is None:
+        if lay.family not in ("llama", "llama_moe") or lay.final_norm is None or lay.head is None or lay.embed is None:
             raise StreamError(f"model {str(folder)!r}: layer streaming supports Llama-family decoders "
-                              f"(Llama, Mistral, Qwen2, Qwen3), not {lay.arch or lay.model_class}", "model")
+                              f"(Llama, Mistral, Qwen2, Qwen3 and Qwen3-MoE, Qwen2-MoE, Mixtral), "
+                              f"not {lay.arch or lay.model_class}", "model")
+        lay.check()   # a layout that cannot be read is refused before any layer is
         if getattr(self.model.config, "final_logit_softcapping", None):
             raise StreamError(f"model {str(folder)!r}: layer streaming does not apply logit soft-capping", "model")
         self.prefix = lay.prefix

@@ -45,6 +45,15 @@ Linears only.
 `clip_ratio` r < 1 shrinks each codec group's range by r (QuaRot's activation clip ratio): a
 uniform or FP8 grid takes r times its min-max scale and values beyond it saturate at the grid's
 ends; any other codec sees each group clamped to r times its range.
+`static: true` fixes a per-tensor scale from calibration instead of each forward's activations: for codecs
+with one scale per matrix (`fp8 {granularity: tensor}`, `nvfp4` with `tensor_scale: per_tensor`), each
+Linear's codec is bound to the largest |x| of its input over the calibration set (run through the model
+as the weight step left it, activations unquantized), as vLLM's static FP8 input scales and NVFP4's
+static global scale with dynamic block scales (compressed-tensors' NVFP4 scheme) are calibrated;
+`act: {codec: {nvfp4: {}}, static: true}` is that scheme's activation half. Block and per-token scales
+stay dynamic. Such codecs see each token row whole (their groups are blocks of it), so without `static`
+their tensor scale is the forward call's (all tokens of an eval batch; `tensor_scale: per_row` makes it
+each token's own, at 32 more bits per token); `clip_ratio` does not apply to them.
 `hadamard: [o, down]` rotates the input of o_proj / down_proj by a randomized Hadamard matrix Q
 (signs from the seed) before the quantizer and back after it, x ↦ Qᵀ fq(Q x): the quantizer sees
 the rotated activations as an online Hadamard (QuaRot) makes them, while the weights stay as the
@@ -58,7 +67,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from quantatlas.context import RunContext
 from quantatlas.quant.config import config_field
@@ -66,12 +75,13 @@ from quantatlas.quant.config import config_field
 #: rows over which the per-value bits are counted
 BITS_ROWS = 4096
 
-#: scheme -> the activation codec it stands for (llamacpp_cpu picks one per Linear)
+#: scheme -> the activation codec it stands for (llamacpp_cpu picks one per Linear); every option that
+#: changes a computation is spelled out: a preset's id is its name, so it must not follow a default
 PRESETS: dict[str, dict | None] = {
-    "W8A8": {"uniform": {"bits": 8, "group": None}},
-    "W4A8": {"uniform": {"bits": 8, "group": None}},
-    "INT8": {"uniform": {"bits": 8, "group": None}},
-    "W4A4": {"uniform": {"bits": 4, "group": None}},
+    "W8A8": {"uniform": {"bits": 8, "group": None, "scale": "absmax"}},
+    "W4A8": {"uniform": {"bits": 8, "group": None, "scale": "absmax"}},
+    "INT8": {"uniform": {"bits": 8, "group": None, "scale": "absmax"}},
+    "W4A4": {"uniform": {"bits": 4, "group": None, "scale": "absmax"}},
     "FP8": {"fp8": {"group": None}},
     "FP8_DYNAMIC": {"fp8": {"group": None}},
     "llamacpp_cpu": None,
@@ -101,6 +111,16 @@ class ActConfig(BaseModel):
     roles: list[Literal["q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up"]] | None = Field(None, min_length=1)
     #: only the Linears of these decoder layers (null: every layer; the head follows include_head)
     layers: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
+    #: a per-tensor activation scale calibrated once (module docstring); false: dynamic
+    static: bool = False
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        """`static` came after results were stored: left out while false, so their arm keys stay."""
+        d = handler(self)
+        if not self.static:
+            d.pop("static", None)
+        return d
 
     @model_validator(mode="before")
     @classmethod
@@ -118,6 +138,13 @@ class ActConfig(BaseModel):
             raise ValueError("give exactly one of scheme (" + ", ".join(PRESETS) + ") and codec")
         if self.scheme == "llamacpp_cpu" and (self.clip_ratio != 1.0 or self.hadamard):
             raise ValueError("llamacpp_cpu reproduces llama.cpp's roundings: clip_ratio and hadamard do not apply")
+        c = self.codec_config()
+        tensor_scaled = bool(getattr(c, "tensor_scaled", False))   # a scale per matrix or per row (nvfp4, fp8 tensor)
+        if self.static and not getattr(c, "per_tensor_scale", False):
+            raise ValueError(f"static calibrates a per-tensor scale, which codec {c.name if c else self.scheme!r} "
+                             "does not have: use fp8 {granularity: tensor} or nvfp4 (tensor_scale: per_tensor)")
+        if tensor_scaled and self.clip_ratio != 1.0:
+            raise ValueError(f"clip_ratio shrinks per-group scales; codec {c.name!r} has a per-tensor scale")
         return self
 
     @property
@@ -136,7 +163,7 @@ class ActConfig(BaseModel):
     @property
     def seeded(self) -> bool:
         c = self.codec_config()
-        return bool(self.hadamard) or (c is not None and c.seeded)
+        return bool(self.hadamard) or self.static or (c is not None and c.seeded)
 
 
 def weight_types(model, recipe) -> dict[str, str]:
@@ -164,6 +191,8 @@ class ActivationQuantizer:
         self.codec = None if c is None else c.build().for_run(RunContext(seed))
         self.widths: list[tuple[int, object]] = []     # (input width, codec) per hooked Linear
         self.handles = []
+        self.slots: list[dict] = []     # per hooked Linear: its codec (static: bound to its calibrated amax)
+        self.observed: dict[int, float] | None = None   # while calibrating: slot index -> largest |x| seen
 
     def attach(self, model, recipe=None) -> None:
         from quantatlas.models.roles import find_roles
@@ -172,6 +201,12 @@ class ActivationQuantizer:
         linears = [t for t in find_roles(model) if t.kind in ("linear", "conv1d")
                    and (self.cfg.head or t.role != "head")]
         roles, layers = self.cfg.roles, self.cfg.layers
+        fused = sorted({t.role for t in find_roles(model) if t.kind == "expert" and (roles is None or t.role in roles)
+                        and (layers is None or t.layer in layers)})
+        if fused:   # one module runs every expert: no hook sees an expert's own inputs (a ModuleList of experts is hooked)
+            raise ValueError(f"act.roles: the MoE experts of {type(model).__name__} are fused 3-D tensors, whose inputs "
+                             f"activation hooks do not reach ({', '.join(fused)}); list the roles to quantize in act.roles "
+                             "without them")
         if roles is not None or layers is not None:
             decoder = [t for t in linears if t.role != "head"]
             for field, want, have in (("roles", roles, {t.role for t in decoder}),
@@ -198,7 +233,25 @@ class ActivationQuantizer:
                                      f"transform's `online`); drop {t.role!r} from act.hadamard")
                 rotation = self._rotation(width, t)
             self.widths.append((width, codec))
-            self.handles.append(t.module.register_forward_pre_hook(self._hook(codec, group, rotation)))
+            self.slots.append({"codec": codec, "name": t.name})
+            self.handles.append(t.module.register_forward_pre_hook(self._hook(len(self.slots) - 1, group, rotation)))
+
+    def calibrate(self, model, tokens, batch: int = 8) -> None:
+        """`static`: bind each hooked Linear's codec to the largest |x| of its (rotated) input over the
+        calibration windows `tokens` [samples, seq_len], run through `model` unquantized by this step."""
+        from quantatlas._lazy import torch
+
+        self.observed = {}
+        device = next(model.parameters()).device
+        try:
+            with torch.no_grad():
+                for i in range(0, tokens.shape[0], batch):
+                    model(tokens[i:i + batch].to(device))
+            seen = self.observed
+        finally:
+            self.observed = None
+        for i, slot in enumerate(self.slots):
+            slot["codec"] = slot["codec"].with_amax(seen.get(i, 0.0))
 
     def detach(self) -> None:
         for h in self.handles:
@@ -222,12 +275,17 @@ class ActivationQuantizer:
         except ValueError as e:
             raise ValueError(f"act.hadamard: {t.name} (width {width}): {e}") from None
 
-    def _hook(self, codec, group, rotation):
+    def _hook(self, index, group, rotation):
         clip = self.cfg.clip_ratio
+        slot = self.slots[index]
 
         def hook(module, args):
             x = args[0]
-            return (fake_quantize_rows(x, codec, group, clip, rotation).to(x.dtype),) + tuple(args[1:])
+            if self.observed is not None:   # calibrating a static scale: observe, change nothing
+                seen = (x.float() if rotation is None else rotation.rotate(x.reshape(-1, x.shape[-1]).float()))
+                self.observed[index] = max(self.observed.get(index, 0.0), float(seen.abs().amax()))
+                return None
+            return (fake_quantize_rows(x, slot["codec"], group, clip, rotation).to(x.dtype),) + tuple(args[1:])
 
         return hook
 
@@ -250,7 +308,8 @@ def fake_quantize_rows(x, codec, group: int, clip_ratio: float = 1.0, rotation=N
     rows = x.reshape(-1, shape[-1]).float()
     if rotation is not None:
         rows = rotation.rotate(rows)
-    g = rows.reshape(-1, group)
+    # a codec with a scale per matrix or per row (nvfp4, fp8 tensor) sees the token rows whole
+    g = rows if getattr(codec, "has_tensor_scale", False) else rows.reshape(-1, group)
     out = (codec.fake_quantize(g) if clip_ratio == 1.0 else _clipped(codec, g, clip_ratio)).reshape(rows.shape)
     if rotation is not None:
         out = rotation.unrotate(out)

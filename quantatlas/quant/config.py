@@ -69,12 +69,16 @@ class Config(BaseModel):
 
     def options(self, exclude_defaults: bool = False) -> dict[str, Any]:
         """Every option; exclude_defaults: only those that differ from their first released default
-        (`identity_dump`, what an experiment id records). An option `added_later` is left out of
-        both while at its first default, so configs stored before it existed read the same."""
+        (`identity_dump`, what an experiment id records: hashed, never read back as a config). An
+        option `added_later` is left out of both while at its default, so configs stored before it
+        existed read the same; one whose default changed since (`first_default`) is always written
+        out in full, so a stored config never depends on which default its reader has (configs
+        stored before it existed are read with `fill_first_defaults`)."""
         if exclude_defaults:
             return identity_dump(self)
         later = [name for name, field in type(self).model_fields.items()
-                 if _declared(field, ADDED_LATER, False) and getattr(self, name) == identity_default(field)]
+                 if _declared(field, ADDED_LATER, False) and _declared(field, FIRST_DEFAULT) is _UNDECLARED
+                 and getattr(self, name) == identity_default(field)]
         return self.model_dump(mode="json", exclude=set(later) or None)
 
     def to_spec(self, exclude_defaults: bool = False) -> dict[str, dict]:
@@ -98,6 +102,52 @@ def identity_default(field: FieldInfo) -> Any:
     """The default an experiment id measures a field against: its first released default."""
     first = _declared(field, FIRST_DEFAULT)
     return field.get_default(call_default_factory=True) if first is _UNDECLARED else first
+
+
+def _later_with_new_default(name: str) -> dict[str, Any]:
+    """{option: first default} of the configs named `name` (any kind) for options `added_later`
+    whose default has changed since (`first_default`)."""
+    load_families()
+    out = {}
+    for kind in _REGISTRY.values():
+        cls = kind.get(name)
+        for option, field in (cls.model_fields.items() if cls is not None else ()):
+            first = _declared(field, FIRST_DEFAULT)
+            if _declared(field, ADDED_LATER, False) and first is not _UNDECLARED:
+                out[option] = first
+    return out
+
+
+def _walk_configs(data: Any, visit) -> Any:
+    """`data` (a stored spec, arm or config, as JSON) with `visit(name, options)` applied to every
+    `{name: {options}}` whose name is a registered config; a new object, `data` is not changed."""
+    if isinstance(data, list):
+        return [_walk_configs(v, visit) for v in data]
+    if not isinstance(data, dict):
+        return data
+    out = {k: _walk_configs(v, visit) for k, v in data.items()}
+    if len(out) == 1:
+        (name, opts), = out.items()
+        if isinstance(opts, dict) and isinstance(name, str):
+            out = {name: visit(name, opts)}
+    return out
+
+
+def fill_first_defaults(stored: Any) -> Any:
+    """A stored config, spec or arm (JSON) as it was meant: an option added later whose default changed
+    since is missing only from what was stored before it existed, which ran its first default."""
+    def visit(name, opts):
+        return {**{k: v for k, v in _later_with_new_default(name).items() if k not in opts}, **opts}
+    return _walk_configs(stored, visit)
+
+
+def drop_first_defaults_of_later(stored: Any) -> Any:
+    """A stored config, spec or arm (JSON) without the options added later that sit at their first
+    default: the form stored results are keyed by, the same whether it was stored before or after."""
+    def visit(name, opts):
+        later = _later_with_new_default(name)
+        return {k: v for k, v in opts.items() if not (k in later and v == later[k])}
+    return _walk_configs(stored, visit)
 
 
 def identity_dump(model: BaseModel) -> dict[str, Any]:
@@ -149,6 +199,10 @@ def _nested_first_defaults(value: Any, dumped: Any) -> None:
 
 class CodecConfig(Config):
     kind = "codec"
+    #: whether GPTQ's act_order + static_groups defaults suit this codec when an arm writes neither
+    #: (measured in experiments/gptq/defaults_codecs.yaml: they help scalar grids; lattices, whose
+    #: group scales fitted up front cost more than the column order gains, set False)
+    act_order_helps: ClassVar[bool] = True
 
 
 class TransformConfig(Config):

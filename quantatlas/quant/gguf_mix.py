@@ -10,6 +10,17 @@ in ggml-org/llama.cpp src/llama-quant.cpp (read at commit 007dbbf3), on our tens
     qkv       blk.N.attn_qkv            down      blk.N.ffn_down
     o         blk.N.attn_output         head      output
     embed     token_embd                norms     *_norm (never quantized, F32)
+    expert_gate  blk.N.ffn_gate_exps    shared_expert_gate  blk.N.ffn_gate_shexp
+    expert_up    blk.N.ffn_up_exps      shared_expert_up    blk.N.ffn_up_shexp
+    expert_down  blk.N.ffn_down_exps    shared_expert_down  blk.N.ffn_down_shexp
+    router       blk.N.ffn_gate_inp (never quantized: the converter writes it F32)
+    shared_router  blk.N.ffn_gate_inp_shexp ([1, n_embd]: one row, ggml_n_dims 1, never quantized, F16)
+
+MoE tensors: llama.cpp stores each layer's experts of one role as one 3-D tensor (ffn_down_exps), so
+every expert of a role and layer gets one type. tensor_get_category matches names by substring, so
+ffn_*_exps and ffn_*_shexp fall in the ffn_gate/ffn_up/ffn_down categories, and for a model with
+n_expert > 1 the layer of an ffn_* tensor is parsed from its name with n_layer the model's layer count
+(llama-quant.cpp's layer_info), which is our role's layer.
 
 The per-layer counters of llama.cpp (i_attention_wv, i_ffn_down) count tensors in the order
 the loader sorts them -- by block number, then name -- so for a model with one attn_v/ffn_down
@@ -74,9 +85,12 @@ FALLBACK: dict[str, str] = {
 CATEGORY: dict[str, str] = {
     "q": "attn_q", "k": "attn_k", "v": "attn_v", "qkv": "attn_qkv", "o": "attn_output",
     "gate": "ffn_gate", "up": "ffn_up", "gate_up": "ffn_up", "down": "ffn_down",
+    "expert_gate": "ffn_gate", "expert_up": "ffn_up", "expert_down": "ffn_down",
+    "shared_expert_gate": "ffn_gate", "shared_expert_up": "ffn_up", "shared_expert_down": "ffn_down",
     "head": "output", "embed": "token_embd",
 }
-_NEVER_QUANTIZED = ("norm", "q_norm", "k_norm", "pos_embed")  # tensor_allows_quantization
+_NEVER_QUANTIZED = ("norm", "q_norm", "k_norm", "pos_embed", "shared_router")  # tensor_allows_quantization
+_KEPT_F32 = ("router",)   # ffn_gate_inp: never quantized, and written F32 by the converter
 
 
 def use_more_bits(i_layer: int, n_layers: int) -> bool:
@@ -167,6 +181,8 @@ class GGUFMixture:
             return "f32"                      # norms and biases: kept in F32, as the converter writes them
         if role in _NEVER_QUANTIZED:
             return "f16"                      # e.g. learned position embeddings stay as converted
+        if role in _KEPT_F32:
+            return "f32"
         if role not in CATEGORY:
             raise ValueError(f"gguf mixture: no llama.cpp rule for tensor role {role!r}")
         width = shape[-1]

@@ -14,8 +14,9 @@ Differences from llama-imatrix worth knowing:
   our calibration windows are what the spec's data.calib draws.
 - output.weight is recorded only with --process-output; token_embd never (a row lookup, not a
   matmul). `compute_imatrix` follows the default: decoder-layer matrices only, head optional.
-- MoE experts (mul_mat_id) get per-expert counts of routed tokens; our tensor roles refuse MoE
-  models, so every entry here has one count.
+- MoE experts (mul_mat_id) get per-expert sums and counts from the tokens routed to each expert
+  (models/moe.py), as llama-imatrix's mul_mat_id rows; the file stores one [n_expert, width] entry per
+  fused GGUF tensor (blk.N.ffn_gate_exps.weight ...), here one entry per expert matrix.
 - q, k and v (and gate and up) see the same input, so their entries are equal -- as in llama.cpp.
 
 The file format (save_imatrix): GGUF with general.type = "imatrix", imatrix.datasets (strings),
@@ -40,6 +41,8 @@ class ImportanceMatrix:
     counts: dict[str, int] = field(default_factory=dict)
     chunk_size: int = 512
     datasets: list[str] = field(default_factory=list)
+    experts: dict[str, int] = field(default_factory=dict)   # an MoE expert matrix's name -> its expert index
+    routed: dict[int, list[int]] = field(default_factory=dict)  # MoE layer -> tokens routed to each expert
 
     def importance(self, name: str) -> torch.Tensor | None:
         """llama-quantize's imatrix row for a module: sums / count as fp32 (None if not recorded)."""
@@ -58,32 +61,51 @@ class ImportanceMatrix:
 
 
 def imatrix_modules(model, include_head: bool = False) -> dict[str, torch.nn.Module]:
-    """The matrices llama-imatrix records: every decoder-layer matrix (and the head if asked)."""
+    """The matrices llama-imatrix records: every decoder-layer matrix (and the head if asked); MoE
+    experts are not modules with inputs of their own (`compute_imatrix` reads them from the routing)."""
     from quantatlas.models.roles import quantizable
 
     return {t.name: t.module for t in quantizable(model, include_head=include_head)
-            if t.layer is not None or (include_head and t.role == "head")}
+            if (t.layer is not None or (include_head and t.role == "head")) and t.expert is None}
 
 
 @torch.no_grad()
 def compute_imatrix(model, tokens: torch.Tensor, include_head: bool = False, batch_size: int = 8,
-                    datasets: list[str] | None = None) -> ImportanceMatrix:
+                    datasets: list[str] | None = None, weighting: str = "tokens") -> ImportanceMatrix:
     """Run calibration `tokens` [n, seq] through the (unquantized) model and collect x^2 sums per column.
 
-    `include_head` is llama-imatrix's --process-output.
+    `include_head` is llama-imatrix's --process-output. MoE experts: each expert's sums from the tokens
+    routed to it (`weighting`: models/moe.py), its count the routed tokens.
     """
     from quantatlas.models.calib import accumulate_inputs
+    from quantatlas.models.layout import layout
+    from quantatlas.models.moe import BoundMoE, ExpertStatistics, RoutingTap
 
     if tokens.dim() != 2 or tokens.shape[0] == 0:
         raise ValueError(f"compute_imatrix: tokens must be [samples, seq_len] with samples > 0, "
                          f"got {tuple(tokens.shape)}")
     modules = imatrix_modules(model, include_head)
-    # the accumulators themselves, to keep the fp64 sums (not just their means)
-    accs = accumulate_inputs(model, modules, tokens, batch_size, hessian=False)
+    blocks = layout(model).moe_blocks
+    experts = [ExpertStatistics(BoundMoE(moe), {t.name: t for t in moe.tensors()}, hessian=False,
+                                weighting=weighting) for moe in blocks]
+    taps = [RoutingTap(stats.bound, stats.add) for stats in experts]
+    try:
+        # the accumulators themselves, to keep the fp64 sums (not just their means)
+        accs = accumulate_inputs(model, modules, tokens, batch_size, hessian=False)
+    finally:
+        for tap in taps:
+            tap.remove()
     im = ImportanceMatrix(chunk_size=int(tokens.shape[1]), datasets=list(datasets or []))
     for name, acc in accs.items():
         im.sums[name] = acc.sq_sum.detach().cpu()
         im.counts[name] = acc.count
+    for moe, stats in zip(blocks, experts):
+        im.routed[moe.router.layer] = stats.routed.tolist()
+        for name, key in stats.keys.items():
+            acc = stats.accs[key]
+            im.sums[name] = acc.sq_sum.detach().cpu()
+            im.counts[name] = acc.count
+            im.experts[name] = key[0]
     return im
 
 
@@ -105,6 +127,13 @@ def write_imatrix_gguf(path: str | Path, im: ImportanceMatrix, gguf_names: dict[
     missing = [n for n in im.sums if n + ".weight" not in gguf_names]
     if missing:
         raise ValueError(f"write_imatrix_gguf: no GGUF name for {', '.join(missing[:5])}")
+    # one entry per GGUF tensor: an MoE expert tensor (blk.N.ffn_down_exps) stacks its experts' rows
+    entries: dict[str, dict[int, str]] = {}
+    for name in im.sums:
+        entries.setdefault(gguf_names[name + ".weight"], {})[im.experts.get(name, 0)] = name
+    for g, by_expert in entries.items():
+        if sorted(by_expert) != list(range(len(by_expert))):
+            raise ValueError(f"write_imatrix_gguf: {g} has entries for experts {sorted(by_expert)}, not 0..n-1")
     w = gguf.GGUFWriter(str(path), arch="imatrix")  # the arch key is ignored by llama-quantize
     w.add_type("imatrix")
     w.add_key_value("imatrix.datasets", list(im.datasets), gguf.GGUFValueType.ARRAY,
@@ -112,25 +141,31 @@ def write_imatrix_gguf(path: str | Path, im: ImportanceMatrix, gguf_names: dict[
     chunks = max(im.counts.values(), default=0) // max(im.chunk_size, 1)
     w.add_uint32("imatrix.chunk_count", int(chunks))
     w.add_uint32("imatrix.chunk_size", int(im.chunk_size))
-    for name in sorted(im.sums, key=lambda n: gguf_names[n + ".weight"]):  # llama-imatrix sorts by name
-        g = gguf_names[name + ".weight"]
-        w.add_tensor(f"{g}.in_sum2", im.sums[name].float().numpy().reshape(1, -1))
-        w.add_tensor(f"{g}.counts", np.array([[float(im.counts[name])]], dtype=np.float32))
+    for g in sorted(entries):  # llama-imatrix sorts by name
+        names = [entries[g][e] for e in range(len(entries[g]))]
+        w.add_tensor(f"{g}.in_sum2", np.stack([im.sums[n].float().numpy() for n in names]))   # ne = [width, n_mat]
+        w.add_tensor(f"{g}.counts", np.array([[float(im.counts[n])] for n in names], dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
 
 
-def read_imatrix_gguf(path: str | Path, gguf_names: dict[str, str] | None = None) -> ImportanceMatrix:
-    """Read a llama-imatrix GGUF file (single-matrix entries). With `gguf_names` (parameter name ->
-    GGUF name, as for writing) the entries are keyed by module name, else by GGUF tensor name."""
+def read_imatrix_gguf(path: str | Path, gguf_names: dict[str, str] | None = None,
+                      experts: dict[str, int] | None = None) -> ImportanceMatrix:
+    """Read a llama-imatrix GGUF file. With `gguf_names` (parameter name -> GGUF name, as for writing)
+    the entries are keyed by module name, else by GGUF tensor name. An MoE entry (one row per expert) needs
+    `experts` (an expert matrix's module name -> its expert index, `ImportanceMatrix.experts` of the model)
+    to be split into its experts' entries."""
     import gguf
 
     r = gguf.GGUFReader(str(path))
     if r.fields.get("general.type") is None or r.fields["general.type"].contents() != "imatrix":
         raise ValueError(f"{path}: not a llama-imatrix GGUF file (general.type is not 'imatrix')")
-    back = {v: k.removesuffix(".weight") for k, v in (gguf_names or {}).items()}
+    back: dict[tuple[str, int], str] = {}
+    for k, v in (gguf_names or {}).items():
+        name = k.removesuffix(".weight")
+        back[(v, (experts or {}).get(name, 0))] = name
     tensors = {t.name: t for t in r.tensors}
     im = ImportanceMatrix()
     if "imatrix.chunk_size" in r.fields:
@@ -145,9 +180,14 @@ def read_imatrix_gguf(path: str | Path, gguf_names: dict[str, str] | None = None
         if counts is None:
             raise ValueError(f"{path}: {g} has in_sum2 but no counts")
         c = np.asarray(counts.data, dtype=np.float32).reshape(-1)
-        if c.size != 1:
-            raise ValueError(f"{path}: {g} has {c.size} counts (MoE entries are not supported)")
-        key = back.get(g, g)
-        im.sums[key] = torch.from_numpy(np.asarray(t.data, dtype=np.float32).reshape(-1).astype(np.float64))
-        im.counts[key] = int(round(float(c[0])))
+        sums = np.asarray(t.data, dtype=np.float32).reshape(c.size, -1).astype(np.float64)
+        for e in range(c.size):
+            key = back.get((g, e), g if c.size == 1 else None)
+            if key is None:
+                raise ValueError(f"{path}: {g} has {c.size} experts' entries; pass `experts` (module name -> expert "
+                                 "index) with gguf_names to split them")
+            im.sums[key] = torch.from_numpy(sums[e])
+            im.counts[key] = int(round(float(c[e])))
+            if c.size > 1:
+                im.experts[key] = e
     return im

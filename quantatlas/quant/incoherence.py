@@ -54,7 +54,12 @@ class IncoherentPacked(Packed):
 
 def read_pack(codec: str, config: dict, shape, parts: dict[str, torch.Tensor]) -> Packed:
     """A pack as a file stores it (codec name, config, shape, `parts()`): an IncoherentPacked where
-    the config carries the incoherence flag, else the codec's own Packed."""
+    the config carries the incoherence flag, a FrozenPacked where it carries freeze-dry's
+    (quant/freeze_dry.py), else the codec's own Packed."""
+    if config.get("freeze_dry") is not None:
+        from quantatlas.quant.freeze_dry import FrozenPacked
+
+        return FrozenPacked.from_parts(codec, config, shape, parts)
     return (IncoherentPacked if config.get(FLAG) else Packed).from_parts(codec, config, shape, parts)
 
 

@@ -4,6 +4,7 @@
     qm.forward          what evaluation runs (in memory: the quantized module; streamed: a StreamedModel)
     qm.packed           the packed tensors by parameter name (in memory)
     qm.sizes            bit counts from the packed files (layer-streamed), else None
+    qm.external         an artifact arm's bits and files (quant/external/weights.py: ExternalSizes), else None
     qm.runtime_bits(c)  bits per stored KV/activation value at eval window length c
     qm.records          what steps report (`allocation`, `recovery`)
 
@@ -70,6 +71,7 @@ class PipelineState:
     recipe: object = None            # the weight recipe, once the weights step has run
     packed: dict = field(default_factory=dict)
     sizes: dict | None = None
+    external: object = None          # an artifact arm's sizes (ExternalSizes), once it has loaded
     runtime_bits: list = field(default_factory=list)
     records: dict = field(default_factory=dict)
 
@@ -92,6 +94,7 @@ class QuantizedModel:
     sizes: dict | None
     runtime: list
     records: dict
+    external: object = None
 
     @property
     def forward(self):
@@ -105,14 +108,14 @@ class QuantizedModel:
 
 
 def check_backend(lm: LoadedModel, arm, where: str = "arm") -> None:
-    """Refuse, in one line, a step a layer-streamed model cannot run."""
-    if lm.streamed is None:
-        return
+    """Refuse, in one line, a step a layer-streamed model cannot run, or one that cannot run on this model
+    (an artifact of another architecture)."""
     for step in steps_of(arm, where):
-        reason = step.needs_whole_model()
+        reason = step.needs_whole_model() if lm.streamed is not None else None
         if reason:
             raise StreamError(f"{where}.{step.field}: {reason}; set QUANTATLAS_STREAM=0 to run it in memory",
                               f"{where}.{step.field}")
+        step.check_model(lm)
 
 
 def quantize(lm: LoadedModel, arm, calibration: Calibration, ctx: RunContext, progress=None,
@@ -138,4 +141,5 @@ def quantize(lm: LoadedModel, arm, calibration: Calibration, ctx: RunContext, pr
                 raise
             raise UserError(f"{where}.{e}", f"{where}.{head}") from None
     model = state.working_model()
-    return QuantizedModel(model, state.streamed, state.packed, state.sizes, state.runtime_bits, state.records)
+    return QuantizedModel(model, state.streamed, state.packed, state.sizes, state.runtime_bits, state.records,
+                          state.external)

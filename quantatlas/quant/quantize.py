@@ -17,6 +17,16 @@ propagation
   parallel:   every Hessian comes from the fp model's activations.
 gptaq: the target uses the fp model's layer inputs while the update uses the quantized
        model's inputs; the solver receives H from the quantized inputs and the cross term.
+
+Mixture-of-experts layers (models/moe.py): each routed expert's statistics come only from the
+tokens its router sends it (optionally weighted by the routing weight, `moe.weighting`), read
+from the block's routing as the forward computes it; the router, the experts' gate/up and a
+shared expert's gate/up form one true-sequential group (they read the same input), the experts'
+down another. An expert that got fewer than `moe.min_tokens` tokens (default: the block's input
+width, below which its Hessian is rank-deficient) is starved; `moe.starved` decides what it gets:
+`rtn` (round to nearest, no statistics: the default), `fp16` (left unquantized) or `all_tokens`
+(statistics from every calibration token run through it, the forward unchanged). The routed tokens
+per expert are the run's coverage (`records["moe"]`).
 """
 from __future__ import annotations
 
@@ -28,10 +38,13 @@ import torch
 from quantatlas.context import RunContext
 from quantatlas.errors import UserError
 from quantatlas.models.calib import InputAccumulator
+from quantatlas.models.layout import MATRIX_KINDS
+from quantatlas.models.moe import BoundMoE, ExpertStatistics, RoutingTap, coverage
 from quantatlas.models.replay import StopForward, advance, capture_layer_inputs, run_layer
 from quantatlas.models.roles import (decoder_layers, find_roles, get_weight, is_tied, quantizable, sequential_groups,
                                      set_weight)
 from quantatlas.quant.codecs.base import Packed
+from quantatlas.quant.fused import share_tensor_scales
 from quantatlas.quant.recipe import VECTOR_ROLES, Recipe, TensorPlan
 from quantatlas.quant.solvers.rtn import rtn
 
@@ -54,7 +67,7 @@ def tensors_to_quantize(model, recipe: Recipe):
         roles = find_roles(model)
         vectors = [t for t in roles if t.role in VECTOR_ROLES and recipe.overridden(t)]
         return quantizable(model, include_head=recipe.include_head) + vectors
-    roles = [t for t in find_roles(model) if t.kind in ("linear", "conv1d") or t.role == "embed"]
+    roles = [t for t in find_roles(model) if t.kind in MATRIX_KINDS or t.role == "embed"]
     if is_tied(model):
         roles = [t for t in roles if t.role != "head"]
     return roles
@@ -76,18 +89,22 @@ def as_context(ctx: int | RunContext) -> RunContext:
 
 
 def quantize_model(model: torch.nn.Module, recipe: Recipe, calib: torch.Tensor | None, ctx: int | RunContext,
-                   progress=None) -> dict[str, Packed]:
+                   progress=None, records: dict | None = None) -> dict[str, Packed]:
     """The weight recipe on `model` (held in memory), in place. Returns the packed tensors by
-    parameter name (`<module>.weight`)."""
+    parameter name (`<module>.weight`; a fused expert tensor's experts as `<experts>.<e>.gate_proj.weight`
+    ...). `records`, when given, receives the MoE calibration coverage under "moe"."""
     ctx = as_context(ctx)
     plans = [p for p in recipe.plan(tensors_to_quantize(model, recipe), model) if p.codec is not None]
     for_run(plans, ctx)
+    share_tensor_scales(plans)   # NVFP4 `tensor_scale: fused`: q/k/v and gate/up share one amax (quant/fused.py)
     importance = {}
     if recipe.mixture is not None and recipe.mixture.imatrix:
         from quantatlas.quant.imatrix import compute_imatrix
 
-        im = compute_imatrix(model, calib)
+        im = compute_imatrix(model, calib, weighting=recipe.moe.weighting)
         importance = {p.name: im.importance(p.name) for p in plans if recipe.mixture.uses_importance(p.target)}
+        if im.routed and records is not None:
+            records["moe"] = coverage(im.routed, recipe.moe.threshold(plans))
     packed: dict[str, Packed] = {}
     layered = [p for p in plans if p.solver.needs and p.layer is not None and not p.is_vector]
     direct = [p for p in plans if p not in layered]
@@ -98,7 +115,9 @@ def quantize_model(model: torch.nn.Module, recipe: Recipe, calib: torch.Tensor |
     if layered:
         if calib is None:
             raise ValueError("a GPTQ-family solver needs calibration data")
-        _layerwise(model, recipe, layered, calib, packed, progress)
+        stream = _layerwise(model, recipe, layered, calib, packed, progress)
+        if stream.routed and records is not None:
+            records["moe"] = coverage(stream.routed, stream.threshold)
     return packed
 
 
@@ -127,6 +146,7 @@ def _layerwise(model, recipe: Recipe, plans: list[TensorPlan], calib, packed, pr
     stream = LayerStream(capture_layer_inputs(model, layers[0], calib, batch), recipe, plans)
     for li, layer in enumerate(layers):
         quantize_layer(layer, by_layer.get(li, []), recipe, stream, packed, progress)
+    return stream
 
 
 class LayerStream:
@@ -140,6 +160,8 @@ class LayerStream:
         self.fp_hidden = list(self.q_hidden)
         self.gptaq = any("cross" in p.solver.needs for p in plans)
         self.track_fp = recipe.propagation == "parallel" or self.gptaq
+        self.routed: dict[int, list[int]] = {}   # MoE layer -> calibration tokens routed to each expert
+        self.threshold = recipe.moe.threshold(plans)
 
 
 @torch.no_grad()
@@ -149,6 +171,13 @@ def quantize_layer(layer, todo: list[TensorPlan], recipe: Recipe, stream: LayerS
     its matrices in place (packed tensors into `packed`), then advance the stream through the layer.
     The in-memory pass (`_layerwise`) and the streamed one (quant/streamed.py) both call this."""
     fp_layer = copy.deepcopy(layer) if stream.track_fp and todo else None
+    experts = [p for p in todo if p.target.expert is not None]
+    moe = experts[0].target.moe if experts else None
+    all_tokens: set[int] = set()
+    if moe is not None and recipe.moe.starved == "all_tokens":
+        # which experts are starved must be known before their statistics are collected
+        stream.routed[experts[0].layer] = _count_routing(layer, moe, stream)
+        all_tokens = {e for e, n in enumerate(stream.routed[experts[0].layer]) if n < stream.threshold}
     if todo:
         if recipe.propagation in ("parallel", "layer"):
             groups = [todo]
@@ -161,12 +190,22 @@ def quantize_layer(layer, todo: list[TensorPlan], recipe: Recipe, stream: LayerS
         for group in groups:
             # parallel: one group, collected before anything in this layer changes, on the fp stream
             src = stream.fp_hidden if recipe.propagation == "parallel" else stream.q_hidden
-            stats = _collect(layer, group, src, stream.inputs, fp_layer if stream.gptaq else None, stream.fp_hidden)
+            stats = _collect(layer, group, src, stream.inputs, fp_layer if stream.gptaq else None, stream.fp_hidden,
+                             recipe.moe.weighting, all_tokens)
             for p in group:
+                s = stats.pop(p.name)
+                if p.target.expert is not None:
+                    routed = stream.routed.setdefault(p.layer, s.pop("routed"))
+                    if routed[p.target.expert] < stream.threshold and recipe.moe.starved != "all_tokens":
+                        if recipe.moe.starved == "fp16":   # left as it is: stored in fp16, not packed
+                            if progress:
+                                progress(1)
+                            continue
+                        s = None                            # rtn: rounded without statistics
                 W = get_weight(p.target)
                 released = _release_weight(p.target)
                 try:
-                    w_hat, packed[p.name + ".weight"] = _solve(p, W, stats.pop(p.name))
+                    w_hat, packed[p.name + ".weight"] = _solve(p, W, s)
                 except BaseException:
                     if released:
                         p.target.module.weight.data = W.to(released)
@@ -175,7 +214,7 @@ def quantize_layer(layer, todo: list[TensorPlan], recipe: Recipe, stream: LayerS
                     p.target.module.weight.data = w_hat.to(released).contiguous()
                 else:
                     set_weight(p.target, w_hat)
-                del W, w_hat
+                del W, w_hat, s
                 if progress:
                     progress(1)
             del stats
@@ -190,6 +229,27 @@ def quantize_layer(layer, todo: list[TensorPlan], recipe: Recipe, stream: LayerS
     del fp_layer
 
 
+def _count_routing(layer, moe, stream: LayerStream) -> list[int]:
+    """Calibration tokens routed to each expert of the layer's MoE block (a pass that stops at the router)."""
+    counts = [0] * moe.n_experts
+
+    def count(routing):
+        for e in routing.index.reshape(-1).tolist():
+            counts[e] += 1
+        raise StopForward
+
+    tap = RoutingTap(BoundMoE(moe), count)
+    try:
+        for h, (_, r, k) in zip(stream.q_hidden, stream.inputs):
+            try:
+                run_layer(layer, h, r, k)
+            except StopForward:
+                pass
+    finally:
+        tap.remove()
+    return counts
+
+
 def _release_weight(t) -> torch.dtype | None:
     """While a solver works on its copy, a Linear's own weight is not needed: its storage is freed
     (one matrix less at the largest moment of a layer) and the solver's Ŵ takes its place. Returns
@@ -202,15 +262,23 @@ def _release_weight(t) -> torch.dtype | None:
     return dtype
 
 
-def _collect(layer, group: list[TensorPlan], hidden, inputs, fp_layer, fp_hidden) -> dict[str, dict]:
+def _collect(layer, group: list[TensorPlan], hidden, inputs, fp_layer, fp_hidden, weighting: str = "tokens",
+             all_tokens=()) -> dict[str, dict]:
     """Hessians (and for GPTAQ the cross term) of the group's modules on one pass over the calibration set.
 
     Each layer pass stops as soon as every module of the group has seen its input, so the
     q/k/v group costs a fraction of a layer forward rather than all of it. Modules fed the very same
     input tensor (q/k/v, gate/up) share one accumulation; each gets its own copy of the result.
+    Routed experts (MoE) are not modules with inputs of their own: their statistics come from the block's
+    routing (models/moe.py), each expert's from the tokens routed to it (`all_tokens`: experts fed every
+    token); their entries also carry "routed", the tokens routed to each expert of the block.
     """
-    modules = {p.name: p.target.module for p in group}
-    accs = {n: InputAccumulator(_width(p), p.target.module.weight.device) for n, p in zip(modules, group)}
+    expert_plans = [p for p in group if p.target.expert is not None]
+    plain = [p for p in group if p.target.expert is None]
+    modules = {p.name: p.target.module for p in plain}
+    sums = any("sq_mean" in p.solver.needs for p in group)   # GPTQ reads H alone
+    accs = {n: InputAccumulator(_width(p), p.target.module.weight.device, channel_sums=sums)
+            for n, p in zip(modules, plain)}
     cross = ({n: torch.zeros(a.width, a.width, device=a.device) for n, a in accs.items()}
              if fp_layer is not None else None)
     fp_x: dict[str, torch.Tensor] = {}
@@ -218,10 +286,33 @@ def _collect(layer, group: list[TensorPlan], hidden, inputs, fp_layer, fp_hidden
     handles = []
     same_input: dict[str, str] = {}          # module -> the module whose accumulation is its input's
     this_pass: list[tuple[torch.Tensor, str]] = []   # inputs seen in this pass (held: no id reuse)
+    n_targets = len(modules) + len(expert_plans)
+    experts = fp_routing = None
+    if expert_plans:
+        moe = expert_plans[0].target.moe
+        fp_moe = BoundMoE(moe, fp_layer) if fp_layer is not None else None
+        experts = ExpertStatistics(BoundMoE(moe), {p.name: p.target for p in expert_plans}, weighting=weighting,
+                                   all_tokens=all_tokens, fp=fp_moe)
+        fp_routing = {}
+
+        def on_fp_routing(routing):
+            fp_routing["last"] = routing
+            if len(fp_x) == len(modules):
+                raise StopForward
+
+        def on_routing(routing):
+            experts.add(routing, fp_routing.get("last"))
+            seen.update(p.name for p in expert_plans)
+            if len(seen) == n_targets:
+                raise StopForward
+
+        handles.append(RoutingTap(experts.bound, on_routing))
+        if fp_moe is not None:
+            handles.append(RoutingTap(fp_moe, on_fp_routing))
 
     def fp_hook(mod, args, n):
         fp_x[n] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        if len(fp_x) == len(modules):
+        if len(fp_x) == len(modules) and (fp_routing is None or "last" in fp_routing):
             raise StopForward
 
     def q_hook(mod, args, n):
@@ -236,7 +327,7 @@ def _collect(layer, group: list[TensorPlan], hidden, inputs, fp_layer, fp_hidden
             if cross is not None:
                 cross[n].addmm_((fp_x[n] - x).T, x)
         seen.add(n)
-        if len(seen) == len(modules):
+        if len(seen) == n_targets:
             raise StopForward
 
     if fp_layer is not None:
@@ -251,6 +342,8 @@ def _collect(layer, group: list[TensorPlan], hidden, inputs, fp_layer, fp_hidden
         for b, (h, (_, r, k)) in enumerate(zip(hidden, inputs)):
             if fp_layer is not None:
                 fp_x.clear()
+                if fp_routing is not None:
+                    fp_routing.clear()
                 try:
                     run_layer(fp_layer, fp_hidden[b], r, k)
                 except StopForward:
@@ -269,12 +362,17 @@ def _collect(layer, group: list[TensorPlan], hidden, inputs, fp_layer, fp_hidden
         if n in same_input:
             continue
         s = a.result()
-        d = {"hessian": s.hessian, "sq_mean": s.sq_mean}
+        d = {"hessian": s.hessian} if s.sq_mean is None else {"hessian": s.hessian, "sq_mean": s.sq_mean}
         if cross is not None:
             d["cross"] = cross.pop(n).mul_(2.0 / max(s.count, 1))
         out[n] = d
     for n, owner in same_input.items():
         out[n] = {k: v.clone() for k, v in out[owner].items()}
+    if experts is not None:
+        routed = experts.routed.tolist()
+        for n, d in experts.result().items():
+            d.pop("tokens")
+            out[n] = {**d, "routed": routed}
     return out
 
 

@@ -2,9 +2,12 @@
 pipeline, `quant/steps/weights.py`; the other steps are in `quant/steps/`).
 
 The solvers say which statistics they need; the weight pass collects only those. Overrides pick
-tensors by role name (k, down, q_norm, ...) or by a regex searched in the module name, in order,
-the last match winning; `codec: null` in an override keeps a tensor fp16. The arm's codec
-applies to matrices; norm vectors are quantized only where an override gives them a codec.
+tensors by role name (k, down, q_norm, expert_down, router, ...) or by a regex searched in the module
+name, in order, the last match winning; `codec: null` in an override keeps a tensor fp16. The arm's codec
+applies to matrices; norm vectors, and an MoE block's routers (router, shared_router), are quantized only
+where an override gives them a codec. A routed expert's matrices are named per expert,
+`model.layers.<L>.mlp.experts.<E>.<gate_proj|up_proj|down_proj>` (a fused 3-D expert tensor too), so a
+regex picks an expert index, a role and a layer: `layers[.]3[.].*experts[.]7[.]down_proj`.
 """
 from __future__ import annotations
 
@@ -16,9 +19,12 @@ from quantatlas.errors import UserError
 from quantatlas.quant.codecs import Codec
 from quantatlas.quant.codecs.gguf import GGUFConfig
 from quantatlas.quant.config import parse_config
+from quantatlas.quant.moe import MoEConfig
 from quantatlas.quant.solvers.base import Solver
 
 VECTOR_ROLES = ("norm", "q_norm", "k_norm")
+#: matrices the arm's codec leaves in fp16 (models/layout.py ROUTER_ROLES): an MoE block's routers
+KEPT_ROLES = ("router", "shared_router")
 
 
 @dataclass
@@ -43,6 +49,7 @@ class Recipe:
     propagation: str = "sequential"
     include_head: bool = False
     mixture: Any = None  # a GGUFMixture: llama.cpp's per-tensor types instead of one codec
+    moe: MoEConfig = field(default_factory=MoEConfig)  # how MoE experts are calibrated (quant/moe.py)
 
     def __post_init__(self):
         if self.solver is None:
@@ -53,7 +60,7 @@ class Recipe:
         plans = []
         for t in roles:
             vector = t.role in VECTOR_ROLES
-            codec, solver = (None if vector else self.codec), self.solver
+            codec, solver = (None if vector or t.role in KEPT_ROLES else self.codec), self.solver
             if self.mixture is not None and not vector:
                 codec = self.mixture.codec_of(types.get(t.name, "f16"))
             for match, o_codec, o_solver in self.overrides:
@@ -114,4 +121,4 @@ def build_recipe(arm, where: str = "arm") -> Recipe:
     elif arm.codec is not None:
         codec = arm.codec.build()
     return Recipe(solver=solver, codec=codec, overrides=overrides, propagation=arm.propagation,
-                  include_head=arm.include_head, mixture=mixture)
+                  include_head=arm.include_head, mixture=mixture, moe=getattr(arm, "moe", None) or MoEConfig())

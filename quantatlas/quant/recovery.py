@@ -120,10 +120,10 @@ def _chunk(windows: torch.Tensor, i: int, batch: int) -> torch.Tensor:
 def _codec_of(packed):
     """The run codec that made `packed`, rebuilt from its config: a seeded codec's config already holds
     the seed its run derived (`Codec.for_run`), so it is not derived again."""
-    from quantatlas.quant.config import build
+    from quantatlas.quant.config import build, fill_first_defaults
 
     config = {k: v for k, v in packed.config.items() if k != "incoherence"}
-    return build("codec", {packed.codec: config})
+    return build("codec", fill_first_defaults({packed.codec: config}))   # a pack leaves out first defaults
 
 
 def _basis(packed):

@@ -33,6 +33,15 @@ from typing import Any
 from quantatlas._lazy import no_grad, torch
 
 GROUPINGS = ("role_layer", "role", "layer")
+#: an MoE model's routed experts are grouped like any role: role_layer puts all experts of one role in one
+#: layer in a group ("expert_down.3"), role all of them across layers ("expert_down"), so an allocation
+#: can give experts fewer or more bits than attention at the same total
+
+
+def matrix_weights(model):
+    from quantatlas.models.roles import matrix_weights as weights
+
+    return weights(model)
 
 
 def group_of(role: str, layer: int | None, grouping: str = "role_layer") -> str:
@@ -154,7 +163,7 @@ def _variant(lm, arm, codec_cfg, calib, seed: int, compressor: str | None = None
     ctx = RunContext(seed)
     apply_transforms(model, variant, calib, ctx)
     packed = quantize_model(model, recipe, calib if recipe.needs_calibration else None, ctx)
-    params = dict(model.named_parameters())
+    params = matrix_weights(model)   # fused MoE experts as their experts' matrices, as packed
     weights = {n: params[n].detach().clone() for n in packed}
     zbits = {}
     if compressor is not None:
@@ -214,7 +223,7 @@ def measure_sensitivity(lm, arm, candidates: list, calib, seed: int = 0, groupin
 
     model = copy.deepcopy(lm.model)
     plan = {p.name + ".weight": p for p in recipe.plan(find_roles(model), model)}
-    params = dict(model.named_parameters())
+    params = matrix_weights(model)   # fused MoE experts as their experts' matrices, as packed
     calib = calib.to(next(iter(params.values())).device)   # the forwards below run on the model's device
     groups: dict[str, GroupCost] = {}
     for name in base_w:
@@ -275,8 +284,8 @@ def measure_sensitivity(lm, arm, candidates: list, calib, seed: int = 0, groupin
         other_z = 8 * compressed_size(art.to_bytes(seed), compressor)
     return Sensitivity(base_label, labels, grouping, list(groups.values()), float(kld_base.mean()), dk, se, total,
                        int(kld_base.numel()), passes, seed,
-                       {lab: c.to_spec(exclude_defaults=True) for lab, c in zip([base_label, *labels],
-                                                                               [arm.codec, *candidates])},
+                       {lab: c.to_spec() for lab, c in zip([base_label, *labels],      # read back as configs
+                                                           [arm.codec, *candidates])},
                        sum(base_bits[n] for n in other), sum(params[n].numel() for n in other),
                        lm.n_params - total, compressor, other_z)
 
@@ -293,7 +302,7 @@ def allocated_arm(lm, arm, calib, seed: int = 0):
     a = arm.allocate
     base_arm = arm.model_copy(update={"allocate": None})
     if a.assignment is not None:
-        assignment = {g: c.to_spec(exclude_defaults=True) for g, c in a.assignment.items()}
+        assignment = {g: c.to_spec() for g, c in a.assignment.items()}   # in full: read back as a config
         info = {"measured": False}
     else:
         sens = measure_sensitivity(lm, base_arm, list(a.candidates), calib, seed, a.grouping,
@@ -309,7 +318,7 @@ def allocated_arm(lm, arm, calib, seed: int = 0):
             info["predicted_bytes"] = (alloc.bits + sens.other_zbits) / 8
     recipe = build_recipe(base_arm, "allocate")
     model = lm.model
-    base = arm.codec.to_spec(exclude_defaults=True)
+    base = arm.codec.to_spec()
     overrides = list(arm.overrides)
     for p in recipe.plan(find_roles(model), model):
         if p.codec is None or p.codec is not recipe.codec or p.is_vector:

@@ -23,6 +23,7 @@ from quantatlas.context import RunContext
 from quantatlas.eval.windows import cache_dir
 from quantatlas.models.stream import (StreamedModel, StreamError, materialise, n_params, release, return_freed_memory,
                                       rss_mb, save_packed, save_tensors)
+from quantatlas.quant.fused import share_tensor_scales
 from quantatlas.quant.quantize import (LayerStream, as_context, for_run, quantize_layer, solve_direct,
                                        tensors_to_quantize)
 from quantatlas.quant.recipe import Recipe
@@ -31,10 +32,11 @@ from quantatlas.quant.recipe import Recipe
 @torch.no_grad()
 def quantize_streamed(sm: StreamedModel, recipe: Recipe, calib: torch.Tensor | None, ctx: int | RunContext,
                       out_dir: str | Path,
-                      progress=None, log=None, batch: int = 8) -> dict:
+                      progress=None, log=None, batch: int = 8, records: dict | None = None) -> dict:
     """The weight recipe, one decoder layer resident at a time (module docstring). Writes the
     quantized layers and packed codes to `out_dir`; returns the bit counts
-    (`bits_per_weight`, `bits_per_param`, `bytes_packed`, `quantized_params`, `total_params`)."""
+    (`bits_per_weight`, `bits_per_param`, `bytes_packed`, `quantized_params`, `total_params`; each MoE
+    expert's matrix counted as its own tensor). `records` receives the MoE calibration coverage ("moe")."""
     ctx = as_context(ctx)
     if recipe.mixture is not None:
         raise StreamError("layer streaming: llama.cpp mixtures (codec: gguf) need the whole model")
@@ -83,6 +85,7 @@ def quantize_streamed(sm: StreamedModel, recipe: Recipe, calib: torch.Tensor | N
             continue
         prefix = sm.layer_prefix(i)
         materialise(layer, prefix, sm.reader)
+        share_tensor_scales(todo_direct + todo)   # NVFP4 `tensor_scale: fused` (quant/fused.py)
         packed: dict = {}
         for p in todo_direct:
             packed[p.name + ".weight"] = solve_direct(p)
@@ -99,6 +102,10 @@ def quantize_streamed(sm: StreamedModel, recipe: Recipe, calib: torch.Tensor | N
         if log:
             mem = rss_mb()
             log(f"layer {i + 1}/{sm.n_layers}: rss {mem['rss']:.0f} MiB, peak {mem['hwm']:.0f} MiB")
+    if stream is not None and stream.routed and records is not None:
+        from quantatlas.models.moe import coverage
+
+        records["moe"] = coverage(stream.routed, stream.threshold)
     total = n_params(model)
     payload = qbytes + 2 * (total - qparams)
     summary = {"bits_per_weight": 8.0 * qbytes / qparams if qparams else 16.0,
@@ -117,13 +124,14 @@ class StreamedWeights:
     summary: dict
 
 
-def quantize_to_cache(sm: StreamedModel, recipe: Recipe, calib, ctx: RunContext, progress=None) -> StreamedWeights:
+def quantize_to_cache(sm: StreamedModel, recipe: Recipe, calib, ctx: RunContext, progress=None,
+                      records: dict | None = None) -> StreamedWeights:
     """`quantize_streamed` into a temporary folder under the cache, removed when the quantized model is."""
     root = cache_dir() / "stream"
     root.mkdir(parents=True, exist_ok=True)
     out = Path(tempfile.mkdtemp(prefix="quantized-", dir=root))
     try:
-        summary = quantize_streamed(sm, recipe, calib, ctx, out, progress)
+        summary = quantize_streamed(sm, recipe, calib, ctx, out, progress, records=records)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise

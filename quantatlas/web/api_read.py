@@ -61,13 +61,18 @@ def api_kld(exp_id: str, led: LedgerDep) -> list[dict]:
 def api_landscape(led: LedgerDep,
                   bits: land.BitsMetric = Query("bits_per_weight",
                                                 description="bits_per_weight | bits_per_param"),
-                  technique: Optional[str] = Query(None, description="only the points that hold this technique")
+                  technique: Optional[str] = Query(None, description="only the points that hold this technique"),
+                  deployable: Annotated[views.Deployable, Query(description="only the points whose runs recorded "
+                                                                           "this runtime (any: every point)")] = "any",
+                  frontier: Annotated[views.Frontier, Query(description="the Pareto frontier over every arm (all) "
+                                                                       "or the deployable ones")] = "all"
                   ) -> dict:
     """Per model hash x eval source x ctx x score (`eval`; its `eval_fingerprints`, one per token count):
     every arm a point (mean kld_mean, kld_se and bits over its runs, `tokens` scored), `pareto` on the
     frontier, `llamacpp` for llama.cpp formats (ggml types, gguf mixtures), `reference` for reference arms,
-    `not_drawn` for arms without bits or with KLD <= 0."""
-    return plain(land.with_technique(views.landscape_view(led, bits), technique))
+    `runs_on` / `runtimes` for the runtimes its runs recorded that load it, `not_drawn` for arms without
+    bits or with KLD <= 0."""
+    return plain(land.with_technique(views.landscape_view(led, bits, deployable, frontier), technique))
 
 
 @router.get("/composition", summary="Technique x technique verdicts")

@@ -261,8 +261,12 @@ def download_experiment(exp_id: str, name: Literal["verdicts", "arms", "runs"], 
             response_class=Response)
 def download_landscape(fmt: Format, led: LedgerDep, bits: land.BitsMetric = "bits_per_weight",
                        technique: Optional[str] = Query(None, description="only the points that hold this technique"),
-                       group: Optional[int] = Query(None, ge=1, description="only the page's plot N")):
-    data = api_read.api_landscape(led, bits=bits, technique=technique)
+                       group: Optional[int] = Query(None, ge=1, description="only the page's plot N"),
+                       deployable: Annotated[views.Deployable, Query(description="only the points deployable on "
+                                                                                "this runtime")] = "any",
+                       frontier: Annotated[views.Frontier, Query(description="the frontier over every arm or the "
+                                                                            "deployable ones")] = "all"):
+    data = api_read.api_landscape(led, bits=bits, technique=technique, deployable=deployable, frontier=frontier)
     return answer(landscape_rows(data, group), fmt, "landscape", ("group", "experiment", "arm", "bits", "kld_mean"))
 
 

@@ -13,6 +13,7 @@ from collections import defaultdict
 from itertools import combinations
 from typing import TYPE_CHECKING
 
+from quantatlas.runtimes import DEPLOYABLE, runs_on_label
 from quantatlas.web.points import BITS_METRICS, BitsMetric, arm_points, pareto_front, point_label
 from quantatlas.web.suggestions import DEFAULT_LIMIT, left_to_try
 from quantatlas.web.techniques import techniques
@@ -20,9 +21,12 @@ from quantatlas.web.techniques import techniques
 if TYPE_CHECKING:
     from quantatlas.atlas.ledger import Ledger
 
-__all__ = ["BITS_METRICS", "BitsMetric", "DEFAULT_LIMIT", "arm_points", "composition", "landscape", "left_to_try",
-           "pareto_front", "verdict_colour", "with_technique"]
+__all__ = ["BITS_METRICS", "BitsMetric", "DEFAULT_LIMIT", "DEPLOYABLE", "FRONTIERS", "arm_points", "composition",
+           "deployable_on", "landscape", "left_to_try", "pareto_front", "verdict_colour", "with_deployable",
+           "with_technique"]
 VERDICTS = ("success", "failure", "inconclusive", "conflict")
+#: which arms the Pareto frontier is drawn over: every arm, or those deployable on the chosen runtime
+FRONTIERS = ("all", "deployable")
 
 
 def landscape(led: Ledger, bits: BitsMetric = "bits_per_weight") -> dict:
@@ -40,7 +44,9 @@ def landscape(led: Ledger, bits: BitsMetric = "bits_per_weight") -> dict:
         g["models"].add(p["model"] or "?")
         g["fingerprints"].add(p["eval_fingerprint"])
         point = {k: p[k] for k in ("experiment", "title", "arm", "control", "techniques", "llamacpp", "reference",
-                                   "n_runs", "kld_mean", "kld_se", "tokens", "eval_fingerprint", "merged_into")}
+                                   "n_runs", "kld_mean", "kld_se", "tokens", "eval_fingerprint", "merged_into",
+                                   "runs_on", "runtimes")}
+        point["runs_on_label"] = runs_on_label(p["runs_on"])
         point["bits"] = p[bits]
         point["url"] = f"/experiments/{p['experiment']}"
         point["label"] = point_label(p)
@@ -66,6 +72,38 @@ def landscape(led: Ledger, bits: BitsMetric = "bits_per_weight") -> dict:
                     "frontier": [{"bits": p["bits"], "kld_mean": p["kld_mean"], "experiment": p["experiment"],
                                   "arm": p["arm"]} for p in pts if p["pareto"]]})
     return {"bits": bits, "groups": out}
+
+
+def deployable_on(point: dict, on: str) -> bool:
+    """Whether a point's recorded runs_on names runtime `on` ("any": any runtime at all)."""
+    runtimes = point.get("runtimes") or []
+    return bool(runtimes) if on == "any" else on in runtimes
+
+
+def with_deployable(view: dict, on: str = "any", frontier: str = "all") -> dict:
+    """The landscape's "deployable on" filter: `on` "llama.cpp" / "vllm" shows only the points whose runs
+    recorded that runtime (`runs_on`), "any" every point; `frontier` "deployable" draws the Pareto frontier
+    (and its rings) over the points deployable on `on` only (any runtime for "any"), "all" over every arm.
+    Every group is kept (an empty one says so)."""
+    if on not in DEPLOYABLE:
+        raise ValueError(f"deployable {on!r} is not one of {', '.join(DEPLOYABLE)}")
+    if frontier not in FRONTIERS:
+        raise ValueError(f"frontier {frontier!r} is not one of {', '.join(FRONTIERS)}")
+    groups = []
+    for g in view["groups"]:
+        pts = [dict(p) for p in g["points"]]
+        if frontier == "deployable":
+            over = [i for i, p in enumerate(pts) if deployable_on(p, on)]
+            front = {over[j] for j in pareto_front([(pts[i]["bits"], pts[i]["kld_mean"]) for i in over])}
+            for i, p in enumerate(pts):
+                p["pareto"] = i in front
+        keep = pts if on == "any" else [p for p in pts if deployable_on(p, on)]
+        groups.append(dict(g, points=keep,
+                           not_drawn=g["not_drawn"] if on == "any" else [p for p in g["not_drawn"]
+                                                                       if deployable_on(p, on)],
+                           frontier=[{k: p[k] for k in ("bits", "kld_mean", "experiment", "arm")}
+                                     for p in pts if p["pareto"]]))
+    return dict(view, groups=groups, deployable=on, frontier_over=frontier)
 
 
 def with_technique(view: dict, technique: str | None) -> dict:

@@ -61,14 +61,16 @@ def experiment_page(exp_id: str, led: LedgerDep, pages: PagesDep):
 
 @router.get("/landscape", response_class=HTMLResponse)
 def landscape_page(led: LedgerDep, pages: PagesDep, bits: land.BitsMetric = "bits_per_weight",
-                   technique: Optional[str] = None):
-    everything = views.landscape_view(led, bits)
+                   technique: Optional[str] = None, deployable: views.Deployable = "any",
+                   frontier: views.Frontier = "all"):
+    everything = views.landscape_view(led, bits, deployable, frontier)
     options = sorted({t for g in everything["groups"] for t in g["techniques"]})
     data = land.with_technique(everything, technique)
     for g in data["groups"]:
         g["figure"] = landscape_figure(g, bits)
     return pages.render("landscape.html", nav="landscape", data=data, bits_options=land.BITS_METRICS,
-                        technique_options=options)
+                        technique_options=options, deployable_options=land.DEPLOYABLE,
+                        frontier_options=land.FRONTIERS)
 
 
 @router.get("/composition", response_class=HTMLResponse)

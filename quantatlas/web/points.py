@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 from pydantic import ValidationError
 
 from quantatlas.quant.steps import is_reference
+from quantatlas.runtimes import runtimes_of
 from quantatlas.spec import EvalData, arm_of
 from quantatlas.web.techniques import is_llamacpp_format, techniques
 
@@ -49,19 +50,23 @@ def group_key(model_hash: str, ev: dict | None, eval_fingerprint: str) -> tuple:
 def arm_points(led: Ledger) -> list[dict]:
     """Every arm with runs, per model hash x eval fingerprint: mean kld_mean, kld_se and bits (over its
     runs), its techniques, whether it is a reference arm (fp16, `reference: true`) or a llama.cpp
-    format, its eval setup (`eval_setup`) and its plot (`group`)."""
+    format, the runtimes its runs recorded that load it (`runs_on`, None for runs stored before it
+    existed; `runtimes`: their names), its eval setup (`eval_setup`) and its plot (`group`)."""
     names = ("kld_mean", "kld_se") + BITS_METRICS
     with led.read() as q:
         means = q.arm_metric_means(names)
+        runs_on = q.arm_runs_on()
         specs = {e.id: e.spec.data for e in q.experiments_with_specs({m.experiment_id for m in means})}
     out = []
     for m in means:
         ev = eval_setup(specs.get(m.experiment_id))
         arm = arm_of(m.config)
+        where = runs_on.get((m.experiment_id, m.arm, m.model_hash, m.eval_fingerprint))
         out.append({"experiment": m.experiment_id, "title": m.title, "model": m.model, "merged_into": m.merged_into,
                     "arm": m.arm, "control": m.is_control, "config": m.config,
                     "techniques": sorted(techniques(m.config)), "llamacpp": is_llamacpp_format(m.config),
                     "reference": arm is not None and is_reference(arm),
+                    "runs_on": where, "runtimes": sorted(runtimes_of(where)),
                     "model_hash": m.model_hash, "eval_fingerprint": m.eval_fingerprint, "n_runs": m.n_runs,
                     "eval": ev, "tokens": None if ev is None else ev["scored"],
                     "group": group_key(m.model_hash, ev, m.eval_fingerprint),

@@ -51,7 +51,7 @@ import yaml
 
 from quantatlas.canonical import canonical_json
 from quantatlas.quant.config import ConfigError, identity_default, parse_config, registry
-from quantatlas.spec import SpecError, arm_of, parse_spec
+from quantatlas.spec import SpecError, arm_of, parse_spec, runnable_arm
 from quantatlas.web.points import arm_points, pareto_front
 from quantatlas.web.techniques import (KINDS_ONE_PER_ARM, bit_budget, codec_budgets, compatible, is_option, kind,
                                        nominal_bits, option_parts, techniques)
@@ -525,8 +525,7 @@ def _spec(c: Candidate, atlas: Atlas, control: dict, name: str, control_name: st
             "tags": ["left-to-try"],
             "notes": f"written by quantatlas suggest from {c.base['experiment']} / {c.base['arm']}",
             "model": base_spec.get("model", "reference"), "data": base_spec.get("data") or {}, "seeds": seeds,
-            "arms": {control_name: ctrl_arm.model_dump(mode="json", exclude_defaults=True),
-                     name: treat_arm.model_dump(mode="json", exclude_defaults=True)},
+            "arms": {control_name: runnable_arm(ctrl_arm), name: runnable_arm(treat_arm)},
             "control": control_name, "primary": name}
     for k in ("criterion", "artifact"):
         if base_spec.get(k) is not None:

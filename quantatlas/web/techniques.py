@@ -122,7 +122,10 @@ def compatible(a: str, b: str) -> bool:
 
 
 def is_llamacpp_format(config: dict | None) -> bool:
-    """A llama.cpp reference point: the codec is a ggml type or a {gguf: ...} mixture."""
+    """A llama.cpp reference point: the codec is a ggml type or a {gguf: ...} mixture, or the arm is a GGUF file."""
+    artifact = (config or {}).get("artifact")
+    if isinstance(artifact, dict) and "gguf" in artifact:
+        return True
     codec = (config or {}).get("codec")
     if not codec:
         return False

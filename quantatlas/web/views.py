@@ -18,6 +18,7 @@ import numpy as np
 
 from quantatlas.atlas.stored import isoformat
 from quantatlas.atlas.verdict import RESULTS
+from quantatlas.runtimes import runs_on_label
 from quantatlas.web import landscape as land
 from quantatlas.web.techniques import is_llamacpp_format, techniques
 
@@ -27,12 +28,20 @@ if TYPE_CHECKING:
 #: the list's result filter: a verdict, or "pending" (a spec waiting for runs)
 ListResult = Literal[(*RESULTS, "pending")]
 #: query parameters with a fixed set of values, as a 422 names them
-QUERY_CHOICES: dict[str, tuple[str, ...]] = {"result": get_args(ListResult), "bits": land.BITS_METRICS}
+QUERY_CHOICES: dict[str, tuple[str, ...]] = {"result": get_args(ListResult), "bits": land.BITS_METRICS,
+                                             "deployable": land.DEPLOYABLE, "frontier": land.FRONTIERS}
+#: the landscape's "deployable on" filter and what its Pareto frontier is drawn over
+Deployable = Literal[land.DEPLOYABLE]
+Frontier = Literal[land.FRONTIERS]
 
 ECDF_POINTS = 400          # evenly spaced order statistics per arm, plus the upper tail below
 ECDF_TAIL = 40             # log-spaced points in the top 1 %, so p99.9 and the max are on the curve
 SEED_COLUMNS = ("kld_mean", "kld_se", "kld_median", "kld_p99", "kld_max", "same_top", "ppl_ratio",
-                "bits_per_weight", "bits_per_param", "bytes_zstd")
+                "bits_per_weight", "bits_per_param", "bytes_zstd",
+                # mixture-of-experts runs: bits of the weights a token uses, and calibration coverage
+                "active_bits_per_param", "moe_tokens_min", "moe_tokens_median", "moe_experts_under_threshold")
+#: the MoE coverage columns, explained under the runs table where a run has them
+MOE_COLUMNS = ("moe_tokens_min", "moe_tokens_median", "moe_experts_under_threshold")
 
 
 def matches(row: dict, q: str) -> bool:
@@ -121,21 +130,56 @@ def experiment_view(led: Ledger, exp_id: str) -> dict:
         rs["platform"] = e.platform if e else None
         rs["packages"] = (e.packages or {}) if e else {}
         rs["created_at"] = rs.get("created_at") or (isoformat(e.created_at) if e else None)
+    recorded = arms_runs_on(d["run_sets"])
+    ran = {r["arm"] for rs in d["run_sets"] for r in rs["runs"]}
     for a in d.get("arms_config") or []:
+        a["runs_on"] = recorded.get(a["arm"])
+        # "research format", the runtimes, or "not recorded" (runs stored before runs_on); None: no runs
+        a["runs_on_label"] = runs_on_label(a["runs_on"]) if a["arm"] in ran else None
         a["compact"] = {k: v for k, v in (a["config"] or {}).items() if v not in (None, [], {}, False)}
         a["techniques"] = sorted(techniques(a["config"]))
         a["llamacpp"] = is_llamacpp_format(a["config"])
+        a["made_by"] = artifact_provenance(a["config"])
     order = [rs["id"] for rs in d["run_sets"]]
     dists = kld_distributions(led.runs(d["id"]))
     d["kld_distributions"] = sorted(dists, key=lambda x: order.index(x["run_set"]) if x["run_set"] in order else 1e9)
     present = {k for rs in d["run_sets"] for r in rs["runs"] for k, v in r["metrics"].items() if v is not None}
     d["seed_columns"] = [c for c in SEED_COLUMNS if c in present]
+    d["moe_coverage"] = any(c in present for c in MOE_COLUMNS)
     return d
 
 
-def landscape_view(led: Ledger, bits: land.BitsMetric = "bits_per_weight") -> dict:
-    """KLD against `bits` per model hash × eval fingerprint, with the Pareto frontier."""
-    return land.landscape(led, bits)
+def arms_runs_on(run_sets: list[dict]) -> dict[str, list]:
+    """Arm -> the runs_on its runs recorded (quantatlas/runtimes.py; the primary run set's first, where
+    several hold one: it follows from the arm, so they agree)."""
+    out: dict[str, list] = {}
+    for rs in run_sets:
+        for r in rs["runs"]:
+            extra = r.get("extra") or {}
+            if "runs_on" in extra:
+                out.setdefault(r["arm"], extra["runs_on"])
+    return out
+
+
+def artifact_provenance(config: dict | None) -> str | None:
+    """"made by" line of an artifact arm (another tool's file): format, tool and version, scheme, content hash."""
+    from quantatlas.quant.external.config import FORMAT_NAMES, FORMATS
+
+    art = (config or {}).get("artifact")
+    if not isinstance(art, dict):
+        return None
+    fmt = next((f for f in FORMATS if f in art), None)
+    prov = art.get("provenance") if isinstance(art.get("provenance"), dict) else {}
+    parts = [FORMAT_NAMES.get(fmt, "artifact"), " ".join(str(prov[k]) for k in ("tool", "version") if prov.get(k)),
+             prov.get("scheme"), f"sha256 {art['sha256'][:12]}" if isinstance(art.get("sha256"), str) else None]
+    return " · ".join(str(p) for p in parts if p)
+
+
+def landscape_view(led: Ledger, bits: land.BitsMetric = "bits_per_weight", deployable: str = "any",
+                   frontier: str = "all") -> dict:
+    """KLD against `bits` per model hash × eval fingerprint, with the Pareto frontier (over every arm, or
+    over the arms deployable on a runtime), the points filtered to those `deployable` on it."""
+    return land.with_deployable(land.landscape(led, bits), deployable, frontier)
 
 
 def composition_view(led: Ledger) -> dict:

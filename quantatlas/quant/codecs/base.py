@@ -66,9 +66,9 @@ class Packed:
 
     def decode(self) -> torch.Tensor:
         """The float32 matrix, from this pack alone: its codec rebuilt from name and config."""
-        from quantatlas.quant.config import build
+        from quantatlas.quant.config import build, fill_first_defaults
 
-        return build("codec", {self.codec: self.config}).decode(self)
+        return build("codec", fill_first_defaults({self.codec: self.config})).decode(self)
 
 
 @dataclass
@@ -87,6 +87,9 @@ class Codec(ABC):
     group_size: int | None = None
     #: columns a solver must hand to `quantize` together (1 for scalar codecs).
     block_width: int = 1
+    #: with one group per row, whether a row whose length is not a multiple of block_width may end in
+    #: one shorter block (its last cols mod block_width columns, handed to `quantize` last)
+    ragged_tail: bool = False
 
     def __init__(self, cfg=None):
         self.cfg = cfg
@@ -129,7 +132,11 @@ class Codec(ABC):
         """The float32 matrix that `packed` represents."""
 
     def config(self) -> dict[str, Any]:
-        return {} if self.cfg is None else self.cfg.options()
+        """The config a pack carries: as packs were written before options added later existed (at their
+        first default they are left out, so an artifact's bytes do not change; `Packed.decode` reads them so)."""
+        from quantatlas.quant.config import drop_first_defaults_of_later
+
+        return {} if self.cfg is None else drop_first_defaults_of_later(self.cfg.to_spec())[self.cfg.name]
 
     def for_run(self, ctx: "RunContext") -> "Codec":
         """The codec a run uses; codecs with random parts (rotation signs, k-means starts) derive
@@ -141,25 +148,33 @@ class Codec(ABC):
     def seeded(self) -> bool:
         return type(self).for_run is not Codec.for_run
 
+    def for_matrix(self, w: torch.Tensor) -> "Codec":
+        """The codec that quantizes the whole matrix `w` (what `encode`, a solver or a fake quantizer is
+        handed): a codec with a part stored once per matrix (NVFP4's fp32 tensor scale, FP8's per-tensor
+        scale) fixes it from w here, so that `fit` on any group of w sees it; the others are themselves."""
+        return self
+
     def encode(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Packed:
         w = w.detach().float()
-        g = self.group_of(w.shape[1])
+        codec = self.for_matrix(w)
+        g = codec.group_of(w.shape[1])
         params, codes = [], []
         for c in range(0, w.shape[1], g):
             imp = None if importance is None else importance[c:c + g].float()
-            p = self.fit(w[:, c:c + g], imp)
+            p = codec.fit(w[:, c:c + g], imp)
             params.append(p)
-            codes.append(self.quantize(w[:, c:c + g], p, 0).codes)
-        return self.pack(torch.cat(codes, dim=1), params)
+            codes.append(codec.quantize(w[:, c:c + g], p, 0).codes)
+        return codec.pack(torch.cat(codes, dim=1), params)
 
     def fake_quantize(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
         """decode(encode(w)) without packing: the grid values of every group (for activations, KV)."""
         w = w.detach().float()
-        g = self.group_of(w.shape[1])
+        codec = self.for_matrix(w)
+        g = codec.group_of(w.shape[1])
         out = []
         for c in range(0, w.shape[1], g):
             imp = None if importance is None else importance[c:c + g].float()
-            out.append(self.quantize(w[:, c:c + g], self.fit(w[:, c:c + g], imp), 0).values)
+            out.append(codec.quantize(w[:, c:c + g], codec.fit(w[:, c:c + g], imp), 0).values)
         return torch.cat(out, dim=1)
 
     def bits_per_weight(self, shape: tuple[int, int]) -> float:

@@ -95,6 +95,7 @@ def d4_box(y: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 class LatticeConfig(CodecConfig):
     """The options every block-lattice codec shares (d4, e8, e8p, nestquant); registers no name."""
+    act_order_helps = False   # e8p 2-bit +37 %, d4 +64 %, e8 +41 %, nestquant 3-bit +33 % KLD with them
 
     bits: int = Field(ge=2, le=8)
     group: int | None = Field(128, gt=0)

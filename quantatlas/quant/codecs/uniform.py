@@ -7,13 +7,14 @@ asymmetric: w_hat = s * (q - z),  q in [0, 2^b - 1],            s = clip * (max 
 A symmetric group's scale s comes from its weights by `scale` (m = clip * max|w|, n = 2^(b-1)):
 
     absmax      s = m / (n - 1)        the largest |w| lands on ±(n - 1): 2^b - 1 levels used, the code
-                                       -n only under a clip < 1 (the default, this codec's first rule)
+                                       -n only under a clip < 1 (this codec's first rule and first default)
     half_step   s = m / (n - ½)        all 2^b levels: ±m lands on ±(n - ½), half a step past the top
                                        code n - 1 (clamped to it) and rounding to the bottom one -n
                                        (compressed-tensors' symmetric int: absmax / (bit_range / 2))
     signed_max  s = -clip * w_max / n  w_max the group's weight of largest magnitude with its sign (the
                                        positive one on a tie): it lands exactly on -n, so the sign of s
-                                       says which side gets the extra level (AutoRound's int_sym)
+                                       says which side gets the extra level (AutoRound's int_sym; the
+                                       default since issue 25's GPTQ sweep)
 
 Stored per group: s rounded to fp16 (signed for `signed_max`; every grid rounds and codes with that
 fp16 value), one fp16 per row and group, the codes q + n in `bits` bits; `scale` is a symmetric
@@ -33,11 +34,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from quantatlas._lazy import torch
 from quantatlas.quant.codecs.base import Codec, Packed, Quantized, pack_bits, unpack_bits
-from quantatlas.quant.config import ADDED_LATER, CodecConfig
+from quantatlas.quant.config import ADDED_LATER, FIRST_DEFAULT, CodecConfig
 
 #: shrink factors 1.0, 0.98, ..., 0.5 searched by clip: mse / hessian
 CLIP_STEPS = 26
@@ -58,7 +59,18 @@ class UniformConfig(CodecConfig):
     group: int | None = Field(128, gt=0)   # null: one group per row
     symmetric: bool = True
     clip: Literal["minmax", "mse", "hessian"] = "minmax"
-    scale: SymmetricScale = symmetric_scale_field()
+    #: signed_max by default since the GPTQ defaults sweep (experiments/gptq/defaults_*.yaml: the lowest
+    #: KLD at 4, 3 and 2 bits); first released as absmax (before the option existed), so stored configs
+    #: and ids of absmax read as before and the bare spelling gets a new id. Asymmetric grids: absmax.
+    scale: SymmetricScale = Field("signed_max", json_schema_extra={ADDED_LATER: True, FIRST_DEFAULT: "absmax"})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _asymmetric_scale(cls, data):
+        """An asymmetric grid fits min and max and ignores `scale`: it keeps absmax, its config and id as before."""
+        if isinstance(data, dict) and data.get("symmetric") is False and "scale" not in data:
+            return {**data, "scale": "absmax"}
+        return data
 
     @field_validator("scale")
     @classmethod

@@ -16,7 +16,8 @@ and to the columns after it by one matmul per block (E @ U[block, rest]).
 Vector codecs (codec.block_width = bw > 1) quantize bw columns jointly. The OBS update for
 a set B of columns fixed at once is W_F -= (W_B - Q_B) [H_F⁻¹]_BB⁻¹ [H_F⁻¹]_{B,F}, which
 with the factor is W_F -= E U[B, F] where E = (W_B - Q_B) U_BB⁻¹ (LDLQ, Chee et al. 2023;
-bw = 1 gives GPTQ back). block_size must be a multiple of bw.
+bw = 1 gives GPTQ back). block_size must be a multiple of bw. A codec with `ragged_tail` (dn) and one
+group per row may end a row in one shorter block of cols mod bw columns, handed last.
 
 Codec parameters. At each group boundary, params = codec.fit(current weights of the
 group, importance) with importance = diag(H) of the group (`importance_from_hessian`),
@@ -121,6 +122,14 @@ class GPTQConfig(SolverConfig):
     def build(self):
         return GPTQ(self)
 
+    def for_codec(self, codec) -> "GPTQConfig":
+        """These options as they run with `codec` (a codec config): where the arm writes neither act_order
+        nor static_groups and the codec does better without them (`CodecConfig.act_order_helps`), both
+        off, as first released; so a lattice arm's bare spelling keeps its id and its results."""
+        if getattr(codec, "act_order_helps", True) or {"act_order", "static_groups"} & self.model_fields_set:
+            return self
+        return self.model_copy(update={"act_order": False, "static_groups": False})
+
     def codec_conflict(self, codec) -> tuple[str, str] | None:
         """(option, why) where these options cannot run with `codec` (a codec, or its `name`,
         `block_width` and `group_size`) on any matrix of more than one group: what `_check` refuses at
@@ -185,6 +194,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec: Codec, *, block_size: int = 12
     """
     t0 = time.perf_counter()
     rows, cols, bw, g = _check(W, H, codec, block_size, damp, act_order, static_groups, H_cross, gptaq_alpha)
+    codec = codec.for_matrix(W.detach())   # a per-matrix part (NVFP4's tensor scale) from W as given
     dev = W.device
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32  # fp32 unless given fp64
     W_orig = W.detach().to(dtype)
@@ -269,7 +279,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec: Codec, *, block_size: int = 12
         code = torch.empty(rows, device=dev, dtype=torch.float32)    # one column's codes as the rounder writes them
         v32 = None if dtype == torch.float32 else torch.empty(rows, device=dev, dtype=torch.float32)
         rounders: list[Any] = [None] * n_groups
-    codes: list = [None] * (cols // bw)  # generic path: the codec's codes per bw-column block, original order
+    codes: list = [None] * -(-cols // bw)  # generic path: the codec's codes per bw-column block, original order
     Xt = torch.empty(block_size, rows, device=dev, dtype=dtype)  # the block's fed-forward errors, by position
     esq = torch.zeros((), device=dev, dtype=torch.float64)       # ‖E‖², for the proxy loss (A form, bw 1)
     sub_size = max(bw, SUB_BLOCK // bw * bw)
@@ -297,7 +307,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec: Codec, *, block_size: int = 12
                     cur = _current(Wt, Xt, M, alpha, P, i1, i2, p, p + g, w0)
                     params[gi] = codec.fit(cur.t().contiguous(), _slice(importance, p, g))
                 j = p - i1
-                w, q, x = Wt[p:p + bw], Qt[p:p + bw], Xt[j:j + bw]
+                w, q, x = Wt[p:p + bw], Qt[p:p + bw], Xt[j:j + min(bw, cols - p)]   # a ragged tail: shorter
                 quantized = codec.quantize(w.t(), params[gi], col)
                 codes[column_at[p] // bw] = quantized.codes
                 q.copy_(quantized.values.t())
@@ -407,7 +417,7 @@ def _check(W, H, codec, block_size, damp, act_order, static_groups, H_cross, gpt
         if not isinstance(v, bool):
             raise ValueError(f"gptq.{name} must be true or false, got {v!r}")
     g = codec.group_of(cols)
-    if g % bw:
+    if g % bw and not (g == cols and getattr(codec, "ragged_tail", False)):
         raise ValueError(f"gptq: {codec.name} has group size {g}, not a multiple of its block_width {bw}")
     if act_order and not static_groups and g < cols:
         raise ValueError(f"gptq.static_groups: act_order with {codec.name} ({cols // g} groups per row) needs "
@@ -425,10 +435,15 @@ def _slice(importance: torch.Tensor | None, start: int, g: int) -> torch.Tensor 
 
 
 def _act_order(hdiag: torch.Tensor, bw: int) -> torch.Tensor:
-    """Column order by descending diag(H), moving whole bw-column blocks (scalar codecs: bw = 1)."""
-    score = hdiag.reshape(-1, bw).sum(1)
+    """Column order by descending diag(H), moving whole bw-column blocks (scalar codecs: bw = 1); a
+    codec's short last block (`ragged_tail`) stays last."""
+    full = hdiag.numel() // bw * bw
+    score = hdiag[:full].reshape(-1, bw).sum(1)
     blocks = torch.argsort(score, descending=True, stable=True)
-    return (blocks[:, None] * bw + torch.arange(bw, device=hdiag.device)).flatten()
+    order = (blocks[:, None] * bw + torch.arange(bw, device=hdiag.device)).flatten()
+    if full < hdiag.numel():
+        order = torch.cat([order, torch.arange(full, hdiag.numel(), device=hdiag.device)])
+    return order
 
 
 def _scalar_sub_block(Wt, Qt, Ct, code, Xt, src, M, P, alpha, a, se, i1, g, column_at, params, rounders, codec,
@@ -499,6 +514,12 @@ def _scaled_by_diagonal_blocks(R: torch.Tensor, bw: int) -> torch.Tensor:
     if bw == 1:   # in place: R is not needed afterwards
         return R.div_(torch.diagonal(R).clone()[None, :])
     nb = cols // bw
+    if cols % bw:   # a short last block (a codec's `ragged_tail`): R is upper triangular, so A[m:, :m] = 0
+        m = nb * bw
+        A = torch.zeros_like(R)
+        A[:m, :m] = _scaled_by_diagonal_blocks(R[:m, :m].contiguous(), bw)
+        A[:, m:] = torch.linalg.solve_triangular(R[m:, m:], R[:, m:], upper=True, left=False)
+        return A
     diag_blocks = R.reshape(nb, bw, nb, bw).diagonal(dim1=0, dim2=2).permute(2, 0, 1)   # [nb, bw, bw]
     col_blocks = R.reshape(cols, nb, bw).transpose(0, 1)                                 # [nb, cols, bw]
     A = torch.linalg.solve_triangular(diag_blocks, col_blocks, upper=True, left=False)  # X R_BB = R[:, B]

@@ -5,6 +5,10 @@ module): a `Step` subclass naming the arm's YAML key (`field`) it reads, with
     reads_calibration()   whether it reads the calibration stream (data.calib or the arm's calib)
     seeded()              whether its result depends on the run seed (a calibration draw, random signs)
     needs_whole_model()   why a layer-streamed model cannot run it (None: it can)
+    check_model(lm)       refuse what it cannot do with the loaded model, before any arm runs
+    conflicts()           why it cannot stand beside the arm's other keys (the spec refuses the arm)
+    identity(dumped)      what of its config identifies the arm (default: all; not an input's path)
+    resolve(base, ...)    its config with its own inputs resolved (paths, content hashes), if it has any
     quantizes()           whether it changes the model's numbers (an arm with none is a reference arm)
     techniques()          what it contributes to the atlas's composition view and left-to-try ("kv",
                           "transform:awq", ...; option labels from its typed config: `option_techniques`)
@@ -66,6 +70,26 @@ class Step:
 
     def apply(self, state, ctx) -> None:
         raise NotImplementedError
+
+    def conflicts(self) -> str | None:
+        """Why this step cannot stand in this arm beside its other keys (the spec refuses the arm), or None."""
+        return None
+
+    @classmethod
+    def identity(cls, dumped):
+        """The part of the step's dumped config that identifies what the arm computes (experiment ids, arm
+        keys); all of it unless the config also says where its input lies (an artifact's path)."""
+        return dumped
+
+    def resolve(self, base, require: bool):
+        """The step's config with its inputs resolved (a relative path read from `base`, the spec file's
+        folder; what is read from the input filled in), or None when it reads nothing of its own.
+        `require`: refuse, with a UserError naming the field, an input that is not there."""
+        return None
+
+    def check_model(self, lm) -> None:
+        """Refuse, with a UserError naming the field, what this step cannot do with the loaded model
+        (checked for every arm before any arm runs)."""
 
 
 def option_techniques(config: Any, scope: str | None, fields: tuple[str, ...] | None = None) -> set[str]:

@@ -71,11 +71,11 @@ class WeightsStep(Step):
             n = sum(p.codec is not None for p in recipe.plan(tensors_to_quantize(model, recipe), model))
             tick = state.progress.task(f"{state.label}: quantize", n)
         if state.streamed is None:
-            state.packed = quantize_model(model, recipe, calib, ctx, tick)
+            state.packed = quantize_model(model, recipe, calib, ctx, tick, records=state.records)
             return
         from quantatlas.quant.streamed import quantize_to_cache
 
-        done = quantize_to_cache(state.streamed, recipe, calib, ctx, tick)
+        done = quantize_to_cache(state.streamed, recipe, calib, ctx, tick, records=state.records)
         state.streamed, state.sizes = done.model, {k: done.summary[k] for k in
                                                   ("bits_per_weight", "bits_per_param", "bytes_packed")}
 

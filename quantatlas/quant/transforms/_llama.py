@@ -60,7 +60,11 @@ def layers(model: nn.Module) -> list[Layer]:
     from quantatlas.models.layout import layout
 
     out = []
-    for layer in layout(model).layers:
+    m = layout(model)
+    if m.moe_blocks:   # a user's choice, not a misread model: refused as the arm's field
+        raise ValueError(f"transforms: {type(model).__name__} is a mixture of experts; rotations, equalization and "
+                         "AWQ fold into a dense MLP's gate/up/down and do not know routers and experts yet")
+    for layer in m.layers:
         i = layer.index
         parts = {
             "input_norm": layer.module("attn_norm"),

@@ -1,0 +1,245 @@
+"""Classic trellis-coded quantization (Marcellin & Fischer, "Trellis coded quantization of memoryless
+and Gauss-Markov sources", IEEE T-Comm 1990): codec `tcq` (issue 28, part 4).
+
+The codebook. R bits per weight use a scalar codebook of 2^(R+1) levels a_0 < a_1 < ... (twice the
+levels an R-bit scalar quantizer has), split Ungerboeck-style into four subsets D_k = {a_j : j ≡ k
+(mod 4)}: neighbours lie in different subsets, D0 ∪ D2 (even j) and D1 ∪ D3 (odd j) interleave.
+Levels (`levels`): `lloyd_max`, the (R+1)-bit Lloyd-Max quantizer of N(0, 1) (quant/lloyd_max.py)
+times a load α_R, as Marcellin & Fischer use for memoryless sources; or `uniform`, Δ_R·(j - (2^(R+1)-1)/2).
+α_R and Δ_R are the least-MSE values on i.i.d. N(0, 1) samples (measured once at 8 states, table below).
+
+The trellis. Ungerboeck's rate-½ codes for amplitude modulation ("Trellis-coded modulation with
+redundant signal sets", IEEE Comm. Mag. 1987, Table I): parity-check polynomials (h0, h1) per
+ν = log2(states), ν = 2..8, 4 to 256 states. We use the feedforward encoder of the same code: a path
+is a bit string u (one bit per weight), the state after step t is its last ν bits, and step t's subset
+is D_k, k = 2·z1 + z0 with
+
+    z1_t = ⊕_i h0_i u_{t-i},   z0_t = ⊕_i h1_i u_{t-i}     (i = 0..ν; GF(2) convolutions)
+
+so h1·z1 ⊕ h0·z0 = 0 (Ungerboeck's parity check). h1 has no D^0 term, so z0 depends on the state only:
+the two branches leaving a state carry D0/D2 or D1/D3, as TCQ requires; h0 has D^0 and D^ν, so
+the two branches differ in z1, and so do the two entering a state. The test checks each code's free
+distance against Ungerboeck's table.
+
+Storage: per weight one R-bit symbol, the path bit u_t (high bit) and the index of the level inside
+its subset (R - 1 low bits; a subset has 2^(R-1) levels): exactly R bits per weight, plus one fp16
+scale σ per row and `group` (null: per row). σ = RMS(w)·`scale_factor`; weights are coded as w/σ.
+Any symbol string is a valid path, so decoding needs nothing else: z1, z0 from u by the two
+convolutions, level index j = 4·(subset index) + 2·z1 + z0.
+
+Tail handling: each tile (T consecutive columns of one row) is its own trellis path that starts in
+state 0 (u_{t} = 0 for t < 0: known to the decoder, nothing stored) and ends in whatever state the
+best path reaches (no termination bits, no tail-biting). The fixed start costs the first ν steps
+some choice; nothing else differs from an infinite trellis.
+
+The search: Viterbi over the 2^ν states, vectorised over all tiles (rows) at once in torch. Per
+step, the nearest level of each subset to x_t (four bucketizes, done up front for the whole tile),
+then for every window v = (previous state << 1) | u_t of ν+1 bits the cost of its subset; the new
+state v mod 2^ν keeps the cheaper of its two predecessors v >> 1 (top bit of v 0 or 1). Back
+pointers are one bool per state and step. Work: T·2^(ν+1) additions per tile.
+
+GPTQ/LDLQ: block_width = T, so GPTQ hands whole tiles to `quantize` and feeds the tile's error
+through its block update, as for the bitshift trellis (trellis.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from quantatlas._lazy import no_grad, torch
+from quantatlas.quant.codecs.base import Codec, Packed, Quantized, pack_bits, unpack_bits
+from quantatlas.quant.config import CodecConfig
+from quantatlas.quant.lloyd_max import codebook
+
+FP16_MAX = 65504.0
+#: Ungerboeck's rate-½ amplitude-modulation codes: ν -> (h0, h1) parity-check polynomials (octal,
+#: bit i = coefficient of D^i)
+UNGERBOECK = {2: (0o5, 0o2), 3: (0o13, 0o04), 4: (0o23, 0o04), 5: (0o45, 0o10), 6: (0o103, 0o024),
+              7: (0o235, 0o126), 8: (0o515, 0o362)}
+#: the least-MSE load of the levels on N(0, 1) per R (measured at 8 states; see the module docstring):
+#: lloyd_max: a_j = α_R · (the (R+1)-bit Lloyd-Max level j); uniform: a_j = Δ_R · (j - (2^(R+1) - 1)/2)
+LLOYD_MAX_LOAD = {1: 0.7923, 2: 0.8516, 3: 0.8765, 4: 0.8963, 5: 0.9141, 6: 0.9215, 7: 0.9111}
+UNIFORM_STEP = {1: 0.7875, 2: 0.4943, 3: 0.2945, 4: 0.1692, 5: 0.0949, 6: 0.0535, 7: 0.0292}
+#: bytes of back pointers one Viterbi batch may hold
+VITERBI_BYTES = 1 << 27
+
+
+class TCQConfig(CodecConfig):
+    name = "tcq"
+    bits: int = Field(ge=1, le=7)                    # R: bits per weight (2^(R+1) levels; Lloyd-Max has up to 8 bits)
+    states: int = Field(8, ge=4, le=256)             # 2^ν, ν = 2..8
+    levels: Literal["lloyd_max", "uniform"] = "lloyd_max"
+    T: int = Field(256, ge=1)                        # weights per path (consecutive columns of a row)
+    group: int | None = Field(None, gt=0)            # columns per fp16 scale; null: one per row
+    scale_factor: float = Field(1.0, gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.states & (self.states - 1):
+            raise ValueError(f"states must be a power of two from 4 to 256, got {self.states}")
+        if self.group is not None and self.group % self.T:
+            raise ValueError(f"group = {self.group} must be a multiple of the path length T = {self.T}")
+        return self
+
+    def build(self):
+        return TCQ(self)
+
+
+# ---- the trellis -------------------------------------------------------------------------------
+def parity(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.int64)
+    p = np.zeros_like(x)
+    while x.any():
+        p ^= x & 1
+        x = x >> 1
+    return p
+
+
+@lru_cache(maxsize=None)
+def window_subsets(nu: int) -> np.ndarray:
+    """The subset k = 2·z1 + z0 of every (ν+1)-bit window v (bit i = u_{t-i}) of the ν-state code."""
+    h0, h1 = UNGERBOECK[nu]
+    v = np.arange(1 << (nu + 1))
+    return 2 * parity(v & h0) + parity(v & h1)
+
+
+def unit_levels(bits: int, kind: str) -> np.ndarray:
+    """The 2^(R+1) levels for a unit-variance source, ascending (float64)."""
+    n = 1 << (bits + 1)
+    if kind == "lloyd_max":
+        return LLOYD_MAX_LOAD[bits] * np.asarray(codebook(bits + 1).levels, dtype=np.float64)
+    return UNIFORM_STEP[bits] * (np.arange(n) - (n - 1) / 2)
+
+
+def subset_nearest(x: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every x and subset k, the index i of the nearest level of D_k = levels[k::4] and its squared
+    error: ([..., 4] int64, [..., 4] float32)."""
+    idx, err = [], []
+    for k in range(4):
+        sub = levels[k::4]
+        i = torch.bucketize(x, (sub[1:] + sub[:-1]) / 2) if sub.numel() > 1 else torch.zeros_like(x, dtype=torch.int64)
+        idx.append(i)
+        err.append((x - sub[i]) ** 2)
+    return torch.stack(idx, -1), torch.stack(err, -1)
+
+
+@no_grad
+def viterbi(x: torch.Tensor, levels: torch.Tensor, nu: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The least-squared-error TCQ path for each row of x [B, n] (unit scale), starting in state 0.
+
+    Returns (symbols [B, n] int64: path bit << (R-1) | index in the subset, the least cost [B] float32).
+    levels: the 2^(R+1) ascending levels (float32, on x's device).
+    """
+    B, n = x.shape
+    S = 1 << nu
+    dev = x.device
+    sub_of = torch.as_tensor(window_subsets(nu), device=dev)               # [2S] subset of each window
+    half = torch.arange(2 * S, device=dev) >> 1                              # predecessor state of each window
+    idx, err = subset_nearest(x.float().contiguous(), levels)                # [B, n, 4]
+    cost = torch.full((B, S), math.inf, device=dev)
+    cost[:, 0] = 0.0
+    back = torch.empty(n, B, S, dtype=torch.bool, device=dev)               # top bit of the best window
+    for t in range(n):
+        cand = cost.index_select(1, half).add_(err[:, t].index_select(1, sub_of))   # [B, 2S], window v = h·S + s
+        low, high = cand[:, :S], cand[:, S:]
+        torch.lt(high, low, out=back[t])
+        cost = torch.minimum(low, high)
+    best, state = cost.min(1)
+    rows = torch.arange(B, device=dev)
+    bits_in_subset = (levels.numel() // 4).bit_length() - 1                   # R - 1
+    symbols = torch.empty(B, n, dtype=torch.int64, device=dev)
+    for t in range(n - 1, -1, -1):
+        v = back[t, rows, state].long() * S + state
+        k = sub_of[v]
+        symbols[:, t] = ((v & 1) << bits_in_subset) | idx[rows, t, k]
+        state = v >> 1
+    return symbols, best
+
+
+def path_subsets(u: torch.Tensor, nu: int) -> torch.Tensor:
+    """The subset k_t = 2·z1_t + z0_t of path bits u [B, n] (state 0 before step 0): two GF(2) convolutions."""
+    h0, h1 = UNGERBOECK[nu]
+    n = u.shape[1]
+    z1, z0 = torch.zeros_like(u), torch.zeros_like(u)
+    for i in range(nu + 1):
+        shifted = torch.nn.functional.pad(u, (i, 0))[:, :n]                  # u_{t-i}, 0 before the start
+        z1 ^= shifted * ((h0 >> i) & 1)
+        z0 ^= shifted * ((h1 >> i) & 1)
+    return 2 * z1 + z0
+
+
+# ---- the codec -----------------------------------------------------------------------------------
+@dataclass
+class TCQParams:
+    scale: torch.Tensor   # [rows] σ, rounded to fp16 (stored)
+
+
+class TCQ(Codec):
+    name = "tcq"
+
+    def __init__(self, cfg: TCQConfig):
+        super().__init__(cfg)
+        self.R, self.T = cfg.bits, cfg.T
+        self.nu = cfg.states.bit_length() - 1
+        self.group_size = cfg.group
+        self.block_width = cfg.T
+        self._levels_cpu = torch.from_numpy(unit_levels(cfg.bits, cfg.levels).astype(np.float32))
+        self._levels: dict[str, torch.Tensor] = {}
+
+    def levels(self, device) -> torch.Tensor:
+        key = str(device)
+        if key not in self._levels:
+            self._levels[key] = self._levels_cpu.to(device)
+        return self._levels[key]
+
+    def group_of(self, cols: int) -> int:
+        if cols % self.T:
+            raise ValueError(f"tcq: {cols} columns are not a multiple of the path length T = {self.T}")
+        return super().group_of(cols)
+
+    def fit(self, w, importance=None):
+        scale = w.float().pow(2).mean(1).sqrt() * self.cfg.scale_factor
+        return TCQParams(scale.clamp(max=FP16_MAX).half().float())
+
+    def quantize(self, w, params, col=0):
+        rows, c = w.shape
+        if col % self.T or c % self.T or c == 0:
+            raise ValueError(f"tcq quantizes whole paths of T = {self.T} columns: got columns {col}..{col + c} "
+                             f"(a solver must pass block_width = T columns)")
+        scale = params.scale.to(w.device)
+        inv = torch.where(scale > 0, 1.0 / scale.clamp_min(1e-30), torch.zeros_like(scale))
+        x = (w.float() * inv[:, None]).reshape(-1, self.T)                   # [rows·tiles, T]
+        levels = self.levels(w.device)
+        step = max(1, VITERBI_BYTES // (self.T << self.nu))
+        symbols = torch.cat([viterbi(x[i:i + step], levels, self.nu)[0] for i in range(0, x.shape[0], step)])
+        values = self.symbol_values(symbols, scale.repeat_interleave(c // self.T))
+        return Quantized(values.reshape(rows, c), symbols.reshape(rows, c))
+
+    def symbol_values(self, symbols: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """[tiles, T] symbols and [tiles] scales -> [tiles, T] weights."""
+        low = (1 << (self.R - 1)) - 1
+        subset = path_subsets(symbols >> (self.R - 1), self.nu)
+        j = 4 * (symbols & low) + subset
+        return self.levels(symbols.device)[j] * scale[:, None]
+
+    def pack(self, codes, params):
+        rows, cols = codes.shape
+        self.group_of(cols)
+        if (codes < 0).any() or (codes >> self.R).any():
+            raise ValueError(f"tcq.pack: codes must be {self.R}-bit symbols")
+        scale = torch.stack([p.scale for p in params], 1)
+        return Packed(self.name, self.config(), (rows, cols),
+                      {"codes": pack_bits(codes, self.R), "scale": scale.half()})
+
+    def decode(self, packed):
+        rows, cols = packed.shape
+        g = self.group_of(cols)
+        scale = packed.data["scale"].float()                                  # [rows, groups]
+        symbols = unpack_bits(packed.data["codes"], self.R, rows * cols).reshape(-1, self.T).to(scale.device)
+        per_tile = scale.repeat_interleave(g // self.T, dim=1).reshape(-1)
+        return self.symbol_values(symbols, per_tile).reshape(rows, cols)

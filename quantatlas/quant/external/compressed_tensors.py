@@ -1,0 +1,128 @@
+"""compressed-tensors folders (llm-compressor's output, what vLLM loads), decoded by the
+compressed-tensors package itself: the folder's quantization_config is validated as its
+QuantizationConfig; each config group's targets and ignore list are matched to the model's modules
+by its own matcher; each matched module's stored tensors (weight_packed, weight_scale,
+weight_zero_point, weight_shape, ...) go through the compressor registered for the group's format
+(pack-quantized, int-quantized, float-quantized, naive-quantized, nvfp4/mxfp4-pack-quantized, ...),
+whose `decompress` returns the weight.
+
+The package is a test dependency of quantatlas (the `test` extra), imported only when such an artifact
+is read; without it the arm is refused in one line. An artifact that also quantizes activations
+(input_activations) or the KV cache (kv_cache_scheme) is refused unless the arm applies its own
+(`act:` / `kv:`): an artifact arm loads weights only, so its numbers would not be the scheme's.
+"""
+from __future__ import annotations
+
+import torch
+
+from quantatlas.quant.external.folder import FolderReader
+from quantatlas.quant.external.stored import ArtifactError
+from quantatlas.quant.external.reader import Entry
+
+#: per-module tensors of activation and KV-cache schemes: stored, no parameter (allowed with act: / kv:)
+ACT_TENSORS = ("input_scale", "input_zero_point", "input_global_scale", "output_scale", "output_zero_point")
+KV_TENSORS = ("k_scale", "v_scale", "k_zero_point", "v_zero_point")
+
+
+def import_compressed_tensors():
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        raise ArtifactError("compressed-tensors artifacts are decoded by the compressed-tensors package, which is "
+                            "not installed: pip install compressed-tensors (or quantatlas[test])") from None
+
+
+class CompressedTensorsReader(FolderReader):
+    def __init__(self, listing):
+        super().__init__(listing)
+        self._schemes: dict[str, object] = {}   # module -> its QuantizationScheme
+        self._formats: dict[str, str] = {}      # module -> compressor format
+        self.free = frozenset()
+
+    def config(self):
+        import_compressed_tensors()
+        from compressed_tensors.quantization import QuantizationConfig
+        from pydantic import ValidationError
+
+        try:
+            return QuantizationConfig.model_validate(self.listing.config.get("quantization_config"))
+        except ValidationError as e:
+            raise ArtifactError(f"quantization_config is not compressed-tensors' ({e.errors()[0]['msg']})") from None
+
+    def check(self, model, arm) -> None:
+        super().check(model, arm)
+        q = self.config()
+        acts = [n for n, g in q.config_groups.items() if g.input_activations is not None
+                or g.output_activations is not None]
+        if acts and getattr(arm, "act", None) is None:
+            raise ArtifactError(f"config group {acts[0]} also quantizes activations, which an artifact arm does not "
+                                "apply: give the arm an `act:` block to measure them (or use a weight-only artifact)")
+        if q.kv_cache_scheme is not None and getattr(arm, "kv", None) is None:
+            raise ArtifactError("the artifact also quantizes the KV cache (kv_cache_scheme), which an artifact arm "
+                                "does not apply: give the arm a `kv:` block to measure it")
+        free = set()
+        for name in self.listing.tensors:
+            local = name.rpartition(".")[2]
+            if (local in ACT_TENSORS and acts) or (local in KV_TENSORS and q.kv_cache_scheme is not None):
+                free.add(name)
+        self.free = frozenset(free)
+
+    def entries(self, model) -> list[Entry]:
+        from compressed_tensors.compressors.base import BaseCompressor
+        from compressed_tensors.compressors.format import infer_module_format
+        from compressed_tensors.config import CompressionFormat
+        from compressed_tensors.utils.match import match_named_modules
+
+        q = self.config()
+        stored = self.listing.tensors
+        out, claimed = [], set(self.free)
+        for group_name, scheme in q.config_groups.items():
+            for module_name, module in match_named_modules(model, scheme.targets, q.ignore):
+                if module_name in self._schemes:
+                    raise ArtifactError(f"module {module_name} is matched by two config groups")
+                local = {n.rpartition(".")[2]: n for n in stored if n.rpartition(".")[0] == module_name}
+                weights = {k: n for k, n in local.items() if k.startswith("weight") and k != "weight"}
+                if not weights:      # targeted but stored as plain numbers: not quantized in this file
+                    continue
+                if scheme.format is not None:
+                    fmt = scheme.format
+                elif q.format not in (None, CompressionFormat.mixed_precision.value):
+                    fmt = q.format
+                else:
+                    fmt = infer_module_format(type(module), scheme)
+                fmt = CompressionFormat(fmt).value
+                compressor = BaseCompressor.get_value_from_registry(fmt)
+                need = compressor.compression_param_names(scheme)
+                missing = [k for k in need if k not in local and k.startswith("weight")]
+                if missing:
+                    raise ArtifactError(f"tensor {module_name}.{missing[0]} is missing ({fmt}, config group "
+                                        f"{group_name})")
+                if "weight_g_idx" in weights:
+                    self._refuse_group_order(module_name, weights["weight_g_idx"], scheme)
+                self._schemes[module_name], self._formats[module_name] = scheme, fmt
+                parts = tuple(sorted(weights.values()))
+                if "weight" in local:   # float-quantized formats store the codes as `weight` (fp8)
+                    parts = (local["weight"],) + parts
+                out.append(Entry(f"{module_name}.weight", parts, tuple(module.weight.shape), True))
+                claimed.update(parts)
+        return out + self.plain_entries(claimed)
+
+    def _refuse_group_order(self, module: str, name: str, scheme) -> None:
+        """compressed-tensors dropped activation-order GROUP (a column permutation in weight_g_idx) from its
+        decompressor; an artifact that needs one is refused rather than decoded in the wrong order."""
+        g = self.tensor(name).long()
+        size = scheme.weights.group_size or g.numel()
+        if not torch.equal(g, torch.arange(g.numel()) // size):
+            raise ArtifactError(f"tensor {name} orders columns by activation (actorder group), which "
+                                "compressed-tensors' decompressor no longer applies")
+
+    def decode(self, entry: Entry) -> torch.Tensor:
+        if not entry.quantized:
+            return super().decode(entry)
+        from compressed_tensors.compressors.base import BaseCompressor
+
+        module = entry.param.removesuffix(".weight")
+        state = {name.rpartition(".")[2]: self.tensor(name) for name in entry.stored}
+        state.pop("weight_g_idx", None)
+        out = BaseCompressor.get_value_from_registry(self._formats[module]).decompress(state, self._schemes[module])
+        return out["weight"].float()

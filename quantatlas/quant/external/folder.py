@@ -1,0 +1,46 @@
+"""What the HF-folder formats (GPTQ, AWQ, compressed-tensors) share: tensors read from the folder's
+safetensors by name, the architecture from config.json, and every stored tensor that is not part of a
+quantized matrix taken as the parameter of the same name, with the values it stores."""
+from __future__ import annotations
+
+import torch
+
+from quantatlas.quant.external.stored import FLOAT_DTYPES, ArtifactError
+from quantatlas.quant.external.reader import Entry, Reader, same_architecture
+
+
+class FolderReader(Reader):
+    def __init__(self, listing):
+        super().__init__(listing)
+        self._open: dict = {}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A stored tensor as it is stored (dtype and shape)."""
+        from safetensors import safe_open
+
+        t = self.listing.tensors.get(name)
+        if t is None:
+            raise ArtifactError(f"tensor {name} is not in the artifact")
+        f = self._open.get(t.file)
+        if f is None:
+            f = self._open[t.file] = safe_open(str(t.file), framework="pt")
+        return f.get_tensor(name)
+
+    def check(self, model, arm) -> None:
+        same_architecture(self.listing, model)
+
+    def plain_entries(self, claimed: set[str]) -> list[Entry]:
+        """Stored tensors outside the quantized matrices: each the parameter of its name (a tensor of
+        another kind than plain numbers there is a tensor this format does not explain: refused)."""
+        out = []
+        for name, t in self.listing.tensors.items():
+            if name in claimed:
+                continue
+            if t.dtype not in FLOAT_DTYPES:
+                raise ArtifactError(f"tensor {name} ({t.dtype}) belongs to no quantized matrix this "
+                                    f"{self.listing.format} reader knows")
+            out.append(Entry(name, (name,), t.shape, False))
+        return out
+
+    def decode(self, entry: Entry) -> torch.Tensor:
+        return self.tensor(entry.stored[0]).float()

@@ -1,0 +1,171 @@
+"""Classic TCQ (codec `tcq`, issue 28 part 4): Ungerboeck's codes (free distance, written here),
+the Viterbi path against a search over every path, exactly R stored bits per weight, decode(pack)
+== quantize, and the codec inside GPTQ/LDLQ."""
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+
+import pytest
+import torch
+
+from quantatlas.quant.codecs import make_codec
+from quantatlas.quant.config import ConfigError, parse_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: Ungerboeck 1987, Table I (amplitude modulation): ν -> (h1, h0) in octal, as printed there
+PUBLISHED = {2: ("2", "5"), 3: ("04", "13"), 4: ("04", "23"), 5: ("10", "45"), 6: ("024", "103"),
+             7: ("126", "235"), 8: ("362", "515")}
+#: free squared distance of the code's paths, in units of the level spacing (subsets 4Z + k). Ungerboeck
+#: lists 9, 10, 11, 13, 14, 16, 16: at ν = 8 its 16 is the parallel transitions' bound (two points per subset
+#: in 8-AM, 4 apart); the trellis paths alone are 17 apart.
+FREE_DISTANCE = {2: 9, 3: 10, 4: 11, 5: 13, 6: 14, 7: 16, 8: 17}
+
+
+def _parity(x: int) -> int:
+    return bin(x).count("1") & 1
+
+
+def _step(state: int, u: int, h0: int, h1: int, nu: int) -> tuple[int, int]:
+    """One shift-register step: (next state, subset 2·z1 + z0) with z = ⊕ h_i u_{t-i}."""
+    window = (state << 1) | u
+    return window & ((1 << nu) - 1), 2 * _parity(window & h0) + _parity(window & h1)
+
+
+def _free_distance(nu: int, h0: int, h1: int) -> int:
+    """Least Σ d² over error paths that leave state 0 and come back; the squared distance between
+    subsets k, k' of the levels 4Z + k depends on k XOR k' only: 01, 11 -> 1, 10 -> 4 (a regular labelling)."""
+    weight = {0: 0, 1: 1, 3: 1, 2: 4}
+    first, w = _step(0, 1, h0, h1, nu)
+    best, dist, heap = math.inf, {first: weight[w]}, [(weight[w], first)]
+    while heap:
+        d, s = heapq.heappop(heap)
+        if d > dist[s] or d >= best:
+            continue
+        for u in (0, 1):
+            t, k = _step(s, u, h0, h1, nu)
+            if t == 0:
+                best = min(best, d + weight[k])
+            elif d + weight[k] < dist.get(t, math.inf):
+                dist[t] = d + weight[k]
+                heapq.heappush(heap, (d + weight[k], t))
+    return best
+
+
+def _gf2_gcd(a: int, b: int) -> int:
+    while b:
+        while a and a.bit_length() >= b.bit_length():
+            a ^= b << (a.bit_length() - b.bit_length())
+        a, b = b, a
+    return a
+
+
+def test_ungerboeck_codes_as_published_with_their_free_distance():
+    from quantatlas.quant.codecs.tcq import UNGERBOECK
+
+    assert UNGERBOECK == {nu: (int(h0, 8), int(h1, 8)) for nu, (h1, h0) in PUBLISHED.items()}
+    for nu, (h0, h1) in UNGERBOECK.items():
+        assert h0 & 1 and h0 >> nu == 1 and not h1 & 1 and h1 >> nu == 0   # Ungerboeck's form
+        assert _gf2_gcd(h0, h1) == 1                                        # not catastrophic
+        assert _free_distance(nu, h0, h1) == FREE_DISTANCE[nu]
+    # and none better among all non-catastrophic codes of that form, for the small trellises
+    for nu in (2, 3, 4):
+        best = max(_free_distance(nu, h0, h1) for h0 in range(1 << nu | 1, 2 << nu, 2)
+                   for h1 in range(2, 1 << nu, 2) if _gf2_gcd(h0, h1) == 1)
+        assert best == FREE_DISTANCE[nu]
+
+
+def _brute_force(x, levels, nu, R):
+    """The least squared error over every path bit string and every level inside each step's subset,
+    the subsets from the shift register written above (state 0 at the start)."""
+    h0, h1 = (int(h, 8) for h in reversed(PUBLISHED[nu]))
+    n = len(x)
+    best = math.inf
+    for u in itertools.product((0, 1), repeat=n):
+        state, subsets = 0, []
+        for b in u:
+            state, k = _step(state, b, h0, h1, nu)
+            subsets.append(k)
+        # the level inside each subset is free: every combination, not just the nearest
+        for inner in itertools.product(range(1 << (R - 1)), repeat=n):
+            err = sum((x[t] - levels[4 * inner[t] + subsets[t]]) ** 2 for t in range(n))
+            best = min(best, err)
+    return best
+
+
+@pytest.mark.parametrize("R,states,n,kind", [(2, 4, 6, "lloyd_max"), (2, 8, 6, "uniform"), (1, 16, 9, "lloyd_max"),
+                                             (3, 4, 4, "uniform")])
+def test_viterbi_equals_a_search_over_every_path(R, states, n, kind):
+    from quantatlas.quant.codecs.tcq import unit_levels, viterbi
+
+    nu = states.bit_length() - 1
+    levels = torch.tensor(unit_levels(R, kind), dtype=torch.float32)
+    x = 1.3 * torch.randn(3, n, generator=torch.Generator().manual_seed(R * 100 + states))
+    symbols, cost = viterbi(x, levels, nu)
+    codec = make_codec("tcq", {"bits": R, "states": states, "levels": kind, "T": n})
+    values = codec.symbol_values(symbols, torch.ones(3))          # the decoder's values of the symbols found
+    for b in range(3):
+        brute = _brute_force(x[b].double().tolist(), levels.double().tolist(), nu, R)
+        assert float(cost[b]) == pytest.approx(brute, rel=1e-5, abs=1e-6)
+        assert float(((x[b] - values[b]) ** 2).sum()) == pytest.approx(brute, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("opts", [{"bits": 2, "states": 8, "T": 32}, {"bits": 3, "states": 256, "T": 16, "group": 32},
+                                  {"bits": 1, "states": 4, "T": 64, "levels": "uniform"},
+                                  {"bits": 4, "states": 32, "T": 32}])
+def test_exactly_r_bits_per_weight_and_decode_of_pack_is_quantize(opts):
+    codec = make_codec("tcq", opts)
+    T, R = codec.T, opts["bits"]
+    rows, cols = 6, 64
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(3))
+    g = codec.group_of(cols)
+    params = [codec.fit(w[:, c:c + g]) for c in range(0, cols, g)]
+    qs = [codec.quantize(w[:, c:c + T], params[c // g], c % g) for c in range(0, cols, T)]   # tile by tile, as GPTQ
+    packed = codec.pack(torch.cat([q.codes for q in qs], 1), params)
+    assert packed.data["codes"].numel() == math.ceil(rows * cols * R / 8)
+    assert packed.nbytes == math.ceil(rows * cols * R / 8) + 2 * rows * (cols // g)
+    assert packed.bits_per_weight == pytest.approx(R + 16 * (cols // g) / cols, abs=8 / (rows * cols))
+    assert torch.equal(codec.decode(packed), torch.cat([q.values for q in qs], 1))
+    assert torch.equal(codec.fake_quantize(w), codec.decode(codec.encode(w)))
+
+
+def test_gaussian_mse_beats_scalar_lloyd_max():
+    """i.i.d. N(0, 1): 8-state TCQ at 2 bits about 1.5 dB from D(R) = 2^-4, Lloyd-Max 2.74 dB."""
+    w = torch.randn(32, 512, generator=torch.Generator().manual_seed(0))
+    mse = {s: float((make_codec("tcq", {"bits": 2, "states": s}).fake_quantize(w) - w).pow(2).mean()) for s in (4, 64)}
+    assert mse[64] < mse[4] < 0.0625 * 10 ** 0.17        # < 1.7 dB from D(R)
+    assert 0.0625 * 10 ** 0.1 < mse[64]                   # not better than 1 dB from D(R) (fixed-rate TCQ)
+
+
+def test_options_are_checked():
+    with pytest.raises(ConfigError, match="power of two"):
+        parse_config("codec", {"tcq": {"bits": 2, "states": 12}})
+    with pytest.raises(ConfigError, match="tcq.states"):
+        parse_config("codec", {"tcq": {"bits": 2, "states": 512}})
+    with pytest.raises(ConfigError, match="multiple of the path length T = 256"):
+        parse_config("codec", {"tcq": {"bits": 2, "group": 128}})
+    with pytest.raises(ConfigError, match="tcq.bits"):
+        parse_config("codec", {"tcq": {"bits": 8}})
+    with pytest.raises(ValueError, match="whole paths of T = 16"):
+        codec = make_codec("tcq", {"bits": 2, "T": 16})
+        codec.quantize(torch.randn(2, 8), codec.fit(torch.randn(2, 32)), 0)
+
+
+def test_tcq_inside_gptq_ldlq():
+    from quantatlas.quant.solvers import gptq, rtn
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(1024, 64, generator=g) @ (torch.eye(64) + 0.3 * torch.randn(64, 64, generator=g))
+    H = 2 * X.T @ X / X.shape[0]
+    W = torch.randn(16, 64, generator=g)
+    codec = make_codec("tcq", {"bits": 2, "states": 16, "T": 16})
+    W_hat, packed, info = gptq(W, H, codec, block_size=32)
+    assert torch.equal(codec.decode(packed), W_hat)
+
+    def proxy(Q):
+        D = Q - W
+        return float(((D @ H) * D).sum())
+    assert info["proxy_loss"] == pytest.approx(proxy(W_hat), rel=1e-4)
+    assert info["proxy_loss"] < 0.9 * proxy(rtn(W, codec)[0])
