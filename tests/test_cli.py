@@ -19,7 +19,7 @@ CASES = {
     "missing": (None, r"nope.yaml: spec file not found"),
     "malformed": (BASE.replace("arms:", "arms: [").replace("  a:", "a:"), r"spec.yaml:\d+: malformed YAML"),
     "unknown model": (BASE.replace("model: reference", "model: no_such_model"),
-                      r"spec.yaml:2: field model: model 'no_such_model': not 'reference'"),
+                      r"spec.yaml:2: field model: model 'no_such_model': not an embedded model \(reference, "),
     "unknown codec": (BASE.replace("uniform:", "uniformm:"),
                       r"spec.yaml:5: field arms.a.codec: unknown codec 'uniformm'; known: .*uniform"),
     "bits out of range": (BASE.replace("bits: 4", "bits: 9"),

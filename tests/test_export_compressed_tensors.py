@@ -360,3 +360,12 @@ def test_refusals_name_the_field(arm, words):
     with pytest.raises(NoScheme, match=words) as e:
         check_arm(_spec("reference", {"a": arm}).arms["a"], "arms.a")
     assert "\n" not in str(e.value) and e.value.field.startswith("arms.a")
+
+
+def test_a_freeze_dried_arm_is_refused_before_compute():
+    from quantatlas.export.schemes import NoScheme, check_arm
+    from quantatlas.spec import parse_spec
+
+    spec = parse_spec({"title": "t", "arms": {"a": {"codec": {"uniform": {"bits": 4}}, "freeze_dry": {"tol": 0.05}}}})
+    with pytest.raises(NoScheme, match=r"arms\.a\.freeze_dry"):
+        check_arm(spec.arms["a"], "arms.a")

@@ -72,6 +72,8 @@ def _typical(name: str) -> dict:
         return {"aqlm": {"codebooks": 1, "code_bits": 8}}
     if name == "dn":   # the lattice dimension is required
         return {"dn": {"n": 8, "bits": 4}}
+    if name == "polarquant":   # bits per recursion level (a number or a list): required
+        return {"polarquant": {"bits": 4}}
     if not choices:
         return {name: {}}
     return {name: {"bits": 4 if 4 in choices else choices[0]}}

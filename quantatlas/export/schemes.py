@@ -299,6 +299,9 @@ def check_arm(arm, where: str = "arm") -> None:
         raise NoScheme(f"compressed-tensors export: {where}.solver_options.incoherence: GPTQ's incoherence "
                        "processing stores rotated codes, which compressed-tensors cannot undo",
                        f"{where}.solver_options.incoherence")
+    if (getattr(arm, "__pydantic_extra__", None) or {}).get("freeze_dry") is not None:
+        raise NoScheme(f"compressed-tensors export: {where}.freeze_dry: a freeze-dried matrix rebuilds its dropped "
+                       "weights on load, which compressed-tensors cannot do (research format)", f"{where}.freeze_dry")
     online_rotations(arm, where)
     activation_args(arm.act, f"{where}.act")
     kv_cache_args(arm.kv, f"{where}.kv")

@@ -54,6 +54,9 @@ class _Fixed:
     def group_of(self, cols):
         return self.codec.group_of(cols)
 
+    def for_matrix(self, w):
+        return self   # its parameters are fixed already
+
     def fit(self, w, importance=None):
         return self.params
 
