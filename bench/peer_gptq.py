@@ -1,11 +1,11 @@
 """Peer bench (issue 25 part 4): quantatlas's GPTQ against llm-compressor, AutoRound (and GPTQModel
 where it installs), each tool in its own process and virtualenv, every result scored by OUR harness.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/peer_gptq.py [--models reference,llama1b] [--schemes int4,int3,w8a8]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/peer_gptq.py [--models reference,reference-llama,llama1b] [--schemes int4,int3,w8a8]
         [--seeds 0,1,2] [--eval-tokens 32768] [--calib-samples 64] [--calib-seq-len 512]
         [--peers llmcompressor,llmcompressor-rtn,autoround,autoround-rtn,gptqmodel]
         [--ours NAME='{"solver_options": {"act_order": true}}' | --ours variants.yaml] [--threads 1]
-        [--stream auto|0|1] [--dir /tmp/quantatlas-bench] [--no-install] [--retry-install] [--fresh]
+        [--stream auto|0|1] [--working-copy] [--dir /tmp/quantatlas-bench] [--no-install] [--retry-install] [--fresh]
         [--out bench/results/peer_gptq.json]
 
     # issue 25's setting on the reference model; the 1.1 B model for time and memory
@@ -21,7 +21,8 @@ What it does
    pins (`pip freeze` of this interpreter as constraints): it joins only if it installs beside our
    dependencies, else the reason is printed and kept in the JSON.
 2. Models: `reference` (the embedded Qwen3-architecture model, saved once as an fp32 HF folder for
-   the peers; quantatlas loads it as `model: reference`, the same weights) and `llama1b` (the
+   the peers; quantatlas loads it as `model: reference`, the same weights), `reference-llama` (the
+   zoo's Llama, no q/k norms, the same way: `model: reference-llama`, scored too) and `llama1b` (the
    ~1.1 B random Llama of bench/peak_memory.py, time and memory only: not scored).
 3. Calibration: quantatlas's own windows, `calibration_tokens(lm.text_tokens("stdlib", "train"),
    samples, seq_len, seed)` for each seed, written as .npy and handed to every tool unchanged.
@@ -30,7 +31,9 @@ What it does
    the quantization call alone (wall and process CPU seconds) and reads its peak RSS (VmHWM) right
    after it; the bench also keeps the whole child's wall and CPU seconds (wait4 rusage).
    Sides: ours = quantatlas's public call `quant.pipeline.quantize(lm, arm, calibration, ctx)` as a
-   run makes it (on a working copy of the loaded model: its peak RSS includes that copy; `--stream 1`
+   run makes it, on the loaded model itself (`in_place`: as the peers, the worker quantizes the model it
+   loaded and keeps no fp weights; `--working-copy` runs it on a copy, as `quantatlas run` does, whose
+   peak RSS then includes that copy; `--stream 1`
    takes the layer-streamed path) with quantatlas's default GPTQ (`solver: gptq, codec: {uniform:
    {bits: N}}`, printed resolved), each
    --ours variant (a partial arm deep-merged onto that default, so a variant names only what it
@@ -96,7 +99,8 @@ PEERS = {
     "autoround-rtn": ("venv-autoround", "auto-round", "auto_round", "rtn"),
     "gptqmodel": ("venv-gptqmodel", "gptqmodel", "gptqmodel", "calibrated"),
 }
-MODELS = ("reference", "llama1b")
+EMBEDDED = ("reference", "reference-llama")   # the zoo's dense models: scored
+MODELS = (*EMBEDDED, "llama1b")
 
 
 def log(msg: str) -> None:
@@ -179,15 +183,17 @@ def newest_conflict(python: Path, cmd: list[str], lines: list[str]) -> str:
 
 
 # -- models and data -------------------------------------------------------------------------------
-def reference_folder(root: Path) -> Path:
-    """The reference model as an fp32 HF folder (config.json + model.safetensors) for the peers."""
-    folder = root / "reference-hf"
+def reference_folder(root: Path, name: str = "reference") -> Path:
+    """An embedded model of the zoo (`reference`, `reference-llama`) as an fp32 HF folder (config.json +
+    model.safetensors) for the peers: the very fp32 weights `load_model(name)` gives quantatlas (the
+    committed checkpoints are fp16; saved upcast once, so every tool loads the same fp32 tensors)."""
+    folder = root / f"{name}-hf"
     if not (folder / "model.safetensors").exists():
         import torch
 
         from quantatlas.reference.model import load_reference
 
-        load_reference(torch.float32).save_pretrained(folder)
+        load_reference(torch.float32, name=name).save_pretrained(folder)
     return folder
 
 
@@ -431,9 +437,11 @@ def make_job(side: str, model: str, folder: Path, scheme: dict, seed: int, calib
            "calib": str(calib), "calib_sha": file_sha(calib), "model_dir": str(folder), "model_id": folder_id(folder),
            "write_weights": scored}
     if side not in PEERS:
-        job["model"] = "reference" if model == "reference" else str(folder)
+        job["model"] = model if model in EMBEDDED else str(folder)
         job["arm"] = default_arm(scheme, side) if side in ("gptq", "rtn") else variant_arm(scheme, variants[side])
         job["stream"] = None if args.stream == "auto" else args.stream == "1"
+        if args.working_copy:   # (left out of the job when off: its key, and so the cache, is as before)
+            job["in_place"] = False
         # quantatlas is edited while benches run: a cached run stands only for the sources it ran
         job["quantatlas_sources"] = sources_fingerprint()
     else:
@@ -511,6 +519,9 @@ def main() -> None:
                          "or a YAML/JSON file mapping names to partial arms; repeatable")
     ap.add_argument("--stream", choices=("auto", "0", "1"), default="auto",
                     help="quantatlas's layer streaming for a folder model (auto: load_model's own rule)")
+    ap.add_argument("--working-copy", action="store_true",
+                    help="quantatlas quantizes a copy of the loaded model (as `quantatlas run` does) instead of the "
+                         "loaded model itself")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     ap.add_argument("--dir", default=os.environ.get("QUANTATLAS_BENCH_DIR", "/tmp/quantatlas-bench"))
     ap.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per quantization run")
@@ -555,8 +566,14 @@ def main() -> None:
         else:
             pythons[p] = py
             peer_versions(p, py)
-    lm = load_model("reference")
-    calib_stream = lm.text_tokens("stdlib", "train")   # the random Llama has no tokenizer either: the same bytes
+    lms = {}
+
+    def loaded(name: str):   # the scored model's harness; the random Llama has no tokenizer: the reference's bytes
+        if name not in lms:
+            lms[name] = load_model(name)
+        return lms[name]
+
+    calib_stream = loaded("reference").text_tokens("stdlib", "train")
     doc = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
            "settings": {"models": models, "schemes": schemes, "seeds": seeds, "eval_tokens": args.eval_tokens,
                         "eval_ctx": 512, "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len,
@@ -572,8 +589,10 @@ def main() -> None:
         os.replace(tmp, out_path)
 
     for model in models:
-        scored = model == "reference"
-        folder = reference_folder(root) if model == "reference" else llama1b_folder(root)
+        scored = model in EMBEDDED
+        folder = reference_folder(root, model) if scored else llama1b_folder(root)
+        if scored:   # every zoo model reads the same byte stream: the same calibration windows
+            assert np.array_equal(loaded(model).text_tokens("stdlib", "train"), calib_stream), model
         calib_files = {}
         for seed in seeds:
             path = root / "calib" / f"stdlib-{args.calib_samples}x{args.calib_seq_len}-s{seed}.npy"
@@ -581,7 +600,7 @@ def main() -> None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 np.save(path, calibration_tokens(calib_stream, args.calib_samples, args.calib_seq_len, seed).numpy())
             calib_files[seed] = path
-        scorer = Scorer(lm, args.eval_tokens) if scored else None
+        scorer = Scorer(loaded(model), args.eval_tokens) if scored else None
         mdoc = doc["models"][model] = {"folder": str(folder), "runs": {}, "comparisons": []}
         if scored:
             mdoc.update(eval_fingerprint=scorer.es.fingerprint, eval_tokens_scored=scorer.es.n_scored,

@@ -78,7 +78,8 @@ def load_hf(folder: str, dtype):
 def run_quantatlas(job: dict, calib, timer) -> dict:
     """quantatlas's public call (quant/pipeline.py `quantize`), as `quantatlas run` makes it: the
     calibration draw from the stdlib train stream by the run seed (checked equal to the windows the
-    peers get), the arm's steps on a working copy of the loaded model."""
+    peers get), the arm's steps on the loaded model itself (`in_place`, the job's `in_place: false` for
+    the working copy a `quantatlas run` makes)."""
     import torch
 
     from quantatlas.context import RunContext
@@ -95,8 +96,8 @@ def run_quantatlas(job: dict, calib, timer) -> dict:
     if not torch.equal(calibration.tokens(ctx), calib):
         raise SystemExit("quantatlas drew other calibration windows than the ones handed to the peers")
     arm = Arm(**job["arm"])
-    with timer.quantizing():
-        qm = quantize(lm, arm, calibration, ctx)
+    with timer.quantizing():   # in place, as the peers quantize the model they loaded: this process keeps no fp weights
+        qm = quantize(lm, arm, calibration, ctx, in_place=bool(job.get("in_place", True)))
     streamed = qm.streamed is not None
     if streamed:
         bits = float(qm.sizes["bits_per_weight"]) if qm.sizes and "bits_per_weight" in qm.sizes else None

@@ -62,36 +62,46 @@ def run(spec: Path = typer.Argument(..., help="experiment spec (YAML)"),
         ray_cpus: Optional[int] = typer.Option(None, "--ray-cpus", min=1, help="CPUs of the local Ray (default: all)"),
         task_cpus: int = typer.Option(1, "--task-cpus", min=1, help="CPUs (torch threads) per Ray task"),
         retries: int = typer.Option(1, "--retries", min=0, help="retries of a failed Ray task")):
-    """Run every arm x seed of SPEC, print the table, write JSON; re-running resumes."""
-    from quantatlas.runner import format_table, run_spec
+    """Run every arm x seed of SPEC, print the table, write JSON; re-running resumes. A spec with
+    `models: [...]` runs one experiment per model (quantatlas/study.py) and prints each, then the study."""
+    from quantatlas.runner import format_table
     from quantatlas.spec import load_spec
+    from quantatlas.study import run_study
 
     try:
         s = load_spec(spec)
         common = dict(db_url=db, device=device, progress=not quiet, compress=compress,
                       log=lambda m: typer.echo(m, err=True))
         if ray is None:
-            doc = run_spec(s, json_path, **common)
+            doc = run_study(s, json_path, **common)
         else:
-            from quantatlas.sweep import RayMissing, run_spec_ray
+            from quantatlas.sweep import RayMissing
 
             try:
-                doc = run_spec_ray(s, json_path, address=None if ray == "local" else ray, num_cpus=ray_cpus,
-                                   task_cpus=task_cpus, retries=retries, **common)
+                doc = run_study(s, json_path, ray=ray, ray_options=dict(num_cpus=ray_cpus, task_cpus=task_cpus,
+                                                                        retries=retries), **common)
             except RayMissing as e:
                 fail(str(e))
     except ValueError as e:  # a UserError (spec, model, eval data ...); any other ValueError prints as it is
         fail(_user_error(e, spec))
-    typer.echo(f"{doc['title']}  (model {doc['model']} {doc['model_hash']}, eval {doc['eval_fingerprint']}, "
-               f"{doc['eval_tokens_scored']} tokens scored, {doc['environment']['device']})")
-    typer.echo(format_table(doc))
-    for v in doc.get("verdicts", []) or []:
-        typer.echo(f"  {v.get('arm')}: {v.get('result')} — {v.get('text', '')}")
+    docs = list(doc["results"].values()) if "results" in doc else [doc]   # a study: each model's document
+    for d in docs:
+        typer.echo(f"{d['title']}  (model {d['model']} {d['model_hash']}, eval {d['eval_fingerprint']}, "
+                   f"{d['eval_tokens_scored']} tokens scored, {d['environment']['device']})")
+        typer.echo(format_table(d))
+        for v in d.get("verdicts", []) or []:
+            typer.echo(f"  {v.get('arm')}: {v.get('result')} — {v.get('text', '')}")
+    if doc.get("study_verdicts"):
+        from quantatlas.atlas.studies import format_study
+
+        typer.echo(format_study(doc["study_verdicts"]))
     if json_path:
-        typer.echo(f"results: {json_path}")
-    for f in doc.get("failures", []):
-        typer.echo(f"failed: {f['arm']} seed {f['seed']}: {f['error']}", err=True)
-    if doc.get("failures"):
+        typer.echo(f"results: {json_path}" + (f" (each model's also in {', '.join(doc['files'].values())})"
+                                               if doc.get("files") else ""))
+    failures = [(d["model"] + ": " if len(docs) > 1 else "", f) for d in docs for f in d.get("failures", [])]
+    for on, f in failures:
+        typer.echo(f"failed: {on}{f['arm']} seed {f['seed']}: {f['error']}", err=True)
+    if failures:
         raise typer.Exit(1)
 
 
@@ -120,7 +130,7 @@ def export(spec: Path = typer.Argument(..., help="experiment spec (YAML)"),
             from quantatlas.export.schemes import check_arm
 
             check_arm(s.arms[arm], f"arms.{arm}")   # refused before any compute
-        lm = load_model(s.model, device=device or default_device())
+        lm = load_model(s.one_model("export"), device=device or default_device())
         qm = quantize_arm(lm, s, arm, s.seeds[0] if seed is None else seed)
         if format == "compressed-tensors":
             from quantatlas.export.compressed_tensors import write_compressed_tensors
@@ -212,7 +222,7 @@ def sensitivity(spec: Path = typer.Argument(..., help="experiment spec (YAML) wi
         if group not in GROUPINGS:
             fail(f"--grouping must be one of {', '.join(GROUPINGS)}, got {group!r}")
         seed_list = [int(x) for x in seeds.split(",")] if seeds else list(s.seeds)
-        lm = load_model(s.model, device=device or "cpu")
+        lm = load_model(s.one_model("sensitivity"), device=device or "cpu")
         stream = lm.text_tokens(s.data.calib.source, "train")
         c = a.calib or s.data.calib
         led = exp_id = None

@@ -93,5 +93,26 @@ def measure_arm(lm: LoadedModel, spec, name: str, ctx: RunContext, es: EvalSet, 
         res.update({"moe_tokens_min": float(moe["tokens_min"]), "moe_tokens_median": float(moe["tokens_median"]),
                     "moe_experts_under_threshold": float(len(moe["under_threshold"])),
                     "moe_threshold": float(moe["threshold"])})
+    ttt = getattr(spec.arms[name], "ttt", None)
+    if ttt is not None:  # a second evaluation with score-first test-time training: `<metric>_ttt` beside the above
+        res.update(measure_ttt(qm, lm.model, ttt, es, ref, ctx, n_bytes, bars, name))
     res["seconds"] = round(time.time() - t0, 3)
     return res, metrics.kld.astype(np.float32), qm.records
+
+
+def measure_ttt(qm: QuantizedModel, fp_model, cfg, es: EvalSet, ref: np.ndarray, ctx: RunContext,
+                n_bytes: int | None, bars=None, name: str = "arm") -> dict:
+    """The arm's `_ttt` metrics (eval/ttt.py: the quantized and the fp model both under score-first TTT),
+    measured after everything else: TTT leaves both models as it found them. Its trained values are not
+    stored in the artifact (an eval-time method)."""
+    from quantatlas.errors import UserError
+    from quantatlas.eval.ttt import evaluate_ttt, ttt_results
+
+    tick = bars.task(f"{name} seed {ctx.seed}: evaluate with TTT", es.n_scored) if bars is not None else None
+    try:
+        matched, vs_fp, info = evaluate_ttt(qm.forward, fp_model, es, ref, cfg, qm.packed, ctx.seed, ctx.device, tick)
+    except ValueError as e:   # "ttt.params: ..." names its own field
+        if not str(e).startswith("ttt"):
+            raise
+        raise UserError(f"arms.{name}.{e}", f"arms.{name}.{str(e).split(':', 1)[0]}") from None
+    return ttt_results(matched, vs_fp, n_bytes, info)

@@ -14,6 +14,7 @@ import torch
 
 from quantatlas.context import RunContext
 from quantatlas.environment import environment
+from quantatlas.errors import UserError
 from quantatlas.eval.bpb import eval_bytes
 from quantatlas.eval.windows import make_eval_set, reference_logprobs
 from quantatlas.measure import calibration_for, measure_arm
@@ -79,6 +80,9 @@ class Sweep:
                  env: dict | None = None):
         if isinstance(spec, dict):
             spec = parse_spec(spec)
+        if spec.is_study:   # several models: quantatlas/study.py runs one Sweep per model (spec.for_model)
+            raise UserError(f"field models: a study of {len(spec.models)} models runs one experiment per model: "
+                            "run it with quantatlas.study.run_study (as `quantatlas run` does)", "models")
         # artifact arms: read the files (a relative path from the working directory), fill in their content
         # hash, refuse one that is not there, before the model is loaded (load_spec resolved a spec file's)
         spec = resolve_inputs(spec, Path.cwd(), require=True)
@@ -186,12 +190,14 @@ class Sweep:
                 entry.setdefault("allocations", {})[str(seed)] = self.allocations[(key, seed)]
             self.log(f"{name} seed {seed}: stored result reused")
             if self.led is not None and (name, seed) in self.copies:
-                self.led.record_run(self.exp_id, name, seed, res, self.copies[(name, seed)], self.env,
-                                    self.lm.model_hash, self.es.fingerprint)
+                self.led.record_run(self.exp_id, name, seed, self.with_arch(res), self.copies[(name, seed)],
+                                    self.env, self.lm.model_hash, self.es.fingerprint)
             return
         info = info or {}
         if "moe" in info:  # tokens routed to each expert of each MoE layer, and those under the threshold
             entry.setdefault("coverage", {})[str(seed)] = info["moe"]
+        if "rotations" in info:  # recovery roste: each layer's chosen rotation and the errors it chose by
+            entry.setdefault("rotations", {})[str(seed)] = info["rotations"]
         if "allocation" in info:  # the chosen codec per group: `allocate.assignment` reruns it
             entry.setdefault("allocations", {})[str(seed)] = info["allocation"]
             if self.led is not None and info["allocation"].get("measured"):
@@ -203,8 +209,14 @@ class Sweep:
         if self.json_path:
             _write_json(self.json_path, self.doc)
         if self.led is not None:
-            self.led.record_run(self.exp_id, name, seed, res, per_token, self.env, self.lm.model_hash,
-                                self.es.fingerprint)
+            self.led.record_run(self.exp_id, name, seed, self.with_arch(res), per_token, self.env,
+                                self.lm.model_hash, self.es.fingerprint)
+
+    def with_arch(self, res: dict) -> dict:
+        """A result as the ledger stores it: with the model's architecture (its config's model_type: qwen3,
+        llama, qwen3_moe), which the atlas judges findings across (atlas/architecture.py)."""
+        arch = getattr(getattr(self.lm.model, "config", None), "model_type", None)
+        return dict(res, model_arch=arch) if isinstance(arch, str) and arch else res
 
     def finish(self) -> dict:
         if self.led is not None and self.spec.control is not None:
@@ -276,7 +288,7 @@ def format_table(doc: dict, width: int = 160) -> str:
     verdicts = {v.get("arm"): v for v in doc.get("verdicts", []) or []}
     runs = {name: list(arm["seeds"].values()) for name, arm in doc["arms"].items() if arm["seeds"]}
     has = {k: any(k in r for rs in runs.values() for r in rs)
-           for k in ("kv_bits", "act_bits", "bytes_zstd", "delta_bpb", "artifact_bytes")}
+           for k in ("kv_bits", "act_bits", "bytes_zstd", "delta_bpb", "artifact_bytes", "kld_mean_ttt")}
     over = over_cap_arms(doc)
     cap = (doc.get("spec") or {}).get("artifact") or {}
     table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
@@ -285,7 +297,8 @@ def format_table(doc: dict, width: int = 160) -> str:
             (["act bits"] if has["act_bits"] else []):
         table.add_column(col, justify="right")
     table.add_column("KLD mean ± SE")
-    for col in ("KLD p99", "same-top", "PPL ratio") + (("Δbpb",) if has["delta_bpb"] else ()) + ("zstd MB",) + \
+    for col in ("KLD p99", "same-top", "PPL ratio") + (("Δbpb",) if has["delta_bpb"] else ()) + \
+            (("KLD TTT", "Δbpb TTT") if has["kld_mean_ttt"] else ()) + ("zstd MB",) + \
             ((f"{cap.get('compressor', '')} MB / cap {cap.get('max_bytes', 0) / 1e6:g}",) if has["artifact_bytes"] else ()) + \
             ("seeds",):
         table.add_column(col, justify="right")
@@ -302,6 +315,9 @@ def format_table(doc: dict, width: int = 160) -> str:
         row += [f"{m('act_bits'):.3f}" if "act_bits" in rs[0] else "16"] if has["act_bits"] else []
         row += [kld, f"{m('kld_p99'):.4g}", f"{100 * m('same_top'):.2f}%", f"{m('ppl_ratio'):.4f}"]
         row += [f"{m('delta_bpb'):+.4f}" if "delta_bpb" in rs[0] else "-"] if has["delta_bpb"] else []
+        if has["kld_mean_ttt"]:  # score-first test-time training (eval/ttt.py), beside the standard metrics
+            row += [f"{m('kld_mean_ttt'):.4g}" if "kld_mean_ttt" in rs[0] else "-",
+                    f"{m('delta_bpb_ttt'):+.4f}" if "delta_bpb_ttt" in rs[0] else "-"]
         row.append(f"{m('bytes_zstd') / 1e6:.3f}" if "bytes_zstd" in rs[0] else "-")
         if has["artifact_bytes"]:
             size = max((r["artifact_bytes"] for r in rs if "artifact_bytes" in r), default=None)

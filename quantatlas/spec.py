@@ -30,6 +30,8 @@ from quantatlas.quant.steps import arm_seeded, later_fields, registry
 
 #: the free text of a spec: not part of its identity
 FREE_TEXT = ("title", "hypothesis", "tags", "notes")
+#: the embedded byte-level models, by `model:` name (reference/model.py ZOO_NAME, which imports torch)
+EMBEDDED_MODELS = ("reference", "reference-llama", "reference-moe")
 
 
 class SpecError(UserError):
@@ -232,12 +234,15 @@ class Arm(BaseModel):
         if errors:
             raise ValidationError.from_exception_data(cls.__name__, errors)
         arm.__pydantic_extra__.update(parsed)
-        for key in parsed:   # a step that cannot stand beside the arm's other keys (an artifact with a codec)
+        # a step that cannot stand beside the arm's other keys (an artifact with a codec; recovery: roste with
+        # a static activation scale), whether its key is a registered step's or one the Arm declares
+        declared = [k for k in steps if k in cls.model_fields and getattr(arm, k, None) not in (None, [])]
+        for key in [*parsed, *declared]:
             why = steps[key](arm).conflicts()
             if why:
                 raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(
                     type=PydanticCustomError("step_conflict", why.replace("{", "(").replace("}", ")")), loc=(key,),
-                    input=extra[key])])
+                    input=extra[key] if key in extra else data.get(key))])
         return arm
 
 
@@ -323,6 +328,10 @@ class Spec(_Strict):
     tags: list[str] = []
     notes: str | None = None
     model: str = "reference"
+    #: a study: the same spec on several models instead of `model:`, run as one experiment per model, each
+    #: exactly the spec with `model: <name>` (`for_model`: its own id, verdicts and reproductions); the study
+    #: is their family (atlas/ids.py family_hash). Left out of every dump while unset, so no id changes
+    models: list[str] | None = Field(None, exclude_if=lambda v: v is None)
     data: Data = Data()
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     arms: dict[str, Arm] = Field(min_length=1)
@@ -340,8 +349,59 @@ class Spec(_Strict):
             raise ValueError(f"{info.field_name} {v!r} is not one of the arms ({', '.join(arms)})")
         return v
 
+    @field_validator("models")
+    @classmethod
+    def _models_are_distinct_names(cls, v):
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("an empty list names no model: write at least one, or `model:` for one")
+        for name in v:
+            if not name.strip():
+                raise ValueError(f"an empty model name in {v!r}")
+        twice = sorted({name for name in v if v.count(name) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(map(repr, twice))} named more than once in {v!r}: each model runs once")
+        return v
+
+    @model_validator(mode="after")
+    def _model_or_models(self):
+        if self.models is not None and "model" in self.model_fields_set:
+            raise ValidationError.from_exception_data(type(self).__name__, [InitErrorDetails(
+                type=PydanticCustomError("model_and_models", "give either `model:` (one model) or `models:` (a "
+                                                             "study of several), not both; model: {model}",
+                                         {"model": repr(self.model)}), loc=("models",), input=self.models)])
+        return self
+
+    @property
+    def is_study(self) -> bool:
+        """Whether the spec names several models (`models:`): run and registered per model (`for_model`)."""
+        return self.models is not None
+
+    def model_names(self) -> list[str]:
+        """The models the spec runs on: `models:`, else `[model]`."""
+        return list(self.models) if self.models is not None else [self.model]
+
+    def one_model(self, what: str) -> str:
+        """`model:`, for a command that works on one model (`what`); a study is refused (UserError naming models)."""
+        if self.models is not None:
+            raise UserError(f"{what} works on one model and this spec is a study of {len(self.models)} "
+                            f"({', '.join(self.models)}): write `model: <name>` instead of `models:`", "models")
+        return self.model
+
+    def for_model(self, name: str) -> Spec:
+        """The spec with `model: <name>` in place of `models:`: the experiment it is on that model, with the
+        id, verdicts and reproductions that spelling has."""
+        if self.models is not None and name not in self.models:
+            raise UserError(f"model {name!r} is not one of the spec's models ({', '.join(self.models)})", "models")
+        return self.model_copy(update={"model": name, "models": None})
+
     def to_dict(self) -> dict:
-        return self.model_dump(mode="json")
+        """The validated spec as JSON; a study's without `model:` (it names `models:`), so it parses back."""
+        d = self.model_dump(mode="json")
+        if self.models is not None:
+            d.pop("model", None)
+        return d
 
     def identity(self) -> dict:
         """What identifies the experiment (atlas/ids.py): the spec without its free text, every option
@@ -410,6 +470,7 @@ def load_spec(path: str | Path) -> Spec:
         raise SpecError(f"{where}: malformed YAML: {getattr(e, 'problem', None) or e}") from None
     _refuse_duplicate_keys(root, str(path))
     spec = parse_spec(data, str(path), root)
+    check_models(spec, str(path), root)
     _refuse_missing_data(spec, str(path), root)
     _refuse_eval_beyond_data(spec, str(path), root)
     try:
@@ -474,6 +535,29 @@ def _refuse_duplicate_keys(root: yaml.Node | None, source: str) -> None:
                     todo.append((v, path))
 
 
+def model_source_problem(name: str) -> str | None:
+    """Why `name` cannot be a model source, as models/load.py reads one (an embedded model, a local folder, or a
+    hub id `hf:org/name` / `org/name`), or None. The folder's contents and the hub are checked when it loads."""
+    if name in EMBEDDED_MODELS or Path(name).is_dir():
+        return None
+    repo = name[3:] if name.startswith("hf:") else name
+    if "/" in repo and not name.startswith((".", "/")) and all(repo.split("/")):
+        return None
+    return (f"{name!r} is not an embedded model ({', '.join(EMBEDDED_MODELS)}), not a local folder (from "
+            f"{Path.cwd()}), and not a hub id like hf:org/name")
+
+
+def check_models(spec: Spec, source: str = "spec", root: yaml.Node | None = None) -> None:
+    """Refuse a study (`models:`) naming a model that cannot load (SpecError naming `models.<i>` and the
+    name), before any of its models runs. A one-model spec's `model:` is checked when it loads, as before."""
+    for i, name in enumerate(spec.models or ()):
+        why = model_source_problem(name)
+        if why is not None:
+            line = _line_of(root, ("models", i))
+            where = f"{source}:{line}" if line else source
+            raise SpecError(f"{where}: field models.{i}: {why}", f"models.{i}")
+
+
 def _is_path_source(source: str) -> bool:
     """Whether a data source names a local text file (models/load.py: LoadedModel.text_tokens reads
     `stdlib` / `reference` from the package and `hf:org/name` from the hub)."""
@@ -500,7 +584,7 @@ def _refuse_eval_beyond_data(spec: Spec, source: str, root: yaml.Node | None) ->
     shipped stream's length is known without loading anything, so asking for more is refused here;
     other streams are counted once tokenized (eval/windows.py: make_eval_set)."""
     ev = spec.data.eval
-    if spec.model not in ("reference", "reference-llama", "reference-moe") or ev.source not in ("stdlib", "reference"):
+    if not set(spec.model_names()) & set(EMBEDDED_MODELS) or ev.source not in ("stdlib", "reference"):
         return   # (the embedded byte-level models, reference/model.py ZOO_ARCH: that module imports torch)
     from quantatlas.reference.data import token_count
 

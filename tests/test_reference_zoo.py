@@ -199,3 +199,31 @@ def test_each_member_is_its_own_experiment_of_one_family():
 
     idents = [normalise_spec({"title": "t", "model": n, "arms": {"fp16": {"codec": None}}})[1] for n in ZOO_ARCH]
     assert len({spec_hash(i) for i in idents}) == 3 and len({family_hash(i) for i in idents}) == 1
+
+
+def test_load_balancing_loss_is_switch_transformers_in_each_layer():
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    from quantatlas.reference.train import load_balancing_loss
+
+    torch.manual_seed(0)
+    one = torch.randn(64, 8) * 2
+    # one layer: transformers' loss counts top-k slots per token (its balanced value is k); ours is per slot
+    assert float(load_balancing_loss((one,), 2)) == pytest.approx(float(load_balancing_loss_func((one,), 8, 2)) / 2,
+                                                                  rel=1e-5)
+    # by hand: E * sum_i (share of slots to i) * (mean probability of i)
+    probs = torch.softmax(one, -1)
+    counts = torch.zeros(8)
+    for row in probs.topk(2, dim=-1).indices.tolist():
+        for e in row:
+            counts[e] += 1
+    assert float(load_balancing_loss((one,), 2)) == pytest.approx(float(8 * (counts / 128 * probs.mean(0)).sum()),
+                                                                  rel=1e-5)
+    # two layers that each use half the experts: pooled over layers (transformers) the experts look balanced;
+    # per layer, each layer's collapse is charged
+    low, high = torch.full((64, 8), -9.0), torch.full((64, 8), -9.0)
+    low[:, :4] = torch.randn(64, 4)
+    high[:, 4:] = torch.randn(64, 4)
+    per_layer = float(load_balancing_loss((low, high), 2))
+    pooled = float(load_balancing_loss_func((low, high), 8, 2)) / 2
+    assert per_layer == pytest.approx(2 * pooled, rel=1e-2) and per_layer > 1.9

@@ -16,7 +16,9 @@ without its free text (title, hypothesis, tags, notes). Normalised means:
 Key order and formatting therefore never matter; list order does (transforms and
 overrides apply in order).
 
-The family hash is the same hash without `model`: one experiment run on several models.
+The family hash is the same hash without `model`: one experiment run on several models. A spec
+with `models: [a, b]` is a study, that family: it is never registered itself, each of its models is
+(`Spec.for_model`: the spec with `model: a`, whose id is the one that spelling has).
 """
 from __future__ import annotations
 
@@ -39,6 +41,9 @@ def normalise_spec(spec: dict) -> tuple[dict, dict]:
         model = parse_spec(spec, "spec")
     except SpecError as e:
         raise ValueError(str(e)) from None
+    if model.is_study:
+        raise ValueError(f"spec: field models: a study ({', '.join(model.models)}) is registered as one experiment "
+                         "per model: the spec with `model: <name>` (Spec.for_model)")
     for name, arm in model.arms.items():   # an artifact arm is identified by its tensors' hash, read where it ran
         artifact = getattr(arm, "artifact", None)
         if artifact is not None and artifact.sha256 is None:

@@ -110,6 +110,9 @@ class RunSet(Base):
     model_hash: Mapped[str] = mapped_column(String(128))
     eval_fingerprint: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: the model's architecture as its config names it (qwen3, llama, qwen3_moe): from the runs' `model_arch`;
+    #: null for run sets stored before it was recorded (read as of unknown architecture)
+    model_arch: Mapped[str | None] = mapped_column(String(64))
     environment: Mapped[Environment] = relationship()
     contributor: Mapped[Contributor] = relationship()
 

@@ -38,6 +38,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator, \
     model_validator
 
+from quantatlas.atlas.architecture import check_model_arch
 from quantatlas.errors import UserError
 from quantatlas.runtimes import check_runs_on
 
@@ -340,6 +341,8 @@ class RunRecord(_Record):
                 raise ValueError(f"extra.{k} shadows the metric {k!r}: a metric goes in metrics")
         if "runs_on" in (self.extra or {}):   # which runtimes load the arm (quantatlas/runtimes.py)
             check_runs_on(self.extra["runs_on"], "extra.runs_on")
+        if "model_arch" in (self.extra or {}):   # the model's architecture (atlas/architecture.py)
+            check_model_arch(self.extra["model_arch"], "extra.model_arch")
         return self
 
     def metric_values(self) -> dict[str, float]:

@@ -37,6 +37,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from quantatlas.atlas import ids
+from quantatlas.atlas.architecture import check_model_arch
 from quantatlas.atlas.db import migrate, open_engines, resolve_url, write_transaction
 from quantatlas.atlas.errors import LedgerError
 from quantatlas.atlas.models import (ApiToken, Arm, ContributedTag, Contributor, DuplicateFlag, Environment,
@@ -248,7 +249,8 @@ class Reader:
                 id=rs.id, experiment_id=rs.experiment_id, contributor=rs.contributor.name,
                 environment_key=rs.environment_key, model_hash=rs.model_hash, eval_fingerprint=rs.eval_fingerprint,
                 created_at=rs.created_at, hostname=env.hostname, device=env.device, git_commit=env.git_commit,
-                python=env.python, platform=env.platform, packages=env.packages, environment=env.full)
+                python=env.python, platform=env.platform, packages=env.packages, environment=env.full,
+                model_arch=rs.model_arch)
         return got
 
     def _run(self, r: Run) -> StoredRun:
@@ -292,6 +294,12 @@ class Reader:
         """The experiment's run sets (exact id), oldest first."""
         return [self._run_set(rs) for rs in self._s.scalars(select(RunSet).where(RunSet.experiment_id == exp_id)
                                                              .order_by(RunSet.created_at, RunSet.id)).all()]
+
+    def run_set_arches(self) -> list[tuple[str, str, str | None]]:
+        """(experiment id, model hash, recorded architecture or None) of every run set
+        (atlas/architecture.py: what a model's architecture is read from)."""
+        return [tuple(r) for r in self._s.execute(select(RunSet.experiment_id, RunSet.model_hash,
+                                                          RunSet.model_arch)).all()]
 
     def run_counts(self, exp_id: str, family_hash: str | None) -> RunCounts:
         """Runs of the experiment, and runs and experiments of its family (unmerged)."""
@@ -617,6 +625,12 @@ class Transaction(Reader):
             return rid, False
         rows, loose = _metric_rows(metrics)
         extra = {**loose, **(extra or {})}
+        arch = extra.get("model_arch")     # the model's architecture, stored on the run set (architecture.py)
+        if arch is not None:
+            try:
+                check_model_arch(arch)
+            except ValueError as e:
+                raise LedgerError(str(e)) from None
         blob = digest = n_tokens = None
         if per_token_kld is not None:
             values = np.asarray(per_token_kld)
@@ -649,6 +663,11 @@ class Transaction(Reader):
                 rs.created_at = created_at
             s.add(rs)
             s.flush()
+        if arch is not None and rs.model_arch != arch:
+            if rs.model_arch is not None:
+                raise LedgerError(f"model_arch {arch!r}: the run set's model (hash {model_hash}) was recorded as "
+                                  f"{rs.model_arch!r}")
+            rs.model_arch = arch      # a run set stored before architectures were recorded learns its own
         run = Run(id=rid, arm_id=arm_row.id, run_set_id=rs.id, seed=int(seed), n_tokens=n_tokens,
                   per_token_kld=blob, per_token_sha256=digest, extra=extra or None)
         if created_at is not None:

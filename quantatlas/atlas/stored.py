@@ -166,6 +166,7 @@ class StoredRunSet:
     platform: str | None
     packages: dict | None
     environment: dict | None       # everything the runner reported
+    model_arch: str | None = None  # the model's architecture (atlas/architecture.py); None: not recorded
 
 
 class RunCounts(NamedTuple):

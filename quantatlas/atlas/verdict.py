@@ -48,6 +48,13 @@ Across run sets (reproductions): the first run set that has the arm is the prima
 later run sets are reproductions; a success in one and a failure in another is a "conflict".
 Confidence: confidence.py (one meaning for every verdict kind).
 
+Across models (the same spec on another model: a family, a study). An arm's verdict says on how many
+models its decided result holds ("Holds on k of n models"), and its confidence counts those models as
+confirmations (confidence.py's k). Each verdict also keeps `confidence_own`, the confidence from its own
+model's run sets alone (`own_model_confidence`); a study's line "holds on k of n architectures" takes the
+least of them over the models where it holds (studies.py), so the study never claims more than its weakest
+model does from its own runs, and adding models never raises it.
+
 The experiment's result and confidence are one arm's: the primary arm, the spec's `primary:`, else
 the best treatment on the criterion (reference arms and the control are not treatments; an arm over
 the artifact cap stands only when no treatment fits it, and then cannot make the experiment a
@@ -63,6 +70,7 @@ import numpy as np
 
 from quantatlas.atlas import confidence as conf
 from quantatlas.atlas.stats import block_bootstrap, holm, paired_t
+from quantatlas.eval.ttt import TTT_SUFFIX
 from quantatlas.quant.steps import is_reference
 from quantatlas.spec import Criterion, EvalData, arm_of
 
@@ -324,6 +332,27 @@ def decide(j: ArmJudgement, crit: Criterion) -> None:
         j.result, j.rule = "inconclusive", "not_decided"
 
 
+def ttt_criterion_runs(arms: dict[str, dict[int, SeedRun]], crit: Criterion, spec: StoredSpec | None
+                       ) -> dict[str, dict[int, SeedRun]]:
+    """A criterion measured under test-time training (`<m>_ttt`, eval/ttt.py): an arm without `ttt:` is
+    judged by its standard `<m>`, since TTT that trains nothing scores every window as the standard
+    evaluation does (so `q_ttt` can be judged against its own recipe `q` as control). An arm whose spec
+    has `ttt:` is judged only by its own `<m>_ttt`."""
+    if not crit.metric.endswith(TTT_SUFFIX):
+        return arms
+    base = crit.metric.removesuffix(TTT_SUFFIX)
+    configs = (spec.arms if spec is not None else None) or {}
+    out = {}
+    for name, runs in arms.items():
+        config = configs.get(name)
+        if isinstance(config, dict) and config.get("ttt") is not None:
+            out[name] = runs
+            continue
+        out[name] = {s: r if crit.metric in r.metrics or base not in r.metrics else
+                     SeedRun(r.seed, {**r.metrics, crit.metric: r.metrics[base]}, r.per_token) for s, r in runs.items()}
+    return out
+
+
 def judge_run_set(arms: dict[str, dict[int, SeedRun]], arm_order: list[str], control: str | None,
                   crit: Criterion, spec: StoredSpec | None = None, seeded: dict[str, bool] | None = None,
                   reference: dict[str, str] | None = None) -> dict[str, ArmJudgement]:
@@ -336,6 +365,7 @@ def judge_run_set(arms: dict[str, dict[int, SeedRun]], arm_order: list[str], con
         seeded = spec.seeded if spec is not None else {}
     if reference is None:
         reference = reference_arms(spec)
+    arms = ttt_criterion_runs(arms, crit, spec)
     out: dict[str, ArmJudgement] = {}
     if control is None or control not in arm_order or len(arm_order) < 2:
         for name in arm_order:
@@ -424,6 +454,9 @@ class FinalVerdict:
     confidence: float
     terms: conf.Terms
     text: str = ""
+    #: the confidence from this model's run sets alone: the other models of the family not counted as
+    #: confirmations (what a study's line takes the least of: `studies.py`)
+    confidence_own: float | None = None
 
     def as_dict(self, crit: Criterion) -> dict:
         j = self.primary
@@ -434,7 +467,7 @@ class FinalVerdict:
             "bits_delta": j.bits_delta, "bits": j.bits_treatment, "bits_control": j.bits_control,
             "dominated_by": j.dominated_by, "n_seeds": len(j.seeds), "seeds": j.seeds,
             "control_mean": j.control_mean, "treatment_mean": j.treatment_mean,
-            "reproductions": len(self.reproductions),
+            "confidence_own": self.confidence_own, "reproductions": len(self.reproductions),
             "reproductions_agree": sum(1 for _, _, agree, _ in self.reproductions if agree),
             "models": self.models_holding, "models_total": self.models_total,
             "over_cap": j.over_cap is not None, "reference": j.rule == "reference",
@@ -475,19 +508,49 @@ def combine_run_sets(per_run_set: list[tuple[RunSetInfo, dict[str, ArmJudgement]
     decisive = j0.result in ("success", "failure", "baseline")
     holding = 1 + (sum(1 for r in sibling_results if r == j0.result) if decisive else 0)
     k = len(agreeing) + holding - 1
-    if result == "conflict":
-        terms = conf.conflict_confidence(k)
-    elif j0.result == "baseline":
-        terms = conf.baseline_confidence(len(j0.seeds), j0.deterministic, k)
-    elif j0.result == "inconclusive":
-        terms = conf.undecided_confidence(j0.lean_z(), len(j0.seeds), j0.deterministic, crit.alpha, k)
-    else:
-        p, z = j0.claim(crit.min_effect)
-        terms = conf.verdict_confidence(p, z, len(j0.seeds), j0.deterministic, crit.alpha, k)
+    terms = _confidence_terms(result, j0, crit, k)
+    own = terms if holding == 1 else _confidence_terms(result, j0, crit, len(agreeing))
     fv = FinalVerdict(arm, j0.control, result, j0, rs0, reproductions, holding, 1 + len(sibling_results),
-                      terms.confidence, terms)
+                      terms.confidence, terms, confidence_own=own.confidence)
     fv.text = verdict_text(fv, crit)
     return fv
+
+
+def _confidence_terms(result: str, j0: ArmJudgement, crit: Criterion, k: int) -> conf.Terms:
+    """The confidence of the stated `result` (confidence.py) with k confirmations."""
+    if result == "conflict":
+        return conf.conflict_confidence(k)
+    if j0.result == "baseline":
+        return conf.baseline_confidence(len(j0.seeds), j0.deterministic, k)
+    if j0.result == "inconclusive":
+        return conf.undecided_confidence(j0.lean_z(), len(j0.seeds), j0.deterministic, crit.alpha, k)
+    p, z = j0.claim(crit.min_effect)
+    return conf.verdict_confidence(p, z, len(j0.seeds), j0.deterministic, crit.alpha, k)
+
+
+def own_model_confidence(summary: dict, details: dict | None = None) -> float | None:
+    """An arm verdict's confidence from its own model's run sets alone (`FinalVerdict.confidence_own`; for a
+    verdict cached before it was kept, recomputed from its confidence terms with the other models where it
+    holds taken out of k, and never above the confidence stored). None without a confidence."""
+    if summary.get("confidence_own") is not None:
+        return summary["confidence_own"]
+    stored = summary.get("confidence")
+    terms = (details or {}).get("confidence_terms")
+    if stored is None or not isinstance(terms, dict):
+        return stored
+    others = max(int(summary.get("models") or 1) - 1, 0)   # other models count only where it is decided
+    if not others:
+        return stored
+    k = max(int(terms.get("k") or 1) - others, 1)
+    s_n = float(terms.get("s_n", 0))
+    if terms.get("kind") == "decided":
+        value = max(conf.combine(float(terms.get("s_p", 0)) * float(terms.get("s_z", 0)) * s_n, k),
+                    conf.DECIDED_FLOOR)
+    elif terms.get("kind") == "baseline":
+        value = conf.combine(s_n, k)
+    else:   # a conflict
+        value = 0.0
+    return min(value, stored)
 
 
 # ---- words -------------------------------------------------------------------------------

@@ -9,7 +9,10 @@
     qm.records          what steps report (`allocation`, `recovery`)
 
 The arm's steps (quant/steps/: allocate → transforms → weights → recovery → kv → act, each a module
-with its config) run in order on a working copy of the model; the loaded model is never changed. The
+with its config) run in order on a working copy of the model; the loaded model is never changed, unless
+the caller gives it up (`in_place=True`: a process that quantizes once and keeps no fp weights, as the
+peer bench's worker; the steps then change `lm.model` itself, and no second copy of the weights is
+held). The
 backend decides how: held in memory, or layer-streamed (`lm.streamed`), where a step that needs
 the whole model is refused in one line before any work.
 """
@@ -74,12 +77,17 @@ class PipelineState:
     external: object = None          # an artifact arm's sizes (ExternalSizes), once it has loaded
     runtime_bits: list = field(default_factory=list)
     records: dict = field(default_factory=dict)
+    in_place: bool = False           # the steps change lm.model itself (the caller gave it up)
 
     def working_model(self) -> torch.nn.Module:
-        """The copy the steps change (the loaded model stays as it is); streamed: its skeleton."""
+        """The copy the steps change (the loaded model stays as it is); streamed: its skeleton.
+        In place: the loaded model itself. Nothing reads lm.model's weights once this is first called:
+        allocation (the only step that reads `state.lm`) runs before it, the fp teacher of recovery
+        is copied from it before the weights change, and evaluation's reference log-probs are cached
+        apart (eval/windows.py)."""
         if self.model is None:
             if self.lm.streamed is None:
-                self.model = copy.deepcopy(self.lm.model)
+                self.model = self.lm.model if self.in_place else copy.deepcopy(self.lm.model)
             else:
                 self.streamed = self.lm.streamed.copy()
                 self.model = self.streamed.model
@@ -119,10 +127,13 @@ def check_backend(lm: LoadedModel, arm, where: str = "arm") -> None:
 
 
 def quantize(lm: LoadedModel, arm, calibration: Calibration, ctx: RunContext, progress=None,
-             where: str = "arm") -> QuantizedModel:
-    """The arm's steps on a copy of `lm` (module docstring)."""
+             where: str = "arm", in_place: bool = False) -> QuantizedModel:
+    """The arm's steps on a copy of `lm` (module docstring); `in_place`: on `lm.model` itself, which
+    afterwards is the quantized model (a layer-streamed model is always worked on as a copy of its
+    skeleton: it holds no weights to copy)."""
     check_backend(lm, arm, where)
-    state = PipelineState(lm, arm, calibration, f"{where.removeprefix('arms.')} seed {ctx.seed}", progress)
+    state = PipelineState(lm, arm, calibration, f"{where.removeprefix('arms.')} seed {ctx.seed}", progress,
+                          in_place=in_place)
     wants_fp = any(s.wants_fp_model for s in steps_of(arm, where))
     for kind in [type(s) for s in steps_of(arm, where, active=False)]:
         step = kind(state.arm, where)   # a step reads the arm as the steps before it left it (allocation)

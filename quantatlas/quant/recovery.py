@@ -12,7 +12,20 @@ Methods (loss on calibration tokens only; the eval tokens are never seen, see `c
               `discrete_every` steps each matrix moves at most `fraction` of its integer codes by ±1,
               the moves with the largest first-order gain −g·Δ first (g: the KL gradient w.r.t. the
               dequantized weight, summed since the last discrete step); a discrete step that raises
-              the loss on the current batch is taken back; uniform codec only
+              the loss on the current batch is taken back; uniform codec only. Superseded by pv_tuning
+              and kept unchanged so that specs and stored results that name it read and reproduce
+              (it is not a special case of pv_tuning: ±1 moves by the summed gradient's sign, undone
+              when the batch loss rises, vs rounding a straight-through buffer)
+    pv_tuning PV-Tuning (quant/pv_tuning.py): Adam P-steps on the pack's continuous parameters (scales;
+              AQLM's codebooks) and a straight-through buffer; every `discrete_every` steps a V-step
+              re-encodes the `fraction` (τ) of code groups whose buffer moved most, with the codec's
+              own search (uniform rounding, e8p/d4/e8 nearest point, aqlm beam search: `beam`),
+              bounded by `trust_ratio`; buffer lr `v_lr` × the matrix's RMS
+    qad       kd_ste's loss and loop, train: weights on the pack's frozen scales: NVIDIA's quantization-aware
+              distillation (quant/qad.py says how it differs from kd_ste with train: weights)
+    roste     RoSTE: QAT through the STE on the weights, the arm's activation and KV quantizers in the loop,
+              each layer's value-path and down_proj rotation chosen (identity or Hadamard) by the lower
+              weight + activation quantization error; kd_ste's KL loss (quant/roste.py)
 
 What trains (`train`):
 
@@ -39,10 +52,11 @@ import math
 from typing import ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from quantatlas._lazy import nn, no_grad, torch
 from quantatlas.context import RunContext
+from quantatlas.quant.config import ADDED_LATER
 
 
 class RecoveryConfig(BaseModel):
@@ -51,7 +65,7 @@ class RecoveryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     seeded: ClassVar[bool] = True  # the calibration draw and the data order come from the seed
 
-    method: Literal["kd_ste", "block_ap", "pv_lite"]
+    method: Literal["kd_ste", "block_ap", "pv_lite", "qad", "roste", "pv_tuning"]
     train: Literal["scales", "scales_norms", "weights"] = "scales"
     steps: int = Field(200, ge=1)          # optimizer steps (block_ap: per decoder layer)
     lr: float = Field(1e-3, gt=0, le=1)
@@ -60,6 +74,55 @@ class RecoveryConfig(BaseModel):
     batch: int = Field(4, ge=1)            # windows per step
     fraction: float = Field(0.01, gt=0, le=1)  # pv_lite: most codes of a matrix one discrete step moves
     discrete_every: int = Field(20, ge=1)      # pv_lite: Adam steps between discrete steps
+    # pv_tuning (quant/pv_tuning.py; `fraction` is its τ, `discrete_every` its P-steps between V-steps):
+    #: the straight-through buffer's Adam lr, times each matrix's RMS
+    v_lr: float = Field(1e-2, gt=0, le=1, json_schema_extra={ADDED_LATER: True})
+    #: a V-step's change ‖ΔW‖ ≤ trust_ratio·‖W‖ per matrix (null: only τ limits it)
+    trust_ratio: float | None = Field(None, gt=0, json_schema_extra={ADDED_LATER: True})
+    #: AQLM's beam width when a V-step re-encodes (null: the codec's own `beam`)
+    beam: int | None = Field(None, ge=1, le=256, json_schema_extra={ADDED_LATER: True})
+
+    @model_serializer(mode="wrap")
+    def _later_options_at_default(self, handler):
+        """Options marked ADDED_LATER are left out while at their default, so configs, arm keys and ids
+        stored before they existed read as before."""
+        out = handler(self)
+        for name, field in type(self).model_fields.items():
+            extra = field.json_schema_extra
+            if isinstance(extra, dict) and extra.get(ADDED_LATER) and getattr(self, name) == field.default:
+                out.pop(name, None)
+        return out
+
+    @model_validator(mode="after")
+    def _pv_tuning_options(self):
+        if self.method == "pv_tuning" and self.train == "weights":
+            raise ValueError("pv_tuning needs train: scales or scales_norms (its P-step tunes the pack's scales and "
+                             "codebooks, its V-step re-encodes codes)")
+        for name in ("v_lr", "trust_ratio", "beam"):
+            if self.method != "pv_tuning" and getattr(self, name) != type(self).model_fields[name].default:
+                raise ValueError(f"{name} is an option of method pv_tuning, not {self.method}")
+        return self
+
+    #: roste: each layer's value-path and down_proj rotation (quant/roste.py); adaptive is the paper's rule
+    rotation: Literal["adaptive", "none", "hadamard"] = "adaptive"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _qat_trains_weights(cls, data):
+        """qad and roste train the weights through the STE: `train` may be left out (it is weights)."""
+        if isinstance(data, dict) and data.get("method") in ("qad", "roste") and "train" not in data:
+            return {**data, "train": "weights"}
+        return data
+
+    @model_validator(mode="after")
+    def _qat_options(self):
+        if self.method in ("qad", "roste") and self.train != "weights":
+            raise ValueError(f"{self.method} trains the weights through the straight-through estimator: "
+                             f"train must be weights (or left out), not {self.train}")
+        if self.method != "roste" and self.rotation != "adaptive":
+            raise ValueError(f"rotation is roste's option (its per-layer rotation choice); method {self.method} "
+                             "has none")
+        return self
 
     @model_validator(mode="after")
     def _pv_moves_codes(self):
@@ -290,8 +353,12 @@ class _Latent(_Tuned):
 
 
 def _make(kind: str, packed, w_fp: torch.Tensor | None):
-    codec = _codec_of(packed)
-    _, rot = _basis(packed)
+    from quantatlas.quant.qad import FrozenScaleLatent, bind_stored_tensor_scale
+
+    inner, rot = _basis(packed)
+    codec = bind_stored_tensor_scale(_codec_of(packed), inner)   # an NVFP4 fused tensor scale stays shared
+    if kind == "frozen":
+        return FrozenScaleLatent(packed, codec, inner, rot, w_fp)
     if kind == "weights":
         return _Latent(packed, codec, rot, w_fp)
     if kind == "codes":
@@ -319,6 +386,8 @@ class Recovery:
     def _tunables(self, model, teacher, packed: dict, names=None) -> dict:
         cfg = self.cfg
         kind = "weights" if cfg.train == "weights" else ("codes" if cfg.method == "pv_lite" else "scales")
+        if cfg.method == "qad":
+            kind = "frozen"   # weights re-rounded on the pack's own scales (quant/qad.py)
         fp = dict(teacher.named_parameters())
         mods = dict(model.named_modules())
         out = {}
@@ -328,7 +397,7 @@ class Recovery:
             mod = mods.get(pname.rsplit(".", 1)[0])
             if not isinstance(mod, nn.Linear) or len(pk.shape) != 2:
                 continue  # norm vectors an override quantizes, embeddings: kept as packed
-            out[pname] = _make(kind, pk, fp[pname].detach() if kind == "weights" else None)
+            out[pname] = _make(kind, pk, fp[pname].detach() if kind in ("weights", "frozen") else None)
         return out
 
     def _norms(self, model, packed: dict, layer: int | None = None) -> dict[str, torch.Tensor]:
@@ -350,6 +419,9 @@ class Recovery:
         import time
 
         cfg = self.cfg
+        if cfg.method == "roste":
+            raise ValueError("recovery.method: roste trains with the arm's act and kv quantizers in the loop: "
+                             "run it through quant.roste.recover_roste")
         if windows.shape[0] != cfg.samples:
             raise ValueError(f"recovery: {windows.shape[0]} windows, expected samples={cfg.samples}")
         for p in list(model.parameters()) + list(teacher.parameters()):
@@ -360,6 +432,8 @@ class Recovery:
         before = self.kl(model, teacher, probe)
         if cfg.method == "block_ap":
             new, extra = self._block_ap(model, teacher, packed, windows, order, progress)
+        elif cfg.method == "pv_tuning":
+            new, extra = self._pv_tuning(model, teacher, packed, windows, order, progress)
         else:
             new, extra = self._kd(model, teacher, packed, windows, order, progress)
         after = self.kl(model, teacher, probe)
@@ -442,6 +516,16 @@ class Recovery:
             self.rejected += 1
             return 0
         return moved
+
+    def _pv_tuning(self, model, teacher, packed, windows, order, progress):
+        from quantatlas.quant.pv_tuning import pv_matrices, pv_tune
+
+        matrices = pv_matrices(model, packed, self.cfg.beam)
+        norms = self._norms(model, packed)
+        extra = pv_tune(model, teacher, matrices, norms, windows, order, self.cfg, progress)
+        new: dict = {}
+        self._apply(model, matrices, norms, new)
+        return new, extra
 
     def _block_ap(self, model, teacher, packed, windows, order, progress):
         from torch.func import functional_call

@@ -6,9 +6,9 @@
 
 Writes <checkpoint>/model.safetensors (fp16), config.json, card.json and CARD.md, where <checkpoint>
 is the architecture's folder (model.checkpoint_dir). Every architecture gets the same corpus, batch
-order, optimiser and budget; a mixture of experts adds its family's load-balancing loss (weight
-`router_aux_loss_coef`) to the cross-entropy, as the family is trained, so that no expert is left
-without tokens. qwen3's files are exactly what this command wrote before the zoo (no new card fields).
+order, optimiser and budget; a mixture of experts adds a load-balancing loss (Switch Transformer's, in
+each layer: `load_balancing_loss`, weight `router_aux_loss_coef`) to the cross-entropy, as mixtures are
+trained, so that no expert is left without tokens. qwen3's files are exactly what this command wrote before the zoo (no new card fields).
 Training reads the running interpreter's standard library (train split); the validation
 bits per byte are measured on the fixed validation split shipped with the package, so the
 number is comparable across machines:
@@ -54,6 +54,24 @@ def _lr(cfg: TrainConfig, step: int) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def load_balancing_loss(router_logits, top_k: int) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss in each layer, averaged over the layers: E * sum_i f_i * P_i, with
+    f_i the share of the layer's top-k slots routed to expert i (no gradient) and P_i the expert's mean router
+    probability; 1 when routing is uniform, up to E when one expert takes everything.
+
+    Per layer, because transformers' `load_balancing_loss_func` pools all layers' counts and probabilities
+    before the product: it balances each expert index summed over the layers, so an expert can die in one
+    layer while the same index is busy in another (it did, training reference-moe)."""
+    losses = []
+    for logits in router_logits:                                   # [tokens, experts] per layer
+        probs = torch.softmax(logits.float(), dim=-1)
+        n_experts = probs.shape[-1]
+        chosen = probs.topk(top_k, dim=-1).indices
+        share = torch.nn.functional.one_hot(chosen, n_experts).float().sum(dim=(0, 1)) / chosen.numel()
+        losses.append(n_experts * (share * probs.mean(dim=0)).sum())
+    return torch.stack(losses).mean()
 
 
 @torch.no_grad()
@@ -105,7 +123,8 @@ def train(cfg: TrainConfig, out_dir: Path | None = None, progress=None, arch: st
             out = model(x[:, :-1], labels=None, output_router_logits=True)
             logits = out.logits.float()
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-            loss = loss + config.router_aux_loss_coef * out.aux_loss.float()
+            loss = loss + config.router_aux_loss_coef * load_balancing_loss(out.router_logits,
+                                                                            config.num_experts_per_tok)
         else:
             loss = model(x[:, :-1], labels=None).logits.float()
             loss = torch.nn.functional.cross_entropy(loss.reshape(-1, loss.shape[-1]), x[:, 1:].reshape(-1))

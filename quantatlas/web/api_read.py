@@ -37,10 +37,16 @@ def api_experiments(led: LedgerDep,
                     result: Annotated[Optional[views.ListResult], BeforeValidator(lambda v: v or None),
                                       Query(description=f"{'|'.join(RESULTS)}|pending")] = None,
                     q: Optional[str] = Query(None, description="words that must all appear in the id, title, "
-                                                                "hypothesis, model or tags")) -> list[dict]:
+                                                                "hypothesis, model or tags"),
+                    group: Annotated[Optional[views.ListGroup], BeforeValidator(lambda v: v or None),
+                                     Query(description="study: the rows grouped by study (the same spec on "
+                                                       "several models), each group with its line \"holds on k of "
+                                                       "n architectures\"")] = None) -> list[dict]:
     """One row per experiment, newest first: id, hypothesis, result, confidence, reproductions,
-    duplicate flags, per-arm verdicts and key metrics (as `quantatlas atlas list --json`)."""
-    return plain(views.experiment_list(led, tag, model, result, q))
+    duplicate flags, per-arm verdicts and key metrics (as `quantatlas atlas list --json`). With
+    `group=study`: one entry per study instead, {study, rows, models, holds}, in the order of its newest row."""
+    rows = views.experiment_list(led, tag, model, result, q)
+    return plain(views.study_groups(led, rows) if group == "study" else rows)
 
 
 @router.get("/experiments/{exp_id}", summary="One experiment")
@@ -65,14 +71,16 @@ def api_landscape(led: LedgerDep,
                   deployable: Annotated[views.Deployable, Query(description="only the points whose runs recorded "
                                                                            "this runtime (any: every point)")] = "any",
                   frontier: Annotated[views.Frontier, Query(description="the Pareto frontier over every arm (all) "
-                                                                       "or the deployable ones")] = "all"
-                  ) -> dict:
+                                                                       "or the deployable ones")] = "all",
+                  family: views.FamilyFilter = None) -> dict:
     """Per model hash x eval source x ctx x score (`eval`; its `eval_fingerprints`, one per token count):
     every arm a point (mean kld_mean, kld_se and bits over its runs, `tokens` scored), `pareto` on the
     frontier, `llamacpp` for llama.cpp formats (ggml types, gguf mixtures), `reference` for reference arms,
     `runs_on` / `runtimes` for the runtimes its runs recorded that load it, `not_drawn` for arms without
-    bits or with KLD <= 0."""
-    return plain(land.with_technique(views.landscape_view(led, bits, deployable, frontier), technique))
+    bits or with KLD <= 0. Each plot names its model `family` (its architecture, `unknown` for runs that
+    recorded none); `family` keeps only the plots of that family."""
+    return plain(land.with_family(land.with_technique(views.landscape_view(led, bits, deployable, frontier),
+                                                      technique), family))
 
 
 @router.get("/composition", summary="Technique x technique verdicts")

@@ -265,8 +265,10 @@ def download_landscape(fmt: Format, led: LedgerDep, bits: land.BitsMetric = "bit
                        deployable: Annotated[views.Deployable, Query(description="only the points deployable on "
                                                                                 "this runtime")] = "any",
                        frontier: Annotated[views.Frontier, Query(description="the frontier over every arm or the "
-                                                                            "deployable ones")] = "all"):
-    data = api_read.api_landscape(led, bits=bits, technique=technique, deployable=deployable, frontier=frontier)
+                                                                            "deployable ones")] = "all",
+                       family: views.FamilyFilter = None):
+    data = api_read.api_landscape(led, bits=bits, technique=technique, deployable=deployable, frontier=frontier,
+                                  family=family)
     return answer(landscape_rows(data, group), fmt, "landscape", ("group", "experiment", "arm", "bits", "kld_mean"))
 
 

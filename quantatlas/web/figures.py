@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import math
+import zlib
 
 import plotly.graph_objects as go
 
@@ -17,6 +18,18 @@ from quantatlas.atlas.records import plain
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")
 BITS_TITLES = {"bits_per_weight": "bits per quantized weight", "bits_per_param": "bits per parameter (whole model)"}
+#: the landscape is coloured by model family (architecture, atlas/architecture.py): one colour per family on
+#: every plot; orange stays the llama.cpp reference points
+FAMILY_COLOURS = {"qwen3": PALETTE[0], "llama": PALETTE[2], "qwen3_moe": PALETTE[4], "mixtral": PALETTE[5],
+                  "unknown": PALETTE[7]}
+OTHER_FAMILY_COLOURS = (PALETTE[3], PALETTE[6], PALETTE[8], PALETTE[9])
+
+
+def family_colour(family: str | None) -> str:
+    """A model family's colour: fixed for the zoo's and unknown, else one of the others by a stable hash."""
+    if family in FAMILY_COLOURS:
+        return FAMILY_COLOURS[family]
+    return OTHER_FAMILY_COLOURS[zlib.crc32(str(family).encode()) % len(OTHER_FAMILY_COLOURS)]
 
 
 def _e(s) -> str:
@@ -75,8 +88,8 @@ def landscape_figure(group: dict, bits: str) -> dict:
         data.append(go.Scatter(mode="lines", name="Pareto frontier", hoverinfo="skip",
                                x=[f["bits"] for f in frontier], y=[f["kld_mean"] for f in frontier],
                                line={"shape": "hv", "dash": "dot", "color": "#444", "width": 1.5}))
-    if ours:
-        data.append(trace(ours, "arms", "circle", PALETTE[0]))
+    if ours:   # in the colour of the model's family (the plot's header names it in the same colour)
+        data.append(trace(ours, "arms", "circle", family_colour(group.get("family"))))
     if refs:
         data.append(trace(refs, "llama.cpp formats (reference)", "diamond", PALETTE[1], label_all=True))
     layout = {

@@ -1,7 +1,8 @@
 """The atlas as a landscape: KLD against bits per model and eval stream (Pareto frontier, llama.cpp
 reference points), the composition matrix of techniques, and what is left to try (web/suggestions.py).
 
-One plot is one model hash, eval source, ctx and scoring: the mean KLD over more or fewer tokens of
+One plot is one model hash (of one model family, its architecture: filtered and coloured by it), eval
+source, ctx and scoring: the mean KLD over more or fewer tokens of
 the same stream estimates the same quantity (an eval set is the stream's first whole windows), so a
 spec scored on 16,384 tokens and one on 65,536 meet in one plot. One point is one arm of one
 experiment on one eval fingerprint: its metrics averaged over every run of the arm there (all seeds,
@@ -22,8 +23,8 @@ if TYPE_CHECKING:
     from quantatlas.atlas.ledger import Ledger
 
 __all__ = ["BITS_METRICS", "BitsMetric", "DEFAULT_LIMIT", "DEPLOYABLE", "FRONTIERS", "arm_points", "composition",
-           "deployable_on", "landscape", "left_to_try", "pareto_front", "verdict_colour", "with_deployable",
-           "with_technique"]
+           "deployable_on", "families", "landscape", "left_to_try", "pareto_front", "verdict_colour", "with_deployable",
+           "with_family", "with_technique"]
 VERDICTS = ("success", "failure", "inconclusive", "conflict")
 #: which arms the Pareto frontier is drawn over: every arm, or those deployable on the chosen runtime
 FRONTIERS = ("all", "deployable")
@@ -38,7 +39,8 @@ def landscape(led: Ledger, bits: BitsMetric = "bits_per_weight") -> dict:
         raise ValueError(f"bits {bits!r} is not one of {', '.join(BITS_METRICS)}")
     groups: dict[tuple, dict] = {}
     for p in arm_points(led):
-        g = groups.setdefault(p["group"], {"model_hash": p["model_hash"], "eval": None if p["eval"] is None else
+        g = groups.setdefault(p["group"], {"model_hash": p["model_hash"], "family": p["family"],
+                                           "eval": None if p["eval"] is None else
                                            {k: p["eval"][k] for k in ("source", "ctx", "score")},
                                            "fingerprints": set(), "models": set(), "points": [], "not_drawn": []})
         g["models"].add(p["model"] or "?")
@@ -104,6 +106,19 @@ def with_deployable(view: dict, on: str = "any", frontier: str = "all") -> dict:
                            frontier=[{k: p[k] for k in ("bits", "kld_mean", "experiment", "arm")}
                                      for p in pts if p["pareto"]]))
     return dict(view, groups=groups, deployable=on, frontier_over=frontier)
+
+
+def families(view: dict) -> list[str]:
+    """The model families (architectures) of a landscape's plots, for its filter menu."""
+    return sorted({g["family"] for g in view["groups"]})
+
+
+def with_family(view: dict, family: str | None) -> dict:
+    """A landscape showing only the plots of models of `family` (an architecture: qwen3, llama, qwen3_moe; or
+    `unknown`, the models whose runs recorded none): one plot is one model, so a family keeps whole plots."""
+    if not family:
+        return dict(view, family=None)
+    return dict(view, groups=[g for g in view["groups"] if g["family"] == family], family=family)
 
 
 def with_technique(view: dict, technique: str | None) -> dict:

@@ -14,7 +14,7 @@ from quantatlas.atlas.verdict import RESULTS
 from quantatlas.web import landscape as land
 from quantatlas.web import views
 from quantatlas.web.deps import get_ledger, get_pages
-from quantatlas.web.figures import kld_ecdf_figure, landscape_figure
+from quantatlas.web.figures import family_colour, kld_ecdf_figure, landscape_figure
 from quantatlas.web.rendering import Pages
 
 router = APIRouter(include_in_schema=False)
@@ -40,9 +40,11 @@ def plotly(request: Request):
 
 @router.get("/", response_class=HTMLResponse)
 def list_page(led: LedgerDep, pages: PagesDep, tag: Optional[str] = None, model: Optional[str] = None,
-              result: ResultFilter = None, q: Optional[str] = None):
+              result: ResultFilter = None, q: Optional[str] = None,
+              group: Annotated[Optional[views.ListGroup], BeforeValidator(lambda v: v or None)] = None):
     rows = measured_first(views.experiment_list(led, tag, model, result, q))   # imported claims below ours
-    return pages.render("list.html", nav="list", rows=rows,
+    groups = views.study_groups(led, rows) if group == "study" else [{"study": None, "rows": rows, "holds": None}]
+    return pages.render("list.html", nav="list", rows=rows, groups=groups, group=group or "",
                         facets=views.facets(led), results=RESULTS + ("pending",),
                         filters={"tag": tag or "", "model": model or "", "result": result or "", "q": q or ""})
 
@@ -62,15 +64,16 @@ def experiment_page(exp_id: str, led: LedgerDep, pages: PagesDep):
 @router.get("/landscape", response_class=HTMLResponse)
 def landscape_page(led: LedgerDep, pages: PagesDep, bits: land.BitsMetric = "bits_per_weight",
                    technique: Optional[str] = None, deployable: views.Deployable = "any",
-                   frontier: views.Frontier = "all"):
+                   frontier: views.Frontier = "all", family: views.FamilyFilter = None):
     everything = views.landscape_view(led, bits, deployable, frontier)
     options = sorted({t for g in everything["groups"] for t in g["techniques"]})
-    data = land.with_technique(everything, technique)
+    data = land.with_family(land.with_technique(everything, technique), family)
     for g in data["groups"]:
         g["figure"] = landscape_figure(g, bits)
+        g["family_colour"] = family_colour(g["family"])
     return pages.render("landscape.html", nav="landscape", data=data, bits_options=land.BITS_METRICS,
                         technique_options=options, deployable_options=land.DEPLOYABLE,
-                        frontier_options=land.FRONTIERS)
+                        frontier_options=land.FRONTIERS, family_options=land.families(everything))
 
 
 @router.get("/composition", response_class=HTMLResponse)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 
 from pydantic import ValidationError
 
+from quantatlas.atlas.architecture import UNKNOWN, architecture_of
 from quantatlas.quant.steps import is_reference
 from quantatlas.runtimes import runtimes_of
 from quantatlas.spec import EvalData, arm_of
@@ -49,7 +50,7 @@ def group_key(model_hash: str, ev: dict | None, eval_fingerprint: str) -> tuple:
 
 def arm_points(led: Ledger) -> list[dict]:
     """Every arm with runs, per model hash x eval fingerprint: mean kld_mean, kld_se and bits (over its
-    runs), its techniques, whether it is a reference arm (fp16, `reference: true`) or a llama.cpp
+    runs), its techniques, its model's family (`model_families`), whether it is a reference arm (fp16, `reference: true`) or a llama.cpp
     format, the runtimes its runs recorded that load it (`runs_on`, None for runs stored before it
     existed; `runtimes`: their names), its eval setup (`eval_setup`) and its plot (`group`)."""
     names = ("kld_mean", "kld_se") + BITS_METRICS
@@ -57,6 +58,7 @@ def arm_points(led: Ledger) -> list[dict]:
         means = q.arm_metric_means(names)
         runs_on = q.arm_runs_on()
         specs = {e.id: e.spec.data for e in q.experiments_with_specs({m.experiment_id for m in means})}
+        family = model_families(q.run_set_arches())
     out = []
     for m in means:
         ev = eval_setup(specs.get(m.experiment_id))
@@ -67,11 +69,21 @@ def arm_points(led: Ledger) -> list[dict]:
                     "techniques": sorted(techniques(m.config)), "llamacpp": is_llamacpp_format(m.config),
                     "reference": arm is not None and is_reference(arm),
                     "runs_on": where, "runtimes": sorted(runtimes_of(where)),
-                    "model_hash": m.model_hash, "eval_fingerprint": m.eval_fingerprint, "n_runs": m.n_runs,
+                    "model_hash": m.model_hash, "family": family.get(m.model_hash, UNKNOWN),
+                    "eval_fingerprint": m.eval_fingerprint, "n_runs": m.n_runs,
                     "eval": ev, "tokens": None if ev is None else ev["scored"],
                     "group": group_key(m.model_hash, ev, m.eval_fingerprint),
                     **{k: m.means.get(k) for k in names}})
     return out
+
+
+def model_families(run_set_arches: list[tuple[str, str, str | None]]) -> dict[str, str]:
+    """Model hash -> its family (architecture: atlas/architecture.py), from what its run sets recorded
+    (`Reader.run_set_arches`); UNKNOWN where none did (run sets stored before it was recorded)."""
+    seen: dict[str, list[str | None]] = {}
+    for _exp, model_hash, arch in run_set_arches:
+        seen.setdefault(model_hash, []).append(arch)
+    return {h: architecture_of(archs) for h, archs in seen.items()}
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

@@ -1,7 +1,7 @@
 """What each page and its JSON twin show, computed from the ledger: one view function per pair
 (the page adds only its figures and layout).
 
-    experiment_list      /  and  /api/experiments
+    experiment_list      /  and  /api/experiments (grouped by study: study_groups, ?group=study)
     experiment_view      /experiments/{id}  and  /api/experiments/{id} (and .../kld)
     landscape_view       /landscape  and  /api/landscape
     composition_view     /composition  and  /api/composition
@@ -12,10 +12,14 @@ No torch: numpy for the per-token KLD distributions.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Literal, Optional, get_args
 
 import numpy as np
+from fastapi import Query
+from pydantic import BeforeValidator
 
+from quantatlas.atlas import studies
+from quantatlas.atlas.architecture import ARCH_PATTERN
 from quantatlas.atlas.stored import isoformat
 from quantatlas.atlas.verdict import RESULTS
 from quantatlas.runtimes import runs_on_label
@@ -27,9 +31,18 @@ if TYPE_CHECKING:
 
 #: the list's result filter: a verdict, or "pending" (a spec waiting for runs)
 ListResult = Literal[(*RESULTS, "pending")]
+#: how the list may be grouped: by study (the same spec on several models: atlas/studies.py)
+ListGroup = Literal["study"]
 #: query parameters with a fixed set of values, as a 422 names them
-QUERY_CHOICES: dict[str, tuple[str, ...]] = {"result": get_args(ListResult), "bits": land.BITS_METRICS,
+QUERY_CHOICES: dict[str, tuple[str, ...]] = {"result": get_args(ListResult), "group": get_args(ListGroup),
+                                             "bits": land.BITS_METRICS,
                                              "deployable": land.DEPLOYABLE, "frontier": land.FRONTIERS}
+#: the landscape's model-family filter: an architecture name (atlas/architecture.py) or "unknown"; the form
+#: sends family= for "any family"
+FamilyFilter = Annotated[Optional[str], BeforeValidator(lambda v: v or None),
+                         Query(max_length=64, pattern=ARCH_PATTERN.pattern,
+                               description="only the plots of models of this family (architecture: qwen3, llama, "
+                                           "qwen3_moe, ...; unknown: runs that recorded none)")]
 #: the landscape's "deployable on" filter and what its Pareto frontier is drawn over
 Deployable = Literal[land.DEPLOYABLE]
 Frontier = Literal[land.FRONTIERS]
@@ -71,6 +84,27 @@ def experiment_list(led: Ledger, tag: str | None = None, model: str | None = Non
         return [r for r in experiment_rows(led, tag, model, None, q)
                 if r["result"] is None and r.get("source") != "import"]
     return experiment_rows(led, tag, model, result, q)
+
+
+def study_groups(led: Ledger, rows: list[dict]) -> list[dict]:
+    """List rows grouped by study (their family hash: the same spec on other models), in the order of each
+    group's first row: {"study": family hash or None (a row without one is a group of its own), "rows",
+    "models": the models of its rows, "all_models": every model of the study, "holds": the study line over every
+    model of the family (atlas/studies.py, whatever the filters left in `rows`) or None when only one model ran it}."""
+    groups: dict[str, dict] = {}
+    with led.read() as q:
+        family = {e.id: e.family_hash for e in q.experiments()}
+        for r in rows:
+            fam = family.get(r["id"])
+            groups.setdefault(fam or r["id"], {"study": fam, "rows": [], "holds": None})["rows"].append(r)
+        for g in groups.values():
+            g["models"] = g["all_models"] = [r.get("model") for r in g["rows"]]
+            if g["study"] is not None:
+                found = studies.study(q, led.verdict_cache, q.experiment(g["rows"][0]["id"]))
+                if len(found["models"]) > 1:
+                    g["holds"] = found["holds"]
+                    g["all_models"] = [m["model"] for m in found["models"]]
+    return list(groups.values())
 
 
 def facets(led: Ledger) -> dict:
@@ -146,7 +180,17 @@ def experiment_view(led: Ledger, exp_id: str) -> dict:
     present = {k for rs in d["run_sets"] for r in rs["runs"] for k, v in r["metrics"].items() if v is not None}
     d["seed_columns"] = [c for c in SEED_COLUMNS if c in present]
     d["moe_coverage"] = any(c in present for c in MOE_COLUMNS)
+    d["study"] = study_view(led, d["id"])
     return d
+
+
+def study_view(led: Ledger, exp_id: str) -> dict | None:
+    """The study the experiment belongs to (atlas/studies.py: the same spec on other models), each model's
+    verdict and "holds on k of n architectures"; None when no other model ran it."""
+    with led.read() as q:
+        exp = q.experiment(exp_id)
+        found = studies.study(q, led.verdict_cache, exp)
+    return found if len(found["models"]) > 1 else None
 
 
 def arms_runs_on(run_sets: list[dict]) -> dict[str, list]:

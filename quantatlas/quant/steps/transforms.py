@@ -20,6 +20,14 @@ class TransformsStep(Step):
         return {f"transform:{t.name}" for t in self.value} | \
             {o for t in self.value for o in option_techniques(t, f"transform:{t.name}")}
 
+    def conflicts(self) -> str | None:
+        act = getattr(self.arm, "act", None)
+        if any(t.name == "spinquant" for t in self.value) and act is not None and \
+                (act.static or act.scheme == "llamacpp_cpu"):
+            return ("transforms: spinquant trains with the arm's activation quantizer in the loop, which must be "
+                    "dynamic: act.static and act.scheme llamacpp_cpu are not supported")
+        return None
+
     def apply(self, state, ctx) -> None:
         apply_transforms(state.working_model(), state.arm, state.calibration.tokens(ctx), ctx)
 
@@ -31,4 +39,6 @@ def apply_transforms(model, arm, calib, ctx) -> None:
         t = cfg.build()
         if getattr(t, "codec", "absent") is None:  # AWQ searches its scales for the arm's own codec
             t.codec = codec
+        if hasattr(t, "bind"):   # SpinQuant trains its rotations with the arm's quantizers in the loop
+            t.bind(codec, getattr(arm, "act", None), getattr(arm, "kv", None))
         t.apply(model, calib, ctx)

@@ -2,6 +2,7 @@
 
     hadamard   randomized Hadamard rotations (residual stream, per-head value path, online o/down)
     equalize   per-input-channel scales s_i = H_ii^alpha folded into the previous op
+    spinquant  hadamard's residual and per-head rotations learned by Cayley SGD for the arm's quantizers
     awq        activation-aware scales s = mean|x|^alpha, alpha searched by output error after quantization
 """
 from __future__ import annotations

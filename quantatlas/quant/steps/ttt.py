@@ -1,0 +1,40 @@
+"""Test-time training at evaluation (eval/ttt.py): the arm's `ttt:` block. It changes nothing in the
+quantized model: the harness (quantatlas/measure.py) evaluates the arm a second time with score-first
+TTT and reports `<metric>_ttt` beside the standard metrics. An arm with `ttt:` is its own arm (its
+key and id include the block); arms without it keep theirs (a step added after the first release)."""
+from __future__ import annotations
+
+from quantatlas.eval.ttt import TTTConfig
+from quantatlas.quant.steps.base import Step, option_techniques
+
+
+class TestTimeTrainingStep(Step):
+    field = "ttt"
+    order = 90        # after every step that makes the model: it acts only at evaluation
+    config = TTTConfig
+
+    def seeded(self) -> bool:
+        return self.value.seeded
+
+    def needs_whole_model(self) -> str | None:
+        return "test-time training trains the whole model's parameters in memory"
+
+    def techniques(self) -> set[str]:
+        return {f"ttt:{self.value.params}"} | option_techniques(self.value, "ttt", ("optimizer",))
+
+    def conflicts(self) -> str | None:
+        if self.value.params == "scales" and self.arm.codec is None and not self.arm.overrides:
+            return "ttt.params: scales trains the quantized weights' scales, and this arm quantizes none " \
+                   "(use norms or lora)"
+        return None
+
+    def check_model(self, lm) -> None:
+        from quantatlas.errors import UserError
+        from quantatlas.eval.ttt import norm_params
+
+        if self.value.params == "norms" and not norm_params(lm.model):
+            raise UserError(f"{self.where}.ttt.params: norms: the model has no norm gain to train",
+                            f"{self.where}.ttt.params")
+
+    def apply(self, state, ctx) -> None:
+        """Nothing to do while quantizing: TTT runs in the harness, after the standard evaluation."""
