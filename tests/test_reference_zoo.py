@@ -82,8 +82,11 @@ def test_zoo_member_loads_offline_and_its_card_reproduces(name, monkeypatch):
     if name == "reference-moe":
         share = expert_token_share(model, val, check["seq_len"], "cpu")
         assert torch.allclose(share.sum(dim=1), torch.ones(share.shape[0], dtype=share.dtype))
-        assert float(share.min()) == pytest.approx(check["expert_token_share"]["min"], abs=1e-4)
-        assert float(share.max()) == pytest.approx(check["expert_token_share"]["max"], abs=1e-4)
+        # a near-tie of two router logits may pick the other expert under another thread count: allow two of
+        # a layer's 8192 (token, slot) pairs
+        slots = 2 / (check["tokens"] * 2)
+        assert float(share.min()) == pytest.approx(check["expert_token_share"]["min"], abs=slots + 1e-4)
+        assert float(share.max()) == pytest.approx(check["expert_token_share"]["max"], abs=slots + 1e-4)
         assert float(share.min()) > 0   # no expert is dead on the validation text
 
 

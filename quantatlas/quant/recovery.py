@@ -20,7 +20,7 @@ Methods (loss on calibration tokens only; the eval tokens are never seen, see `c
               AQLM's codebooks) and a straight-through buffer; every `discrete_every` steps a V-step
               re-encodes the `fraction` (τ) of code groups whose buffer moved most, with the codec's
               own search (uniform rounding, e8p/d4/e8 nearest point, aqlm beam search: `beam`),
-              bounded by `trust_ratio`; buffer lr `v_lr` × the matrix's RMS
+              bounded by `trust_ratio`; buffer lr `v_lr` × the matrix's RMS; codebooks' lr `codebook_lr`
     qad       kd_ste's loss and loop, train: weights on the pack's frozen scales: NVIDIA's quantization-aware
               distillation (quant/qad.py says how it differs from kd_ste with train: weights)
     roste     RoSTE: QAT through the STE on the weights, the arm's activation and KV quantizers in the loop,
@@ -81,6 +81,9 @@ class RecoveryConfig(BaseModel):
     trust_ratio: float | None = Field(None, gt=0, json_schema_extra={ADDED_LATER: True})
     #: AQLM's beam width when a V-step re-encodes (null: the codec's own `beam`)
     beam: int | None = Field(None, ge=1, le=256, json_schema_extra={ADDED_LATER: True})
+    #: the P-step's Adam lr on AQLM's shared codebooks (null: `lr`; 0 freezes them). Absolute, in the
+    #: codebooks' units (weights / row scale); quant/pv_tuning.py says why `lr` itself is too large
+    codebook_lr: float | None = Field(None, ge=0, le=1, json_schema_extra={ADDED_LATER: True})
 
     @model_serializer(mode="wrap")
     def _later_options_at_default(self, handler):
@@ -98,13 +101,13 @@ class RecoveryConfig(BaseModel):
         if self.method == "pv_tuning" and self.train == "weights":
             raise ValueError("pv_tuning needs train: scales or scales_norms (its P-step tunes the pack's scales and "
                              "codebooks, its V-step re-encodes codes)")
-        for name in ("v_lr", "trust_ratio", "beam"):
+        for name in ("v_lr", "trust_ratio", "beam", "codebook_lr"):
             if self.method != "pv_tuning" and getattr(self, name) != type(self).model_fields[name].default:
                 raise ValueError(f"{name} is an option of method pv_tuning, not {self.method}")
         return self
 
     #: roste: each layer's value-path and down_proj rotation (quant/roste.py); adaptive is the paper's rule
-    rotation: Literal["adaptive", "none", "hadamard"] = "adaptive"
+    rotation: Literal["adaptive", "none", "hadamard"] = Field("adaptive", json_schema_extra={ADDED_LATER: True})
 
     @model_validator(mode="before")
     @classmethod
