@@ -121,13 +121,17 @@ def test_a_larger_tau_reencodes_more_and_tau_one_is_the_full_reencode():
     assert torch.equal(full.groups.codes[..., 0], want.long())
 
 
-def _tuned(tiny_reference, codec, recovery, solver_options=None, seed=0):
+def _tuned(tiny_reference, codec, recovery, solver_options=None, seed=0, quantized=None):
+    """(model, packed, new packs, info, Recovery) of the tiny model tuned; `quantized`: (model, packed) of
+    an earlier quantize of the same codec, copied instead of quantizing again."""
     spec = parse_spec({"title": "t", "arms": {"a": {"codec": codec, "solver_options": solver_options or {},
                                                     "recovery": {**SMALL, **recovery}}}})
-    recipe = build_recipe(spec.arms["a"])
     fp = tiny_reference.model
-    model = copy.deepcopy(fp)
-    packed = quantize_model(model, recipe, None, seed)
+    if quantized is None:
+        model = copy.deepcopy(fp)
+        packed = quantize_model(model, build_recipe(spec.arms["a"]), None, seed)
+    else:
+        model, packed = copy.deepcopy(quantized[0]), quantized[1]
     rec = Recovery(spec.arms["a"].recovery, seed)
     new, info = rec.run(model, fp, packed, WINDOWS)
     return model, packed, new, info, rec
@@ -168,6 +172,45 @@ def test_stored_pack_decodes_to_the_tuned_models_weights(tiny_reference, codec, 
     assert 0 < info["recovery_codes_moved"] <= info["recovery_code_changes"]
 
 
+AQLM_TUNE = {"aqlm": {"codebooks": 2, "code_bits": 2, "group": 8, "codebook_bits": 8, "iters": 1}}
+
+
+def test_p_only_with_frozen_codebooks_is_kd_ste_on_the_scales(tiny_reference):
+    # P-steps alone with codebook_lr 0 train exactly kd_ste's parameters (the row scales, as s0·m) at the
+    # same lr on the same batches; the only difference is pv_tuning's fp16 rounding of the scale in the loop
+    common = {"lr": 0.01, "steps": 4}
+    fp = tiny_reference.model
+    quantized = copy.deepcopy(fp)
+    quantized = quantized, quantize_model(quantized, build_recipe(parse_spec({"title": "t", "arms": {"a": {
+        "codec": AQLM_TUNE}}}).arms["a"]), None, 0)
+    _, packed, new_kd, info_kd, _ = _tuned(tiny_reference, AQLM_TUNE, {"method": "kd_ste", **common},
+                                           quantized=quantized)
+    _, _, new_pv, info_pv, _ = _tuned(tiny_reference, AQLM_TUNE, {"method": "pv_tuning", **common,
+                                                                  "discrete_every": 100, "codebook_lr": 0},
+                                      quantized=quantized)
+    for name in packed:
+        for k in ("codes", "codebook", "codebook_scale"):
+            assert torch.equal(new_pv[name].data[k], packed[name].data[k]), (name, k)   # only the scales moved
+        s_kd, s_pv = new_kd[name].data["scale"].float(), new_pv[name].data["scale"].float()
+        assert not torch.equal(s_pv, packed[name].data["scale"].float()), name
+        assert torch.allclose(s_pv, s_kd, rtol=2e-3, atol=0), name                       # a couple of fp16 ulps
+    assert info_pv["recovery_train_kl_after"] == pytest.approx(info_kd["recovery_train_kl_after"], rel=1e-3)
+
+
+def test_codebook_lr_is_the_codebooks_step_and_lr_the_scales(tiny_reference):
+    # Adam's first step moves every parameter by lr·g/(|g| + eps), i.e. by (almost exactly) its lr
+    from quantatlas.quant.codecs.gptvq import load_codebook
+
+    _, packed, _, _, rec = _tuned(tiny_reference, AQLM_TUNE, {"method": "pv_tuning", "lr": 0.01, "steps": 1,
+                                                              "codebook_lr": 1e-3, "discrete_every": 100})
+    for name, m in rec.tuned.items():
+        c0 = load_codebook(packed[name].data["codebook"], packed[name].data["codebook_scale"]).float()
+        dc = (m.groups.books.detach() - c0).abs().max()
+        dm = (m.groups.mult.detach() - 1).abs().max()
+        assert 0.99e-3 <= float(dc) <= 1e-3 + 1e-6, name     # float32 rounding of entries of size ~1
+        assert 0.99e-2 <= float(dm) <= 1e-2 + 1e-6, name
+
+
 def test_pv_tuning_lowers_the_training_kl(tiny_reference):
     _, _, _, info, _ = _tuned(tiny_reference, INT2, {"method": "pv_tuning", "lr": 0.01, "steps": 10,
                                                      "discrete_every": 2, "fraction": 0.02, "v_lr": 0.05})
@@ -187,6 +230,8 @@ def test_the_seed_fixes_the_result(tiny_reference):
     ({"method": "pv_tuning", "train": "weights"}, "arms.a.recovery", "pv_tuning needs train: scales"),
     ({"method": "kd_ste", "beam": 4}, "arms.a.recovery", "beam is an option of method pv_tuning"),
     ({"method": "kd_ste", "trust_ratio": 0.1}, "arms.a.recovery", "trust_ratio is an option"),
+    ({"method": "kd_ste", "codebook_lr": 1e-3}, "arms.a.recovery", "codebook_lr is an option"),
+    ({"method": "pv_tuning", "codebook_lr": -1e-3}, "arms.a.recovery.codebook_lr", ""),
     ({"method": "pv_tuning", "trust_ratio": 0}, "arms.a.recovery.trust_ratio", ""),
     ({"method": "pv_tuning", "v_lr": 2.0}, "arms.a.recovery.v_lr", ""),
     ({"method": "pv_tuning", "beam": 0}, "arms.a.recovery.beam", ""),
@@ -212,11 +257,12 @@ def test_new_options_leave_stored_configs_and_ids_as_they_were():
     from quantatlas.atlas import ids
 
     dumped = RecoveryConfig(method="kd_ste").model_dump()
-    assert not {"v_lr", "trust_ratio", "beam"} & set(dumped)            # at their defaults: not written
+    assert not {"v_lr", "trust_ratio", "beam", "codebook_lr"} & set(dumped)            # at their defaults: not written
     assert RecoveryConfig(method="pv_tuning", beam=4).model_dump()["beam"] == 4
     spec = {"title": "t", "data": {"eval": {"tokens": 4096}},
             "arms": {"a": {"codec": INT2, "recovery": {"method": "pv_lite", "fraction": 0.001}}}}
     explicit = copy.deepcopy(spec)
     explicit["arms"]["a"]["recovery"]["v_lr"] = 1e-2                    # the default, written out
+    explicit["arms"]["a"]["recovery"]["codebook_lr"] = None
     same = [ids.experiment_id(ids.spec_hash(ids.normalise_spec(s)[1])) for s in (spec, explicit)]
     assert same[0] == same[1]
