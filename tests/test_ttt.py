@@ -286,3 +286,17 @@ def test_a_verdict_judges_a_ttt_criterion_and_reads_a_control_without_ttt_by_its
 class _Stored:
     def __init__(self, arms):
         self.arms = arms
+
+
+def test_a_lora_arm_is_one_arm_whether_its_default_rank_is_written_or_not():
+    from quantatlas.atlas import ids
+    from quantatlas.eval.ttt import LORA_RANK, TTTConfig
+
+    assert TTTConfig(params="lora") == TTTConfig(params="lora", rank=LORA_RANK)
+    assert TTTConfig(params="lora").rank == LORA_RANK and TTTConfig(params="norms").rank is None
+    spec = {"title": "t", "model": "reference", "control": "a",
+            "arms": {"a": {"codec": {"uniform": {"bits": 4}}}, "b": {"codec": {"uniform": {"bits": 4}}, "ttt": {"params": "lora"}}}}
+    written = {**spec, "arms": {**spec["arms"], "b": {"codec": {"uniform": {"bits": 4}}, "ttt": {"params": "lora", "rank": LORA_RANK}}}}
+    other = {**spec, "arms": {**spec["arms"], "b": {"codec": {"uniform": {"bits": 4}}, "ttt": {"params": "lora", "rank": LORA_RANK + 1}}}}
+    h = [ids.spec_hash(ids.normalise_spec(s)[1]) for s in (spec, written, other)]
+    assert h[0] == h[1] != h[2]

@@ -89,6 +89,14 @@ class TTTConfig(BaseModel):
 
     seeded_params: ClassVar[tuple[str, ...]] = ("lora",)   # the adapters' random A comes from the seed
 
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_rank_written_out(cls, data):
+        """A LoRA arm always carries its rank, so `rank: 4` written and left out are one arm (one id)."""
+        if isinstance(data, dict) and data.get("params") == "lora" and data.get("rank") is None:
+            return {**data, "rank": LORA_RANK}
+        return data
+
     @model_validator(mode="after")
     def _rank_is_for_lora(self):
         if self.rank is not None and self.params != "lora":
