@@ -242,8 +242,16 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gaussian_mse.json")
     args = ap.parse_args(argv)
 
-    runs = bench_runs(trellis_L=[int(v) for v in args.trellis_L.split(",") if v.strip()])
+    try:
+        trellis_L = [int(v) for v in args.trellis_L.split(",") if v.strip()]
+    except ValueError:
+        ap.error(f"--trellis-L: comma-separated integers, got {args.trellis_L!r}")
+    runs = bench_runs(trellis_L=trellis_L)
     if args.codecs:
+        unknown = sorted(set(args.codecs.split(",")) - {r.codec for r in runs})
+        if unknown:
+            ap.error(f"--codecs: no runs for {', '.join(unknown)} (codecs here: "
+                     f"{', '.join(sorted({r.codec for r in runs}))})")
         runs = [r for r in runs if r.codec in args.codecs.split(",")]
     samples = samples_for(runs, args.rows, args.cols, args.seed, args.trellis_rows, args.trellis_rows_16)
     rows = run_all(runs, samples)

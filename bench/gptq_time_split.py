@@ -71,10 +71,10 @@ def merged(base: dict, change: dict) -> dict:
 class Clock:
     """Wall and CPU seconds and calls per stage; `wrap` puts a timer around an attribute of an object."""
 
-    def __init__(self):
-        self.wall = dict.fromkeys(STAGES, 0.0)
-        self.cpu = dict.fromkeys(STAGES, 0.0)
-        self.calls = dict.fromkeys(STAGES, 0)
+    def __init__(self, stages: tuple[str, ...] = STAGES):
+        self.wall = dict.fromkeys(stages, 0.0)
+        self.cpu = dict.fromkeys(stages, 0.0)
+        self.calls = dict.fromkeys(stages, 0)
         self.restore: list[tuple[object, str, object]] = []
 
     def wrap(self, owner, attr: str, stage: str) -> None:

@@ -37,41 +37,12 @@ from pathlib import Path
 
 import torch
 
+from gptq_time_split import Clock   # bench/ is the script's folder: the same stage timer
+
 ROOT = Path(__file__).resolve().parents[1]
 ARM = {"solver": "gptq", "codec": {"uniform": {"bits": 4, "group": 128}}}
 STAGES = ("statistics", "experts", "routing", "solve", "propagation")
 INSIDE = {"experts": "statistics"}
-
-
-class Clock:
-    """Wall and CPU seconds and calls per stage; `wrap` puts a timer around an attribute of an object."""
-
-    def __init__(self):
-        self.wall = dict.fromkeys(STAGES, 0.0)
-        self.cpu = dict.fromkeys(STAGES, 0.0)
-        self.calls = dict.fromkeys(STAGES, 0)
-        self.restore: list[tuple[object, str, object]] = []
-
-    def wrap(self, owner, attr: str, stage: str) -> None:
-        original = getattr(owner, attr)   # fails loudly if the pipeline renamed what is timed
-        clock = self
-
-        def timed(*args, **kwargs):
-            w0, c0 = time.perf_counter(), time.process_time()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                clock.wall[stage] += time.perf_counter() - w0
-                clock.cpu[stage] += time.process_time() - c0
-                clock.calls[stage] += 1
-
-        self.restore.append((owner, attr, original))
-        setattr(owner, attr, timed)
-
-    def unwrap(self) -> None:
-        for owner, attr, original in reversed(self.restore):
-            setattr(owner, attr, original)
-        self.restore.clear()
 
 
 def one_model(name: str, args) -> dict:
@@ -95,7 +66,7 @@ def one_model(name: str, args) -> dict:
     calibration.tokens(ctx)                      # read and drawn before the clock
     runs = []
     for _ in range(args.repeats):
-        clock = Clock()
+        clock = Clock(STAGES)
         clock.wrap(qz, "_collect", "statistics")
         clock.wrap(ExpertStatistics, "add", "experts")
         clock.wrap(qz, "_count_routing", "routing")

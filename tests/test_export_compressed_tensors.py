@@ -20,17 +20,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 LOGIT_TOL = 1e-3
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
+def _save_llama(tmp_path_factory, name: str, hidden: int, layers: int):
+    """A seeded random Llama (4 heads, 2 KV heads, intermediate 2 × hidden) saved under a fresh folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=258, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                       bos_token_id=256, eos_token_id=257, tie_word_embeddings=False)
-    folder = tmp_path_factory.mktemp("tiny") / "llama"
+    folder = tmp_path_factory.mktemp(name) / "llama"
     LlamaForCausalLM(cfg).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return _save_llama(tmp_path_factory, "tiny", hidden=64, layers=2)
 
 
 def _spec(model, arms: dict):
@@ -242,15 +247,7 @@ def test_cli_export_and_refusals(tiny_llama, tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def wide_llama(tmp_path_factory):
     """Widths that hold whole 128 × 128 FP8 blocks."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=258, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      bos_token_id=256, eos_token_id=257, tie_word_embeddings=False)
-    folder = tmp_path_factory.mktemp("wide") / "llama"
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
+    return _save_llama(tmp_path_factory, "wide", hidden=128, layers=1)
 
 
 def test_fp8_tensor_block_and_static_activations(wide_llama, tmp_path):

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from quantatlas.quant.incoherence import IncoherentPacked, decode
+from quantatlas.quant.pv_tuning import codec_of_pack
 from quantatlas.quant.quantize import quantize_model
 from quantatlas.quant.recipe import build_recipe
-from quantatlas.quant.recovery import Recovery, RecoveryConfig, _codec_of, batch_order, check_disjoint
+from quantatlas.quant.recovery import Recovery, RecoveryConfig, batch_order, check_disjoint
 from quantatlas.spec import SpecError, parse_spec
 
 WINDOWS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
@@ -41,7 +42,7 @@ def _assert_format_kept(model, packed, new, seed=0):
             assert (p.data[k].dtype, p.data[k].shape) == (old.data[k].dtype, old.data[k].shape), (name, k)
         assert p.bits_per_weight == old.bits_per_weight
         # the model evaluates exactly decode(Packed)
-        assert torch.equal(decode(_codec_of(p), p), params[name].detach()), name
+        assert torch.equal(decode(codec_of_pack(p), p), params[name].detach()), name
 
 
 INT2 = {"uniform": {"bits": 2, "group": 32}}
@@ -67,7 +68,7 @@ def test_ste_weights_encode_of_latent_is_what_the_model_evaluates(tiny_reference
     _assert_format_kept(model, packed, new)
     params = dict(model.named_parameters())
     for name, t in rec.tuned.items():
-        codec = _codec_of(new[name])
+        codec = codec_of_pack(new[name])
         latent = t.latent.detach()
         assert torch.equal(codec.decode(codec.encode(latent)), params[name].detach())
         assert torch.equal(codec.fake_quantize(latent), params[name].detach())  # the forward STE used

@@ -57,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_valid
 from quantatlas._lazy import nn, no_grad, torch
 from quantatlas.context import RunContext
 from quantatlas.quant.config import ADDED_LATER
+from quantatlas.quant.pv_tuning import codec_of_pack, kl_to_teacher, split_basis
 
 
 class RecoveryConfig(BaseModel):
@@ -183,24 +184,6 @@ def _chunk(windows: torch.Tensor, i: int, batch: int) -> torch.Tensor:
 
 # -- trainable views of one packed matrix ---------------------------------------------------------
 
-def _codec_of(packed):
-    """The run codec that made `packed`, rebuilt from its config: a seeded codec's config already holds
-    the seed its run derived (`Codec.for_run`), so it is not derived again."""
-    from quantatlas.quant.config import build, fill_first_defaults
-
-    config = {k: v for k, v in packed.config.items() if k != "incoherence"}
-    return build("codec", fill_first_defaults({packed.codec: config}))   # a pack leaves out first defaults
-
-
-def _basis(packed):
-    """(inner Packed in the codec's basis, Incoherence or None)."""
-    from quantatlas.quant.incoherence import Incoherence, IncoherentPacked
-
-    if not isinstance(packed, IncoherentPacked):
-        return packed, None
-    return packed.inner, Incoherence(*packed.shape, packed.seed)
-
-
 def _expand(scale: torch.Tensor, cols: int) -> torch.Tensor:
     s = scale if scale.dim() == 2 else scale.reshape(scale.shape[0], -1)
     return s.repeat_interleave(cols // s.shape[1], 1)
@@ -211,7 +194,7 @@ class _Tuned:
 
     def __init__(self, packed, codec, rot):
         self.packed, self.codec, self.rot = packed, codec, rot
-        self.inner, _ = _basis(packed)
+        self.inner, _ = split_basis(packed)
 
     def _out(self, w: torch.Tensor) -> torch.Tensor:
         return w if self.rot is None else self.rot.unweight(w)
@@ -332,7 +315,7 @@ class _UniformCodes(_Scales):
         from quantatlas.quant.codecs.base import pack_bits
 
         packed = super().finalize()
-        inner, _ = _basis(packed)
+        inner, _ = split_basis(packed)
         data = {**inner.data, "codes": pack_bits((self.q - self.lo).to(torch.int64), self.codec.bits)}
         return self._wrap(type(inner)(inner.codec, inner.config, inner.shape, data))
 
@@ -358,8 +341,8 @@ class _Latent(_Tuned):
 def _make(kind: str, packed, w_fp: torch.Tensor | None):
     from quantatlas.quant.qad import FrozenScaleLatent, bind_stored_tensor_scale
 
-    inner, rot = _basis(packed)
-    codec = bind_stored_tensor_scale(_codec_of(packed), inner)   # an NVFP4 fused tensor scale stays shared
+    inner, rot = split_basis(packed)
+    codec = bind_stored_tensor_scale(codec_of_pack(packed), inner)   # an NVFP4 fused tensor scale stays shared
     if kind == "frozen":
         return FrozenScaleLatent(packed, codec, inner, rot, w_fp)
     if kind == "weights":
@@ -371,11 +354,14 @@ def _make(kind: str, packed, w_fp: torch.Tensor | None):
 
 # -- the step ------------------------------------------------------------------------------------
 
-def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(P_teacher ‖ P_student)."""
-    t = torch.log_softmax(teacher_logits.float(), -1)
-    s = torch.log_softmax(student_logits.float(), -1)
-    return (t.exp() * (t - s)).sum(-1).mean()
+@no_grad
+def mean_kl(model, teacher, windows, batch: int = 8) -> float:
+    """Mean KL(P_fp ‖ P_q) over every position of `windows`, `batch` windows at a time."""
+    total = 0.0
+    for i in range(0, windows.shape[0], batch):
+        x = windows[i:i + batch]
+        total += float(kl_to_teacher(model(x, use_cache=False).logits, teacher(x, use_cache=False).logits)) * x.shape[0]
+    return total / windows.shape[0]
 
 
 class Recovery:
@@ -444,14 +430,9 @@ class Recovery:
                 "recovery_train_kl_after": after, **extra}
         return {**packed, **new}, info
 
-    @no_grad
     def kl(self, model, teacher, windows, batch: int = 8) -> float:
-        """Mean KL(P_fp ‖ P_q) over every position of `windows`."""
-        total = 0.0
-        for i in range(0, windows.shape[0], batch):
-            x = windows[i:i + batch]
-            total += float(_kl(model(x, use_cache=False).logits, teacher(x, use_cache=False).logits)) * x.shape[0]
-        return total / windows.shape[0]
+        """Mean KL(P_fp ‖ P_q) over every position of `windows` (`mean_kl`)."""
+        return mean_kl(model, teacher, windows, batch)
 
     def _apply(self, model, tuned: dict, norms: dict, new: dict) -> None:
         """Re-pack every tuned matrix and set the model's weights to decode(Packed); norms to fp16."""
@@ -481,7 +462,8 @@ class Recovery:
             with torch.no_grad():
                 target = teacher(x, use_cache=False).logits
             weights = {name: t.weight() for name, t in tuned.items()}
-            loss = _kl(functional_call(model, {**weights, **norms}, (x,), {"use_cache": False}).logits, target)
+            logits = functional_call(model, {**weights, **norms}, (x,), {"use_cache": False}).logits
+            loss = kl_to_teacher(logits, target)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -509,7 +491,8 @@ class Recovery:
 
         def loss():
             weights = {name: t.weight() for name, t in tuned.items()}
-            return float(_kl(functional_call(model, {**weights, **norms}, (x,), {"use_cache": False}).logits, target))
+            logits = functional_call(model, {**weights, **norms}, (x,), {"use_cache": False}).logits
+            return float(kl_to_teacher(logits, target))
 
         before = loss()
         moved = sum(t.discrete_step(self.cfg.fraction) for t in tuned.values())

@@ -47,6 +47,7 @@ import time
 
 from quantatlas._lazy import nn, no_grad, torch
 from quantatlas.context import RunContext
+from quantatlas.quant.pv_tuning import codec_of_pack, kl_to_teacher
 
 #: calibration windows the rotation errors are measured on (the first of the seeded training pool)
 ROTATION_WINDOWS = 8
@@ -75,13 +76,6 @@ def arm_conflicts(arm) -> str | None:
 
 
 # -- the pieces -----------------------------------------------------------------------------------
-
-def codec_of(packed):
-    """The run codec of a plain pack, rebuilt from its config (its seed, if any, is in the config)."""
-    from quantatlas.quant.config import build, fill_first_defaults
-
-    return build("codec", fill_first_defaults({packed.codec: dict(packed.config)}))
-
 
 def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """q in the forward (exactly: x − x.detach() is 0), the identity gradient to x in the backward."""
@@ -136,7 +130,7 @@ class Quantizers:
         from quantatlas.quant.act import ActivationQuantizer
         from quantatlas.quant.kv import KVCacheQuantizer
 
-        self.codecs = {name: codec_of(p) for name, p in packed.items()}
+        self.codecs = {name: codec_of_pack(p) for name, p in packed.items()}
         self.act_cfg, self.kv_cfg, self.seed = act_cfg, kv_cfg, seed
         self.act = None if act_cfg is None else ActivationQuantizer(act_cfg, seed).codec
         self.v = None if kv_cfg is None else KVCacheQuantizer(kv_cfg, seed).v
@@ -333,13 +327,6 @@ class QuantizedLoop:
             model.config._attn_implementation = self.attn   # the KV step attaches its own cache later
 
 
-def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(P_teacher ‖ P_student)."""
-    t = torch.log_softmax(teacher_logits.float(), -1)
-    s = torch.log_softmax(student_logits.float(), -1)
-    return (t.exp() * (t - s)).sum(-1).mean()
-
-
 class RoSTE:
     """Choose the rotations, then QAT with act/KV in the loop; `run` mirrors recovery.Recovery.run."""
 
@@ -369,7 +356,7 @@ class RoSTE:
         from torch.func import functional_call
 
         from quantatlas.quant.qad import bind_stored_tensor_scale
-        from quantatlas.quant.recovery import batch_order
+        from quantatlas.quant.recovery import batch_order, mean_kl
 
         cfg = self.cfg
         if windows.shape[0] != cfg.samples:
@@ -378,7 +365,7 @@ class RoSTE:
             p.requires_grad_(False)
         t0 = time.process_time()
         mats = self._matrices(model, packed)
-        codecs = {n: bind_stored_tensor_scale(codec_of(pk), pk) for n, pk in mats.items()}
+        codecs = {n: bind_stored_tensor_scale(codec_of_pack(pk), pk) for n, pk in mats.items()}
         quantizers = Quantizers(mats, self.act_cfg, self.kv_cfg, self.seed)
         self.errors = rotation_errors(teacher, quantizers, windows, self.seed)
         self.chosen = choose(self.errors, cfg.rotation)
@@ -387,7 +374,7 @@ class RoSTE:
         probe = windows[:32]   # the loss before and after (act/KV quantized), on up to 32 training windows
         loop.attach(model)
         try:
-            before = self.probe_kl(model, teacher, probe)
+            before = mean_kl(model, teacher, probe)
         finally:
             loop.detach(model)
         fp = dict(teacher.named_parameters())
@@ -405,14 +392,14 @@ class RoSTE:
                 with torch.no_grad():
                     target = teacher(x, use_cache=False).logits
                 weights = {n: ste(lat, codecs[n].fake_quantize(lat.detach())) for n, lat in self.latents.items()}
-                loss = kl(functional_call(model, weights, (x,), {"use_cache": False}).logits, target)
+                loss = kl_to_teacher(functional_call(model, weights, (x,), {"use_cache": False}).logits, target)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 if progress:
                     progress(1)
             new = self._finalize(model, mats, codecs)
-            after = self.probe_kl(model, teacher, probe)
+            after = mean_kl(model, teacher, probe)
         finally:
             loop.detach(model)
         n_layers = max(len(self.chosen), 1)
@@ -435,15 +422,6 @@ class RoSTE:
             new[n] = codecs[n].encode(lat.detach())
             params[n].copy_(codecs[n].decode(new[n]).to(params[n].dtype).reshape(params[n].shape))
         return new
-
-    @no_grad
-    def probe_kl(self, model, teacher, windows, batch: int = 8) -> float:
-        """Mean KL(P_fp ‖ P_q) over `windows`, the student with its act/KV quantizers."""
-        total = 0.0
-        for i in range(0, windows.shape[0], batch):
-            x = windows[i:i + batch]
-            total += float(kl(model(x, use_cache=False).logits, teacher(x, use_cache=False).logits)) * x.shape[0]
-        return total / windows.shape[0]
 
 
 def recover_roste(model, teacher, packed: dict, cfg, seed: int, calib_stream, eval_stream, eval_used: int,

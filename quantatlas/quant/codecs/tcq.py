@@ -44,7 +44,6 @@ through its block update, as for the bitshift trellis (trellis.py).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
@@ -53,10 +52,10 @@ from pydantic import Field, model_validator
 
 from quantatlas._lazy import no_grad, torch
 from quantatlas.quant.codecs.base import Codec, Packed, Quantized, pack_bits, unpack_bits
+from quantatlas.quant.codecs.lattice import FP16_MAX, ScaleParams
 from quantatlas.quant.config import CodecConfig
 from quantatlas.quant.lloyd_max import codebook
 
-FP16_MAX = 65504.0
 #: Ungerboeck's rate-½ amplitude-modulation codes: ν -> (h0, h1) parity-check polynomials (octal,
 #: bit i = coefficient of D^i)
 UNGERBOECK = {2: (0o5, 0o2), 3: (0o13, 0o04), 4: (0o23, 0o04), 5: (0o45, 0o10), 6: (0o103, 0o024),
@@ -174,11 +173,6 @@ def path_subsets(u: torch.Tensor, nu: int) -> torch.Tensor:
 
 
 # ---- the codec -----------------------------------------------------------------------------------
-@dataclass
-class TCQParams:
-    scale: torch.Tensor   # [rows] σ, rounded to fp16 (stored)
-
-
 class TCQ(Codec):
     name = "tcq"
 
@@ -204,7 +198,7 @@ class TCQ(Codec):
 
     def fit(self, w, importance=None):
         scale = w.float().pow(2).mean(1).sqrt() * self.cfg.scale_factor
-        return TCQParams(scale.clamp(max=FP16_MAX).half().float())
+        return ScaleParams(scale.clamp(max=FP16_MAX).half().float())
 
     def quantize(self, w, params, col=0):
         rows, c = w.shape

@@ -90,8 +90,12 @@ class CompressedTensorsReader(FolderReader):
                     fmt = q.format
                 else:
                     fmt = infer_module_format(type(module), scheme)
-                fmt = CompressionFormat(fmt).value
-                compressor = BaseCompressor.get_value_from_registry(fmt)
+                try:
+                    fmt = CompressionFormat(fmt).value
+                    compressor = BaseCompressor.get_value_from_registry(fmt)
+                except (ValueError, KeyError):
+                    raise ArtifactError(f"config group {group_name}: format {fmt!r} (quantization_config.format) is "
+                                        "no compressor compressed-tensors has") from None
                 need = compressor.compression_param_names(scheme)
                 missing = [k for k in need if k not in local and k.startswith("weight")]
                 if missing:

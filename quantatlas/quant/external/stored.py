@@ -68,10 +68,6 @@ class Listing:
     def bytes_stored(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
-    @property
-    def bytes_file(self) -> int:
-        return sum(f.stat().st_size for f in self.files)
-
     def sha256(self) -> str:
         """The content hash (module docstring), computed once per file state in this process."""
         key = (self.format, str(self.path), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in self.files))
@@ -84,10 +80,6 @@ class Listing:
                     h.update(chunk)
             _HASHES[key] = h.hexdigest()
         return _HASHES[key]
-
-    def blob(self) -> bytes:
-        """The artifact's files, back to back in order (what bytes_zstd / bytes_brotli compress)."""
-        return b"".join(f.read_bytes() for f in self.files)
 
 
 _HASHES: dict[tuple, str] = {}
@@ -164,21 +156,31 @@ def safetensors_header(path: Path) -> dict[str, StoredTensor]:
             header = json.loads(fh.read(n))
     except (OSError, ValueError, struct.error) as e:
         raise ArtifactError(f"{path}: not a readable safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{path}: not a readable safetensors file (its header is not a JSON object)")
     start = 8 + n
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        begin, end = info["data_offsets"]
-        out[name] = StoredTensor(name, info["dtype"], tuple(info["shape"]), end - begin, path, start + begin)
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            out[name] = StoredTensor(name, str(info["dtype"]), tuple(int(x) for x in info["shape"]), end - begin,
+                                     path, start + begin)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{path}: tensor {name}: not a safetensors header entry (dtype, shape, "
+                                f"data_offsets): {type(e).__name__} {e}") from None
     return out
 
 
 def _json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        out = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ArtifactError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(out, dict):
+        raise ArtifactError(f"{path}: a JSON object expected, found {type(out).__name__}")
+    return out
 
 
 def quantization_config(folder: Path, config: dict) -> dict:
@@ -270,7 +272,10 @@ def _compressed_tensors(q: dict, folder: Path) -> tuple[dict, Provenance]:
     if not isinstance(groups, dict) or not groups:
         raise ArtifactError(f"{folder}: quantization_config has no config_groups")
     parts = []
-    for g in groups.values():
+    for name, g in groups.items():
+        if not isinstance(g or {}, dict) or not isinstance((g or {}).get("weights") or {}, dict):
+            raise ArtifactError(f"{folder}: quantization_config.config_groups.{name} is not a scheme (an object "
+                                "with weights)")
         w = (g or {}).get("weights") or {}
         a = (g or {}).get("input_activations")
         part = f"weights {w.get('type', '?')}{w.get('num_bits', '?')} {w.get('strategy', '')}"
