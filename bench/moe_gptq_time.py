@@ -18,11 +18,12 @@ The ratio (MoE seconds per active parameter) / (dense seconds per active paramet
 gap is simply the MoE model holding 4x the expert weights that a token touches.
 
 Each run is split by stage (wrappers around the pipeline's functions, two clock reads per call):
-  statistics  quant/quantize.py `_collect`: the calibration passes whose hooks build the Hessians
+  statistics  quant/quantize.py `collect_statistics`: the calibration passes whose hooks build the Hessians
               (on MoE: the routing tap and each expert's X^T X from its routed tokens) ...
     experts     ... of which models/moe.py `ExpertStatistics.add` (the per-expert accumulation)
-  routing     quant/quantize.py `_count_routing`: the pass that counts tokens per expert (MoE only)
-  solve       `GPTQ.solve` (damping, Cholesky, the column loop, the codes)
+  routing     quant/quantize.py `count_routing`: the pass that counts tokens per expert (MoE only)
+  solve       `GPTQ.solve` and `GPTQ.solve_batch` (damping, Cholesky, the column loop, the codes; on MoE the
+              experts of one role in a layer go through `solve_batch` together: solvers/gptq.py `gptq_batched`)
   propagation quant/quantize.py `advance`: the calibration stream through each solved layer
   other       the rest of `quantize` (model copy, plans, weight writes)
 Writes --out (JSON) and prints the table. Not part of `make test`.
@@ -67,10 +68,11 @@ def one_model(name: str, args) -> dict:
     runs = []
     for _ in range(args.repeats):
         clock = Clock(STAGES)
-        clock.wrap(qz, "_collect", "statistics")
+        clock.wrap(qz, "collect_statistics", "statistics")
         clock.wrap(ExpertStatistics, "add", "experts")
-        clock.wrap(qz, "_count_routing", "routing")
+        clock.wrap(qz, "count_routing", "routing")
         clock.wrap(GPTQ, "solve", "solve")
+        clock.wrap(GPTQ, "solve_batch", "solve")
         clock.wrap(qz, "advance", "propagation")
         try:
             w0, c0 = time.perf_counter(), time.process_time()

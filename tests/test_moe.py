@@ -225,7 +225,15 @@ def _recorded_hessians(monkeypatch):
             seen[plan.name] = stats["hessian"].clone()
         return solve(plan, W, stats)
 
+    solve_batch = quantize_module._solve_batch_in_place
+
+    def record_batch(batch, packed):   # experts of one role solved together (GPTQ's batched path)
+        for plan, _, stats in batch:
+            seen[plan.name] = stats["hessian"].clone()
+        return solve_batch(batch, packed)
+
     monkeypatch.setattr(quantize_module, "_solve", record)
+    monkeypatch.setattr(quantize_module, "_solve_batch_in_place", record_batch)
     return seen
 
 

@@ -176,7 +176,7 @@ def quantize_layer(layer, todo: list[TensorPlan], recipe: Recipe, stream: LayerS
     all_tokens: set[int] = set()
     if moe is not None and recipe.moe.starved == "all_tokens":
         # which experts are starved must be known before their statistics are collected
-        stream.routed[experts[0].layer] = _count_routing(layer, moe, stream)
+        stream.routed[experts[0].layer] = count_routing(layer, moe, stream)
         all_tokens = {e for e, n in enumerate(stream.routed[experts[0].layer]) if n < stream.threshold}
     if todo:
         if recipe.propagation in ("parallel", "layer"):
@@ -190,8 +190,9 @@ def quantize_layer(layer, todo: list[TensorPlan], recipe: Recipe, stream: LayerS
         for group in groups:
             # parallel: one group, collected before anything in this layer changes, on the fp stream
             src = stream.fp_hidden if recipe.propagation == "parallel" else stream.q_hidden
-            stats = _collect(layer, group, src, stream.inputs, fp_layer if stream.gptaq else None, stream.fp_hidden,
-                             recipe.moe.weighting, all_tokens)
+            stats = collect_statistics(layer, group, src, stream.inputs, fp_layer if stream.gptaq else None,
+                                       stream.fp_hidden, recipe.moe.weighting, all_tokens)
+            together: dict[tuple, list] = {}   # experts of one role whose solver takes them in one batch
             for p in group:
                 s = stats.pop(p.name)
                 if p.target.expert is not None:
@@ -203,21 +204,19 @@ def quantize_layer(layer, todo: list[TensorPlan], recipe: Recipe, stream: LayerS
                             continue
                         s = None                            # rtn: rounded without statistics
                 W = get_weight(p.target)
-                released = _release_weight(p.target)
-                try:
-                    w_hat, packed[p.name + ".weight"] = _solve(p, W, s)
-                except BaseException:
-                    if released:
-                        p.target.module.weight.data = W.to(released)
-                    raise
-                if released:
-                    p.target.module.weight.data = w_hat.to(released).contiguous()
-                else:
-                    set_weight(p.target, w_hat)
-                del W, w_hat, s
+                if (p.target.expert is not None and s is not None and "hessian" in s and W.dim() == 2
+                        and p.solver.can_batch(p.codec, W)):
+                    together.setdefault((p.role, id(p.solver), id(p.codec), tuple(W.shape)), []).append((p, W, s))
+                    continue
+                _solve_in_place(p, W, s, packed)
+                del W, s
                 if progress:
                     progress(1)
-            del stats
+            for batch in together.values():
+                _solve_batch_in_place(batch, packed)
+                if progress:
+                    progress(len(batch))
+            del stats, together
     # advance both streams through this layer
     inputs = stream.inputs
     if stream.track_fp:
@@ -229,7 +228,43 @@ def quantize_layer(layer, todo: list[TensorPlan], recipe: Recipe, stream: LayerS
     del fp_layer
 
 
-def _count_routing(layer, moe, stream: LayerStream) -> list[int]:
+def _solve_in_place(p: TensorPlan, W: torch.Tensor, s: dict | None, packed: dict) -> None:
+    """One matrix through its solver; Ŵ takes the weight's place (its storage freed while the solver works)."""
+    released = _release_weight(p.target)
+    try:
+        w_hat, packed[p.name + ".weight"] = _solve(p, W, s)
+    except BaseException:
+        if released:
+            p.target.module.weight.data = W.to(released)
+        raise
+    _put_weight(p, w_hat, released)
+
+
+def _solve_batch_in_place(batch: list[tuple[TensorPlan, torch.Tensor, dict]], packed: dict) -> None:
+    """Experts of one role, shape, solver and codec solved together (`Solver.solve_batch`), each Ŵ written back."""
+    plans = [p for p, _, _ in batch]
+    Ws = [W for _, W, _ in batch]
+    released = [_release_weight(p.target) for p in plans]
+    try:
+        results = plans[0].solver.solve_batch(Ws, [s for _, _, s in batch], plans[0].codec)
+    except BaseException:
+        for p, W, dtype in zip(plans, Ws, released):
+            if dtype:
+                p.target.module.weight.data = W.to(dtype)
+        raise
+    for p, dtype, (w_hat, pk) in zip(plans, released, results):
+        packed[p.name + ".weight"] = pk
+        _put_weight(p, w_hat, dtype)
+
+
+def _put_weight(p: TensorPlan, w_hat: torch.Tensor, released: torch.dtype | None) -> None:
+    if released:
+        p.target.module.weight.data = w_hat.to(released).contiguous()
+    else:
+        set_weight(p.target, w_hat)
+
+
+def count_routing(layer, moe, stream: LayerStream) -> list[int]:
     """Calibration tokens routed to each expert of the layer's MoE block (a pass that stops at the router)."""
     counts = [0] * moe.n_experts
 
@@ -262,7 +297,7 @@ def _release_weight(t) -> torch.dtype | None:
     return dtype
 
 
-def _collect(layer, group: list[TensorPlan], hidden, inputs, fp_layer, fp_hidden, weighting: str = "tokens",
+def collect_statistics(layer, group: list[TensorPlan], hidden, inputs, fp_layer, fp_hidden, weighting: str = "tokens",
              all_tokens=()) -> dict[str, dict]:
     """Hessians (and for GPTAQ the cross term) of the group's modules on one pass over the calibration set.
 

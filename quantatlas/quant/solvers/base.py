@@ -32,6 +32,16 @@ class Solver(ABC):
         `stats` is handed over: a solver may overwrite its tensors (GPTQ factors the Hessian in its
         memory, which saves a cols² matrix on the largest layers); pass copies to use them again."""
 
+    def can_batch(self, codec, W) -> bool:
+        """Whether `solve_batch` solves matrices like W together (rather than one `solve` after another) and
+        draws nothing from the run's per-matrix seeds doing so, so the order they are solved in is free."""
+        return False
+
+    def solve_batch(self, Ws: list, stats_list: list[dict], codec) -> list:
+        """`solve` on each of several matrices of one shape (a mixture-of-experts layer's experts of one
+        role), in order; a solver that can do them at once overrides it (GPTQ: `can_batch`)."""
+        return [self.solve(W, s, codec) for W, s in zip(Ws, stats_list)]
+
     def config(self) -> dict:
         return {} if self.cfg is None else self.cfg.options()
 

@@ -86,6 +86,7 @@ checks it against a plain per-column GPTQ):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -176,6 +177,20 @@ class GPTQ(Solver):
                                     H_cross=None if cross is None else inc.hessian(cross.double()),
                                     losses=False, overwrite_h=True, **opts)
         return inc.unweight(w_rot.double()).float(), inc.wrap(packed)
+
+    def can_batch(self, codec, W) -> bool:
+        """`gptq_batched` takes it: plain GPTQ (no cross term, no incoherence: no per-matrix random signs),
+        a batchable codec, group parameters fixed before the column loop."""
+        cfg = self.cfg
+        return (self.name == "gptq" and not cfg.incoherence and batchable(codec, W)
+                and (cfg.static_groups or cfg.act_order or codec.group_of(W.shape[1]) == W.shape[1]))
+
+    def solve_batch(self, Ws, stats_list, codec):
+        if not all(self.can_batch(codec, W) for W in Ws):
+            return super().solve_batch(Ws, stats_list, codec)
+        opts = self.cfg.model_dump()
+        del opts["incoherence"]
+        return gptq_batched(Ws, [s.pop("hessian") for s in stats_list], codec, **opts)
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, codec: Codec, *, block_size: int = 128, damp: float = 0.01,
@@ -365,6 +380,134 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec: Codec, *, block_size: int = 12
         torch.cuda.synchronize(dev)
     info["seconds"] = time.perf_counter() - t0
     return W_hat, packed, info
+
+
+#: the most weights one batch of `gptq_batched` holds (its Wᵀ and W0ᵀ copies and codes are this size each)
+BATCH_WEIGHTS = 1 << 25
+
+
+def batchable(codec: Codec, W: torch.Tensor) -> bool:
+    """Whether `gptq_batched` can take matrices like W with `codec`: the fast scalar path (block width 1, a
+    `column_quantizer`), no per-matrix part in the codec (`for_matrix` is the codec itself), float32."""
+    return (codec.block_width == 1 and type(codec).column_quantizer is not Codec.column_quantizer
+            and W.dtype != torch.float64 and codec.for_matrix(W.detach()) is codec)
+
+
+def gptq_batched(Ws: list[torch.Tensor], Hs: list[torch.Tensor], codec: Codec, *, block_size: int = 128,
+                 damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
+                 importance_from_hessian: bool = True) -> list[tuple[torch.Tensor, Packed]]:
+    """GPTQ on several matrices of one shape, each against its own Hessian (the experts of one role in a
+    mixture-of-experts layer), with the per-column work done once for all of them: (Ŵ, Packed) per matrix,
+    what `gptq(W, H, codec, losses=False, ...)` returns for each, bit for bit (tests/test_gptq_batched.py).
+
+    The same steps as `gptq`'s A form with a scalar codec: each matrix's dead columns, damping, Cholesky
+    factor, act order and group parameters are its own (a loop over matrices: one factor each), then one
+    loop over column positions rounds position p of every matrix at once ([E, rows] through the codec's
+    `column_quantizer`, its parameters gathered per matrix: with act order the same position holds different
+    columns and groups), and the updates are batched (addcmul inside a sub-block, baddbmm across blocks:
+    the same float operations as `gptq`'s addr and addmm). Needs `batchable(codec, W)`, and fixed group
+    parameters (static_groups or act_order, or one group per row); the Hessians are handed over (overwritten).
+    Matrices are taken BATCH_WEIGHTS weights at a time.
+    """
+    if not Ws:
+        return []
+    rows, cols = Ws[0].shape
+    chunk = max(1, BATCH_WEIGHTS // max(rows * cols, 1))
+    if len(Ws) > chunk:
+        return [r for i in range(0, len(Ws), chunk)
+                for r in gptq_batched(Ws[i:i + chunk], Hs[i:i + chunk], codec, block_size=block_size, damp=damp,
+                                      act_order=act_order, static_groups=static_groups,
+                                      importance_from_hessian=importance_from_hessian)]
+    E = len(Ws)
+    for W, H in zip(Ws, Hs):
+        if tuple(W.shape) != (rows, cols):
+            raise ValueError(f"gptq_batched: matrices of one shape, got {tuple(W.shape)} and {(rows, cols)}")
+        _, _, bw, g = _check(W, H, codec, block_size, damp, act_order, static_groups, None, 1.0)
+        if not batchable(codec, W):
+            raise ValueError(f"gptq_batched: {codec.name} cannot be solved in a batch (see batchable)")
+    n_groups = cols // g
+    if not (static_groups or act_order) and n_groups > 1:
+        raise ValueError("gptq_batched: groups fitted on the fly need `gptq` (static_groups or act_order here)")
+    dev = Ws[0].device
+    Wt = torch.empty(E, cols, rows, device=dev)       # per matrix: Wᵀ by position (act order applied)
+    M = torch.empty(E, cols, cols, device=dev)        # per matrix: A = R · diag(R)⁻¹ (see `gptq`)
+    group_at = torch.empty(E, cols, dtype=torch.long, device=dev)   # the group of the column at each position
+    order_back: list[torch.Tensor | None] = []
+    params: list[list[Any]] = []
+    for e, (W, H) in enumerate(zip(Ws, Hs)):
+        Hd = H.detach().to(dev, torch.float32)
+        hdiag = torch.diagonal(Hd).clone()
+        importance = hdiag if importance_from_hessian else None
+        dead = torch.nonzero(hdiag == 0).flatten()
+        w = W.detach().to(torch.float32).t().contiguous()
+        w[dead] = 0
+        Hd[dead, dead] = 1
+        params.append([codec.fit(w[gi * g:(gi + 1) * g].t().contiguous(), _slice(importance, gi * g, g))
+                       for gi in range(n_groups)])
+        order = _act_order(torch.diagonal(Hd), 1) if act_order else None
+        if order is not None:
+            w, Hd = w[order], Hd[order][:, order]
+        Wt[e] = w
+        group_at[e] = (order if order is not None else torch.arange(cols, device=dev)) // g
+        order_back.append(None if order is None else torch.argsort(order))
+        R, _, _ = _upper_factor(Hd, damp, overwrite=True)
+        M[e] = _scaled_by_diagonal_blocks(R, 1)
+        del Hd, R, w
+    W0t = Wt.clone()                                  # the original columns, the A form's X = W0 - Q
+    rounder_at = _batched_rounders(codec, params, group_at)
+    Ct = torch.empty(E, cols, rows, device=dev, dtype=torch.int16)
+    code = torch.empty(E, rows, device=dev, dtype=torch.float32)
+    Xt = torch.empty(E, block_size, rows, device=dev)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        for a in range(i1, i2, SUB_BLOCK):
+            se = min(a + SUB_BLOCK, i2)
+            for p in range(a, se):
+                w, x = Wt[:, p], Xt[:, p - i1]
+                rounder_at(p)(w, None, w, code)           # a rounded position's row takes its grid values
+                Ct[:, p].copy_(code)
+                torch.sub(W0t[:, p], w, out=x)
+                if p + 1 < se:
+                    Wt[:, p + 1:se].addcmul_(M[:, p, p + 1:se, None], x[:, None, :])
+            if se < i2:
+                Wt[:, se:i2].baddbmm_(M[:, a:se, se:i2].transpose(1, 2), Xt[:, a - i1:se - i1])
+        if i2 < cols:
+            Wt[:, i2:].baddbmm_(M[:, i1:i2, i2:].transpose(1, 2), Xt[:, :i2 - i1])
+    del M, W0t, Xt
+    out = []
+    for e in range(E):
+        back = order_back[e]
+        q, c = (Wt[e], Ct[e]) if back is None else (Wt[e][back], Ct[e][back])
+        out.append((q.t(), codec.pack(c.t(), params[e])))
+    return out
+
+
+def _batched_rounders(codec: Codec, params: list[list[Any]], group_at: torch.Tensor):
+    """position -> the codec's column rounder for that position of every matrix: each matrix's parameters of
+    the group its column at that position belongs to, stacked [E, rows] (a group parameter object is a
+    dataclass of per-row tensors). Rounders are made once per distinct combination of groups."""
+    first = params[0][0]
+    if not dataclasses.is_dataclass(first):
+        raise TypeError(f"gptq_batched: {codec.name}'s group parameters are not a dataclass of per-row tensors")
+    E = len(params)
+    stacked = {}
+    for f in dataclasses.fields(first):
+        values = [[getattr(p, f.name) for p in per] for per in params]
+        if values[0][0] is None:
+            continue
+        stacked[f.name] = torch.stack([torch.stack(v) for v in values])       # [E, groups, rows]
+    matrix = torch.arange(E, device=group_at.device)
+    keys = [tuple(k) for k in group_at.t().tolist()]
+    made: dict[tuple, Any] = {}
+
+    def rounder_at(p: int):
+        key = keys[p]
+        if key not in made:
+            gi = group_at[:, p]
+            made[key] = codec.column_quantizer(dataclasses.replace(
+                first, **{name: t[matrix, gi] for name, t in stacked.items()}))
+        return made[key]
+    return rounder_at
 
 
 def _losses(info, Q, W_orig, H_orig, H_cross, dead, esq, lam, from_e: bool) -> None:
