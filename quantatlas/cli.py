@@ -157,8 +157,9 @@ def export(spec: Path = typer.Argument(..., help="experiment spec (YAML)"),
 
 
 @reference_app.command("train")
-def reference_train(steps: int = typer.Option(1000, min=0), seed: int = typer.Option(0),
-                    batch_size: int = typer.Option(8, min=1), seq_len: int = typer.Option(512, min=1),
+def reference_train(steps: int = typer.Option(1000), seed: int = typer.Option(0),
+                    batch_size: int = typer.Option(8),
+                    seq_len: int = typer.Option(512, help="at most the model's context (1024)"),
                     device: str = typer.Option("cpu"),
                     out: Optional[Path] = typer.Option(None, help="checkpoint folder (default: the package's)"),
                     arch: str = typer.Option("qwen3", help="qwen3 (model: reference), llama (reference-llama) "
@@ -166,18 +167,14 @@ def reference_train(steps: int = typer.Option(1000, min=0), seed: int = typer.Op
     """Train a reference model reproducibly and write checkpoint + card."""
     from rich.progress import Progress
 
-    from quantatlas.reference.model import ARCHES
-    from quantatlas.reference.train import TrainConfig, train
+    from quantatlas.errors import UserError
+    from quantatlas.reference.train import TrainConfig, check_config, train
 
-    if arch not in ARCHES:
-        fail(f"field arch: {arch!r} is not one of {', '.join(ARCHES)}")
-    import torch
-
-    try:
-        torch.device(device)
-    except RuntimeError:
-        fail(f"field device: {device!r} is not a torch device (cpu, cuda, cuda:1 ...)")
     cfg = TrainConfig(steps=steps, seed=seed, batch_size=batch_size, seq_len=seq_len, device=device)
+    try:   # sizes, the context, the device: refused in one line before anything is built
+        check_config(cfg, arch)
+    except UserError as e:
+        fail(str(e))
     with Progress() as p:
         task = p.add_task("training", total=steps)
         card = train(cfg, out, arch=arch,

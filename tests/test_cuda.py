@@ -177,6 +177,26 @@ def test_gptq_on_device_matches_cpu(case, layer_problem):
         assert abs(i_b["asym_proxy_loss"] - i_cpu["asym_proxy_loss"]) <= 0.01 * i_cpu["proxy_loss"]
 
 
+def test_batched_gptq_on_device_matches_one_at_a_time(layer_problem):
+    """A MoE layer's experts solved in one batch (solvers/gptq.py `gptq_batched`): on B, each matrix's Ŵ is
+    its own `gptq` solve's (bit for bit on the CPU, tests/test_gptq_batched.py; on a GPU batched and single
+    matmuls may sum in another order, so within the rounding of a few ties) and decode(Packed) is Ŵ."""
+    from quantatlas.quant.solvers.gptq import gptq_batched
+
+    W, H, _ = layer_problem
+    Ws = [(W * (1 + 0.5 * e)).to(B) for e in range(3)]
+    Hs = [(H + e * 0.1 * torch.diag(torch.diagonal(H))).to(B) for e in range(3)]
+    codec = make_codec("uniform", {"bits": 4, "group": 128})
+    opts = {"act_order": True, "static_groups": True}
+    batched = gptq_batched(Ws, [h.clone() for h in Hs], codec, **opts)
+    for (w_hat, packed), W_e, H_e in zip(batched, Ws, Hs):
+        alone, _, _ = gptq(W_e, H_e.clone(), codec, losses=False, **opts)
+        assert w_hat.device.type == B.type
+        torch.testing.assert_close(codec.decode(packed).to(w_hat.device), w_hat, rtol=1e-5, atol=1e-6)
+        differ = (w_hat != alone).float().mean().item()
+        assert differ < 0.01, f"{differ:.2%} of the weights differ from the one-matrix solve"
+
+
 # -- end to end -------------------------------------------------------------------------------------------
 DATA = {"eval": {"tokens": 2048, "ctx": 128}, "calib": {"samples": 4, "seq_len": 64}}
 INT4 = {"uniform": {"bits": 4, "group": 32}}

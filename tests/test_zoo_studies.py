@@ -283,6 +283,23 @@ def test_the_experiment_page_shows_each_models_verdict_and_the_line(zoo_atlas):
         assert client.get(f"/api/experiments/{other}").json()["study"] is None   # one model: no study
 
 
+def test_atlas_show_prints_each_models_verdict_and_the_line(zoo_atlas):
+    """`quantatlas atlas show` of one model's experiment ends with its study, as `run` prints it."""
+    from quantatlas.atlas.cli import format_show
+
+    url, exps, other = zoo_atlas
+    with Ledger(url) as led:
+        d = led.describe(exps["reference-moe"])
+        text = format_show(d)
+        assert d["study"]["holds"]["text"].startswith("holds on 2 of 3 architectures (qwen3, llama; 2 of 3 models)")
+        assert text.endswith(format_study(d["study"]))
+        assert f"the hypothesis {d['study']['holds']['text']}" in text
+        for m, arch, result in (("reference", "qwen3", "success"), ("reference-moe", "qwen3_moe", "failure")):
+            assert any(line.split()[:2] == [m, arch] and result in line.split() for line in text.splitlines())
+        lone = led.describe(other)
+        assert lone["study"] is None and "study " not in format_show(lone)
+
+
 def test_the_list_groups_by_study(zoo_atlas):
     url, exps, other = zoo_atlas
     from quantatlas.web import create_app

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import typer
 
 from quantatlas.atlas.confidence import FORMULA
+from quantatlas.atlas.studies import format_study
 from quantatlas.atlas.verdict import format_p
 from quantatlas.tables import plain_table, render
 
@@ -186,6 +187,9 @@ def format_show(d: dict) -> str:
                          + token_p + seed_ci)
         L.append("")
         L.append("confidence: " + FORMULA)
+    if d.get("study"):
+        L.append("")
+        L.append(format_study(d["study"]))
     return "\n".join(L)
 
 

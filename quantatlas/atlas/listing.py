@@ -8,12 +8,13 @@ spec's `primary:`, else the best treatment; verdict.choose_primary), and the key
 arm's. Reference arms (fp16, `reference: true`) never stand for an experiment."""
 from __future__ import annotations
 
+import math
+
 from quantatlas.atlas.errors import LedgerError
 from quantatlas.atlas.records import RESULTS, plain
 from quantatlas.atlas.store import Reader, Store
 from quantatlas.atlas.stored import StoredExperiment, StoredSpec, isoformat
-import math
-
+from quantatlas.atlas.studies import study, study_members
 from quantatlas.atlas.verdict import is_reference_arm
 from quantatlas.atlas.verdict_cache import VerdictCache
 
@@ -103,6 +104,8 @@ def describe(store: Store, cache: VerdictCache, exp_id: str) -> dict:
         flags_out = [{"other": f.other_id, "score": f.score, "status": f.status} for f in q.duplicate_flags(e.id)]
         flags_in = [{"other": f.experiment_id, "score": f.score, "status": f.status} for f in q.duplicated_by(e.id)]
         arms_config = [{"arm": a.name, "config": a.config, "control": a.is_control} for a in q.arms_of(e.id)]
+        # the same hypothesis on other models (a spec's `models:`): each model's verdict and the study line
+        in_study = study(q, cache, e) if len(study_members(q, e)) > 1 else None
     return plain({
         **the_row, "notes": e.notes, "spec": e.spec.data, "created_at": isoformat(e.created_at),
         "contributor": e.contributor,
@@ -110,7 +113,7 @@ def describe(store: Store, cache: VerdictCache, exp_id: str) -> dict:
         "run_sets": run_sets,
         "verdicts": [dict(v, details={k: x for k, x in (details.get(v["arm"]) or {}).items()
                                       if k != "summary"}) for v in verdicts],
-        "duplicate_flags": flags_out, "duplicated_by": flags_in,
+        "duplicate_flags": flags_out, "duplicated_by": flags_in, "study": in_study,
     })
 
 

@@ -8,6 +8,9 @@ applies to matrices; norm vectors, and an MoE block's routers (router, shared_ro
 where an override gives them a codec. A routed expert's matrices are named per expert,
 `model.layers.<L>.mlp.experts.<E>.<gate_proj|up_proj|down_proj>` (a fused 3-D expert tensor too), so a
 regex picks an expert index, a role and a layer: `layers[.]3[.].*experts[.]7[.]down_proj`.
+An override whose match hits no tensor the arm plans is refused (`Recipe.check_overrides`): it would
+change nothing, and the arm would silently be its control (`match: down` on a mixture of experts, whose
+MLP roles are expert_down, ...).
 """
 from __future__ import annotations
 
@@ -50,12 +53,16 @@ class Recipe:
     include_head: bool = False
     mixture: Any = None  # a GGUFMixture: llama.cpp's per-tensor types instead of one codec
     moe: MoEConfig = field(default_factory=MoEConfig)  # how MoE experts are calibrated (quant/moe.py)
+    where: str = "arm"  # the arm's spec path (`arms.<name>`): what a refused override's field starts with
 
     def __post_init__(self):
         if self.solver is None:
             self.solver = parse_config("solver", "rtn").build()
 
     def plan(self, roles, model=None) -> list[TensorPlan]:
+        """Each of `roles` (every tensor the arm may quantize: quantize.tensors_to_quantize) with its codec and
+        solver; an override that hits none of them is refused (UserError naming its match)."""
+        self.check_overrides(roles, model)
         types = self.mixture.plan(model) if self.mixture is not None else {}
         plans = []
         for t in roles:
@@ -68,6 +75,30 @@ class Recipe:
                     codec, solver = o_codec, (o_solver or solver)
             plans.append(TensorPlan(t.name, t.role, t.layer, codec, solver, t))
         return plans
+
+    def check_overrides(self, roles, model=None, name: str | None = None) -> None:
+        """Refuse, naming `<where>.overrides.<i>.match`, its value and the model (`name`, default
+        `model_label(model)`), the first override whose match hits none of `roles` (the tensors the arm plans
+        on `model`); the message lists the model's roles, and tells a tensor this arm leaves unquantized (the
+        head without include_head) from a name the model does not have."""
+        from quantatlas.models.roles import find_roles
+
+        for i, (match, _, _) in enumerate(self.overrides):
+            if any(_hits(match, t) for t in roles):
+                continue
+            every = find_roles(model) if model is not None else roles   # read only on the way to refusing
+            label = name or model_label(model)
+            value = match if isinstance(match, str) else match.pattern
+            field = f"{self.where}.overrides.{i}.match"
+            roles_of_model = ", ".join(dict.fromkeys(t.role for t in every))
+            outside = sorted({t.role for t in every if _hits(match, t)})
+            if outside:   # the model has them, this arm does not quantize them
+                why = (f"hits only {', '.join(outside)} of model {label!r}, which this arm does not quantize"
+                       + (" (the head needs include_head: true)" if "head" in outside else ""))
+            else:
+                kind = "a role" if isinstance(match, str) else "a regex searched in the module names"
+                why = f"({kind}) matches no tensor of model {label!r}, whose roles are {roles_of_model}"
+            raise UserError(f"{field}: {value!r} {why}: the override would change nothing", field)
 
     def overridden(self, t) -> bool:
         """Whether an override names tensor `t` (a TensorRole)."""
@@ -88,6 +119,14 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         return bool(self.statistics)
+
+
+def model_label(model) -> str:
+    """What a message calls a torch model: its hub name or folder, else its class."""
+    if model is None:
+        return "the model"
+    name = getattr(getattr(model, "config", None), "name_or_path", "")
+    return str(name) or type(model).__name__
 
 
 def _hits(match: re.Pattern | str, t) -> bool:
@@ -121,4 +160,5 @@ def build_recipe(arm, where: str = "arm") -> Recipe:
     elif arm.codec is not None:
         codec = arm.codec.build()
     return Recipe(solver=solver, codec=codec, overrides=overrides, propagation=arm.propagation,
-                  include_head=arm.include_head, mixture=mixture, moe=getattr(arm, "moe", None) or MoEConfig())
+                  include_head=arm.include_head, mixture=mixture, moe=getattr(arm, "moe", None) or MoEConfig(),
+                  where=where)

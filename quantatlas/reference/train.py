@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quantatlas.errors import UserError
 from quantatlas.reference.corpus import corpus_files, stdlib_tokens
-from quantatlas.reference.model import (ARCHITECTURE_LINES, ZOO_ARCH, ZOO_NAME, active_parameters, causal_lm_class,
-                                        checkpoint_dir, reference_config)
+from quantatlas.reference.model import (ARCHES, ARCHITECTURE_LINES, ZOO_ARCH, ZOO_NAME, active_parameters,
+                                        causal_lm_class, checkpoint_dir, reference_config)
 from quantatlas.reference.splits import fixed_tokens
 
 
@@ -47,6 +48,38 @@ class TrainConfig:
     seed: int = 0
     val_tokens: int = 131072
     device: str = "cpu"
+
+
+def check_config(cfg: TrainConfig, arch: str = "qwen3") -> None:
+    """Refuse, before anything is built or read, what the training cannot run: a UserError naming the field
+    (TrainConfig's; the command line's option is its --dashed name) and its value. seq_len is at most the architecture's context
+    (max_position_embeddings): RoPE runs past it without a word, and the card would state a context the
+    model was never trained within."""
+    if arch not in ARCHES:
+        raise UserError(f"field arch: {arch!r} is not one of {', '.join(ARCHES)}", "arch")
+    for name in ("steps", "batch_size", "seq_len", "val_tokens"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"field {name}: {value!r} is not a positive integer", name)
+    context = reference_config(arch).max_position_embeddings
+    if cfg.seq_len > context:
+        raise UserError(f"field seq_len: {cfg.seq_len} is more than the {arch} model's context "
+                        f"(max_position_embeddings {context})", "seq_len")
+    if cfg.val_tokens < cfg.seq_len:
+        raise UserError(f"field val_tokens: {cfg.val_tokens} is fewer than seq_len {cfg.seq_len} (validation "
+                        "scores whole windows of seq_len tokens)", "val_tokens")
+    try:
+        device = torch.device(cfg.device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"field device: {cfg.device!r} is not a torch device (cpu, cuda, cuda:1 ...)",
+                        "device") from None
+    try:   # a name torch knows may still be absent here (cuda without a GPU, cuda:3 on a one-GPU machine)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, NotImplementedError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"field device: {cfg.device!r} is not available here ({why})", "device") from None
+    if device.type == "meta":
+        raise UserError("field device: 'meta' holds no numbers to train", "device")
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
@@ -92,9 +125,11 @@ def bits_per_byte(model, tokens: np.ndarray, seq_len: int, device) -> float:
 
 def train(cfg: TrainConfig, out_dir: Path | None = None, progress=None, arch: str = "qwen3") -> dict:
     """Train the `arch` member of the zoo with `cfg` and write its checkpoint and card to `out_dir`
-    (default: the architecture's committed folder)."""
+    (default: the architecture's committed folder). A configuration it cannot run is refused first
+    (`check_config`)."""
     from safetensors.torch import save_file
 
+    check_config(cfg, arch)
     out_dir = checkpoint_dir(arch) if out_dir is None else Path(out_dir)
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)

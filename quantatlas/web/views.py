@@ -180,17 +180,7 @@ def experiment_view(led: Ledger, exp_id: str) -> dict:
     present = {k for rs in d["run_sets"] for r in rs["runs"] for k, v in r["metrics"].items() if v is not None}
     d["seed_columns"] = [c for c in SEED_COLUMNS if c in present]
     d["moe_coverage"] = any(c in present for c in MOE_COLUMNS)
-    d["study"] = study_view(led, d["id"])
     return d
-
-
-def study_view(led: Ledger, exp_id: str) -> dict | None:
-    """The study the experiment belongs to (atlas/studies.py: the same spec on other models), each model's
-    verdict and "holds on k of n architectures"; None when no other model ran it."""
-    with led.read() as q:
-        exp = q.experiment(exp_id)
-        found = studies.study(q, led.verdict_cache, exp)
-    return found if len(found["models"]) > 1 else None
 
 
 def arms_runs_on(run_sets: list[dict]) -> dict[str, list]:

@@ -36,6 +36,15 @@ class WeightsStep(Step):
     def seeded(self) -> bool:
         return any(c.seeded for c in self._configs()) or self.reads_calibration()
 
+    def check_model(self, lm) -> None:
+        """An override that hits no tensor this arm quantizes on the model is refused before any arm runs."""
+        from quantatlas.quant.quantize import tensors_to_quantize
+
+        if not self.arm.overrides:
+            return
+        recipe = self.recipe()
+        recipe.check_overrides(tensors_to_quantize(lm.model, recipe), lm.model, lm.source)
+
     def needs_whole_model(self) -> str | None:
         if self.arm.codec is not None and self.arm.codec.name == "gguf":
             return "llama.cpp mixtures (codec: gguf) need the whole model"
