@@ -1,6 +1,6 @@
 """User mistakes refused in one line, naming the file, field and value, before any compute: malformed
 external artifacts (safetensors headers, configs that are not JSON objects, an unknown compressed-tensors
-format), `quantatlas reference train`'s options (device, sizes, a seq_len past the model's context),
+format, packed tensors that do not fit their scheme; over-long metadata is cut, not a traceback), `quantatlas reference train`'s options (device, sizes, a seq_len past the model's context),
 bench/gaussian_mse.py's --codecs and --trellis-L, and an arm override whose match hits no tensor of the
 model (`match: down` on a mixture of experts, whose MLP roles are expert_down, ...)."""
 from __future__ import annotations
@@ -88,8 +88,10 @@ def refused_artifact(folder: Path, fmt: str = "gptq") -> str:
 @pytest.mark.parametrize("blob,reason", [
     (b"\x01\x02\x03", "not a readable safetensors file (unpack requires a buffer of 8 bytes)"),    # cut in the length
     (b"", "not a readable safetensors file (unpack requires a buffer of 8 bytes)"),               # empty
-    (safetensors_bytes(HEADER[:10], len(HEADER), b""), "not a readable safetensors file (Unterminated string"),
-    (safetensors_bytes(HEADER, 1 << 40), f"not a readable safetensors file (header of {1 << 40} bytes)"),
+    (safetensors_bytes(HEADER[:10], data=b""), "not a readable safetensors file (Unterminated string"),
+    (safetensors_bytes(HEADER, 1 << 40), f"not a readable safetensors file (its first 8 bytes declare a header of "
+                                         f"{1 << 40} bytes, the file holds {8 + len(HEADER) + 8} bytes)"),
+    (safetensors_bytes(b"[" * 100_000 + b"]" * 100_000), "not a readable safetensors file (maximum recursion"),
     (safetensors_bytes(b"notjson!"), "not a readable safetensors file (Expecting value"),
     (safetensors_bytes(b"[1, 2]"), "not a readable safetensors file (its header is not a JSON object)"),
     (safetensors_bytes(b'"w"'), "not a readable safetensors file (its header is not a JSON object)"),
@@ -97,6 +99,9 @@ def refused_artifact(folder: Path, fmt: str = "gptq") -> str:
                                                     "data_offsets): KeyError"),
     (safetensors_bytes(b'{"w": {"dtype": "F32", "shape": "ab", "data_offsets": [0, 8]}}'),
      "tensor w: not a safetensors header entry"),
+    (safetensors_bytes(b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}'),
+     "tensor w: not a safetensors header entry (dtype, shape, data_offsets): ValueError data_offsets [8, 0] is no "
+     "byte range"),
     (safetensors_bytes(HEADER, data=b"\0" * 3), "tensor w is cut short (5 of its 8 bytes missing)"),  # data cut
 ])
 def test_a_malformed_safetensors_file_is_refused_naming_the_file(tmp_path, blob, reason):
@@ -106,14 +111,29 @@ def test_a_malformed_safetensors_file_is_refused_naming_the_file(tmp_path, blob,
 
 
 def test_a_header_length_past_the_end_of_the_file_is_refused(tmp_path):
-    # the length says 1000 more bytes than the file holds: either the header JSON is cut (not JSON), or,
-    # where what is there parses, its tensors lie past the end of the file
-    for i, blob in enumerate([safetensors_bytes(HEADER[:-1], len(HEADER) + 1000, b""),
-                              safetensors_bytes(HEADER, len(HEADER) + 1000, b"")]):
+    # the length says 1000 more bytes than the file holds: whether what is there parses as JSON (whose
+    # tensors would then look cut short) or not, the length is named, with the file's size
+    for i, (blob, size) in enumerate([(safetensors_bytes(HEADER[:-1], len(HEADER) + 1000, b""), 8 + len(HEADER) - 1),
+                                      (safetensors_bytes(HEADER, len(HEADER) + 1000, b""), 8 + len(HEADER)),
+                                      (safetensors_bytes(HEADER, len(HEADER) + 1, b""), 8 + len(HEADER))]):
         folder = gptq_folder(tmp_path / f"g{i}", blob)
-        msg = refused_artifact(folder)
-        assert f"{folder / 'model.safetensors'}: " in msg
-        assert ("not a readable safetensors file" in msg) if i == 0 else ("tensor w is cut short" in msg)
+        assert len(blob) == size
+        assert refused_artifact(folder).endswith(
+            f"{folder / 'model.safetensors'}: not a readable safetensors file (its first 8 bytes declare a header of "
+            f"{len(HEADER) + (1000 if i < 2 else 1)} bytes, the file holds {size} bytes)")
+    # the length that fits exactly is read (the same header, its data cut: refused for the data, not the length)
+    folder = gptq_folder(tmp_path / "exact", safetensors_bytes(HEADER, data=b""))
+    assert "tensor w is cut short (8 of its 8 bytes missing)" in refused_artifact(folder)
+
+
+def test_a_header_that_fits_the_file_but_is_past_the_size_cap_is_refused(tmp_path):
+    # a sparse file of 100 MB and a bit: its header length fits, and is more than a header is read for
+    n = 100_000_001
+    folder = gptq_folder(tmp_path / "g", safetensors_bytes(b"{", n, b""))
+    with open(folder / "model.safetensors", "r+b") as fh:
+        fh.truncate(8 + n)
+    assert f"{folder / 'model.safetensors'}: not a readable safetensors file (header of {n} bytes)" in \
+        refused_artifact(folder)
 
 
 def test_the_command_line_refuses_a_malformed_artifact_at_its_spec_line(tmp_path):
@@ -152,13 +172,31 @@ def test_a_config_that_is_not_a_json_object_is_refused_naming_the_file(tmp_path,
     assert f"{folder / name}: {reason}" in refused_artifact(folder, fmt)
 
 
-def test_a_quantization_config_that_is_not_an_object_is_refused(tmp_path):
-    # quantization_config: "gptq" (a string) is no config: nothing in it is read, and the arm is refused
-    # for the quant_method it then lacks, naming the folder and the field
+@pytest.mark.parametrize("fmt,value,found", [
+    ("gptq", "gptq", "str ('gptq')"),
+    ("awq", [{"quant_method": "awq"}], "list ([{'quant_method': 'awq'}])"),
+    ("compressed_tensors", 4, "int (4)"),
+    ("gptq", "x" * 500, f"str ({('x' * 500)!r:.57}...)"),   # a long value is cut
+])
+def test_a_quantization_config_that_is_not_an_object_is_refused(tmp_path, fmt, value, found):
+    # refused where it is read, not dropped (and then refused for the quant_method it lacks)
     folder = folder_with_config(tmp_path / "a", {"config.json": json.dumps({"model_type": "qwen3",
-                                                                            "quantization_config": "gptq"})})
-    msg = refused_artifact(folder, "gptq")
-    assert f"{folder}: a GPTQ (HF checkpoint) artifact needs quantization_config.quant_method 'gptq'" in msg
+                                                                            "quantization_config": value})})
+    assert refused_artifact(folder, fmt).endswith(
+        f"{folder / 'config.json'}: quantization_config: a JSON object expected, found {found}")
+
+
+def test_a_null_quantization_config_reads_as_absent(tmp_path):
+    # null is no config at all: the tool's own file beside it is read, as where the key is missing
+    folder = folder_with_config(tmp_path / "a", {"config.json": json.dumps({"model_type": "qwen3",
+                                                                            "quantization_config": None}),
+                                                 "quantize_config.json": '{"quant_method": "awq"}'})
+    assert refused_artifact(folder, "gptq").endswith(
+        f"{folder}: a GPTQ (HF checkpoint) artifact needs quantization_config.quant_method 'gptq' in config.json, "
+        "found 'awq'")
+
+
+def test_a_config_group_that_is_not_a_scheme_is_refused(tmp_path):
     ct = folder_with_config(tmp_path / "ct", {"config.json": json.dumps({"quantization_config": {
         "quant_method": "compressed-tensors", "config_groups": {"group_0": ["Linear"]}}})})
     assert f"{ct}: quantization_config.config_groups.group_0 is not a scheme (an object with weights)" in \
@@ -209,6 +247,260 @@ def test_an_unknown_compressed_tensors_format_is_refused_before_anything_is_eval
     with pytest.raises(UserError) as e:
         run_spec(spec, loaded=loaded(model, "tiny"), ledger=False, log=lambda m: None, device="cpu")
     assert e.value.field == "arms.imp.artifact" and "format 'no-such-format'" in one_line(e)
+
+
+W4G32 = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32, "symmetric": True}
+
+
+def ct_group(folder: Path, model, group: dict, top_format: str = "pack-quantized") -> Path:
+    """`ct_unknown_format`'s folder (q_proj stored pack-quantized, int4 in groups of 32) with config group
+    group_0 replaced by `group`."""
+    ct_unknown_format(folder, model, top_format)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["config_groups"] = {"group_0": group}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def ct_refusal(folder: Path, model) -> str:
+    """What opening the compressed-tensors folder as an arm's artifact (before anything is evaluated) says,
+    after its `arms.x.artifact: compressed-tensors <folder>: ` prefix."""
+    from quantatlas.quant.external.weights import open_artifact
+
+    with pytest.raises(UserError) as e:
+        open_artifact(ArtifactConfig(compressed_tensors=str(folder)), model, "arms.x")
+    assert e.value.field == "arms.x.artifact"
+    msg = one_line(e)
+    assert msg.startswith(f"arms.x.artifact: compressed-tensors {folder.name}: ")
+    return msg.removeprefix(f"arms.x.artifact: compressed-tensors {folder.name}: ")
+
+
+def test_the_ct_group_helper_writes_a_readable_folder(tmp_path):
+    # the refusals below are each about the one thing their folder changes
+    pytest.importorskip("compressed_tensors")
+    from quantatlas.quant.external.weights import open_artifact
+
+    model = tiny_qwen3()
+    ct = ct_group(tmp_path / "ct", model, {"targets": ["Linear"], "weights": W4G32, "format": "pack-quantized"})
+    open_artifact(ArtifactConfig(compressed_tensors=str(ct)), model, "arms.x").load_into(model)
+    # pack-quantized int4 stores q + 8: a zero word is q = -8, times the scale 1
+    assert torch.equal(model.get_submodule(Q_PROJ).weight, torch.full((128, 64), -8.0))
+
+
+def test_an_unknown_format_in_a_config_group_is_refused_naming_the_group_and_value(tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.config import CompressionFormat
+
+    model = tiny_qwen3()
+    ct = ct_group(tmp_path / "ct", model, {"targets": ["Linear"], "weights": W4G32, "format": "pack-quantised"})
+    known = [f.value for f in CompressionFormat]
+    assert "pack-quantized" in known and "pack-quantised" not in known
+    assert ct_refusal(ct, model) == (
+        f"{ct / 'config.json'}: quantization_config.config_groups.group_0.format: 'pack-quantised' is not a "
+        f"compressed-tensors format (one of {', '.join(known)})")
+    # a format the package names but has no compressor for: the group's own field is named as its source
+    marlin = ct_group(tmp_path / "m", model, {"targets": ["Linear"], "weights": W4G32, "format": "marlin-24"})
+    assert ct_refusal(marlin, model) == ("config group group_0: format 'marlin-24' (quantization_config."
+                                         "config_groups.group_0.format) is no compressor compressed-tensors has")
+
+
+@pytest.mark.parametrize("group,message", [
+    ({"targets": ["Linear"], "weights": {**W4G32, "num_bits": "four"}},
+     "quantization_config.config_groups.group_0.weights.num_bits: 'four' is not compressed-tensors' (Input should "
+     "be a valid integer, unable to parse string as an integer)"),
+    ({"targets": "Linear", "weights": W4G32},
+     "quantization_config.config_groups.group_0.targets: 'Linear' is not compressed-tensors' (Input should be a "
+     "valid list)"),
+    ({"targets": ["Linear"], "weights": {**W4G32, "strategy": "rows"}},
+     "quantization_config.config_groups.group_0.weights.strategy: 'rows' is not compressed-tensors' (Value error, "
+     "'rows' is not a valid QuantizationStrategy)"),
+])
+def test_the_packages_own_refusals_name_the_field_and_value(tmp_path, group, message):
+    pytest.importorskip("compressed_tensors")
+    model = tiny_qwen3()
+    ct = ct_group(tmp_path / "ct", model, group)
+    assert ct_refusal(ct, model) == f"{ct / 'config.json'}: {message}"
+
+
+@pytest.mark.parametrize("group,message", [
+    # a "re:" target that is no regular expression (re.error out of the package's matcher)
+    ({"targets": ["re:.*proj["], "weights": W4G32},
+     "config group group_0: targets ['re:.*proj['] / ignore ['lm_head']: a pattern is no regular expression "
+     "(unterminated character set at position 6)"),
+    # packed weights stored for a group that quantizes none (AttributeError in the package's decompressor)
+    ({"targets": ["Linear"]},
+     "tensor model.layers.0.self_attn.q_proj.weight_packed is stored, but config group group_0 quantizes no weights "
+     "(quantization_config.config_groups.group_0.weights)"),
+    # group sizes the stored scales do not have (RuntimeError / ValueError out of decompress, once at load time)
+    ({"targets": ["Linear"], "weights": {**W4G32, "group_size": 16}},
+     "tensors model.layers.0.self_attn.q_proj.weight_packed, model.layers.0.self_attn.q_proj.weight_scale, "
+     "model.layers.0.self_attn.q_proj.weight_shape do not decode as pack-quantized with their config group's scheme "
+     "(RuntimeError: The size of tensor a (4) must match the size of tensor b (2) at non-singleton dimension 1)"),
+    ({"targets": ["Linear"], "weights": {**W4G32, "group_size": 7}},
+     "tensors model.layers.0.self_attn.q_proj.weight_packed, model.layers.0.self_attn.q_proj.weight_scale, "
+     "model.layers.0.self_attn.q_proj.weight_shape do not decode as pack-quantized with their config group's scheme "
+     "(ValueError: tensor column shape must be divisble by the given group_size 7 but got 64)"),
+])
+def test_a_compressed_tensors_folder_the_package_cannot_decode_is_refused_when_opened(tmp_path, group, message):
+    pytest.importorskip("compressed_tensors")
+    model = tiny_qwen3()
+    assert ct_refusal(ct_group(tmp_path / "ct", model, group), model) == message
+
+
+def test_a_stored_weight_shape_other_than_the_models_is_refused(tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_qwen3()
+    ct = ct_group(tmp_path / "ct", model, {"targets": ["Linear"], "weights": W4G32})
+    tensors = load_file(str(ct / "model.safetensors"))
+    tensors[f"{Q_PROJ}.weight_shape"] = torch.tensor([64, 128], dtype=torch.int32)
+    save_file(tensors, str(ct / "model.safetensors"))
+    assert ct_refusal(ct, model) == (f"tensor {Q_PROJ}.weight_shape is [64, 128], the model's {Q_PROJ}.weight "
+                                     "is [128, 64]")
+
+
+def test_activations_that_are_not_an_object_are_refused_naming_the_field(tmp_path):
+    folder = folder_with_config(tmp_path / "ct", {"config.json": json.dumps({"quantization_config": {
+        "quant_method": "compressed-tensors",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": W4G32, "input_activations": "int8"}}}})})
+    assert refused_artifact(folder, "compressed_tensors").endswith(
+        f"{folder / 'config.json'}: quantization_config.config_groups.group_0.input_activations: a JSON object "
+        "expected, found str ('int8')")
+
+
+# ---- external artifacts: GPTQ / AWQ tensors, entries the safetensors package refuses, long metadata ---------
+
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+
+
+def packed_folder(folder: Path, model, fmt: str, quant: dict | None = None, **change) -> Path:
+    """A GPTQ (v1, int4, groups of 32) or AWQ folder for `model`: q_proj stored as zero words (codes and zero
+    points 0), scales 1, every other tensor as the model's fp16 values; `change` replaces q_proj's parts."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    out_f, in_f = model.get_submodule(Q_PROJ).weight.shape
+    tensors = {n: p.detach().half().contiguous() for n, p in model.named_parameters() if n != f"{Q_PROJ}.weight"}
+    parts = {"qweight": torch.zeros(in_f // 8, out_f, dtype=torch.int32) if fmt == "gptq"
+             else torch.zeros(in_f, out_f // 8, dtype=torch.int32),
+             "qzeros": torch.zeros(in_f // 32, out_f // 8, dtype=torch.int32),
+             "scales": torch.ones(in_f // 32, out_f, dtype=torch.float16)}
+    parts.update(change)
+    tensors.update({f"{Q_PROJ}.{k}": v for k, v in parts.items()})
+    save_file(tensors, str(folder / "model.safetensors"))
+    quant = quant or ({"quant_method": "gptq", "bits": 4, "group_size": 32} if fmt == "gptq" else
+                      {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm", "zero_point": True})
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen3", "quantization_config": quant}))
+    return folder
+
+
+def opened(folder: Path, model, fmt: str):
+    from quantatlas.quant.external.weights import open_artifact
+
+    return open_artifact(ArtifactConfig(**{fmt: str(folder)}), model, "arms.x")
+
+
+def packed_refusal(folder: Path, model, fmt: str) -> str:
+    with pytest.raises(UserError) as e:
+        opened(folder, model, fmt)
+    assert e.value.field == "arms.x.artifact"
+    return one_line(e)
+
+
+@pytest.mark.parametrize("fmt,value", [("gptq", -1.0), ("awq", 0.0)])
+def test_the_packed_folder_helper_writes_a_readable_checkpoint(tmp_path, fmt, value):
+    # the refusals below are each about the one thing their folder changes; q = z = 0 stored decodes to
+    # 1 * (0 - (0 + 1)) in GPTQ v1 (its zero points are stored less one), 1 * (0 - 0) in AWQ
+    model = tiny_qwen3()
+    opened(packed_folder(tmp_path / "p", model, fmt), model, fmt).load_into(model)
+    assert torch.equal(model.get_submodule(Q_PROJ).weight, torch.full((128, 64), value))
+
+
+@pytest.mark.parametrize("fmt,change,message", [
+    ("gptq", {"qzeros": torch.zeros(2, 16, dtype=torch.float32)},
+     f"tensor {Q_PROJ}.qzeros is F32, not int32 (packed zero points)"),         # was a ValueError at load time
+    ("awq", {"qzeros": torch.zeros(2, 16, dtype=torch.float32)},
+     f"tensor {Q_PROJ}.qzeros is F32, not int32 (packed zero points)"),
+    ("gptq", {"g_idx": torch.zeros(0, dtype=torch.int32)},                       # was a RuntimeError (min of [])
+     f"tensor {Q_PROJ}.g_idx: [0], not one group of 2 for each of 64 inputs"),
+    ("gptq", {"g_idx": torch.full((64,), float("nan"))},                         # was a ValueError (int of nan)
+     f"tensor {Q_PROJ}.g_idx is F32, not integer group indices"),
+    ("gptq", {"g_idx": torch.full((64,), 2, dtype=torch.int32)},
+     f"tensor {Q_PROJ}.g_idx: [64] with values in [2, 2], not one group of 2 for each of 64 inputs"),
+    ("gptq", {"qweight": torch.zeros(0, 128, dtype=torch.int32)},
+     f"tensor {Q_PROJ}.qweight is I32 [0, 128], not int32 [in·4/32, out]"),
+    ("awq", {"qweight": torch.zeros(64, 0, dtype=torch.int32)},
+     f"tensor {Q_PROJ}.qweight is I32 [64, 0], not int32 [in, out/8]"),
+])
+def test_packed_tensors_that_do_not_fit_are_refused_when_opened(tmp_path, fmt, change, message):
+    model = tiny_qwen3()
+    folder = packed_folder(tmp_path / "p", model, fmt, **change)
+    assert packed_refusal(folder, model, fmt).endswith(f": {message}")
+
+
+def rewrite_header(path: Path, edit) -> None:
+    """`path`'s safetensors header passed through `edit`, written back at the same length (data unmoved)."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    new = json.dumps(header, separators=(",", ":")).encode()
+    assert len(new) <= n
+    path.write_bytes(raw[:8] + new + b" " * (n - len(new)) + raw[8 + n:])
+
+
+@pytest.mark.parametrize("edit,reason", [
+    # a dtype the package does not know, where nothing of ours reads the dtype (an fp tensor's name)
+    (lambda h: h["model.norm.weight"].update(dtype="F61"), "invalid JSON in header: unknown variant `F61`"),
+    # bytes that do not fit the shape: F32 [64] over the 128 bytes of F16 [64]
+    (lambda h: h["model.norm.weight"].update(dtype="F32"), "invalid shape, data type, or offset for tensor"),
+])
+def test_a_header_entry_the_safetensors_package_refuses_is_refused_when_opened(tmp_path, edit, reason):
+    # both were a SafetensorError traceback when the tensor was first read (loading the weights)
+    model = tiny_qwen3()
+    folder = packed_folder(tmp_path / "p", model, "gptq")
+    rewrite_header(folder / "model.safetensors", edit)
+    msg = packed_refusal(folder, model, "gptq")
+    assert f": {folder / 'model.safetensors'}: not a readable safetensors file (Error while deserializing header: " \
+           f"{reason}" in msg
+
+
+def test_long_provenance_metadata_is_cut_not_a_traceback(tmp_path):
+    # Provenance holds tool 200, version 100, scheme 500 characters: longer metadata was a ValidationError
+    from quantatlas.quant.external.stored import read_listing
+
+    model = tiny_qwen3()
+    gptq = packed_folder(tmp_path / "g", model, "gptq", quant={"quant_method": "gptq", "bits": 4, "group_size": 32,
+                                                               "meta": {"quantizer": ["t" * 300 + ":" + "9" * 300]}})
+    prov = read_listing("gptq", gptq).provenance
+    assert prov.tool == "t" * 197 + "..." and prov.version == "9" * 97 + "..."
+    ct = folder_with_config(tmp_path / "ct", {"config.json": json.dumps({"quantization_config": {
+        "quant_method": "compressed-tensors", "version": "1" * 150,
+        "config_groups": {f"group_{i}": {"targets": [f"re:layers[.]{i}[.]"], "weights": W4G32} for i in range(20)}}})})
+    prov = read_listing("compressed_tensors", ct).provenance
+    assert len(prov.scheme) == 500 and prov.scheme.startswith("weights int4 group 32 sym; ") and \
+        prov.scheme.endswith("...") and prov.version == "1" * 97 + "..."
+
+
+def test_gguf_metadata_of_another_type_or_length_is_read_not_a_traceback(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from quantatlas.quant.external.stored import read_listing
+
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen3")
+    w.add_array("general.file_type", [1, 2])                 # a list where llama.cpp writes a number: TypeError
+    w.add_string("general.quantized_by", "x" * 500)          # past Provenance's 200 characters: ValidationError
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    prov = read_listing("gguf", path).provenance
+    assert prov.scheme == "file type [1, 2]"
+    assert prov.tool == ("GGUF, quantized by " + "x" * 500)[:197] + "..."
 
 
 # ---- quantatlas reference train -----------------------------------------------------------------

@@ -33,7 +33,7 @@ class AWQReader(FolderReader):
             parts = [f"{module}.{p}" for p in ("qweight", "qzeros", "scales")]
             if any(p not in tensors for p in parts):
                 raise ArtifactError(f"tensor {name} has no {module}.qzeros and {module}.scales beside it")
-            if len(t.shape) != 2 or t.dtype != "I32":
+            if len(t.shape) != 2 or t.dtype != "I32" or 0 in t.shape:
                 raise ArtifactError(f"tensor {name} is {t.dtype} {list(t.shape)}, not int32 [in, out/8]")
             in_f, out_f = t.shape[0], t.shape[1] * 8
             n_groups = -(-in_f // group) if group > 0 else 1
@@ -41,6 +41,8 @@ class AWQReader(FolderReader):
             if zeros.shape != (n_groups, t.shape[1]) or scales.shape != (n_groups, out_f):
                 raise ArtifactError(f"tensor {module}.qzeros {list(zeros.shape)} / {module}.scales "
                                     f"{list(scales.shape)} do not fit qweight's [{in_f}, {out_f}] in groups of {group}")
+            if zeros.dtype != "I32":
+                raise ArtifactError(f"tensor {module}.qzeros is {zeros.dtype}, not int32 (packed zero points)")
             out.append(Entry(f"{module}.weight", tuple(parts), (out_f, in_f), True))
             claimed.update(parts)
         return out + self.plain_entries(claimed)

@@ -13,15 +13,19 @@ is read; without it the arm is refused in one line. An artifact that also quanti
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 from quantatlas.quant.external.folder import FolderReader
-from quantatlas.quant.external.stored import ArtifactError
+from quantatlas.quant.external.stored import ArtifactError, clip
 from quantatlas.quant.external.reader import Entry
 
 #: per-module tensors of activation and KV-cache schemes: stored, no parameter (allowed with act: / kv:)
 ACT_TENSORS = ("input_scale", "input_zero_point", "input_global_scale", "output_scale", "output_zero_point")
 KV_TENSORS = ("k_scale", "v_scale", "k_zero_point", "v_zero_point")
+#: what the package's decompressors raise on tensors that do not fit their scheme (a wrong shape, group size)
+DECODE_ERRORS = (ValueError, RuntimeError, TypeError, AttributeError, IndexError, KeyError)
 
 
 def import_compressed_tensors():
@@ -44,10 +48,31 @@ class CompressedTensorsReader(FolderReader):
         from compressed_tensors.quantization import QuantizationConfig
         from pydantic import ValidationError
 
+        where = self.listing.path / "config.json"
+        q = self.listing.config.get("quantization_config")
+        self._check_group_formats(q)
         try:
-            return QuantizationConfig.model_validate(self.listing.config.get("quantization_config"))
+            return QuantizationConfig.model_validate(q)
         except ValidationError as e:
-            raise ArtifactError(f"quantization_config is not compressed-tensors' ({e.errors()[0]['msg']})") from None
+            err = e.errors()[0]
+            # the package's locations include its validators' names ("function-after[...]"): not fields
+            field = ".".join(["quantization_config"] + [str(x) for x in err["loc"] if "[" not in str(x)])
+            raise ArtifactError(f"{where}: {field}: {clip(repr(err['input']), 80)} is not compressed-tensors' "
+                                f"({err['msg']})") from None
+
+    def _check_group_formats(self, q) -> None:
+        """A config group's `format` must be one of the package's CompressionFormat names (its own validation
+        says so without naming the group or the value)."""
+        from compressed_tensors.config import CompressionFormat
+
+        groups = q.get("config_groups") if isinstance(q, dict) else None
+        known = [f.value for f in CompressionFormat]
+        for name, g in (groups.items() if isinstance(groups, dict) else ()):
+            fmt = g.get("format") if isinstance(g, dict) else None
+            if fmt is not None and fmt not in known:
+                raise ArtifactError(f"{self.listing.path / 'config.json'}: quantization_config.config_groups.{name}"
+                                    f".format: {clip(repr(fmt), 80)} is not a compressed-tensors format (one of "
+                                    f"{', '.join(known)})")
 
     def check(self, model, arm) -> None:
         super().check(model, arm)
@@ -75,39 +100,57 @@ class CompressedTensorsReader(FolderReader):
 
         q = self.config()
         stored = self.listing.tensors
-        out, claimed = [], set(self.free)
+        out, claimed, probed = [], set(self.free), set()
         for group_name, scheme in q.config_groups.items():
-            for module_name, module in match_named_modules(model, scheme.targets, q.ignore):
+            try:
+                matched = list(match_named_modules(model, scheme.targets, q.ignore))
+            except re.error as e:   # a "re:" target or ignore entry that is no regular expression
+                raise ArtifactError(f"config group {group_name}: targets {scheme.targets} / ignore {q.ignore}: "
+                                    f"a pattern is no regular expression ({e})") from None
+            for module_name, module in matched:
                 if module_name in self._schemes:
                     raise ArtifactError(f"module {module_name} is matched by two config groups")
                 local = {n.rpartition(".")[2]: n for n in stored if n.rpartition(".")[0] == module_name}
                 weights = {k: n for k, n in local.items() if k.startswith("weight") and k != "weight"}
                 if not weights:      # targeted but stored as plain numbers: not quantized in this file
                     continue
+                if scheme.weights is None:
+                    raise ArtifactError(f"tensor {min(weights.values())} is stored, but config group {group_name} "
+                                        f"quantizes no weights (quantization_config.config_groups.{group_name}"
+                                        ".weights)")
                 if scheme.format is not None:
-                    fmt = scheme.format
+                    fmt, source = scheme.format, f"quantization_config.config_groups.{group_name}.format"
                 elif q.format not in (None, CompressionFormat.mixed_precision.value):
-                    fmt = q.format
+                    fmt, source = q.format, "quantization_config.format"
                 else:
-                    fmt = infer_module_format(type(module), scheme)
+                    fmt, source = infer_module_format(type(module), scheme), "inferred from the scheme"
                 try:
                     fmt = CompressionFormat(fmt).value
                     compressor = BaseCompressor.get_value_from_registry(fmt)
                 except (ValueError, KeyError):
-                    raise ArtifactError(f"config group {group_name}: format {fmt!r} (quantization_config.format) is "
+                    raise ArtifactError(f"config group {group_name}: format {fmt!r} ({source}) is "
                                         "no compressor compressed-tensors has") from None
                 need = compressor.compression_param_names(scheme)
                 missing = [k for k in need if k not in local and k.startswith("weight")]
                 if missing:
                     raise ArtifactError(f"tensor {module_name}.{missing[0]} is missing ({fmt}, config group "
                                         f"{group_name})")
+                if "weight_shape" in weights:
+                    shape = self.tensor(weights["weight_shape"]).tolist()
+                    if shape != list(module.weight.shape):
+                        raise ArtifactError(f"tensor {weights['weight_shape']} is {shape}, the model's "
+                                            f"{module_name}.weight is {list(module.weight.shape)}")
                 if "weight_g_idx" in weights:
                     self._refuse_group_order(module_name, weights["weight_g_idx"], scheme)
                 self._schemes[module_name], self._formats[module_name] = scheme, fmt
                 parts = tuple(sorted(weights.values()))
                 if "weight" in local:   # float-quantized formats store the codes as `weight` (fp8)
                     parts = (local["weight"],) + parts
-                out.append(Entry(f"{module_name}.weight", parts, tuple(module.weight.shape), True))
+                entry = Entry(f"{module_name}.weight", parts, tuple(module.weight.shape), True)
+                if (group_name, fmt) not in probed:   # one module decoded per group: tensors that do not fit
+                    probed.add((group_name, fmt))     # its scheme (a group size, ...) are refused before a run
+                    self.decode(entry)
+                out.append(entry)
                 claimed.update(parts)
         return out + self.plain_entries(claimed)
 
@@ -128,5 +171,14 @@ class CompressedTensorsReader(FolderReader):
         module = entry.param.removesuffix(".weight")
         state = {name.rpartition(".")[2]: self.tensor(name) for name in entry.stored}
         state.pop("weight_g_idx", None)
-        out = BaseCompressor.get_value_from_registry(self._formats[module]).decompress(state, self._schemes[module])
-        return out["weight"].float()
+        fmt = self._formats[module]
+        try:
+            w = BaseCompressor.get_value_from_registry(fmt).decompress(state, self._schemes[module])["weight"]
+        except DECODE_ERRORS as e:
+            why = clip((str(e).splitlines() or [""])[0], 200)
+            raise ArtifactError(f"tensors {', '.join(entry.stored)} do not decode as {fmt} with their config "
+                                f"group's scheme ({type(e).__name__}: {why})") from None
+        if tuple(w.shape) != entry.shape:
+            raise ArtifactError(f"tensors {', '.join(entry.stored)} decode as {fmt} to shape {list(w.shape)}, the "
+                                f"model's {entry.param} is {list(entry.shape)}")
+        return w.float()

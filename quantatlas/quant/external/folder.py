@@ -14,20 +14,36 @@ class FolderReader(Reader):
         super().__init__(listing)
         self._open: dict = {}
 
+    def _file(self, path):
+        """The safetensors package's handle on one of the folder's files: opening it checks every header
+        entry (a dtype it knows, offsets that tile the data, bytes that fit the shape)."""
+        from safetensors import SafetensorError, safe_open
+
+        f = self._open.get(path)
+        if f is None:
+            try:
+                f = self._open[path] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise ArtifactError(f"{path}: not a readable safetensors file ({e})") from None
+        return f
+
     def tensor(self, name: str) -> torch.Tensor:
         """A stored tensor as it is stored (dtype and shape)."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError
 
         t = self.listing.tensors.get(name)
         if t is None:
             raise ArtifactError(f"tensor {name} is not in the artifact")
-        f = self._open.get(t.file)
-        if f is None:
-            f = self._open[t.file] = safe_open(str(t.file), framework="pt")
-        return f.get_tensor(name)
+        f = self._file(t.file)
+        try:
+            return f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ArtifactError(f"{t.file}: tensor {name} cannot be read ({type(e).__name__}: {e})") from None
 
     def check(self, model, arm) -> None:
         same_architecture(self.listing, model)
+        for path in self.listing.files:   # a header the package refuses, refused before anything runs
+            self._file(path)
 
     def plain_entries(self, claimed: set[str]) -> list[Entry]:
         """Stored tensors outside the quantized matrices: each the parameter of its name (a tensor of

@@ -39,7 +39,7 @@ class GPTQReader(FolderReader):
             for p in ("qzeros", "scales"):
                 if p not in have:
                     raise ArtifactError(f"tensor {name} has no {module}.{p} beside it")
-            if len(t.shape) != 2 or t.dtype != "I32" or t.shape[0] * 32 % bits:
+            if len(t.shape) != 2 or t.dtype != "I32" or t.shape[0] * 32 % bits or 0 in t.shape:
                 raise ArtifactError(f"tensor {name} is {t.dtype} {list(t.shape)}, not int32 [in·{bits}/32, out]")
             shape = (t.shape[1], t.shape[0] * 32 // bits)    # [out, in]
             self._check_groups(module, shape, bits)
@@ -56,11 +56,17 @@ class GPTQReader(FolderReader):
         if scales.shape != (n_groups, out_f) or zeros.shape != (n_groups, -(-out_f * bits // 32)):
             raise ArtifactError(f"tensor {module}.scales {list(scales.shape)} / {module}.qzeros {list(zeros.shape)} "
                                 f"do not fit qweight's [{in_f}, {out_f}] at {bits} bits")
+        if zeros.dtype != "I32":
+            raise ArtifactError(f"tensor {module}.qzeros is {zeros.dtype}, not int32 (packed zero points)")
         if f"{module}.g_idx" in tensors:
             g = self.tensor(f"{module}.g_idx")
+            if g.dtype.is_floating_point or g.dtype.is_complex or g.dtype == torch.bool:
+                raise ArtifactError(f"tensor {module}.g_idx is {tensors[f'{module}.g_idx'].dtype}, not integer "
+                                    "group indices")
             if tuple(g.shape) != (in_f,) or int(g.min()) < 0 or int(g.max()) >= n_groups:
-                raise ArtifactError(f"tensor {module}.g_idx: {list(g.shape)} with values in [{int(g.min())}, "
-                                    f"{int(g.max())}], not one group of {n_groups} for each of {in_f} inputs")
+                values = f" with values in [{int(g.min())}, {int(g.max())}]" if g.numel() else ""
+                raise ArtifactError(f"tensor {module}.g_idx: {list(g.shape)}{values}, not one group of {n_groups} "
+                                    f"for each of {in_f} inputs")
         elif -(-in_f // self._group_size(in_f)) != n_groups:
             raise ArtifactError(f"tensor {module}.scales has {n_groups} groups, group_size "
                                 f"{self.listing.decode['group_size']} makes {-(-in_f // self._group_size(in_f))}")

@@ -133,13 +133,13 @@ def _gguf_listing(path: Path) -> Listing:
     if file_type is not None:
         try:
             ftype = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-        except ValueError:
+        except (ValueError, TypeError):   # a number llama.cpp does not name, or not a number at all
             ftype = f"file type {file_type}"
     scheme = ", ".join(x for x in [ftype, "imatrix" if meta("quantize.imatrix.file") is not None
                                    or meta("quantize.imatrix.dataset") is not None else None] if x) or None
     qv = meta("general.quantization_version")
     by = meta("general.quantized_by")
-    prov = Provenance(tool=f"GGUF, quantized by {by}" if by else "GGUF (tool not recorded)",
+    prov = provenance(tool=f"GGUF, quantized by {by}" if by else "GGUF (tool not recorded)",
                       version=None if qv is None else f"ggml quantization version {qv}", scheme=scheme)
     return Listing("gguf", path, tensors, [path], arch, {"architecture": arch}, prov)
 
@@ -151,10 +151,15 @@ def safetensors_header(path: Path) -> dict[str, StoredTensor]:
     try:
         with open(path, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
+            size = os.fstat(fh.fileno()).st_size
+            # a length past the end would read a cut header, which may still parse (its tensors then
+            # look cut short): the length itself is what is wrong
+            if 8 + n > size:
+                raise ValueError(f"its first 8 bytes declare a header of {n} bytes, the file holds {size} bytes")
             if n > 100_000_000:
                 raise ValueError(f"header of {n} bytes")
             header = json.loads(fh.read(n))
-    except (OSError, ValueError, struct.error) as e:
+    except (OSError, ValueError, RecursionError, struct.error) as e:   # RecursionError: JSON nested too deep
         raise ArtifactError(f"{path}: not a readable safetensors file ({e})") from None
     if not isinstance(header, dict):
         raise ArtifactError(f"{path}: not a readable safetensors file (its header is not a JSON object)")
@@ -165,6 +170,8 @@ def safetensors_header(path: Path) -> dict[str, StoredTensor]:
             continue
         try:
             begin, end = (int(x) for x in info["data_offsets"])
+            if not 0 <= begin <= end:
+                raise ValueError(f"data_offsets {[begin, end]} is no byte range")
             out[name] = StoredTensor(name, str(info["dtype"]), tuple(int(x) for x in info["shape"]), end - begin,
                                      path, start + begin)
         except (KeyError, TypeError, ValueError) as e:
@@ -186,12 +193,29 @@ def _json(path: Path) -> dict:
 def quantization_config(folder: Path, config: dict) -> dict:
     """config.json's quantization_config, else a tool's own file beside it (AutoGPTQ's quantize_config.json,
     AutoAWQ's quant_config.json)."""
-    if isinstance(config.get("quantization_config"), dict):
-        return config["quantization_config"]
+    q = config.get("quantization_config")
+    if isinstance(q, dict):
+        return q
+    if q is not None:   # null reads as absent; anything else would be dropped and refused for what it lacks
+        raise ArtifactError(f"{folder / 'config.json'}: quantization_config: a JSON object expected, found "
+                            f"{type(q).__name__} ({clip(repr(q), 60)})")
     for name in ("quantize_config.json", "quant_config.json"):
         if (folder / name).is_file():
             return _json(folder / name)
     return {}
+
+
+def clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def provenance(tool: str | None, version: str | None, scheme: str | None) -> Provenance:
+    """Provenance from an artifact's free metadata, each field cut to the length Provenance holds (it is
+    shown, never part of the arm's identity: a long version string is no reason to refuse the artifact)."""
+    values = {"tool": tool, "version": version, "scheme": scheme}
+    limits = {k: next(m.max_length for m in f.metadata if hasattr(m, "max_length"))
+              for k, f in Provenance.model_fields.items()}
+    return Provenance(**{k: None if v is None else clip(v, limits[k]) for k, v in values.items()})
 
 
 def _folder_listing(fmt: str, folder: Path) -> Listing:
@@ -239,13 +263,12 @@ def _gptq(q: dict, folder: Path) -> tuple[dict, Provenance]:
     quantizer = (q.get("meta") or {}).get("quantizer") if isinstance(q.get("meta"), dict) else None
     if isinstance(quantizer, list) and quantizer:
         tool, _, version = str(quantizer[0]).partition(":")
-        tool = tool[:200]
     elif q.get("autoround_version"):
         tool, version = "auto-round", str(q["autoround_version"])
     scheme = (f"int{bits} group {group} {'sym' if q.get('sym', True) else 'asym'}"
               f"{' desc_act' if q.get('desc_act') else ''}, checkpoint_format {fmt}")
     return ({"bits": bits, "group_size": group, "checkpoint_format": fmt},
-            Provenance(tool=tool or "GPTQ (tool not recorded)", version=version or None, scheme=scheme))
+            provenance(tool=tool or "GPTQ (tool not recorded)", version=version or None, scheme=scheme))
 
 
 def _awq(q: dict, folder: Path) -> tuple[dict, Provenance]:
@@ -260,7 +283,7 @@ def _awq(q: dict, folder: Path) -> tuple[dict, Provenance]:
     if q.get("autoround_version"):
         tool, tool_version = "auto-round", str(q["autoround_version"])
     return ({"bits": bits, "group_size": group, "version": version, "zero_point": True},
-            Provenance(tool=tool, version=tool_version, scheme=f"int{bits} group {group} zero point, GEMM"))
+            provenance(tool=tool, version=tool_version, scheme=f"int{bits} group {group} zero point, GEMM"))
 
 
 def _compressed_tensors(q: dict, folder: Path) -> tuple[dict, Provenance]:
@@ -278,6 +301,9 @@ def _compressed_tensors(q: dict, folder: Path) -> tuple[dict, Provenance]:
                                 "with weights)")
         w = (g or {}).get("weights") or {}
         a = (g or {}).get("input_activations")
+        if a is not None and not isinstance(a, dict):
+            raise ArtifactError(f"{folder / 'config.json'}: quantization_config.config_groups.{name}.input_activations:"
+                                f" a JSON object expected, found {type(a).__name__} ({clip(repr(a), 60)})")
         part = f"weights {w.get('type', '?')}{w.get('num_bits', '?')} {w.get('strategy', '')}"
         if w.get("group_size"):
             part += f" {w['group_size']}"
@@ -290,7 +316,7 @@ def _compressed_tensors(q: dict, folder: Path) -> tuple[dict, Provenance]:
     decode = {"config_groups": groups, "format": q.get("format"), "ignore": q.get("ignore") or [],
               "kv_cache_scheme": q.get("kv_cache_scheme")}
     version = q.get("version")
-    return decode, Provenance(tool="compressed-tensors", version=None if version is None else str(version),
+    return decode, provenance(tool="compressed-tensors", version=None if version is None else str(version),
                               scheme=scheme)
 
 
