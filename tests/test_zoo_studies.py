@@ -201,6 +201,10 @@ def test_holds_counts_architectures_and_its_confidence_is_the_least_own():
     assert (h["architectures"], h["models_holding"], h["models"], h["pending"]) == (0, 2, 2, 1)
     assert "2 models of unknown architecture" in h["text"]
     assert holds_line([ModelVerdict("a", "qwen3", "failure", 0.9)])["confidence"] is None
+    # reference points only (every result "baseline"): the line reads "the hypothesis is not judged: ...", not "holds on 0"
+    h = holds_line([ModelVerdict("a", "qwen3", "baseline", 0.9), ModelVerdict("b", "llama", "baseline", 0.9)])
+    assert h["baseline"] and h["text"] == "is not judged: a baseline on 2 architectures, 2 models"
+    assert not holds_line(v)["baseline"]
 
 
 def test_the_study_confidence_never_overstates():

@@ -68,7 +68,8 @@ def holds_line(verdicts: list[ModelVerdict]) -> dict:
     unknown = sum(1 for v in counted if v.architecture == UNKNOWN)
     owns = [v.confidence_own for v in holding]
     confidence = None if not holding or any(c is None for c in owns) else min(owns)
-    out = {"architectures_holding": len(archs_holding), "architectures": len(by_arch),
+    out = {"baseline": bool(counted) and all(v.result == "baseline" for v in counted),
+           "architectures_holding": len(archs_holding), "architectures": len(by_arch),
            "holding_architectures": archs_holding, "architectures_counted": list(by_arch),
            "models_holding": len(holding), "models": len(counted), "pending": len(verdicts) - len(counted),
            "unknown_architecture": unknown, "confidence": confidence}
@@ -80,6 +81,9 @@ def holds_text(h: dict) -> str:
     """"holds on 2 of 3 architectures (qwen3, llama; 2 of 3 models), confidence 0.61 (the least of its
     models' own)"."""
     models = f"{h['models_holding']} of {h['models']} model{'' if h['models'] == 1 else 's'}"
+    if h.get("baseline"):   # reference points only (fp16, a published format): there is nothing to hold
+        archs = f"{h['architectures']} architecture{'' if h['architectures'] == 1 else 's'}, " if h["architectures"] else ""
+        return f"is not judged: a baseline on {archs}{h['models']} model{'' if h['models'] == 1 else 's'}"
     if h["architectures"]:
         where = f"{', '.join(h['holding_architectures'])}; " if h["holding_architectures"] else ""
         s = f"holds on {h['architectures_holding']} of {h['architectures']} architecture" \
