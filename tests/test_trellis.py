@@ -1,7 +1,8 @@
 """The bitshift trellis codec (quantatlas/quant/codecs/trellis.py): its codes against their
 definitions computed here in plain Python, the Viterbi against exhaustive search over all paths
-(tiny L and T), QTIP's tail-biting, exact K·T bits per tile, decode(pack(codes)) == quantize
-values, and the codec inside GPTQ and the runner."""
+(tiny L and T) and against a textbook Viterbi state for state (ties included), QTIP's tail-biting,
+exact K·T bits per tile, decode(pack(codes)) == quantize values, and the codec inside GPTQ and the
+runner."""
 from __future__ import annotations
 
 import itertools
@@ -13,7 +14,9 @@ import pytest
 import torch
 
 from quantatlas.quant.codecs import make_codec
-from quantatlas.quant.codecs.trellis import (HYB_RMS, codebook_values, hyb_table, tail_biting, viterbi)
+from quantatlas.quant.codecs import trellis
+from quantatlas.quant.codecs.trellis import (HYB_RMS, codebook_values, hyb_table, release_workspace, tail_biting,
+                                             viterbi, workspace)
 from quantatlas.quant.config import ConfigError, parse_config
 
 
@@ -132,6 +135,120 @@ def test_tail_biting_is_a_cyclic_path_and_optimal_for_its_overlap(L, K, V, n):
         same = [c for p, c in zip(cyclic, costs) if p[0] >> kv == seq[0] >> kv]
         assert mine == pytest.approx(min(same), rel=1e-6)    # ... optimal given the overlap it found
         assert seq in cyclic
+
+
+def _reference_viterbi(x: np.ndarray, lut: np.ndarray, kv: int, start=None, end=None, ties=None) -> list[int]:
+    """Textbook Viterbi in float32 for one sequence x [n, V]: per state its predecessors h·2^(L−kv) + (s >> kv),
+    h = 0 .. 2^kv − 1, a back pointer to the first cheapest one, then the first cheapest final state.
+    `ties` (a list) gets the number of decisions that had several cheapest (finite) choices."""
+    n, V = x.shape
+    S = lut.shape[1]
+    L, D = S.bit_length() - 1, 1 << kv
+    R = S >> kv
+    s = np.arange(S)
+    pred = (np.arange(D)[None, :] << (L - kv)) | (s >> kv)[:, None]               # [S, D]
+
+    def err(t):
+        e = np.square(lut[0] - x[t, 0])
+        for v in range(1, V):
+            e = e + np.square(lut[v] - x[t, v])
+        return e.astype(np.float32)
+
+    tied = 0
+    cost = err(0)
+    if start is not None:
+        cost = np.where(s >> kv == start, cost, np.float32(np.inf)).astype(np.float32)
+    back = []
+    for t in range(1, n):
+        cand = cost[pred]                                                          # [S, D]
+        back.append(np.argmin(cand, axis=1))
+        low = cand.min(axis=1, keepdims=True)
+        tied += int((((cand == low).sum(1) > 1) & np.isfinite(low[:, 0])).sum())   # (not the excluded states)
+        cost = (err(t) + cand.min(axis=1)).astype(np.float32)
+    final = cost if end is None else cost[np.arange(D) * R + end]
+    tied += int((final == final.min()).sum() > 1)
+    last = int(np.argmin(final)) if end is None else int(np.argmin(final)) * R + end
+    path = [last]
+    for t in range(n - 2, -1, -1):
+        path.append(int(pred[path[-1], back[t][path[-1]]]))
+    if ties is not None:
+        ties.append(tied)
+    return path[::-1]
+
+
+def _reference_tail_biting(x: np.ndarray, lut: np.ndarray, kv: int) -> list[int]:
+    shift = x.shape[0] // 2
+    overlap = _reference_viterbi(np.roll(x, shift, axis=0), lut, kv)[shift] >> kv
+    return _reference_viterbi(x, lut, kv, start=overlap, end=overlap)
+
+
+def _search_inputs(L, V, n, tiles, seed, grid):
+    """x [tiles, n, V] and a codebook [V, 2^L]; with `grid` both on a coarse grid of quarters, so that every
+    cost is exact in float32 and many paths tie (few distinct codewords)."""
+    g = torch.Generator().manual_seed(seed)
+    if grid:
+        lut = torch.randint(-4, 5, (V, 1 << L), generator=g).float() / 4
+        x = torch.randint(-6, 7, (tiles, n, V), generator=g).float() / 4
+    else:
+        lut = torch.randn(V, 1 << L, generator=g)
+        x = torch.randn(tiles, n, V, generator=g)
+    return x, lut
+
+
+@pytest.mark.parametrize("L,K,V", [(6, 1, 1), (7, 2, 1), (8, 3, 1), (6, 1, 2), (8, 2, 2)])
+@pytest.mark.parametrize("grid", [True, False])
+def test_viterbi_and_tail_biting_equal_a_reference_viterbi_ties_included(L, K, V, grid, monkeypatch):
+    if V == 2 and not grid:
+        pytest.skip("V = 2 sums two squares, which torch may fuse (FMA): compared on exact (grid) inputs only")
+    kv, n, tiles = K * V, 12, 9
+    monkeypatch.setattr(trellis, "CHUNK_TILES", 4)     # the forward pass in several chunks, the last one padded
+    x, lut = _search_inputs(L, V, n, tiles, seed=L + 10 * K + V, grid=grid)
+    xs, luts = x.numpy(), lut.numpy()
+    o = torch.randint(0, 1 << (L - kv), (tiles,), generator=torch.Generator().manual_seed(5))
+    e = torch.randint(0, 1 << (L - kv), (tiles,), generator=torch.Generator().manual_seed(6))
+    ties = []
+    for start, end in [(None, None), (o, None), (None, e), (o, e)]:
+        got = viterbi(x, lut, kv, start=start, end=end)
+        for b in range(tiles):
+            want = _reference_viterbi(xs[b], luts, kv, None if start is None else int(start[b]),
+                                      None if end is None else int(end[b]), ties)
+            assert got[b].tolist() == want, (start is not None, end is not None, b)
+    assert (sum(ties) > 10 * tiles) == grid          # the grid inputs do exercise the tie rule (random ones do not)
+    got = tail_biting(x, lut, kv)
+    assert got.tolist() == [_reference_tail_biting(xs[b], luts, kv) for b in range(tiles)]
+
+
+def test_reference_viterbi_breaks_ties_as_stated():
+    """The tie rule on a case worked by hand: all codewords equal, so every path costs the same; the first
+    cheapest final state is 0 and each step back takes h = 0, so all states are 0; with end = 5 (L = 4,
+    kv = 1: the final states h·8 + 5) the path is 5 and, backwards, its predecessors with h = 0: 2, 1, 0, 0."""
+    L, kv, n = 4, 1, 5
+    lut = np.zeros((1, 1 << L), dtype=np.float32)
+    x = np.ones((n, 1), dtype=np.float32)
+    assert _reference_viterbi(x, lut, kv) == [0] * n
+    assert _reference_viterbi(x, lut, kv, end=5) == [0, 0, 1, 2, 5]
+    got = viterbi(torch.from_numpy(x)[None], torch.from_numpy(lut), kv, end=torch.tensor([5]))
+    assert got[0].tolist() == [0, 0, 1, 2, 5]
+
+
+def test_a_reused_workspace_gives_the_same_codes_as_a_fresh_one():
+    codec = make_codec("trellis", {"bits": 2, "L": 8, "T": 32})
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(2))
+    p = codec.fit(w)
+    release_workspace()
+    fresh = codec.quantize(w, p, 0)
+    used = 16 * codec.n * (1 << (codec.L - codec.kv))      # 16 tiles' minima M_t: what the search took
+    with workspace(used, "cpu") as kept:                     # kept between calls ...
+        ptr = kept.data_ptr()
+        kept.fill_(math.nan)                                 # ... and full of stale values: must not matter
+        with workspace(used, "cpu") as other:                # (a second user at the same time gets its own)
+            assert other.data_ptr() != ptr
+    reused = codec.quantize(w, p, 0)
+    with workspace(used, "cpu") as still:
+        assert still.data_ptr() == ptr                       # the search did reuse it
+    assert torch.equal(reused.codes, fresh.codes) and torch.equal(reused.values, fresh.values)
+    release_workspace()
+    assert torch.equal(codec.quantize(w, p, 0).codes, fresh.codes)
 
 
 # ---- storage ------------------------------------------------------------------------------------

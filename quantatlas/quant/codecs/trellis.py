@@ -27,8 +27,9 @@ No table is stored: every code is a function of the config (as a codebook is for
 
 The search. Viterbi over the 2^L states, vectorised over many tiles at once in torch (CPU or
 CUDA): the predecessors of s are {(s >> KV) | h << (L−KV)}, shared by the 2^KV states with the same
-s >> KV, so one step is "min over h of cost viewed as [2^KV, 2^(L−KV)]" plus the new errors viewed
-as [2^(L−KV), 2^KV]: reshapes, no gathers. Back pointers h are kept as bytes.
+s >> KV, so one step is "min over h of cost viewed as [2^KV, 2^(L−KV), tiles]" plus the new errors
+viewed as [2^(L−KV), 2^KV, tiles]: reshapes, no gathers. Only those minima are kept (no back
+pointers); the traceback recomputes the 2^KV candidate costs of each step on the path.
 Tail-biting as QTIP does it: a first, unconstrained Viterbi on the tile rotated by n/2 steps gives
 the state at the original step 0 and so its high L−KV bits o; a second Viterbi on the tile itself
 is constrained to start in a state whose high bits are o and to end in one whose low bits are o.
@@ -51,6 +52,8 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -68,7 +71,7 @@ FP16_MAX = 65504.0
 HYB_RMS = 0.9682458365518543
 #: k-means of the HYB table: samples, iterations, seed
 HYB_SAMPLES, HYB_ITERS, HYB_SEED = 1 << 17, 40, 0
-#: bytes of back pointers (and float32 costs) one Viterbi batch may hold
+#: bytes of best path costs (float32) one Viterbi batch may hold, and the most `workspace` keeps on CPU
 VITERBI_BYTES = 1 << 28
 
 
@@ -189,78 +192,141 @@ def codebook_values(code: str, L: int, V: int, Q: int = 9, table_seed: int = 0) 
 
 
 # ---- the search -------------------------------------------------------------------------------
+#: tiles whose path costs the forward pass updates together on CPU: [2^L, 64] float32 fits a core's
+#: cache at L = 12, and 64 tiles fill the vector lanes along the innermost dim
+CHUNK_TILES = 64
+#: the CPU buffer `workspace` keeps between calls, and the lock of whoever is using it
+_kept: torch.Tensor | None = None
+_kept_lock = threading.Lock()
+
+
+@contextmanager
+def workspace(numel: int, device):
+    """A float32 buffer of at least `numel` elements for `viterbi`. On CPU one buffer of at most
+    VITERBI_BYTES is kept between calls: GPTQ quantizes a matrix 256 columns at a time, and fresh
+    memory costs a page fault per 4 KiB on its first write. `release_workspace()` frees it. CUDA's
+    caching allocator reuses memory by itself; a second user at the same time gets its own."""
+    global _kept
+    device = torch.device(device)
+    if device.type != "cpu" or 4 * numel > VITERBI_BYTES or not _kept_lock.acquire(blocking=False):
+        yield torch.empty(numel, dtype=torch.float32, device=device)
+        return
+    try:
+        if _kept is None or _kept.numel() < numel:
+            _kept = None                                          # free the smaller one first
+            _kept = torch.empty(numel, dtype=torch.float32)
+        yield _kept[:numel]
+    finally:
+        _kept_lock.release()
+
+
+def release_workspace() -> None:
+    """Free the CPU buffer that `workspace` keeps (made again when next needed)."""
+    global _kept
+    with _kept_lock:
+        _kept = None
+
+
+def chunking(B: int, device) -> tuple[int, int]:
+    """(chunks, tiles per chunk) of the forward pass for B tiles: about CHUNK_TILES on CPU, one chunk on
+    a GPU (where bigger kernels are better)."""
+    chunks = 1 if torch.device(device).type != "cpu" else max(1, -(-B // CHUNK_TILES))
+    return chunks, -(-B // chunks)
+
+
 @no_grad
 def viterbi(x: torch.Tensor, lut: torch.Tensor, kv: int, start: torch.Tensor | None = None,
-            end: torch.Tensor | None = None, buffer: torch.Tensor | None = None) -> torch.Tensor:
+            end: torch.Tensor | None = None) -> torch.Tensor:
     """Minimum-cost state sequences for x [B, n, V] over the bitshift trellis with codebook lut [V, 2^L].
 
     cost = Σ_i ‖x_i − lut[:, s_i]‖², s_{i+1} = ((s_i << kv) mod 2^L) | d. With `start` [B], s_0 must
     have high L−kv bits start[b]; with `end` [B], s_{n−1} must have low L−kv bits end[b].
-    Returns the states [B, n] (int64). `buffer` (at least n·B·2^L float32) holds the path costs.
+    Returns the states [B, n] (int64).
 
-    The forward pass keeps every step's path costs [n, B, 2^L] (float32) and no back pointers:
-    a min over the 2^kv predecessors without its argmin is several times cheaper in torch, and
-    the traceback recovers the argmin of the one predecessor set on the path at each step.
+    Path costs, with R = 2^(L−kv) and D = 2^kv: C_0(s) = e_0(s), C_t(s) = e_t(s) + M_t(s >> kv), where
+    e_t(s) = ‖x_t − lut[:, s]‖² and M_t(r) = min_h C_{t−1}(h·R + r) over the D predecessors of r·D + d.
+    C_t is held as [2^L, tiles] (tiles innermost), so M_t is a min over the first dim of C as
+    [D, R, tiles] and adding it a broadcast over the middle dim of [R, D, tiles]. The forward pass
+    keeps the M_t (a D-th of the path costs; in `workspace`) and no back pointers: an argmin is several
+    times slower than a min in torch. The traceback recomputes the D costs C_{t−1} into the state on
+    the path with the same float operations and takes their argmin: the first minimum, so ties go to
+    the lowest h (and, at the end, to the lowest state).
     """
     B, n, V = x.shape
     S = lut.shape[1]
     D, R = 1 << kv, S >> kv
-    lut = lut.to(x.device, torch.float32)[:, None, :]                   # [V, 1, S]
-    xs = x.to(torch.float32).permute(2, 1, 0).contiguous()[..., None]    # [V, n, B, 1]
-    rows = torch.arange(B, device=x.device)
-    if buffer is None or buffer.numel() < n * B * S:
-        buffer = torch.empty(n * B * S, dtype=torch.float32, device=x.device)
-    costs = buffer[:n * B * S].view(n, B, S)
+    dev = x.device
+    chunks, b = chunking(B, dev)
+    pad = chunks * b - B                                               # zero tiles that fill the last chunk
+    lut = lut.to(dev, torch.float32)
+    xs = torch.nn.functional.pad(x.to(torch.float32).permute(2, 1, 0), (0, pad)).contiguous()  # [V, n, B + pad]
+    start, end = [None if e is None else torch.nn.functional.pad(e.to(dev), (0, pad)) for e in (start, end)]
+    cols = torch.arange(b, device=dev)
+    last = torch.empty(chunks, b, dtype=torch.int64, device=dev)
 
-    def errors(t, out):
-        torch.sub(lut[0], xs[0, t], out=out).square_()
+    def errors(c, y, out=None):     # ‖c − y‖² over dim 0 (V): the same float operations forward and back
+        out = torch.sub(c[0], y[0], out=out).square_()
         for v in range(1, V):
-            diff = lut[v] - xs[v, t]
+            diff = c[v] - y[v]
             out.addcmul_(diff, diff)
         return out
 
-    cost = errors(0, costs[0])
-    if start is not None:
-        allowed = cost.view(B, R, D)[rows, start]
-        cost.fill_(math.inf)
-        cost.view(B, R, D)[rows, start] = allowed
-    for t in range(1, n):
-        best = cost.view(B, D, R).amin(dim=1)                 # best path into each s >> kv
-        cost = errors(t, costs[t])
-        cost.view(B, R, D).add_(best.unsqueeze(2))
-    states = torch.empty(B, n, dtype=torch.int64, device=x.device)
-    if end is not None:
-        last = cost.view(B, D, R)[rows, :, end].argmin(1) * R + end
-    else:
-        last = cost.argmin(1)
-    states[:, n - 1] = last
-    heads = torch.arange(D, device=x.device) * R
-    for t in range(n - 1, 0, -1):
-        prev = heads[None, :] + (last >> kv)[:, None]           # [B, D] the predecessors of the state
-        last = prev[rows, costs[t - 1].gather(1, prev).argmin(1)]
-        states[:, t - 1] = last
-    return states
+    with workspace(chunks * n * R * b, dev) as buffer:
+        best = buffer.view(chunks, n, R, b)                            # best[k, t] = M_t of chunk k
+        cost = torch.empty(S, b, device=dev)                           # C_t of one chunk
+        for k in range(chunks):
+            part = slice(k * b, (k + 1) * b)
+            errors(lut[:, :, None], xs[:, 0, None, part], cost)
+            if start is not None:                                      # only the states s >> kv = start
+                allowed = cost.view(R, D, b)[start[part], :, cols]
+                cost.fill_(math.inf)
+                cost.view(R, D, b)[start[part], :, cols] = allowed
+            for t in range(1, n):
+                m = best[k, t]
+                torch.amin(cost.view(D, R, b), 0, out=m)
+                errors(lut[:, :, None], xs[:, t, None, part], cost).view(R, D, b).add_(m[:, None, :])
+            if end is not None:                                        # only the states s mod R = end
+                last[k] = cost.view(D, R, b)[:, end[part], cols].argmin(0) * R + end[part]
+            else:
+                last[k] = cost.argmin(0)
+
+        s = last.flatten()
+        rows = torch.arange(chunks * b, device=dev)[:, None]
+        k, j = rows // b, rows % b                                     # each tile's chunk and column in best
+        heads = torch.arange(D, device=dev) * R
+        path = [s]
+        for t in range(n - 1, 0, -1):
+            prev = heads + (s >> kv)[:, None]                          # [tiles, D] in the order h = 0 .. D−1
+            c = errors(lut[:, prev], xs[:, t - 1, :, None])             # C_{t−1}(prev), as above
+            if t > 1:
+                c.add_(best[k, t - 1, prev >> kv, j])
+            elif start is not None:
+                c.masked_fill_((prev >> kv) != start[:, None], math.inf)
+            s = prev.gather(1, c.argmin(1, keepdim=True))[:, 0]
+            path.append(s)
+    return torch.stack(path[::-1], 1)[:B]
 
 
-def tail_biting(x: torch.Tensor, lut: torch.Tensor, kv: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+def tail_biting(x: torch.Tensor, lut: torch.Tensor, kv: int) -> torch.Tensor:
     """QTIP's tail-biting search on x [B, n, V]: Viterbi on the sequence rotated by n/2 steps fixes the
     high L−kv bits o of state 0; a second Viterbi starts at high bits o and ends at low bits o."""
     shift = x.shape[1] // 2
-    overlap = viterbi(torch.roll(x, shift, dims=1), lut, kv, buffer=buffer)[:, shift] >> kv
-    return viterbi(x, lut, kv, start=overlap, end=overlap, buffer=buffer)
+    overlap = viterbi(torch.roll(x, shift, dims=1), lut, kv)[:, shift] >> kv
+    return viterbi(x, lut, kv, start=overlap, end=overlap)
 
 
 def batched_tail_biting(x: torch.Tensor, lut: torch.Tensor, kv: int) -> torch.Tensor:
-    """tail_biting over B sequences in batches whose path costs fit in VITERBI_BYTES (CUDA: more)."""
+    """tail_biting over B sequences in batches whose best costs M_t fit in VITERBI_BYTES (CUDA: more)."""
     B, n, _ = x.shape
+    if B == 0:
+        return torch.empty(0, n, dtype=torch.int64, device=x.device)
     budget = VITERBI_BYTES
     if x.device.type == "cuda":
         budget = max(budget, min(8 << 30, torch.cuda.mem_get_info(x.device)[0] // 4))
-    step = min(B, max(1, budget // (4 * n * lut.shape[1])))
-    if B == 0:
-        return torch.empty(0, n, dtype=torch.int64, device=x.device)
-    buffer = torch.empty(step * n * lut.shape[1], dtype=torch.float32, device=x.device)   # reused: pages touched once
-    return torch.cat([tail_biting(x[i:i + step], lut, kv, buffer) for i in range(0, B, step)])
+    step = max(1, budget // (4 * n * (lut.shape[1] >> kv)))
+    if step > CHUNK_TILES:
+        step -= step % CHUNK_TILES                   # whole chunks: no batch needs more than the budget
+    return torch.cat([tail_biting(x[i:i + step], lut, kv) for i in range(0, B, step)])
 
 
 # ---- the codec -----------------------------------------------------------------------------------
