@@ -1,7 +1,8 @@
 """The bitshift trellis codec (quantatlas/quant/codecs/trellis.py): its codes against their
 definitions computed here in plain Python, the Viterbi against exhaustive search over all paths
 (tiny L and T) and against a textbook Viterbi state for state (ties included), QTIP's tail-biting,
-exact K·T bits per tile, decode(pack(codes)) == quantize values, and the codec inside GPTQ and the
+exact K·T bits per tile, decode(pack(codes)) == quantize values, 2-D tiles (tile_rows × T/tile_rows,
+QTIP's 16 × 16) against their row-major sequences built by hand, and the codec inside GPTQ and the
 runner."""
 from __future__ import annotations
 
@@ -352,3 +353,148 @@ def test_runner_runs_trellis(tiny_reference):
     seeds = {a: doc["arms"][a]["seeds"]["0"] for a in ("rtn", "gptq")}
     assert seeds["rtn"]["bits_per_weight"] == pytest.approx(2 + 16 / 64, abs=0.13)
     assert 0 < seeds["gptq"]["kld_mean"] < seeds["rtn"]["kld_mean"]
+
+
+# ---- 2-D tiles (tile_rows × T/tile_rows, QTIP's 16 × 16) ------------------------------------------
+def _hand_tile(w: torch.Tensor, scale: torch.Tensor, r0: int, c0: int, tile_rows: int, width: int, V: int):
+    """One tile's sequence [1, n, V] built weight by weight: rows r0 .., columns c0 .., row-major, each
+    weight divided by its row's σ as the codec does (w · (1/σ) in float32)."""
+    seq = [float(w[r, c]) * float(torch.tensor(1.0) / scale[r]) for r in range(r0, r0 + tile_rows)
+           for c in range(c0, c0 + width)]
+    seq = [float(torch.tensor(v, dtype=torch.float32)) for v in seq]
+    return torch.tensor(seq, dtype=torch.float32).reshape(1, -1, V)
+
+
+@pytest.mark.parametrize("opts,shape", [
+    ({"bits": 2, "L": 8, "T": 64, "tile_rows": 4}, (8, 32)),                                  # 4 × 16 tiles
+    ({"bits": 1, "L": 6, "V": 2, "T": 32, "tile_rows": 4, "code": "gaussian"}, (4, 16)),     # pairs along a row
+])
+def test_each_tile_is_its_rows_read_row_major(opts, shape):
+    codec = make_codec("trellis", opts)
+    rows, cols = shape
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(11))
+    p = codec.fit(w)
+    q = codec.quantize(w, p, 0)
+    tr, width, V = opts["tile_rows"], opts["T"] // opts["tile_rows"], codec.V
+    assert codec.block_width == width and q.codes.shape == (rows, cols // V)
+    lut = torch.from_numpy(codebook_values(opts.get("code", "1mad"), codec.L, V))
+    for r0 in range(0, rows, tr):
+        for c0 in range(0, cols, width):
+            x = _hand_tile(w, p.scale, r0, c0, tr, width, V)
+            want = tail_biting(x, lut, codec.kv)[0]                       # [n]: tr rows of width/V states
+            got = q.codes[r0:r0 + tr, c0 // V:(c0 + width) // V]
+            assert got.flatten().tolist() == want.tolist(), (r0, c0)
+            # and each weight's value is its state's codeword times its row's σ
+            vals = lut[:, want].T.reshape(tr, width) * p.scale[r0:r0 + tr, None]
+            assert torch.equal(q.values[r0:r0 + tr, c0:c0 + width], vals)
+
+
+@pytest.mark.parametrize("opts,shape", [
+    ({"bits": 2, "L": 8, "T": 256, "tile_rows": 16}, (32, 32)),                               # QTIP's 16 × 16
+    ({"bits": 2, "L": 8, "T": 256, "tile_rows": 16}, (48, 80)),                               # not square
+    ({"bits": 3, "L": 9, "T": 64, "tile_rows": 4, "group": 32, "code": "3inst"}, (8, 64)),    # 2 groups per row
+    ({"bits": 2, "L": 8, "V": 2, "T": 64, "tile_rows": 4, "code": "hyb", "Q": 6}, (12, 32)),  # V = 2
+])
+def test_2d_tiles_pack_exactly_k_bits_and_decode_the_quantized_values(opts, shape):
+    codec = make_codec("trellis", opts)
+    K, L, V = codec.K, codec.L, codec.V
+    rows, cols = shape
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(4))
+    g = codec.group_of(cols)
+    params = [codec.fit(w[:, c:c + g]) for c in range(0, cols, g)]
+    bw = codec.block_width
+    qs = [codec.quantize(w[:, c:c + bw], params[c // g], c % g) for c in range(0, cols, bw)]   # as GPTQ does
+    codes, values = torch.cat([q.codes for q in qs], 1), torch.cat([q.values for q in qs], 1)
+    packed = codec.pack(codes, params)
+    assert packed.data["codes"].numel() == math.ceil(rows * cols * K / 8)
+    assert packed.bits_per_weight == K + 16 * (cols // g) / cols == codec.bits_per_weight((rows, cols))
+    assert torch.equal(codec.decode(packed), values)
+    assert torch.equal(codec.untile(codec.unpack_states(packed), rows, V), codes.long())
+    # quantizing a whole group at once (RTN's encode) finds the same tiles' paths
+    assert torch.equal(codec.decode(codec.encode(w)), values)
+    # any tail-biting path in every tile round-trips; one broken inside a tile is refused
+    states = _random_cyclic_states(rows * cols // codec.T, codec.n, L, K * V, seed=2)
+    laid_out = codec.untile(states, rows, V)
+    assert torch.equal(codec.unpack_states(codec.pack(laid_out, params)), states)
+    laid_out[1, 0] ^= 1 << (L - 1)            # row 1 of the first tile: the middle of its sequence
+    with pytest.raises(ValueError, match="not tail-biting"):
+        codec.pack(laid_out, params)
+
+
+@pytest.mark.parametrize("opts", [{"bits": 2, "L": 8, "T": 32},
+                                  {"bits": 1, "L": 5, "V": 2, "T": 16, "code": "gaussian"}])
+def test_tile_rows_1_is_the_1xT_codec_and_keeps_its_ids(opts):
+    plain, one = make_codec("trellis", opts), make_codec("trellis", {**opts, "tile_rows": 1})
+    rows, cols = 6, 64
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(8))
+    p = plain.fit(w)
+    got = one.quantize(w, p, 0)
+    assert one.block_width == opts["T"]
+    # 1 × T tiles: T consecutive columns of one row, computed here directly
+    inv = torch.tensor(1.0) / p.scale
+    x = (w * inv[:, None]).reshape(rows * cols // opts["T"], one.n, one.V)
+    lut = torch.from_numpy(codebook_values(opts.get("code", "1mad"), one.L, one.V))
+    assert torch.equal(got.codes.long(), tail_biting(x, lut, one.kv).reshape(rows, -1))
+    assert torch.equal(got.codes, plain.quantize(w, p, 0).codes)
+    assert plain.encode(w).to_bytes() == one.encode(w).to_bytes()
+    # left out of the config, the pack's config and the id at its default; written out otherwise
+    cfg = parse_config("codec", {"trellis": {**opts, "tile_rows": 1}})
+    assert "tile_rows" not in cfg.to_spec()["trellis"]
+    assert "tile_rows" not in cfg.to_spec(exclude_defaults=True)["trellis"]
+    assert cfg.to_spec(exclude_defaults=True) == parse_config("codec", {"trellis": opts}).to_spec(exclude_defaults=True)
+    assert "tile_rows" not in one.encode(w).config
+    tiled = parse_config("codec", {"trellis": {**opts, "tile_rows": 2}})
+    assert tiled.to_spec(exclude_defaults=True)["trellis"]["tile_rows"] == 2
+
+
+def test_rows_that_do_not_fill_tiles_are_refused_before_any_search():
+    from quantatlas.quant.solvers import gptq
+
+    codec = make_codec("trellis", {"bits": 2, "L": 8, "T": 256, "tile_rows": 16})
+    w = torch.randn(20, 32)
+    with pytest.raises(ValueError, match=r"codec.tile_rows: .*16 rows × 16 columns .*multiple of 16; got 20 rows"):
+        codec.encode(w)
+    with pytest.raises(ValueError, match="codec.tile_rows: .*got 20 rows"):
+        gptq(w, torch.eye(32), codec, block_size=32)
+    with pytest.raises(ValueError, match="whole tiles of 16 columns"):
+        codec.quantize(torch.randn(16, 8), codec.fit(torch.randn(16, 8)), 0)
+
+
+@pytest.mark.parametrize("opts,match", [
+    ({"bits": 2, "tile_rows": 3}, "tile_rows = 3 must divide T = 256"),
+    ({"bits": 2, "L": 8, "V": 2, "T": 16, "tile_rows": 16, "code": "gaussian"}, "multiple of V = 2"),
+    ({"bits": 2, "tile_rows": 16, "group": 40}, "group = 40 must be a multiple of the tile width T / tile_rows = 16"),
+    ({"bits": 2, "tile_rows": 0}, "greater than or equal to 1"),
+])
+def test_bad_tile_rows_name_the_problem(opts, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_config("codec", {"trellis": opts})
+
+
+def test_gptq_feedback_reaches_inside_a_16x16_tile():
+    """On a 256-column matrix a 1 × 256 tile leaves GPTQ no block to feed its error to (it is rounding);
+    16 × 16 tiles are quantized 16 columns at a time, each block's error fed to the columns after it."""
+    from quantatlas.quant.solvers import gptq, rtn
+
+    g = torch.Generator().manual_seed(3)
+    cols = 256
+    # inputs with neighbouring columns strongly correlated (an AR(1) process along the columns)
+    X = torch.randn(4096, cols, generator=g)
+    for j in range(1, cols):
+        X[:, j] = 0.97 * X[:, j - 1] + math.sqrt(1 - 0.97 ** 2) * X[:, j]
+    H = 2 * X.T @ X / X.shape[0]
+    W = torch.randn(32, cols, generator=g)
+
+    def proxy(Q):
+        D = (Q - W).double()
+        return float(((D @ H.double()) * D).sum())
+
+    losses = {}
+    for tr in (1, 16):
+        codec = make_codec("trellis", {"bits": 2, "L": 8, "T": 256, "tile_rows": tr})
+        W_hat, packed, info = gptq(W, H, codec, block_size=256)
+        assert torch.equal(codec.decode(packed), W_hat)
+        losses[tr] = proxy(W_hat)
+        if tr == 1:
+            assert losses[1] == pytest.approx(proxy(rtn(W, codec)[0]), rel=1e-6)    # no feedback at all
+    assert losses[16] < 0.7 * losses[1]    # about 0.5 here (0.47 .. 0.51 over seeds 3 .. 5)

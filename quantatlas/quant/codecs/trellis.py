@@ -1,9 +1,9 @@
 """QTIP's bitshift trellis codec (Tseng et al. 2024, "QTIP: Quantization with Trellises and
 Incoherence Processing"; the same trellis is exllamav3's EXL3 format).
 
-The trellis. A tile of T weights (here: T consecutive columns of one row) is read as n = T/V
-steps of V weights. A path through the trellis is a cyclic bit string b of n·K·V bits (K bits per
-weight); step i is in state
+The trellis. A tile of T weights (`tile_rows` rows × T/tile_rows columns, read row-major: Tiles,
+below) is read as n = T/V steps of V weights. A path through the trellis is a cyclic bit string b
+of n·K·V bits (K bits per weight); step i is in state
 
     s_i = b[i·KV .. i·KV + L)  (L bits, most significant first, indices mod n·KV),
 
@@ -39,14 +39,29 @@ The cost of a step is ‖σ⁻¹w − c(s)‖² (the constant ‖σ⁻¹w‖² d
 Work grows as T·2^L per tile: L = 12 quantizes the 4.8 M-parameter reference model on CPU in a
 few minutes; L = 16 (QTIP's and EXL3's setting) is 16× slower and meant for a GPU.
 
-Scales. One fp16 σ per row and `group` columns (null: per row; otherwise a multiple of T):
-σ = RMS(w) / RMS(c) · `scale_factor` (QTIP's Wscale, with its scale_override), so that σ⁻¹w has
-the codebook's RMS. Bits per weight: K + 16·groups/cols.
+Scales. One fp16 σ per row and `group` columns (null: per row; otherwise a multiple of the tile
+width T/tile_rows): σ = RMS(w) / RMS(c) · `scale_factor` (QTIP's Wscale, with its scale_override),
+so that σ⁻¹w has the codebook's RMS. Bits per weight: K + 16·groups/cols.
 
-Codes as `quantize` returns them: the states s_i, one per V columns, [rows, cols/V] int32, exactly
-the path the Viterbi found; `pack` checks that they form tail-biting paths and stores their bits.
-Tiles are 1×T here (QTIP and EXL3 use 16×16 tiles of the matrix for their kernels; the trellis
-and its distortion are the same, only which weights share a tile differs).
+Tiles. A tile is `tile_rows` = r consecutive rows × w = T/r consecutive columns of the matrix, one
+trellis sequence of T weights in row-major order (row 0's w weights, then row 1's, ...; with V = 2 a
+step is two neighbours in a row, so w is a multiple of V). r = 1 (the default) is a 1×T tile: T
+consecutive columns of one row. QTIP's own setting is r = 16, T = 256: 16×16 tiles (td_x × td_y in
+its lib/algo/ldlq.py, which quantizes WXWXᵀ.reshape(−1, td_x·td_y), rows-by-16 of a 16-column
+block; its `_PERMUTE` of the 256 weights is only the storage order its CUDA kernel reads, not
+done here: our sequence is the plain row-major one). The codec's block_width is w: GPTQ/LDLQ
+quantizes w columns at a time and feeds each block's error forward to the columns after it, so a
+1×256 tile gets no error feedback inside its 256 columns (on a 256-column matrix GPTQ is plain
+rounding) while a 16×16 tile gets it every 16 columns. For plain rounding of an i.i.d. source the
+tile shape changes nothing (the same trellis over T weights); inside LDLQ it does.
+The rows of a matrix must be a multiple of r (refused otherwise, when the codec is bound to the
+matrix: `for_matrix`, the first thing `encode` and GPTQ do; no padding, which would cost bits).
+Scales stay per row: a tile's r rows each have their own σ.
+
+Codes as `quantize` returns them: the states s_i, one per V weights, laid out like the weights
+([rows, cols/V] int32: the state of the step each weight position is in), exactly the path the
+Viterbi found. `pack` cuts them into tiles (tiles ordered by row block, then column block), checks
+that each is a tail-biting path and stores each tile's bit string in turn: K bits per weight.
 """
 from __future__ import annotations
 
@@ -64,7 +79,7 @@ from pydantic import Field, model_validator
 
 from quantatlas._lazy import no_grad, torch
 from quantatlas.quant.codecs.base import Codec, Packed, Quantized, pack_bits, unpack_bits
-from quantatlas.quant.config import CodecConfig
+from quantatlas.quant.config import ADDED_LATER, CodecConfig
 
 FP16_MAX = 65504.0
 #: QTIP's HYB table RMS per coordinate (tlut / std · 0.9682458365518543 = √(15/16))
@@ -80,12 +95,19 @@ class TrellisConfig(CodecConfig):
     bits: int = Field(ge=1, le=8)                   # K: bits per weight
     L: int = Field(16, ge=2, le=16)                  # state bits
     V: int = Field(1, ge=1, le=2)                    # weights per step
-    T: int = Field(256, ge=2)                        # weights per tile (consecutive columns of a row)
+    T: int = Field(256, ge=2)                        # weights per tile (one trellis sequence)
     code: Literal["1mad", "3inst", "hyb", "gaussian"] = "1mad"
     Q: int = Field(9, ge=1, le=15)                   # HYB table bits
     table_seed: int = Field(0, ge=0, lt=2 ** 63)     # the `gaussian` table's seed
     group: int | None = Field(None, gt=0)            # columns per fp16 scale; null: one per row
     scale_factor: float = Field(1.0, gt=0, allow_inf_nan=False)
+    #: rows per tile: a tile is tile_rows × T/tile_rows columns (QTIP: 16 × 16); 1: T columns of one row
+    tile_rows: int = Field(1, ge=1, json_schema_extra={ADDED_LATER: True})
+
+    @property
+    def tile_width(self) -> int:
+        """Columns per tile, T / tile_rows: the codec's block_width."""
+        return self.T // self.tile_rows
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -98,11 +120,15 @@ class TrellisConfig(CodecConfig):
             raise ValueError(f"bits·V = {kv} must be below L = {self.L} (the state must remember something)")
         if self.T % self.V:
             raise ValueError(f"T = {self.T} must be a multiple of V = {self.V}")
+        if self.T % self.tile_rows or self.tile_width % self.V:
+            raise ValueError(f"tile_rows = {self.tile_rows} must divide T = {self.T} into rows of a multiple of "
+                             f"V = {self.V} columns")
         if self.T * self.bits < self.L or self.T // self.V < 2:
             raise ValueError(f"T = {self.T} is too short: a tile must store at least L = {self.L} bits "
                              f"(T·bits = {self.T * self.bits}) over at least two steps")
-        if self.group is not None and self.group % self.T:
-            raise ValueError(f"group = {self.group} must be a multiple of the tile T = {self.T}")
+        if self.group is not None and self.group % self.tile_width:
+            tile = f"T = {self.T}" if self.tile_rows == 1 else f"width T / tile_rows = {self.tile_width}"
+            raise ValueError(f"group = {self.group} must be a multiple of the tile {tile}")
         return self
 
     def build(self):
@@ -329,6 +355,22 @@ def batched_tail_biting(x: torch.Tensor, lut: torch.Tensor, kv: int) -> torch.Te
     return torch.cat([tail_biting(x[i:i + step], lut, kv) for i in range(0, B, step)])
 
 
+# ---- tiles ---------------------------------------------------------------------------------------
+def to_tiles(m: torch.Tensor, tile_rows: int, width: int) -> torch.Tensor:
+    """[rows, cols] -> [tiles, tile_rows·width]: tile (i, j) is rows i·tile_rows .. and columns j·width ..
+    read row-major; tiles ordered by i, then j. (tile_rows = 1: m.reshape(−1, width).)"""
+    rows, cols = m.shape
+    return (m.reshape(rows // tile_rows, tile_rows, cols // width, width).permute(0, 2, 1, 3)
+            .reshape(-1, tile_rows * width))
+
+
+def from_tiles(t: torch.Tensor, rows: int, tile_rows: int, width: int) -> torch.Tensor:
+    """The inverse of `to_tiles`: [tiles, tile_rows·width] -> [rows, cols]."""
+    cols = t.numel() // rows
+    return (t.reshape(rows // tile_rows, cols // width, tile_rows, width).permute(0, 2, 1, 3)
+            .reshape(rows, cols))
+
+
 # ---- the codec -----------------------------------------------------------------------------------
 @dataclass
 class TrellisParams:
@@ -343,8 +385,9 @@ class Trellis(Codec):
         self.K, self.L, self.V, self.T = cfg.bits, cfg.L, cfg.V, cfg.T
         self.kv = self.K * self.V
         self.n = self.T // self.V
+        self.tile_rows, self.width = cfg.tile_rows, cfg.tile_width
         self.group_size = cfg.group
-        self.block_width = cfg.T
+        self.block_width = self.width          # GPTQ hands over one column of tiles at a time
         values = codebook_values(cfg.code, cfg.L, cfg.V, cfg.Q, cfg.table_seed)
         self._lut_cpu = torch.from_numpy(np.ascontiguousarray(values))
         self._luts: dict[str, torch.Tensor] = {}
@@ -358,9 +401,27 @@ class Trellis(Codec):
 
     # -- the steps -------------------------------------------------------------------------------
     def group_of(self, cols: int) -> int:
-        if cols % self.T:
-            raise ValueError(f"trellis: {cols} columns are not a multiple of the tile T = {self.T}")
+        if cols % self.width:
+            tile = f"T = {self.T}" if self.tile_rows == 1 else f"width T / tile_rows = {self.width}"
+            raise ValueError(f"trellis: {cols} columns are not a multiple of the tile {tile}")
         return super().group_of(cols)
+
+    def check_rows(self, rows: int) -> None:
+        if rows % self.tile_rows:
+            raise ValueError(f"codec.tile_rows: trellis tiles of {self.tile_rows} rows × {self.width} columns need "
+                             f"a matrix whose rows are a multiple of {self.tile_rows}; got {rows} rows")
+
+    def for_matrix(self, w):
+        """Itself, once the rows of `w` are found to fill whole tiles (refused here, before any search)."""
+        self.check_rows(w.shape[0])
+        return self
+
+    def tiles(self, m: torch.Tensor, per_weight: int = 1) -> torch.Tensor:
+        """[rows, c] weights (per_weight = 1) or states (per_weight = V) -> [tiles, T / per_weight]."""
+        return to_tiles(m, self.tile_rows, self.width // per_weight)
+
+    def untile(self, t: torch.Tensor, rows: int, per_weight: int = 1) -> torch.Tensor:
+        return from_tiles(t, rows, self.tile_rows, self.width // per_weight)
 
     def fit(self, w, importance=None):
         rms = w.float().pow(2).mean(1).sqrt()
@@ -369,26 +430,29 @@ class Trellis(Codec):
 
     def quantize(self, w, params, col=0):
         rows, c = w.shape
-        if col % self.T or c % self.T or c == 0:
-            raise ValueError(f"trellis quantizes whole tiles of T = {self.T} columns: got columns {col}..{col + c} "
-                             f"(a solver must pass block_width = T columns)")
+        if col % self.width or c % self.width or c == 0:
+            what = f"T = {self.T} columns" if self.tile_rows == 1 else f"{self.width} columns (T / tile_rows)"
+            raise ValueError(f"trellis quantizes whole tiles of {what}: got columns {col}..{col + c} "
+                             f"(a solver must pass block_width = {self.width} columns)")
+        self.check_rows(rows)
         scale = params.scale.to(w.device)
         inv = torch.where(scale > 0, 1.0 / scale.clamp_min(1e-30), torch.zeros_like(scale))
-        x = (w.float() * inv[:, None]).reshape(rows * (c // self.T), self.n, self.V)
-        states = batched_tail_biting(x, self.lut(w.device), self.kv)          # [rows·tiles, n]
-        values = self._values(states, scale.repeat_interleave(c // self.T)).reshape(rows, c)
-        return Quantized(values, states.reshape(rows, c // self.V).to(torch.int32))
+        x = self.tiles(w.float() * inv[:, None]).reshape(-1, self.n, self.V)
+        states = batched_tail_biting(x, self.lut(w.device), self.kv)          # [tiles, n]
+        values = self._unit_values(states, rows) * scale[:, None]
+        return Quantized(values, self.untile(states, rows, self.V).to(torch.int32))
 
-    def _values(self, states: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """[tiles, n] states and [tiles] scales -> [tiles, T] weights."""
+    def _unit_values(self, states: torch.Tensor, rows: int) -> torch.Tensor:
+        """[tiles, n] states -> their codewords c(s) where the weights lie, [rows, cols] (σ = 1)."""
         lut = self.lut(states.device)
-        return (lut[:, states.long()].permute(1, 2, 0).reshape(states.shape[0], -1)) * scale[:, None]
+        return self.untile(lut[:, states.long()].permute(1, 2, 0).reshape(states.shape[0], -1), rows)
 
     def pack(self, codes, params):
         rows, m = codes.shape
         cols = m * self.V
         self.group_of(cols)
-        states = codes.to(torch.int64).reshape(-1, self.n)
+        self.check_rows(rows)
+        states = self.tiles(codes.to(torch.int64), self.V)           # [tiles, n], each a cyclic path
         low = (1 << (self.L - self.kv)) - 1
         if (states < 0).any() or (states >> self.L).any():
             raise ValueError(f"trellis.pack: states must be in [0, 2^{self.L})")
@@ -403,7 +467,8 @@ class Trellis(Codec):
                       {"codes": pack_bits(per_weight, self.K), "scale": scale.half()})
 
     def unpack_states(self, packed: Packed) -> torch.Tensor:
-        """The states [tiles, n] of a pack: each state is L bits of the tile's cyclic bit string."""
+        """The states [tiles, n] of a pack, tiles in stored order (`untile(·, rows, V)` lays them out like
+        the weights): each state is L bits of the tile's cyclic bit string."""
         rows, cols = packed.shape
         tiles = rows * cols // self.T
         pieces = unpack_bits(packed.data["codes"], self.K, rows * cols).reshape(tiles, self.n, self.V)
@@ -417,8 +482,7 @@ class Trellis(Codec):
         g = self.group_of(cols)
         scale = packed.data["scale"].float()                       # [rows, groups]
         states = self.unpack_states(packed).to(scale.device)
-        per_tile = scale.repeat_interleave(g // self.T, dim=1).reshape(-1)
-        return self._values(states, per_tile).reshape(rows, cols)
+        return self._unit_values(states, rows) * scale.repeat_interleave(g, dim=1)
 
     def bits_per_weight(self, shape):
         """From an actual pack of a valid path (all states 0), without running the search."""
