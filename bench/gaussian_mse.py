@@ -17,13 +17,39 @@ Slow searches run on smaller samples (TRELLIS_ROWS): the bitshift trellis (`trel
 at each L of `--trellis-L`, for every code, with the published L = 16 figures (QTIP; exllamav3) beside
 it (`vs pub dB` = 10·log10(MSE / published MSE)).
 
+Bounds and estimates without a sample (rows with no speed), per R = 1..4:
+* `D(R) = 2^-2R` and the ideal scalar Lloyd-Max quantizer.
+* Classic TCQ (Marcellin & Fischer 1990) codes over 2^(R+1) levels. `alphabet-constrained R(D)`: the least
+  distortion at rate R of any code whose reproduction values are 2^(R+1) levels (the best ones; Blahut–Arimoto
+  with the levels moved to their centroids, `coded_limit`); it is what the doubled alphabet alone costs:
+  0.04 / 0.12 / 0.18 / 0.21 dB. `uniform-use code limit`: the same for codes whose words use every level
+  equally often, as a fixed-rate trellis's words do (every path bit string is a word): the limit of random
+  codes drawn i.i.d. uniform on the levels, rate log2(2^(R+1)) − H(Y|X): 0.25 / 0.82 / 1.20 / 1.42 dB. TCQ's
+  trellis is such a code, and as its states grow it tends there (2 bits, trained levels, from 2^-4: 1.39 /
+  1.27 / 1.11 dB at 8 / 32 / 256 states, 1.04 dB at 256 with one path per row, T = 4096; the limit's best
+  levels lie within 0.04 of the trained 256-state ones). So fixed-rate TCQ does not come within 0.3 dB of
+  D(R) at 2 bits at any number of states (a limit of the ensemble, not a theorem for every trellis); the
+  doubled alphabet is not what stops it, the equal use of its levels is: variable rate (entropy-coded TCQ)
+  or a trellis whose values are Gaussian-distributed (QTIP's codes, `trellis`: 0.42 dB at L = 16) get closer.
+* `Zador sphere, n`: the high-resolution (Zador) estimate of the best n-dimensional fixed-rate quantizer of
+  N(0, I_n) at R bits per dimension, every cell a ball and the point density ∝ p^(n/(n+2)):
+  D ≈ (1/(n+2))·(M·V_n)^(−2/n)·‖p‖_{n/(n+2)}, M = 2^(nR), V_n the unit ball's volume and, for N(0, I_n),
+  ‖p‖_{n/(n+2)} = (∫p^(n/(n+2)))^((n+2)/n) = 2π·((n+2)/n)^((n+2)/2). `E8 / Λ24 + ideal shaping`: the same with
+  the lattice's cells: × G(Λ)/G(ball_n), G(ball_n) = Γ(n/2+1)^(2/n)/((n+2)π), G(E8) = 0.071682,
+  G(Λ24) = 0.065771 (Conway & Sloane). These are high-resolution approximations, NOT bounds at these rates:
+  n = 1 gives Panter–Dite's √3·π/2·2^(−2R), 0.170 at R = 2, above the real Lloyd–Max MSE 0.1175. (Calibration
+  at the codebooks' 2 bits: E8P (one scale per row) sits 0.26 dB above the E8 estimate, Leech 0.25 dB above
+  the Λ24 one, 0.0731: the estimate for n = 24 is above QTIP's 0.0686 at L = 16, a 256-long trellis.)
+
 Speed: `w/cpu-s` is weights encoded per second of CPU time (`codec.encode`, the search included, decode
 not; the process's CPU time over all its torch threads, so a busy shared machine does not slow it down
 as wall time would; the JSON also has wall-clock `weights_per_second`). With OMP_NUM_THREADS=1 it is
 what one core of this machine encodes per second: what runs on a laptop.
 
     .venv/bin/python bench/gaussian_mse.py [--rows 256] [--cols 4096] [--seed 0] [--codecs tcq,e8p,d4]
-                                           [--trellis-L 12,16] [--trellis-rows 64] [--trellis-rows-16 8]
+                                           [--trellis-L 12,16] [--trellis-rows 64] [--trellis-rows-16 8] [--merge]
+
+--merge keeps the rows of the codecs not run now from the JSON already at --out (same sample settings).
 """
 from __future__ import annotations
 
@@ -37,8 +63,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from pydantic import ValidationError
+from scipy import optimize, special, stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -63,8 +91,11 @@ VARIANTS: dict[str, list[dict]] = {
     "dn": [{"n": 8, "group": 128}, {"n": 8, "group": None}, {"n": 12, "group": None}, {"n": 16, "group": 128},
            {"n": 16, "group": None}],
     "nestquant": [{"group": 128, "betas": 1}, {"group": 128, "betas": 4}, {"group": 128, "betas": 8}],
-    # classic TCQ (issue 28 part 4): 1-4 bits, 8/32/256 states, Lloyd-Max levels; uniform levels at 256
-    "tcq": [{"states": 8}, {"states": 32}, {"states": 256}, {"states": 256, "levels": "uniform"}],
+    # classic TCQ (issue 28 part 4): 1-4 bits, 8/32/256 states, Lloyd-Max levels; uniform levels at 256; trained
+    # levels (Marcellin & Fischer's codebook design) at 8/32/256
+    "tcq": [{"states": 8}, {"states": 32}, {"states": 256}, {"states": 256, "levels": "uniform"},
+            {"states": 8, "levels": "trained"}, {"states": 32, "levels": "trained"},
+            {"states": 256, "levels": "trained"}],
     # AQLM needs its codebooks: M codebooks of 2^B entries per 8 weights, M·B/8 bits per weight
     "aqlm": [{"codebooks": 1, "code_bits": 8}, {"codebooks": 2, "code_bits": 8}, {"codebooks": 3, "code_bits": 8}],
     "mx": [{"element": "fp4_e2m1"}, {"element": "fp6_e2m3"}, {"element": "fp8_e4m3"}],
@@ -83,6 +114,14 @@ TRELLIS_ROWS = {"L<16": 64, "L16": 8}
 #: i.i.d. N(0, 1) MSE at 2 / 3 / 4 bits of the L = 16 trellis codes as published
 TRELLIS_PUBLISHED = {"1mad": (0.0686, 0.0178, 0.0046), "3inst": (0.0699, 0.0181, 0.0047)}
 TRELLIS_CODES = (("1mad", 1), ("3inst", 1), ("hyb", 2), ("gaussian", 1))
+
+#: normalised second moments of lattice cells (Conway & Sloane, SPLAG, Table 2.3): name -> (n, G)
+LATTICE_G = {"E8": (8, 0.071682), "Λ24": (24, 0.065771)}
+#: dimensions of the Zador rows
+ZADOR_DIMS = (8, 24)
+#: coded_limit(codebook(R + 1).levels, R, uniform_use) per R: (alphabet-constrained D, uniform-use D), from
+#: `coded_limit` with its defaults (R = 3, 4 take minutes: tabulated; tests/test_gaussian_bench.py recomputes R = 1)
+CODED_LIMITS = {1: (0.25254, 0.26454), 2: (0.06425, 0.07553), 3: (0.01627, 0.02060), 4: (0.00410, 0.00542)}
 
 
 @dataclass
@@ -204,29 +243,108 @@ def samples_for(runs: list[Run], rows: int, cols: int, seed: int, trellis_rows: 
     return out
 
 
+# ---- bounds and estimates without a sample -------------------------------------------------------------
+def ball_second_moment(n: int) -> float:
+    """G of the n-ball: (1/n)·∫_ball ‖x‖²/V^(1+2/n) = Γ(n/2+1)^(2/n)/((n+2)π)."""
+    return math.exp(2 / n * special.gammaln(n / 2 + 1)) / ((n + 2) * math.pi)
+
+
+def zador_mse(n: int, R: float) -> float:
+    """Zador's high-resolution MSE per dimension of the best n-dimensional fixed-rate quantizer of N(0, I_n)
+    with M = 2^(nR) ball-shaped cells: (1/(n+2))·(M·V_n)^(−2/n)·‖p‖_{n/(n+2)}. For p = N(0, I_n),
+    ∫p^a = (2π)^(n(1−a)/2)·a^(−n/2), so with a = n/(n+2): ‖p‖_a = (∫p^a)^(1/a) = 2π·((n+2)/n)^((n+2)/2).
+    (Logs throughout: M·V_n overflows a float for large n.)"""
+    log_mv = n * R * math.log(2) + n / 2 * math.log(math.pi) - special.gammaln(n / 2 + 1)
+    log_norm = math.log(2 * math.pi) + (n + 2) / 2 * math.log((n + 2) / n)
+    return math.exp(-2 / n * log_mv + log_norm) / (n + 2)
+
+
+def coded_limit(levels, R: float, uniform_use: bool, grid: int = 4001, tol: float = 1e-10,
+                max_iter: int = 20000) -> tuple[float, np.ndarray]:
+    """The least MSE at rate R (bits per sample) of codes for N(0, 1) whose reproduction values are len(levels)
+    levels, the levels chosen best (started at `levels`): (D, the levels). N(0, 1) on a grid of ±8.
+
+    uniform_use False: the alphabet-constrained R(D) (Blahut–Arimoto: test channel W(y|x) ∝ q(y)·e^(−s(x−y)²),
+    q the output law); True: codes whose words use every level equally often (q uniform, so the rate is
+    log2 M − H(Y|X): random codes drawn i.i.d. uniform on the levels reach it). For a slope s the levels and q are
+    iterated to their fixed point (each level the centroid of its share of W); s by root finding on the rate."""
+    x = np.linspace(-8, 8, grid)
+    p = stats.norm.pdf(x)
+    p /= p.sum()
+    state = {"y": np.array(levels, dtype=np.float64), "q": np.full(len(levels), 1 / len(levels))}
+
+    def at(log_s: float):
+        y, q = state["y"], state["q"]
+        for _ in range(max_iter):
+            logw = np.log(q)[None] - math.exp(log_s) * (x[:, None] - y[None]) ** 2
+            w = np.exp(logw - logw.max(1, keepdims=True))
+            w /= w.sum(1, keepdims=True)
+            py = p @ w
+            y_new, q_new = (p * x) @ w / py, (q if uniform_use else py)
+            done = max(abs(y_new - y).max(), abs(q_new - q).max()) < tol
+            y, q = y_new, q_new
+            if done:
+                break
+        state["y"], state["q"] = y, q                                    # warm start for the next slope
+        lw = np.log2(np.maximum(w, 1e-300))
+        info = lw if uniform_use else lw - np.log2(np.maximum(py, 1e-300))[None]
+        rate = (math.log2(len(y)) if uniform_use else 0.0) + float(p @ (w * info).sum(1))
+        return rate, float(p @ (w * (x[:, None] - y[None]) ** 2).sum(1)), y
+
+    log_s = optimize.brentq(lambda v: at(v)[0] - R, -2.0, 12.0, xtol=1e-9)
+    _, D, y = at(log_s)
+    return D, y
+
+
+def bound_row(name: str, bits: int, mse: float, **options) -> dict:
+    return {"codec": name, "options": {"bits": bits, **options}, "bits_per_weight": float(bits), "mse": mse,
+            "gap_db": 10 * math.log10(mse / 2 ** (-2 * bits)), "nominal_bits": bits}
+
+
 def bound_rows(bits_list) -> list[dict]:
     out = []
     for bits in bits_list:
-        ideal = codebook(bits).mse
-        out.append({"codec": "ideal scalar Lloyd-Max", "options": {"bits": bits}, "bits_per_weight": float(bits),
-                    "mse": ideal, "gap_db": 10 * math.log10(ideal / 2 ** (-2 * bits)), "nominal_bits": bits})
-        out.append({"codec": "D(R) = 2^-2R", "options": {"bits": bits}, "bits_per_weight": float(bits),
-                    "mse": 2.0 ** (-2 * bits), "gap_db": 0.0, "nominal_bits": bits})
+        out.append(bound_row("ideal scalar Lloyd-Max", bits, codebook(bits).mse))
+        out.append(bound_row("D(R) = 2^-2R", bits, 2.0 ** (-2 * bits)))
+        if bits in CODED_LIMITS:
+            constrained, uniform_use = CODED_LIMITS[bits]
+            out.append(bound_row("alphabet-constrained R(D)", bits, constrained, levels=2 ** (bits + 1)))
+            out.append(bound_row("uniform-use code limit", bits, uniform_use, levels=2 ** (bits + 1)))
+        for n in ZADOR_DIMS:
+            out.append(bound_row(f"Zador sphere, n={n}", bits, zador_mse(n, bits)))
+        for lattice, (n, G) in LATTICE_G.items():
+            out.append(bound_row(f"{lattice} + ideal shaping", bits, zador_mse(n, bits) * G / ball_second_moment(n)))
     return out
+
+
+def is_bound(row: dict) -> bool:
+    return "sample" not in row
 
 
 def print_table(rows: list[dict], header: str) -> None:
     print(header)
     print(f"{'bits':>4}  {'codec':<24} {'options':<44} {'R (bpw)':>8} {'MSE':>10} {'gap dB':>7} {'vs pub dB':>9} "
           f"{'w/cpu-s':>9}  sample")
-    bounds = ("D(R) = 2^-2R", "ideal scalar Lloyd-Max")
-    for r in sorted(rows, key=lambda r: (r["nominal_bits"], r["codec"] not in bounds, r["codec"])):
+    for r in sorted(rows, key=lambda r: (r["nominal_bits"], not is_bound(r), r["codec"] != "D(R) = 2^-2R",
+                                         r["codec"])):
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items() if k != "bits")
         pub = f"{r['vs_published_db']:+9.3f}" if "vs_published_db" in r else ""
         speed = f"{r['weights_per_cpu_second']:9.3g}" if "weights_per_cpu_second" in r else ""
         sample = "x".join(map(str, r["sample"])) if "sample" in r else ""
         print(f"{r['nominal_bits']:>4}  {r['codec']:<24} {opts:<44} {r['bits_per_weight']:8.4f} "
               f"{r['mse']:10.6f} {r['gap_db']:7.2f} {pub} {speed}  {sample}")
+
+
+def kept_rows(path: Path, rerun: set[str], args) -> list[dict]:
+    """The measured rows of the JSON at `path` whose codec is not in `rerun` (--merge); its sample settings
+    must be this run's."""
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    if [old.get(k) for k in ("rows", "cols", "seed")] != [args.rows, args.cols, args.seed]:
+        raise SystemExit(f"--merge: {path} has rows/cols/seed {old.get('rows')}/{old.get('cols')}/{old.get('seed')}, "
+                         f"this run {args.rows}/{args.cols}/{args.seed}")
+    return [r for r in old["results"] if not is_bound(r) and r["codec"] not in rerun]
 
 
 def main(argv=None) -> list[dict]:
@@ -240,6 +358,8 @@ def main(argv=None) -> list[dict]:
                     help="rows of the trellis sample at L = 16")
     ap.add_argument("--codecs", default="", help="comma-separated codec names to run (default: all)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gaussian_mse.json")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of the codecs not run now from the JSON at --out (same sample settings)")
     args = ap.parse_args(argv)
 
     try:
@@ -255,6 +375,8 @@ def main(argv=None) -> list[dict]:
         runs = [r for r in runs if r.codec in args.codecs.split(",")]
     samples = samples_for(runs, args.rows, args.cols, args.seed, args.trellis_rows, args.trellis_rows_16)
     rows = run_all(runs, samples)
+    if args.merge:
+        rows = kept_rows(args.out, {r.codec for r in runs}, args) + rows
     bits_seen = sorted({r["nominal_bits"] for r in rows if 1 <= r["nominal_bits"] <= 4} | set(BITS))
     rows = bound_rows(bits_seen) + rows
     print_table(rows, f"i.i.d. N(0,1), {args.rows}x{args.cols}, seed {args.seed}; gap = 10 log10(MSE / 2^(-2R)); "

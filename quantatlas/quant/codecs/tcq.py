@@ -7,6 +7,14 @@ levels an R-bit scalar quantizer has), split Ungerboeck-style into four subsets 
 Levels (`levels`): `lloyd_max`, the (R+1)-bit Lloyd-Max quantizer of N(0, 1) (quant/lloyd_max.py)
 times a load α_R, as Marcellin & Fischer use for memoryless sources; or `uniform`, Δ_R·(j - (2^(R+1)-1)/2).
 α_R and Δ_R are the least-MSE values on i.i.d. N(0, 1) samples (measured once at 8 states, table below).
+Or `trained` (R = 1..4): the levels of Marcellin & Fischer's codebook design for N(0, 1), per R and
+trellis (`train_levels`: Viterbi-encode a fixed sample of 2^20 N(0, 1) values, move each level to the
+mean of the samples it reproduced, repeat until the MSE stops falling; R = 4 stops at the 100-pass cap,
+still gaining < 0.01 % a pass), tabulated in tcq_trained.py (written by `python -m
+quantatlas.quant.codecs.tcq`, ~10 CPU-minutes), so that encoder and decoder agree on every machine.
+Against the Lloyd-Max load training gains ~0 dB at R = 1 (the load is already there), 0.04-0.07 dB at
+R = 2, 0.1-0.16 dB at R = 4; it does not remove the ~1.1 dB gap of 256-state TCQ to D(R) at R = 2 for a
+Gaussian source (bench/gaussian_mse.py: a fixed-rate trellis's words use the levels equally often).
 
 The trellis. Ungerboeck's rate-½ codes for amplitude modulation ("Trellis-coded modulation with
 redundant signal sets", IEEE Comm. Mag. 1987, Table I): parity-check polynomials (h0, h1) per
@@ -53,6 +61,7 @@ from pydantic import Field, model_validator
 from quantatlas._lazy import no_grad, torch
 from quantatlas.quant.codecs.base import Codec, Packed, Quantized, pack_bits, unpack_bits
 from quantatlas.quant.codecs.lattice import FP16_MAX, ScaleParams
+from quantatlas.quant.codecs.tcq_trained import TRAINED
 from quantatlas.quant.config import CodecConfig
 from quantatlas.quant.lloyd_max import codebook
 
@@ -66,13 +75,16 @@ LLOYD_MAX_LOAD = {1: 0.7923, 2: 0.8516, 3: 0.8765, 4: 0.8963, 5: 0.9141, 6: 0.92
 UNIFORM_STEP = {1: 0.7875, 2: 0.4943, 3: 0.2945, 4: 0.1692, 5: 0.0949, 6: 0.0535, 7: 0.0292}
 #: bytes of back pointers one Viterbi batch may hold
 VITERBI_BYTES = 1 << 27
+#: the training of the `trained` levels: its N(0, 1) sample (size, path length, seed), and when it stops
+#: (relative MSE drop of one pass below TRAIN_RTOL, or TRAIN_MAX_ITERS passes)
+TRAIN_SAMPLES, TRAIN_T, TRAIN_SEED, TRAIN_RTOL, TRAIN_MAX_ITERS = 1 << 20, 256, 0, 1e-6, 100
 
 
 class TCQConfig(CodecConfig):
     name = "tcq"
     bits: int = Field(ge=1, le=7)                    # R: bits per weight (2^(R+1) levels; Lloyd-Max has up to 8 bits)
     states: int = Field(8, ge=4, le=256)             # 2^ν, ν = 2..8
-    levels: Literal["lloyd_max", "uniform"] = "lloyd_max"
+    levels: Literal["lloyd_max", "uniform", "trained"] = "lloyd_max"   # trained: R = 1..4 (tcq_trained.py)
     T: int = Field(256, ge=1)                        # weights per path (consecutive columns of a row)
     group: int | None = Field(None, gt=0)            # columns per fp16 scale; null: one per row
     scale_factor: float = Field(1.0, gt=0, allow_inf_nan=False)
@@ -83,6 +95,9 @@ class TCQConfig(CodecConfig):
             raise ValueError(f"states must be a power of two from 4 to 256, got {self.states}")
         if self.group is not None and self.group % self.T:
             raise ValueError(f"group = {self.group} must be a multiple of the path length T = {self.T}")
+        if self.levels == "trained" and (self.bits, self.states) not in TRAINED:
+            raise ValueError(f"levels = trained is tabulated for bits 1-4 (got bits = {self.bits}); "
+                             f"use lloyd_max or uniform")
         return self
 
     def build(self):
@@ -107,11 +122,13 @@ def window_subsets(nu: int) -> np.ndarray:
     return 2 * parity(v & h0) + parity(v & h1)
 
 
-def unit_levels(bits: int, kind: str) -> np.ndarray:
-    """The 2^(R+1) levels for a unit-variance source, ascending (float64)."""
+def unit_levels(bits: int, kind: str, states: int | None = None) -> np.ndarray:
+    """The 2^(R+1) levels for a unit-variance source, ascending (float64); `trained` ones depend on the trellis."""
     n = 1 << (bits + 1)
     if kind == "lloyd_max":
         return LLOYD_MAX_LOAD[bits] * np.asarray(codebook(bits + 1).levels, dtype=np.float64)
+    if kind == "trained":
+        return np.asarray(TRAINED[bits, states], dtype=np.float64)
     return UNIFORM_STEP[bits] * (np.arange(n) - (n - 1) / 2)
 
 
@@ -160,6 +177,40 @@ def viterbi(x: torch.Tensor, levels: torch.Tensor, nu: int) -> tuple[torch.Tenso
     return symbols, best
 
 
+def level_indices(symbols: torch.Tensor, bits: int, nu: int) -> torch.Tensor:
+    """The level index j = 4·(index in the subset) + subset of each symbol of paths [B, n] (decoder side)."""
+    low = (1 << (bits - 1)) - 1
+    return 4 * (symbols & low) + path_subsets(symbols >> (bits - 1), nu)
+
+
+@no_grad
+def train_levels(bits: int, states: int, start: np.ndarray | None = None, max_iters: int = TRAIN_MAX_ITERS,
+                 samples: int = TRAIN_SAMPLES, seed: int = TRAIN_SEED) -> tuple[np.ndarray, list[float]]:
+    """Marcellin & Fischer's codebook design on N(0, 1): Viterbi-encode a fixed sample with the current
+    levels, move each level to the mean of the samples it reproduced (the centroid condition, exact for
+    the path found), repeat until a pass lowers the MSE by less than TRAIN_RTOL (relative). Each pass can
+    only lower the sample MSE: the path stays valid and its levels move to their least-squares values.
+    start: the first levels (default: the Lloyd-Max load). Returns (levels, the MSE of each pass); on CPU,
+    so the result does not depend on a device."""
+    nu = states.bit_length() - 1
+    x = torch.randn(samples // TRAIN_T, TRAIN_T, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    flat = x.reshape(-1)
+    levels = torch.as_tensor(unit_levels(bits, "lloyd_max") if start is None else start, dtype=torch.float64)
+    history: list[float] = []
+    for _ in range(max_iters):
+        symbols, cost = viterbi(x.float(), levels.float(), nu)
+        history.append(float(cost.double().sum()) / x.numel())
+        j = level_indices(symbols, bits, nu).reshape(-1)
+        count = torch.bincount(j, minlength=levels.numel()).double()
+        total = torch.bincount(j, weights=flat, minlength=levels.numel())
+        levels = torch.where(count > 0, total / count.clamp_min(1), levels)     # a level nobody used stays
+        if not bool((levels[1:] > levels[:-1]).all()):
+            raise RuntimeError(f"tcq training (bits {bits}, {states} states): the levels left ascending order")
+        if len(history) > 1 and history[-2] - history[-1] < TRAIN_RTOL * history[-1]:
+            break
+    return levels.numpy(), history
+
+
 def path_subsets(u: torch.Tensor, nu: int) -> torch.Tensor:
     """The subset k_t = 2·z1_t + z0_t of path bits u [B, n] (state 0 before step 0): two GF(2) convolutions."""
     h0, h1 = UNGERBOECK[nu]
@@ -182,7 +233,7 @@ class TCQ(Codec):
         self.nu = cfg.states.bit_length() - 1
         self.group_size = cfg.group
         self.block_width = cfg.T
-        self._levels_cpu = torch.from_numpy(unit_levels(cfg.bits, cfg.levels).astype(np.float32))
+        self._levels_cpu = torch.from_numpy(unit_levels(cfg.bits, cfg.levels, cfg.states).astype(np.float32))
         self._levels: dict[str, torch.Tensor] = {}
 
     def levels(self, device) -> torch.Tensor:
@@ -216,10 +267,7 @@ class TCQ(Codec):
 
     def symbol_values(self, symbols: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """[tiles, T] symbols and [tiles] scales -> [tiles, T] weights."""
-        low = (1 << (self.R - 1)) - 1
-        subset = path_subsets(symbols >> (self.R - 1), self.nu)
-        j = 4 * (symbols & low) + subset
-        return self.levels(symbols.device)[j] * scale[:, None]
+        return self.levels(symbols.device)[level_indices(symbols, self.R, self.nu)] * scale[:, None]
 
     def pack(self, codes, params):
         rows, cols = codes.shape
@@ -237,3 +285,25 @@ class TCQ(Codec):
         symbols = unpack_bits(packed.data["codes"], self.R, rows * cols).reshape(-1, self.T).to(scale.device)
         per_tile = scale.repeat_interleave(g // self.T, dim=1).reshape(-1)
         return self.symbol_values(symbols, per_tile).reshape(rows, cols)
+
+
+# ---- the table of trained levels ----------------------------------------------------------------------
+def write_trained_table(bits=(1, 2, 3, 4), states=(4, 8, 16, 32, 64, 128, 256), log=print) -> None:
+    """Train every (bits, states) and write tcq_trained.py (6 decimals: far below the sample's noise)."""
+    from pathlib import Path
+
+    rows = []
+    for b in bits:
+        for s in states:
+            levels, history = train_levels(b, s)
+            gap = 10 * math.log10(history[-1] / 2.0 ** (-2 * b))
+            log(f"bits {b}, {s} states: {len(history)} passes, MSE {history[0]:.5f} -> {history[-1]:.5f} "
+                f"({gap:.3f} dB)")
+            rows.append(f"    ({b}, {s}): ({', '.join(f'{v:.6f}' for v in levels)}),")
+    path = Path(__file__).with_name("tcq_trained.py")
+    head = path.read_text().split("TRAINED:")[0]
+    path.write_text(head + "TRAINED: dict[tuple[int, int], tuple[float, ...]] = {\n" + "\n".join(rows) + "\n}\n")
+
+
+if __name__ == "__main__":
+    write_trained_table()
