@@ -35,10 +35,19 @@ scale σ per row and `group` (null: per row). σ = RMS(w)·`scale_factor`; weigh
 Any symbol string is a valid path, so decoding needs nothing else: z1, z0 from u by the two
 convolutions, level index j = 4·(subset index) + 2·z1 + z0.
 
-Tail handling: each tile (T consecutive columns of one row) is its own trellis path that starts in
-state 0 (u_{t} = 0 for t < 0: known to the decoder, nothing stored) and ends in whatever state the
-best path reaches (no termination bits, no tail-biting). The fixed start costs the first ν steps
-some choice; nothing else differs from an infinite trellis.
+Tiles. A path covers a tile of T weights: `tile_rows` = r consecutive rows × w = T/r consecutive
+columns, read row-major (row 0's w weights, then row 1's, ...), cut and laid back by trellis.py's
+`to_tiles` / `from_tiles` (tiles ordered by row block, then column block). r = 1 (the default) is a
+1×T tile, T consecutive columns of one row; r = 16, T = 256 is QTIP's 16×16 tile. The rows of a
+matrix must be a multiple of r (refused in `for_matrix`, before any search; no padding, which would
+cost bits). Scales stay per row: a tile's r rows each have their own σ. Codes as `quantize` returns
+them are laid out like the weights ([rows, cols], one symbol per weight); `pack` stores them tile by
+tile, each tile's path in order (at r = 1 that is the matrix's row-major order, as before tiles).
+
+Tail handling: each tile is its own trellis path that starts in state 0 (u_{t} = 0 for t < 0:
+known to the decoder, nothing stored) and ends in whatever state the best path reaches (no
+termination bits, no tail-biting). The fixed start costs the first ν steps some choice; nothing
+else differs from an infinite trellis.
 
 The search: Viterbi over the 2^ν states, vectorised over all tiles (rows) at once in torch. Per
 step, the nearest level of each subset to x_t (four bucketizes, done up front for the whole tile),
@@ -46,8 +55,10 @@ then for every window v = (previous state << 1) | u_t of ν+1 bits the cost of i
 state v mod 2^ν keeps the cheaper of its two predecessors v >> 1 (top bit of v 0 or 1). Back
 pointers are one bool per state and step. Work: T·2^(ν+1) additions per tile.
 
-GPTQ/LDLQ: block_width = T, so GPTQ hands whole tiles to `quantize` and feeds the tile's error
-through its block update, as for the bitshift trellis (trellis.py).
+GPTQ/LDLQ: block_width = w = T/r, so GPTQ hands one column of whole tiles to `quantize` and feeds
+its error forward through the block update, as for the bitshift trellis (trellis.py). With 1×T tiles
+LDLQ feeds back no error inside the T columns of a path (on a T-column matrix GPTQ is RTN's encode);
+with 16×16 tiles it does every 16 columns. For an i.i.d. source the tile shape changes nothing.
 """
 from __future__ import annotations
 
@@ -62,7 +73,8 @@ from quantatlas._lazy import no_grad, torch
 from quantatlas.quant.codecs.base import Codec, Packed, Quantized, pack_bits, unpack_bits
 from quantatlas.quant.codecs.lattice import FP16_MAX, ScaleParams
 from quantatlas.quant.codecs.tcq_trained import TRAINED
-from quantatlas.quant.config import CodecConfig
+from quantatlas.quant.codecs.trellis import from_tiles, to_tiles
+from quantatlas.quant.config import ADDED_LATER, CodecConfig
 from quantatlas.quant.lloyd_max import codebook
 
 #: Ungerboeck's rate-½ amplitude-modulation codes: ν -> (h0, h1) parity-check polynomials (octal,
@@ -85,16 +97,26 @@ class TCQConfig(CodecConfig):
     bits: int = Field(ge=1, le=7)                    # R: bits per weight (2^(R+1) levels; Lloyd-Max has up to 8 bits)
     states: int = Field(8, ge=4, le=256)             # 2^ν, ν = 2..8
     levels: Literal["lloyd_max", "uniform", "trained"] = "lloyd_max"   # trained: R = 1..4 (tcq_trained.py)
-    T: int = Field(256, ge=1)                        # weights per path (consecutive columns of a row)
+    T: int = Field(256, ge=1)                        # weights per path (one tile)
     group: int | None = Field(None, gt=0)            # columns per fp16 scale; null: one per row
     scale_factor: float = Field(1.0, gt=0, allow_inf_nan=False)
+    #: rows per tile: a tile is tile_rows × T/tile_rows columns (QTIP: 16 × 16); 1: T columns of one row
+    tile_rows: int = Field(1, ge=1, json_schema_extra={ADDED_LATER: True})
+
+    @property
+    def tile_width(self) -> int:
+        """Columns per tile, T / tile_rows: the codec's block_width."""
+        return self.T // self.tile_rows
 
     @model_validator(mode="after")
     def _consistent(self):
         if self.states & (self.states - 1):
             raise ValueError(f"states must be a power of two from 4 to 256, got {self.states}")
-        if self.group is not None and self.group % self.T:
-            raise ValueError(f"group = {self.group} must be a multiple of the path length T = {self.T}")
+        if self.T % self.tile_rows:
+            raise ValueError(f"tile_rows = {self.tile_rows} must divide the path length T = {self.T}")
+        if self.group is not None and self.group % self.tile_width:
+            tile = f"path length T = {self.T}" if self.tile_rows == 1 else f"tile width T / tile_rows = {self.tile_width}"
+            raise ValueError(f"group = {self.group} must be a multiple of the {tile}")
         if self.levels == "trained" and (self.bits, self.states) not in TRAINED:
             raise ValueError(f"levels = trained is tabulated for bits 1-4 (got bits = {self.bits}); "
                              f"use lloyd_max or uniform")
@@ -231,8 +253,9 @@ class TCQ(Codec):
         super().__init__(cfg)
         self.R, self.T = cfg.bits, cfg.T
         self.nu = cfg.states.bit_length() - 1
+        self.tile_rows, self.width = cfg.tile_rows, cfg.tile_width
         self.group_size = cfg.group
-        self.block_width = cfg.T
+        self.block_width = self.width          # GPTQ hands over one column of tiles at a time
         self._levels_cpu = torch.from_numpy(unit_levels(cfg.bits, cfg.levels, cfg.states).astype(np.float32))
         self._levels: dict[str, torch.Tensor] = {}
 
@@ -243,9 +266,20 @@ class TCQ(Codec):
         return self._levels[key]
 
     def group_of(self, cols: int) -> int:
-        if cols % self.T:
-            raise ValueError(f"tcq: {cols} columns are not a multiple of the path length T = {self.T}")
+        if cols % self.width:
+            tile = f"path length T = {self.T}" if self.tile_rows == 1 else f"tile width T / tile_rows = {self.width}"
+            raise ValueError(f"tcq: {cols} columns are not a multiple of the {tile}")
         return super().group_of(cols)
+
+    def check_rows(self, rows: int) -> None:
+        if rows % self.tile_rows:
+            raise ValueError(f"codec.tile_rows: tcq tiles of {self.tile_rows} rows × {self.width} columns need "
+                             f"a matrix whose rows are a multiple of {self.tile_rows}; got {rows} rows")
+
+    def for_matrix(self, w):
+        """Itself, once the rows of `w` are found to fill whole tiles (refused here, before any search)."""
+        self.check_rows(w.shape[0])
+        return self
 
     def fit(self, w, importance=None):
         scale = w.float().pow(2).mean(1).sqrt() * self.cfg.scale_factor
@@ -253,38 +287,47 @@ class TCQ(Codec):
 
     def quantize(self, w, params, col=0):
         rows, c = w.shape
-        if col % self.T or c % self.T or c == 0:
-            raise ValueError(f"tcq quantizes whole paths of T = {self.T} columns: got columns {col}..{col + c} "
-                             f"(a solver must pass block_width = T columns)")
+        if col % self.width or c % self.width or c == 0:
+            what = f"T = {self.T} columns" if self.tile_rows == 1 else f"{self.width} columns (T / tile_rows)"
+            raise ValueError(f"tcq quantizes whole paths of {what}: got columns {col}..{col + c} "
+                             f"(a solver must pass block_width = {self.width} columns)")
+        self.check_rows(rows)
         scale = params.scale.to(w.device)
         inv = torch.where(scale > 0, 1.0 / scale.clamp_min(1e-30), torch.zeros_like(scale))
-        x = (w.float() * inv[:, None]).reshape(-1, self.T)                   # [rows·tiles, T]
+        x = to_tiles(w.float() * inv[:, None], self.tile_rows, self.width)     # [tiles, T], each one path
         levels = self.levels(w.device)
         step = max(1, VITERBI_BYTES // (self.T << self.nu))
         symbols = torch.cat([viterbi(x[i:i + step], levels, self.nu)[0] for i in range(0, x.shape[0], step)])
-        values = self.symbol_values(symbols, scale.repeat_interleave(c // self.T))
-        return Quantized(values.reshape(rows, c), symbols.reshape(rows, c))
+        values = self.unit_values(symbols, rows) * scale[:, None]
+        return Quantized(values, from_tiles(symbols, rows, self.tile_rows, self.width))
 
     def symbol_values(self, symbols: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """[tiles, T] symbols and [tiles] scales -> [tiles, T] weights."""
         return self.levels(symbols.device)[level_indices(symbols, self.R, self.nu)] * scale[:, None]
 
+    def unit_values(self, symbols: torch.Tensor, rows: int) -> torch.Tensor:
+        """[tiles, T] paths -> their levels where the weights lie, [rows, cols] (σ = 1)."""
+        unit = self.levels(symbols.device)[level_indices(symbols, self.R, self.nu)]
+        return from_tiles(unit, rows, self.tile_rows, self.width)
+
     def pack(self, codes, params):
         rows, cols = codes.shape
         self.group_of(cols)
+        self.check_rows(rows)
         if (codes < 0).any() or (codes >> self.R).any():
             raise ValueError(f"tcq.pack: codes must be {self.R}-bit symbols")
         scale = torch.stack([p.scale for p in params], 1)
+        paths = to_tiles(codes, self.tile_rows, self.width)                    # [tiles, T]: each path in order
         return Packed(self.name, self.config(), (rows, cols),
-                      {"codes": pack_bits(codes, self.R), "scale": scale.half()})
+                      {"codes": pack_bits(paths, self.R), "scale": scale.half()})
 
     def decode(self, packed):
         rows, cols = packed.shape
         g = self.group_of(cols)
+        self.check_rows(rows)
         scale = packed.data["scale"].float()                                  # [rows, groups]
         symbols = unpack_bits(packed.data["codes"], self.R, rows * cols).reshape(-1, self.T).to(scale.device)
-        per_tile = scale.repeat_interleave(g // self.T, dim=1).reshape(-1)
-        return self.symbol_values(symbols, per_tile).reshape(rows, cols)
+        return self.unit_values(symbols, rows) * scale.repeat_interleave(g, dim=1)
 
 
 # ---- the table of trained levels ----------------------------------------------------------------------
