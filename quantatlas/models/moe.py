@@ -28,6 +28,9 @@ N_e routed rows (llama.cpp's imatrix counts mul_mat_id's rows the same way: per 
   all experts"); statistics only: the forward pass, and so the logits, are unchanged.
 
 `routed` counts the routed rows per expert whatever the statistics use: the run's coverage.
+
+`BoundMoE.output` recomputes the routed experts' sum above, each expert on its routed rows, with a hook on
+each matrix's input: the activation step's forward for fused experts (quant/act.py, `FusedExperts`).
 """
 from __future__ import annotations
 
@@ -88,6 +91,26 @@ class BoundMoE:
         gate = nn.functional.linear(x, self.weight(expert, "expert_gate").to(x.dtype))
         up = nn.functional.linear(x, self.weight(expert, "expert_up").to(x.dtype))
         return self.moe.act(gate) * up
+
+    def output(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, transform=None) -> torch.Tensor:
+        """The routed experts' output for rows x [T, hidden] routed by (index, weight) [T, top_k], as the fused
+        forward computes it: y_t = sum_{e in S_t} w_te down_e(act(gate_e x_t) * up_e x_t), one expert at a
+        time on all its routed rows. `transform(expert, role, rows, tok)` returns what that matrix reads instead
+        of `rows` (tok: their rows in x), e.g. the activation step's quantizers; None: the rows as they are."""
+        out = torch.zeros_like(x)
+        routing = Routing(x, index, weight)
+        same = (lambda e, role, rows, tok: rows) if transform is None else transform
+        for e in range(self.moe.n_experts):
+            tok, w = routing.rows_of(e)     # an index of E (transformers' "no expert") matches no e: skipped
+            if tok.numel() == 0:
+                continue
+            rows = x[tok]
+            gate = nn.functional.linear(same(e, "expert_gate", rows, tok), self.weight(e, "expert_gate").to(x.dtype))
+            up = nn.functional.linear(same(e, "expert_up", rows, tok), self.weight(e, "expert_up").to(x.dtype))
+            h = same(e, "expert_down", self.moe.act(gate) * up, tok)
+            y = nn.functional.linear(h, self.weight(e, "expert_down").to(x.dtype)) * w[:, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+        return out
 
 
 class RoutingTap:

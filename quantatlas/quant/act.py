@@ -60,6 +60,24 @@ the rotated activations as an online Hadamard (QuaRot) makes them, while the wei
 weight step left them (equal to W Qᵀ applied to Q x). The `hadamard` transform's `online` rotates
 the weights too; a Linear rotated by it is refused here (it is already rotated).
 
+Mixtures of experts: each expert's gate, up and down count as three Linears (roles `expert_gate`,
+`expert_up`, `expert_down`, for `roles`, `layers`, the bits and `static` as any other), whichever way the
+experts are stored. A ModuleList of expert MLPs is hooked Linear by Linear. Fused experts (transformers
+5: one module holding every expert's matrices in 3-D tensors, `FusedExperts`) run a forward of ours
+while the step is attached, the model's own computation (models/moe.py, `BoundMoE.output`) with each
+matrix's input quantized on the rows routed to that expert: exactly what hooks on every expert's own
+Linears do. Gate and up read the token's hidden state, so with a per-token codec quantizing the block's
+input rows once and handing each expert its routed rows is the same as quantizing each expert's rows
+(a row's quantization depends on that row only); codecs whose scale spans the call's rows (nvfp4 or fp8
+with a tensor scale, not static) and codecs that differ between experts (static amaxes, llamacpp_cpu's
+weight types) quantize each expert's rows on their own, as that expert's hooked Linear would. Down reads
+act(gate x) ⊙ up x, computed inside the fused forward, quantized per token there. `hadamard: [down]`
+rotates the input of every down projection: the dense MLP's, each expert's (one rotation per layer,
+shared by its experts) and a shared expert's. `static` calibrates one amax per expert input, as each
+hooked Linear has its own (an expert no calibration token reached gets 0). The routers' inputs (`router`,
+`shared_router`) are left unquantized unless `roles` names them, as vLLM keeps its MoE gates unquantized
+and the weight step keeps routers fp16.
+
 Bits per stored value are the codec's stored bits for one token's row (scales included),
 averaged over the quantized Linears weighted by their input width.
 """
@@ -96,6 +114,11 @@ VEC_DOT_TYPE: dict[str, str] = {
     "f16": "f16",
 }
 
+#: routers, whose inputs are quantized only when `roles` names them (module docstring)
+ROUTERS = ("router", "shared_router")
+#: an `act.hadamard` name -> the roles whose inputs it rotates
+HADAMARD_ROLES = {"o": ("o",), "down": ("down", "expert_down", "shared_expert_down")}
+
 
 class ActConfig(BaseModel):
     """`act: {codec: <codec>}` or `act: {scheme: W8A8, ...}` (or just `act: W8A8`)."""
@@ -104,11 +127,15 @@ class ActConfig(BaseModel):
     scheme: Literal[tuple(PRESETS)] | None = None
     codec: config_field("codec") = None
     clip_ratio: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    #: rotate these inputs (module docstring); "down" is every down projection's, experts' too (HADAMARD_ROLES)
     hadamard: list[Literal["o", "down"]] = []
     #: null: the scheme's default (llamacpp_cpu: true; otherwise false)
     include_head: bool | None = None
-    #: only the inputs of these Linear roles (null: every decoder Linear; the head follows include_head)
-    roles: list[Literal["q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up"]] | None = Field(None, min_length=1)
+    #: only the inputs of these Linear roles (null: every decoder Linear but the routers; the head follows
+    #: include_head)
+    roles: list[Literal["q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up", "expert_gate", "expert_up",
+                        "expert_down", "shared_expert_gate", "shared_expert_up", "shared_expert_down", "router",
+                        "shared_router"]] | None = Field(None, min_length=1)
     #: only the Linears of these decoder layers (null: every layer; the head follows include_head)
     layers: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
     #: a per-tensor activation scale calibrated once (module docstring); false: dynamic
@@ -198,15 +225,10 @@ class ActivationQuantizer:
         from quantatlas.models.roles import find_roles
         from quantatlas.quant.online import has_online_rotation
 
-        linears = [t for t in find_roles(model) if t.kind in ("linear", "conv1d")
+        # every matrix input: Linears (a ModuleList's experts among them) and fused experts' matrices
+        linears = [t for t in find_roles(model) if t.kind in ("linear", "conv1d", "expert")
                    and (self.cfg.head or t.role != "head")]
         roles, layers = self.cfg.roles, self.cfg.layers
-        fused = sorted({t.role for t in find_roles(model) if t.kind == "expert" and (roles is None or t.role in roles)
-                        and (layers is None or t.layer in layers)})
-        if fused:   # one module runs every expert: no hook sees an expert's own inputs (a ModuleList of experts is hooked)
-            raise ValueError(f"act.roles: the MoE experts of {type(model).__name__} are fused 3-D tensors, whose inputs "
-                             f"activation hooks do not reach ({', '.join(fused)}); list the roles to quantize in act.roles "
-                             "without them")
         if roles is not None or layers is not None:
             decoder = [t for t in linears if t.role != "head"]
             for field, want, have in (("roles", roles, {t.role for t in decoder}),
@@ -217,24 +239,41 @@ class ActivationQuantizer:
                                      f"(it has {sorted(have)})")
             linears = [t for t in linears if t.role == "head" or ((roles is None or t.role in roles)
                                                                   and (layers is None or t.layer in layers))]
+        if roles is None:
+            linears = [t for t in linears if t.role not in ROUTERS]
+        rotated = {r for name in self.cfg.hadamard for r in HADAMARD_ROLES[name]}
         types = None
         if self.codec is None:  # llamacpp_cpu
             if recipe is None:
                 raise ValueError("act.scheme: llamacpp_cpu needs the recipe (each Linear's weight type)")
             types = weight_types(model, recipe)
+        codecs: dict[str, object] = {}          # llamacpp_cpu: one codec per weight type
+        rotations: dict[tuple, object] = {}     # one per (role, layer): a layer's experts share theirs
+        fused: dict[int, tuple] = {}            # experts module -> (its MoELayout, (expert, role) -> slot)
         for t in linears:
             width = t.shape[1]
-            codec = self.codec if types is None else self._llamacpp_codec(types.get(t.name, "f16"))
+            if types is None:
+                codec = self.codec
+            else:
+                wtype = types.get(t.name, "f16")
+                codec = codecs.get(wtype) or codecs.setdefault(wtype, self._llamacpp_codec(wtype))
             group = codec.group_of(width) if hasattr(codec, "group_of") else width  # refuse a bad group now
             rotation = None
-            if t.role in self.cfg.hadamard:
+            if t.role in rotated:
                 if has_online_rotation(t.module):
                     raise ValueError(f"act.hadamard: {t.name} already rotates its input online (the hadamard "
-                                     f"transform's `online`); drop {t.role!r} from act.hadamard")
-                rotation = self._rotation(width, t)
+                                     f"transform's `online`); drop it from act.hadamard")
+                key = (t.role, t.layer, width)
+                rotation = rotations.get(key) or rotations.setdefault(key, self._rotation(width, t))
             self.widths.append((width, codec))
             self.slots.append({"codec": codec, "name": t.name})
-            self.handles.append(t.module.register_forward_pre_hook(self._hook(len(self.slots) - 1, group, rotation)))
+            index = len(self.slots) - 1
+            if t.kind == "expert":       # fused: no module of its own to hook; its block's forward quantizes it
+                fused.setdefault(id(t.module), (t.moe, {}))[1][(t.expert, t.role)] = (index, group, rotation)
+            else:
+                self.handles.append(t.module.register_forward_pre_hook(self._hook(index, group, rotation)))
+        for moe, slots in fused.values():
+            self.handles.append(FusedExperts(self, moe, slots))
 
     def calibrate(self, model, tokens, batch: int = 8) -> None:
         """`static`: bind each hooked Linear's codec to the largest |x| of its (rotated) input over the
@@ -282,12 +321,17 @@ class ActivationQuantizer:
         def hook(module, args):
             x = args[0]
             if self.observed is not None:   # calibrating a static scale: observe, change nothing
-                seen = (x.float() if rotation is None else rotation.rotate(x.reshape(-1, x.shape[-1]).float()))
-                self.observed[index] = max(self.observed.get(index, 0.0), float(seen.abs().amax()))
+                self.observe(index, x, rotation)
                 return None
             return (fake_quantize_rows(x, slot["codec"], group, clip, rotation).to(x.dtype),) + tuple(args[1:])
 
         return hook
+
+    def observe(self, index: int, x, rotation=None) -> None:
+        """Calibrating `static`: the largest |x| (rotated as the quantizer sees it) of slot `index` so far."""
+        seen = x.float() if rotation is None else rotation.rotate(x.reshape(-1, x.shape[-1]).float())
+        if seen.numel():
+            self.observed[index] = max(self.observed.get(index, 0.0), float(seen.abs().amax()))
 
     def bits(self) -> dict[str, float]:
         total = sum(w for w, _ in self.widths)
@@ -299,6 +343,58 @@ class ActivationQuantizer:
                 cache[key] = codec.bits_per_weight((BITS_ROWS, w))
             bits += w * cache[key]
         return {"act_bits": bits / max(total, 1)}
+
+
+class FusedExperts:
+    """The step on one block of fused experts (module docstring): while attached, the experts module runs
+    `forward` below in place of its own; `remove()` gives it back its own.
+
+    `slots`: (expert, role) -> (slot index, group, rotation) for the expert inputs the step quantizes."""
+
+    def __init__(self, quantizer: ActivationQuantizer, moe, slots: dict):
+        from quantatlas.models.moe import BoundMoE
+
+        self.quantizer, self.bound, self.slots = quantizer, BoundMoE(moe), slots
+        self.inputs = [s for (_, role), s in slots.items() if role != "expert_down"]
+        module = self.bound.experts
+        self.saved = module.__dict__.get("forward")   # a forward set on the instance before ours, to put back
+        module.forward = self.forward
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        q = self.quantizer
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        clip = q.cfg.clip_ratio
+        # gate/up of every expert through one row-wise codec (the dynamic schemes): the block's rows once
+        codecs = {id(q.slots[i]["codec"]) for i, _, _ in self.inputs}
+        shared = None
+        if len(codecs) == 1 and q.observed is None:
+            i, group, rotation = self.inputs[0]
+            codec = q.slots[i]["codec"]
+            if rotation is None and not getattr(codec, "has_tensor_scale", False):
+                shared = fake_quantize_rows(x, codec, group, clip).to(x.dtype)
+
+        def transform(expert, role, rows, tok):
+            slot = self.slots.get((expert, role))
+            if slot is None:
+                return rows
+            i, group, rotation = slot
+            if q.observed is not None:      # calibrating a static scale: observe, change nothing
+                q.observe(i, rows, rotation)
+                return rows
+            if shared is not None and role != "expert_down":
+                return shared[tok]
+            return fake_quantize_rows(rows, q.slots[i]["codec"], group, clip, rotation).to(rows.dtype)
+
+        index = top_k_index.reshape(x.shape[0], -1)
+        weight = top_k_weights.reshape(x.shape[0], -1)
+        return self.bound.output(x, index, weight, transform).reshape(hidden_states.shape)
+
+    def remove(self) -> None:
+        module = self.bound.experts
+        if self.saved is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = self.saved
 
 
 def fake_quantize_rows(x, codec, group: int, clip_ratio: float = 1.0, rotation=None):
