@@ -8,6 +8,11 @@ with RMSNorms computing weight ⊙ x / rms(x) (no bias, no 1 + weight). A fold m
 orthogonal factor across one of these edges, so a model with another layout (post-norms,
 fused qkv, Gemma's 1 + w norms, LayerNorm with mean subtraction) is refused rather than
 silently changed into a different function.
+
+A mixture-of-experts layer (`Layer.moe`; gate/up/down are then None) has many readers of n2(h): the
+router, every expert's gate and up, and a shared expert's gate, up and router where the family has one
+(`mlp_readers`). Only a transform that asks for MoE layers (`layers(model, moe=True)`: SmoothQuant's
+diagonal scale on n2, which every reader's columns can absorb) gets them; the others are refused.
 """
 from __future__ import annotations
 
@@ -25,15 +30,33 @@ class Layer:
     v: nn.Linear
     o: nn.Linear
     post_norm: nn.Module
-    gate: nn.Linear
-    up: nn.Linear
-    down: nn.Linear
+    gate: nn.Linear | None          # None in an MoE layer (see `moe`)
+    up: nn.Linear | None
+    down: nn.Linear | None
     n_heads: int
     n_kv_heads: int
     head_dim: int
+    moe: object = None              # models.moe.BoundMoE of an MoE layer, else None
 
     def linears(self) -> dict[str, nn.Linear]:
-        return {"q": self.q, "k": self.k, "v": self.v, "o": self.o, "gate": self.gate, "up": self.up, "down": self.down}
+        out = {"q": self.q, "k": self.k, "v": self.v, "o": self.o, "gate": self.gate, "up": self.up, "down": self.down}
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def mlp_readers(layer: Layer, routers: bool = True) -> list[torch.Tensor]:
+    """Every [out, in] weight that reads post_attention_layernorm's output (views of the model's tensors):
+    a dense MLP's gate and up; in an MoE layer the router, each expert's gate and up (slices of the fused
+    3-D tensor or the ModuleList's Linears), and the shared expert's gate, up and router where there is one.
+    `routers=False` leaves the routers out (kept in fp16: a fold must scale them, a weight statistic not read them)."""
+    if layer.moe is None:
+        return [layer.gate.weight, layer.up.weight]
+    bound, moe = layer.moe, layer.moe.moe
+    out = [bound.router.weight] if routers else []
+    for e in range(moe.n_experts):
+        out += [bound.weight(e, "expert_gate"), bound.weight(e, "expert_up")]
+    out += [moe.shared[r].module.weight for r in ("shared_expert_gate", "shared_expert_up", "shared_router")
+            if r in moe.shared and (routers or r != "shared_router")]
+    return out
 
 
 def _refuse(model: nn.Module, what: str) -> ValueError:
@@ -55,21 +78,26 @@ def _check_rmsnorm(model: nn.Module, norm: nn.Module, where: str) -> None:
         raise _refuse(model, f"{where} ({type(norm).__name__}) does not compute weight ⊙ x / rms(x)")
 
 
-def layers(model: nn.Module) -> list[Layer]:
-    """The decoder layers as folds see them, read from the model layout; other layouts are refused."""
+def layers(model: nn.Module, moe: bool = False) -> list[Layer]:
+    """The decoder layers as folds see them, read from the model layout; other layouts are refused.
+    `moe`: the caller folds into every reader of n2 (`mlp_readers`), so MoE layers are given, not refused."""
     from quantatlas.models.layout import layout
+    from quantatlas.models.moe import BoundMoE
 
     out = []
     m = layout(model)
-    if m.moe_blocks:   # a user's choice, not a misread model: refused as the arm's field
-        raise ValueError(f"transforms: {type(model).__name__} is a mixture of experts; rotations, equalization and "
-                         "AWQ fold into a dense MLP's gate/up/down and do not know routers and experts yet")
+    if m.moe_blocks and not moe:   # a user's choice, not a misread model: refused as the arm's field
+        raise ValueError(f"transforms: {type(model).__name__} is a mixture of experts; hadamard, spinquant, equalize "
+                         "and awq fold into a dense MLP's gate/up/down and do not know routers and experts yet "
+                         "(smoothquant does)")
     for layer in m.layers:
         i = layer.index
+        dense = layer.moe is None
+        mlp = ("gate", "up", "down") if dense else ()
         parts = {
             "input_norm": layer.module("attn_norm"),
             "post_norm": layer.module("ffn_norm"),
-            **{p: layer.module(p) for p in ("q", "k", "v", "o", "gate", "up", "down")},
+            **{p: layer.module(p) for p in ("q", "k", "v", "o", *mlp)},
         }
         missing = [k for k, v in parts.items() if v is None]
         if missing:
@@ -78,12 +106,14 @@ def layers(model: nn.Module) -> list[Layer]:
                  if position not in ("attn_norm", "ffn_norm", "q_norm", "k_norm")]
         if extra:
             raise _refuse(model, f"layer {i} has other norms ({', '.join(extra)})")
-        for name in ("q", "k", "v", "o", "gate", "up", "down"):
+        for name in ("q", "k", "v", "o", *mlp):
             if not isinstance(parts[name], nn.Linear):
                 raise _refuse(model, f"layer {i} {name}_proj is {type(parts[name]).__name__}, not nn.Linear")
         _check_rmsnorm(model, parts["input_norm"], f"layer {i} input_layernorm")
         _check_rmsnorm(model, parts["post_norm"], f"layer {i} post_attention_layernorm")
-        out.append(Layer(i, n_heads=layer.n_heads, n_kv_heads=layer.n_kv_heads, head_dim=layer.head_dim, **parts))
+        parts.update({p: None for p in ("gate", "up", "down") if p not in parts})
+        out.append(Layer(i, n_heads=layer.n_heads, n_kv_heads=layer.n_kv_heads, head_dim=layer.head_dim,
+                         moe=None if dense else BoundMoE(layer.moe), **parts))
     return out
 
 
@@ -130,7 +160,12 @@ def untie_head(model: nn.Module) -> None:
 @no_grad
 def scale_columns(linear: nn.Linear, s: torch.Tensor) -> None:
     """W ← W diag(s) (the input channel j is multiplied by s_j)."""
-    w = linear.weight
+    scale_matrix_columns(linear.weight, s)
+
+
+@no_grad
+def scale_matrix_columns(w: torch.Tensor, s: torch.Tensor) -> None:
+    """W ← W diag(s) on an [out, in] tensor, in place (a view into a fused expert tensor too)."""
     w.copy_((w.double() * s.double().to(w.device)[None, :]).to(w.dtype))
 
 

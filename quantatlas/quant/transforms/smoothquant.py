@@ -12,6 +12,13 @@ per kv head, or up_proj's rows). α = 0.5 is the paper's default; α → 1 pushe
 activation range into the weights, α = 0 only flattens the weights. Statistics are the max over
 every calibration token (the paper's 512 samples; here `data.calib`); for `o` the max over the
 query heads that share a kv head.
+
+Mixture of experts: post_attention_layernorm's output x is read by the router, every expert's gate and
+up, and a shared expert's gate, up and router (Qwen2-MoE). One s on x must then go into the columns of
+all of them (the router's too, so its logits and the routing are unchanged), and max|W_j| is the max
+over all of them, as for the fused readers of one input (a dense gate and up). max|X_j| is over every
+token of x, since the one scale serves every expert whichever tokens it is routed. `down` (each
+expert's up rows and down columns) is not done for experts and is refused.
 """
 from __future__ import annotations
 
@@ -50,8 +57,9 @@ class SmoothQuant(Transform):
 
     def scales(self, layer: _llama.Layer, group: str, act_max: torch.Tensor) -> torch.Tensor:
         """s per free scale of the group from the per-input-channel max |x|."""
-        w_max = torch.stack([lin.weight.detach().abs().amax(0).double() for lin in _scales.consumers(layer, group)]) \
-            .amax(0)
+        # the weights that get quantized: an MoE block's routers stay fp16, so they are scaled, not measured
+        w_max = torch.stack([w.detach().abs().amax(0).double()
+                             for w in _readers(layer, group, routers=False)]).amax(0)
         a = _scales.positive(_reduce_max(layer, group, act_max.double()))
         w = _scales.positive(_reduce_max(layer, group, w_max))
         return a ** self.alpha / w ** (1 - self.alpha)
@@ -59,15 +67,42 @@ class SmoothQuant(Transform):
     @no_grad
     def apply(self, model, calib_tokens, ctx=None):
         calib_tokens = check_calib("smoothquant", calib_tokens)
-        layers = _llama.layers(model)
+        layers = _llama.layers(model, moe=True)
         for layer in layers:
+            if layer.moe is not None and "down" in self.roles:
+                raise ValueError(f"transforms: smoothquant.roles down is not implemented for {type(model).__name__}'s "
+                                 "experts (each expert's up rows and down columns); use qkv, gate_up and o")
             for group in self.roles:
-                _scales.check_foldable(layer, group, "smoothquant")
-        act_max = input_absmax(model, {(layer.index, g): _scales.stat_module(layer, g)
+                if not _moe_mlp(layer, group):   # an MoE block has no online rotation: hadamard refuses MoE
+                    _scales.check_foldable(layer, group, "smoothquant")
+        act_max = input_absmax(model, {(layer.index, g): _stat_module(layer, g)
                                        for layer in layers for g in self.roles}, calib_tokens, self.batch_size)
         for layer in layers:
             for group in self.roles:
-                _scales.fold(layer, group, self.scales(layer, group, act_max[(layer.index, group)]))
+                s = self.scales(layer, group, act_max[(layer.index, group)])
+                if _moe_mlp(layer, group):
+                    for w in _readers(layer, group):
+                        _llama.scale_matrix_columns(w, s)
+                    _llama.scale_vector(layer.post_norm.weight, 1.0 / s)
+                else:
+                    _scales.fold(layer, group, s)
+
+
+def _moe_mlp(layer: _llama.Layer, group: str) -> bool:
+    return layer.moe is not None and group == "gate_up"
+
+
+def _readers(layer: _llama.Layer, group: str, routers: bool = True) -> list[torch.Tensor]:
+    """The [out, in] weights that read the group's input (for gate_up: every reader of post_attention_layernorm;
+    `routers=False`: the quantized ones only)."""
+    if group == "gate_up":
+        return _llama.mlp_readers(layer, routers)
+    return [lin.weight for lin in _scales.consumers(layer, group)]
+
+
+def _stat_module(layer: _llama.Layer, group: str):
+    """The module whose input is the group's input: in an MoE layer the router reads post_attention_layernorm."""
+    return layer.moe.router if _moe_mlp(layer, group) else _scales.stat_module(layer, group)
 
 
 @no_grad
