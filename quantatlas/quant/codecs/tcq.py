@@ -73,7 +73,7 @@ from quantatlas._lazy import no_grad, torch
 from quantatlas.quant.codecs.base import Codec, Packed, Quantized, pack_bits, unpack_bits
 from quantatlas.quant.codecs.lattice import FP16_MAX, ScaleParams
 from quantatlas.quant.codecs.tcq_trained import TRAINED
-from quantatlas.quant.codecs.trellis import from_tiles, to_tiles
+from quantatlas.quant.codecs.trellis import check_tile_rows, from_tiles, to_tiles
 from quantatlas.quant.config import ADDED_LATER, CodecConfig
 from quantatlas.quant.lloyd_max import codebook
 
@@ -272,9 +272,7 @@ class TCQ(Codec):
         return super().group_of(cols)
 
     def check_rows(self, rows: int) -> None:
-        if rows % self.tile_rows:
-            raise ValueError(f"codec.tile_rows: tcq tiles of {self.tile_rows} rows × {self.width} columns need "
-                             f"a matrix whose rows are a multiple of {self.tile_rows}; got {rows} rows")
+        check_tile_rows(self.name, self.tile_rows, self.width, rows)
 
     def for_matrix(self, w):
         """Itself, once the rows of `w` are found to fill whole tiles (refused here, before any search)."""

@@ -371,6 +371,13 @@ def from_tiles(t: torch.Tensor, rows: int, tile_rows: int, width: int) -> torch.
             .reshape(rows, cols))
 
 
+def check_tile_rows(codec: str, tile_rows: int, width: int, rows: int) -> None:
+    """A matrix of `rows` rows must fill whole tiles of `tile_rows` rows (refused before any search)."""
+    if rows % tile_rows:
+        raise ValueError(f"codec.tile_rows: {codec} tiles of {tile_rows} rows × {width} columns need a matrix "
+                         f"whose rows are a multiple of {tile_rows}; got {rows} rows")
+
+
 # ---- the codec -----------------------------------------------------------------------------------
 @dataclass
 class TrellisParams:
@@ -407,9 +414,7 @@ class Trellis(Codec):
         return super().group_of(cols)
 
     def check_rows(self, rows: int) -> None:
-        if rows % self.tile_rows:
-            raise ValueError(f"codec.tile_rows: trellis tiles of {self.tile_rows} rows × {self.width} columns need "
-                             f"a matrix whose rows are a multiple of {self.tile_rows}; got {rows} rows")
+        check_tile_rows(self.name, self.tile_rows, self.width, rows)
 
     def for_matrix(self, w):
         """Itself, once the rows of `w` are found to fill whole tiles (refused here, before any search)."""
