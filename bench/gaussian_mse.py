@@ -366,9 +366,15 @@ def main(argv=None) -> list[dict]:
         trellis_L = [int(v) for v in args.trellis_L.split(",") if v.strip()]
     except ValueError:
         ap.error(f"--trellis-L: comma-separated integers, got {args.trellis_L!r}")
+    bad = [L for L in trellis_L if not 2 <= L <= 16]    # TrellisConfig's range, refused before any codec runs
+    if bad:
+        ap.error(f"--trellis-L: each L must be 2..16 (the trellis's state bits), got {bad}")
     runs = bench_runs(trellis_L=trellis_L)
     if args.codecs:
-        unknown = sorted(set(args.codecs.split(",")) - {r.codec for r in runs})
+        names = args.codecs.split(",")
+        if not all(n.strip() for n in names):
+            ap.error(f"--codecs: an empty codec name in {args.codecs!r}")
+        unknown = sorted(set(names) - {r.codec for r in runs})
         if unknown:
             ap.error(f"--codecs: no runs for {', '.join(unknown)} (codecs here: "
                      f"{', '.join(sorted({r.codec for r in runs}))})")
