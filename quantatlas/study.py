@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from quantatlas import runner
-from quantatlas.spec import Spec, check_models, parse_spec
+from quantatlas.spec import Spec, check_models, parse_spec, resolve_inputs
 
 
 def model_files(json_path: Path, models: list[str]) -> dict[str, Path]:
@@ -55,6 +55,7 @@ def run_study(spec: Spec | dict, json_path: str | Path | None = None, *, ray: st
     if not spec.is_study:
         return _run_one(spec, json_path, ray, ray_options, common)
     check_models(spec)                          # every name, before any model runs
+    check_embedded_arms(spec)                   # and every arm on every embedded model
     from quantatlas.atlas.ids import family_hash
 
     t0 = time.time()
@@ -79,6 +80,27 @@ def run_study(spec: Spec | dict, json_path: str | Path | None = None, *, ray: st
     if json_path:
         _save(json_path, doc)
     return doc
+
+
+def check_embedded_arms(spec: Spec) -> None:
+    """Each embedded model of the study (reference, reference-llama, reference-moe: on disk, a second to load) is
+    loaded and every arm checked on it as its run will check it (the layout, each step's `check_model`: an
+    override that hits nothing, a transform the architecture cannot take), so an arm refused on the last model
+    stops the study before the first model has spent anything. Other models are checked when their run loads
+    them (a hub model would be downloaded twice)."""
+    from quantatlas.models.layout import layout
+    from quantatlas.models.load import load_model
+    from quantatlas.quant.pipeline import check_backend
+    from quantatlas.reference.model import is_reference_model
+
+    for name in spec.models:
+        if not is_reference_model(name):
+            continue
+        one = resolve_inputs(spec.for_model(name), Path.cwd(), require=True)   # as the run resolves artifact arms
+        lm = load_model(name, device="cpu")
+        layout(lm.model).check()
+        for arm_name, arm in one.arms.items():
+            check_backend(lm, arm, f"arms.{arm_name}")
 
 
 def _save(path: Path, doc: dict) -> None:

@@ -148,6 +148,23 @@ def test_the_runner_refuses_a_study_and_the_study_runs_each_models_spelling(tmp_
     assert seen[0][2] == out
 
 
+def test_an_arm_refused_on_a_later_model_stops_the_study_before_the_first_runs(tmp_path, monkeypatch):
+    """equalize does not fold into experts: refused on reference-moe, and that is found before reference runs."""
+    from quantatlas import study as study_mod
+
+    ran = []
+    monkeypatch.setattr("quantatlas.runner.run_spec",
+                        lambda spec, json_path, **kw: ran.append(spec.model) or {"model": spec.model})
+    spec = dict(SPEC, models=["reference", "reference-moe"],
+                arms={**SPEC["arms"], "eq": {"codec": {"uniform": {"bits": 4}}, "transforms": [{"equalize": {}}]}})
+    with pytest.raises(UserError, match=r"arms\.eq\.transforms: .*mixture of experts") as e:
+        study_mod.run_study(spec, tmp_path / "r.json", ledger=False)
+    assert e.value.field == "arms.eq.transforms" and ran == []
+    spec["models"] = ["reference", "reference-llama"]        # both take it: nothing refused, both run
+    study_mod.run_study(spec, tmp_path / "r.json", ledger=False)
+    assert ran == ["reference", "reference-llama"]
+
+
 # ---- the model's architecture, stored ------------------------------------------------------------
 
 def test_the_architecture_is_stored_on_the_run_set_and_old_rows_read_unknown(tmp_path):

@@ -28,6 +28,18 @@ class TransformsStep(Step):
                     "dynamic: act.static and act.scheme llamacpp_cpu are not supported")
         return None
 
+    def check_model(self, lm) -> None:
+        """A transform that cannot fold into this model (an MoE block for all but SmoothQuant's norm folds, a
+        layout the folds do not read) is refused before any arm runs, with the message `apply` would give."""
+        from quantatlas.errors import UserError
+
+        field = f"{self.where}.transforms"
+        for cfg in self.value:
+            try:
+                cfg.build().check_model(lm.model)
+            except ValueError as e:
+                raise UserError(f"{field}: {str(e).removeprefix('transforms: ')}", field) from None
+
     def apply(self, state, ctx) -> None:
         apply_transforms(state.working_model(), state.arm, state.calibration.tokens(ctx), ctx)
 

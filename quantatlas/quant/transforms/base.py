@@ -29,6 +29,14 @@ class Transform(ABC):
     def apply(self, model: nn.Module, calib_tokens: torch.Tensor | None, ctx: RunContext = RunContext()) -> None:
         """Edit `model` in place, keeping its function."""
 
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse (the ValueError `apply` would raise) a model whose layers this transform cannot fold into,
+        without editing it: the arm is refused before any arm runs. Every transform here folds into
+        Llama/Qwen-style layers and refuses mixture-of-experts blocks unless it says otherwise."""
+        from quantatlas.quant.transforms import _llama
+
+        _llama.layers(model)
+
     def config(self) -> dict[str, Any]:
         return {} if self.cfg is None else self.cfg.options()
 

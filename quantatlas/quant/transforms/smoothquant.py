@@ -64,14 +64,20 @@ class SmoothQuant(Transform):
         w = _scales.positive(_reduce_max(layer, group, w_max))
         return a ** self.alpha / w ** (1 - self.alpha)
 
+    def check_model(self, model) -> list:
+        """The layers it folds into (MoE ones included: the norm's fold reaches the router and every expert);
+        refuses `roles: [down]` on MoE layers."""
+        layers = _llama.layers(model, moe=True)
+        if "down" in self.roles and any(layer.moe is not None for layer in layers):
+            raise ValueError(f"transforms: smoothquant.roles down is not implemented for {type(model).__name__}'s "
+                             "experts (each expert's up rows and down columns); use qkv, gate_up and o")
+        return layers
+
     @no_grad
     def apply(self, model, calib_tokens, ctx=None):
         calib_tokens = check_calib("smoothquant", calib_tokens)
-        layers = _llama.layers(model, moe=True)
+        layers = self.check_model(model)
         for layer in layers:
-            if layer.moe is not None and "down" in self.roles:
-                raise ValueError(f"transforms: smoothquant.roles down is not implemented for {type(model).__name__}'s "
-                                 "experts (each expert's up rows and down columns); use qkv, gate_up and o")
             for group in self.roles:
                 if not _moe_mlp(layer, group):   # an MoE block has no online rotation: hadamard refuses MoE
                     _scales.check_foldable(layer, group, "smoothquant")
