@@ -271,6 +271,20 @@ def test_own_confidence_leaves_the_other_models_out_of_k(tmp_path):
     assert s["holds"]["confidence"] == min(m["confidence_own"] for m in s["models"]) <= solo["confidence"]
     assert [a["arm"] for a in s["arms"]] == ["gptq4"]
     assert "the hypothesis holds on 3 of 3 architectures" in format_study(s)
+    # no `primary:` in the spec: the line says which arm it judged (each model's best treatment), never more
+    assert s["holds"]["judged_on"] == ["gptq4"] and "judged on arm gptq4, each model's best treatment" in s["holds"]["text"]
+
+
+def test_a_study_with_a_primary_arm_says_nothing_more(tmp_path):
+    with Ledger(f"sqlite:///{tmp_path / 'p.db'}") as led:
+        exps = {m: led.register_experiment(dict(SPEC, model=m, primary="gptq4")) for m in ZOO[:2]}
+        for (m, e), arch in zip(exps.items(), ("qwen3", "llama")):
+            fill(led, e, "mh-" + m, arch, 0.8, refresh=False)
+        led.refresh_verdicts()
+        with led.read() as q:
+            s = study(q, led.verdict_cache, q.experiment(exps["reference"]))
+    assert s["holds"]["text"].startswith("holds on 2 of 2 architectures")
+    assert "judged on" not in s["holds"]["text"] and "judged_on" not in s["holds"]
 
 
 # ---- the atlas pages -----------------------------------------------------------------------------

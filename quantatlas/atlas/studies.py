@@ -145,6 +145,12 @@ def study(q: Reader, cache: VerdictCache, exp: StoredExperiment) -> dict:
                 per_arm.setdefault(a, {})[m.id] = row["arms"][a]
     holds = holds_line([ModelVerdict(r["model"], r["architecture"], r["result"], r["confidence_own"])
                         for r in rows])
+    named = all(m.spec.present and m.spec.primary for m in members)
+    judged = list(dict.fromkeys(r["primary"] for r in rows if r["primary"] and r["result"] not in (None, "baseline")))
+    if judged and not named:   # the spec names no primary: say which arm the line judges, so it cannot be read as more
+        holds["judged_on"] = judged
+        holds["text"] += (f" — judged on {'arm' if len(judged) == 1 else 'arms'} {', '.join(judged)}, each model's "
+                          "best treatment (the spec names no `primary:`)")
     arm_lines = []
     for a, by_exp in per_arm.items():
         line = holds_line([ModelVerdict(r["model"], r["architecture"],
