@@ -502,3 +502,24 @@ def test_gptq_feedback_reaches_inside_a_16x16_tile(name, options):
         if tr == 1:
             assert losses[1] == pytest.approx(proxy(rtn(W, codec)[0]), rel=1e-6)    # no feedback at all
     assert losses[16] < 0.7 * losses[1]
+
+
+def test_rows_that_do_not_fill_tiles_are_refused_before_anything_runs(monkeypatch):
+    """The reference model's head has 258 rows: 16 × 16 tiles cannot cover it. Refused in one line naming the
+    field and the matrix when the arm is checked, before the reference logits or any quantization."""
+    from quantatlas import runner
+    from quantatlas.errors import UserError
+
+    def no_compute(*a, **k):
+        raise AssertionError("computed before the refusal")
+    monkeypatch.setattr(runner, "reference_logprobs", no_compute)
+    spec = {"title": "t", "hypothesis": "h", "model": "reference", "seeds": [0],
+            "data": {"eval": {"tokens": 2048, "ctx": 256}},
+            "arms": {"a": {"codec": {"trellis": {"bits": 2, "L": 8, "tile_rows": 16}}, "include_head": True}}}
+    with pytest.raises(UserError, match=r"arms\.a\.codec\.tile_rows: lm_head: trellis tiles of 16 rows × 16 "
+                                        r"columns need a matrix whose rows are a multiple of 16; got 258 rows") as e:
+        runner.run_spec(spec, device="cpu", ledger=False, compress=False, log=lambda m: None)
+    assert e.value.field == "arms.a.codec.tile_rows"
+    spec["arms"]["a"]["include_head"] = False      # the decoder's 128-, 256- and 768-row matrices fill them
+    monkeypatch.undo()
+    assert runner.Sweep(spec, ledger=False, log=lambda m: None).spec.arms["a"].codec.tile_rows == 16

@@ -73,7 +73,7 @@ from quantatlas._lazy import no_grad, torch
 from quantatlas.quant.codecs.base import Codec, Packed, Quantized, pack_bits, unpack_bits
 from quantatlas.quant.codecs.lattice import FP16_MAX, ScaleParams
 from quantatlas.quant.codecs.tcq_trained import TRAINED
-from quantatlas.quant.codecs.trellis import check_tile_rows, from_tiles, to_tiles
+from quantatlas.quant.codecs.trellis import RowTiles, from_tiles, to_tiles
 from quantatlas.quant.config import ADDED_LATER, CodecConfig
 from quantatlas.quant.lloyd_max import codebook
 
@@ -246,7 +246,7 @@ def path_subsets(u: torch.Tensor, nu: int) -> torch.Tensor:
 
 
 # ---- the codec -----------------------------------------------------------------------------------
-class TCQ(Codec):
+class TCQ(RowTiles, Codec):
     name = "tcq"
 
     def __init__(self, cfg: TCQConfig):
@@ -270,14 +270,6 @@ class TCQ(Codec):
             tile = f"path length T = {self.T}" if self.tile_rows == 1 else f"tile width T / tile_rows = {self.width}"
             raise ValueError(f"tcq: {cols} columns are not a multiple of the {tile}")
         return super().group_of(cols)
-
-    def check_rows(self, rows: int) -> None:
-        check_tile_rows(self.name, self.tile_rows, self.width, rows)
-
-    def for_matrix(self, w):
-        """Itself, once the rows of `w` are found to fill whole tiles (refused here, before any search)."""
-        self.check_rows(w.shape[0])
-        return self
 
     def fit(self, w, importance=None):
         scale = w.float().pow(2).mean(1).sqrt() * self.cfg.scale_factor

@@ -371,11 +371,20 @@ def from_tiles(t: torch.Tensor, rows: int, tile_rows: int, width: int) -> torch.
             .reshape(rows, cols))
 
 
-def check_tile_rows(codec: str, tile_rows: int, width: int, rows: int) -> None:
-    """A matrix of `rows` rows must fill whole tiles of `tile_rows` rows (refused before any search)."""
-    if rows % tile_rows:
-        raise ValueError(f"codec.tile_rows: {codec} tiles of {tile_rows} rows × {width} columns need a matrix "
-                         f"whose rows are a multiple of {tile_rows}; got {rows} rows")
+class RowTiles:
+    """What a codec of 2-D tiles (`tile_rows` rows × `width` columns; trellis, tcq) checks of a matrix: its rows
+    fill whole tiles, refused in `for_matrix` (what encode, GPTQ and fake quantization call first), before any
+    search. The codec sets `name`, `tile_rows` and `width`."""
+
+    def check_rows(self, rows: int) -> None:
+        if rows % self.tile_rows:
+            raise ValueError(f"codec.tile_rows: {self.name} tiles of {self.tile_rows} rows × {self.width} columns "
+                             f"need a matrix whose rows are a multiple of {self.tile_rows}; got {rows} rows")
+
+    def for_matrix(self, w):
+        """Itself, once the rows of `w` are found to fill whole tiles."""
+        self.check_rows(w.shape[0])
+        return self
 
 
 # ---- the codec -----------------------------------------------------------------------------------
@@ -384,7 +393,7 @@ class TrellisParams:
     scale: torch.Tensor   # [rows] σ, rounded to fp16 (stored)
 
 
-class Trellis(Codec):
+class Trellis(RowTiles, Codec):
     name = "trellis"
 
     def __init__(self, cfg: TrellisConfig):
@@ -412,14 +421,6 @@ class Trellis(Codec):
             tile = f"T = {self.T}" if self.tile_rows == 1 else f"width T / tile_rows = {self.width}"
             raise ValueError(f"trellis: {cols} columns are not a multiple of the tile {tile}")
         return super().group_of(cols)
-
-    def check_rows(self, rows: int) -> None:
-        check_tile_rows(self.name, self.tile_rows, self.width, rows)
-
-    def for_matrix(self, w):
-        """Itself, once the rows of `w` are found to fill whole tiles (refused here, before any search)."""
-        self.check_rows(w.shape[0])
-        return self
 
     def tiles(self, m: torch.Tensor, per_weight: int = 1) -> torch.Tensor:
         """[rows, c] weights (per_weight = 1) or states (per_weight = V) -> [tiles, T / per_weight]."""

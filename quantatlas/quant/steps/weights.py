@@ -37,13 +37,27 @@ class WeightsStep(Step):
         return any(c.seeded for c in self._configs()) or self.reads_calibration()
 
     def check_model(self, lm) -> None:
-        """An override that hits no tensor this arm quantizes on the model is refused before any arm runs."""
+        """Refused before any arm runs: an override that hits no tensor this arm quantizes on the model, and a
+        matrix whose rows do not fill a tiled codec's tiles (trellis/tcq `tile_rows`)."""
+        from quantatlas.errors import UserError
+        from quantatlas.quant.codecs.trellis import RowTiles
         from quantatlas.quant.quantize import tensors_to_quantize
 
-        if not self.arm.overrides:
+        tiled = any(getattr(c, "tile_rows", 1) > 1 for c in self._configs())
+        if not (self.arm.overrides or tiled):
             return
         recipe = self.recipe()
-        recipe.check_overrides(tensors_to_quantize(lm.model, recipe), lm.model, lm.source)
+        roles = tensors_to_quantize(lm.model, recipe)
+        if self.arm.overrides:
+            recipe.check_overrides(roles, lm.model, lm.source)
+        for plan in recipe.plan(roles, lm.model) if tiled else ():
+            if isinstance(plan.codec, RowTiles) and not plan.is_vector:
+                try:
+                    plan.codec.check_rows(plan.target.shape[0])
+                except ValueError as e:
+                    field = f"{self.where}.codec.tile_rows"
+                    raise UserError(f"{field}: {plan.name}: {str(e).removeprefix('codec.tile_rows: ')}",
+                                    field) from None
 
     def needs_whole_model(self) -> str | None:
         if self.arm.codec is not None and self.arm.codec.name == "gguf":
