@@ -216,6 +216,7 @@ def test_cli_export_and_refusals(tiny_llama, tmp_path, monkeypatch):
                     "  tr: {codec: {trellis: {bits: 2}}}\n"
                     "  q4k: {codec: q4_k}\n"
                     "  rot: {codec: {uniform: {bits: 4, group: 32}}, transforms: [hadamard]}\n"
+                    "  spin: {codec: {uniform: {bits: 4, group: 32}}, transforms: [{spinquant: {steps: 0}}]}\n"
                     "  cpu: {codec: q8_0, act: llamacpp_cpu}\n"
                     "  e5: {codec: {uniform: {bits: 4, group: 32}}, act: {codec: {uniform: {bits: 8, group: null}}, "
                     "clip_ratio: 0.9}}\n")
@@ -232,7 +233,8 @@ def test_cli_export_and_refusals(tiny_llama, tmp_path, monkeypatch):
 
     monkeypatch.setattr(models, "load_model", no_compute)
     for arm, words in (("tr", ("codec trellis", "QTIP")), ("q4k", ("codec q4_k", "GGUF")),
-                       ("rot", ("hadamard.online", "online: []")), ("cpu", ("q8_0", "GGUF")),
+                       ("rot", ("hadamard.online", "online: []")), ("spin", ("spinquant.online", "online: []")),
+                       ("cpu", ("q8_0", "GGUF")),
                        ("e5", ("clip_ratio",))):
         bad = _cli(spec, arm, tmp_path / arm)
         assert bad.exit_code == 2, (arm, bad.output)
@@ -366,3 +368,20 @@ def test_a_freeze_dried_arm_is_refused_before_compute():
     spec = parse_spec({"title": "t", "arms": {"a": {"codec": {"uniform": {"bits": 4}}, "freeze_dry": {"tol": 0.05}}}})
     with pytest.raises(NoScheme, match=r"arms\.a\.freeze_dry"):
         check_arm(spec.arms["a"], "arms.a")
+
+
+def test_a_model_rotating_inputs_online_is_refused_whatever_the_arm_says(tiny_llama):
+    """An online rotation the arm does not name (RoSTE's chosen down rotations) is found on the model itself:
+    the scheme plan refuses it rather than write weights a runtime would read with unrotated inputs."""
+    from quantatlas.export.compressed_tensors import plan_schemes
+    from quantatlas.export.schemes import NoScheme
+    from quantatlas.quant.hadamard import RandomizedHadamard
+    from quantatlas.quant.online import OnlineRotation, attach_online_rotation
+    from quantatlas.spec import Arm
+
+    model = load_model(str(tiny_llama)).model
+    arm = Arm.model_validate({"codec": {"uniform": {"bits": 4, "group": 32}}})
+    down = model.model.layers[0].mlp.down_proj
+    attach_online_rotation(down, OnlineRotation(RandomizedHadamard(down.in_features, 0)))
+    with pytest.raises(NoScheme, match=r"model\.layers\.0\.mlp\.down_proj .*rotate their input online"):
+        plan_schemes(model, {}, arm)

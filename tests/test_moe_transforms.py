@@ -1,8 +1,8 @@
 """SmoothQuant on mixture-of-experts models: one scale s on post_attention_layernorm's output goes into the
 columns of every reader of it (the router, each expert's gate and up, a shared expert's gate, up and router),
 so the logits and the routing are unchanged; s is checked against the formula computed here from the norm's
-output and the readers' weights; the fused 3-D experts and the ModuleList form give the same weights. The
-transforms that do not know experts refuse them in one line."""
+output and the readers' weights; the fused 3-D experts and the ModuleList form give the same weights. (Each
+expert's down, equalize and AWQ on experts: tests/test_moe_scales.py; rotations: tests/test_moe_rotations.py.)"""
 from __future__ import annotations
 
 import pytest
@@ -143,25 +143,6 @@ def test_fused_and_list_forms_give_the_same_weights(build, names):
             torch.testing.assert_close(g, gate_up[e, :inner], rtol=1e-5, atol=1e-7)
             torch.testing.assert_close(u, gate_up[e, inner:], rtol=1e-5, atol=1e-7)
             torch.testing.assert_close(d, down[e], rtol=0, atol=0)          # down is not a reader of the norm
-
-
-@pytest.mark.parametrize("name", ["hadamard", "equalize", "awq", "spinquant"])
-def test_transforms_that_do_not_know_experts_refuse_in_one_line(name):
-    from test_moe import _pipeline
-
-    from quantatlas.errors import UserError
-
-    with pytest.raises(UserError) as e:     # as the arm runs: the user's field, one line, no traceback
-        _pipeline(qwen3_moe(), {"codec": {"uniform": {"bits": 4, "group": 16}}, "transforms": [{name: {}}]})
-    msg = str(e.value)
-    assert msg.startswith("arm.transforms: Qwen3MoeForCausalLM is a mixture of experts") and name in msg
-    assert "\n" not in msg
-
-
-def test_smoothquant_down_on_experts_is_refused_in_one_line():
-    with pytest.raises(ValueError, match=r"^transforms: smoothquant.roles down is not implemented for "
-                                         r"Qwen3MoeForCausalLM's experts[^\n]*$"):
-        make_transform("smoothquant", {"roles": ["gate_up", "down"]}).apply(qwen3_moe(), calib_tokens())
 
 
 def test_w8a8_smoothquant_arm_runs_on_moe():

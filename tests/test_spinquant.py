@@ -195,14 +195,17 @@ def test_too_few_calibration_windows_is_refused_before_any_edit():
     assert all(torch.equal(v, fresh[k]) for k, v in model.state_dict().items())
 
 
-def test_moe_models_are_refused():
+def test_moe_models_are_checked_like_dense_ones():
+    """MoE models are rotated (tests/test_moe_rotations.py); apply's refusals come before any edit there too."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2))
-    with pytest.raises(ValueError, match="mixture of experts"):
+    fresh = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="spinquant.seq_len"):
         make_transform("spinquant", {"steps": 2, "samples": 4}).apply(model, TOKENS, RunContext(0))
+    assert all(torch.equal(v, fresh[k]) for k, v in model.state_dict().items())
 
 
 def test_the_arm_binds_its_quantizers_and_refuses_static_activations():

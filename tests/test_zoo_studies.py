@@ -149,17 +149,19 @@ def test_the_runner_refuses_a_study_and_the_study_runs_each_models_spelling(tmp_
 
 
 def test_an_arm_refused_on_a_later_model_stops_the_study_before_the_first_runs(tmp_path, monkeypatch):
-    """equalize does not fold into experts: refused on reference-moe, and that is found before reference runs."""
+    """An override of a dense-MLP role matches nothing on reference-moe: refused there, and that is found before
+    reference runs."""
     from quantatlas import study as study_mod
 
     ran = []
     monkeypatch.setattr("quantatlas.runner.run_spec",
                         lambda spec, json_path, **kw: ran.append(spec.model) or {"model": spec.model})
     spec = dict(SPEC, models=["reference", "reference-moe"],
-                arms={**SPEC["arms"], "eq": {"codec": {"uniform": {"bits": 4}}, "transforms": [{"equalize": {}}]}})
-    with pytest.raises(UserError, match=r"arms\.eq\.transforms: .*mixture of experts") as e:
+                arms={**SPEC["arms"], "eq": {"codec": {"uniform": {"bits": 4}},
+                                             "overrides": [{"match": "down", "codec": {"uniform": {"bits": 8}}}]}})
+    with pytest.raises(UserError, match=r"arms\.eq\.overrides\.0\.match: 'down' .*matches no tensor") as e:
         study_mod.run_study(spec, tmp_path / "r.json", ledger=False)
-    assert e.value.field == "arms.eq.transforms" and ran == []
+    assert e.value.field.startswith("arms.eq.overrides") and ran == []
     spec["models"] = ["reference", "reference-llama"]        # both take it: nothing refused, both run
     study_mod.run_study(spec, tmp_path / "r.json", ledger=False)
     assert ran == ["reference", "reference-llama"]

@@ -85,7 +85,7 @@ def llamacpp_entry(types: set[str], arm, incoherent: bool) -> dict | None:
     """llama.cpp's entry for an arm whose stored tensors have these codec `types` (module docstring)."""
     if incoherent or not types <= set(LLAMACPP_TYPES):
         return None
-    if any(t.name == "hadamard" and t.online for t in arm.transforms):
+    if any(getattr(t, "online", None) for t in arm.transforms):
         return None
     if arm.act is not None and arm.act.scheme != "llamacpp_cpu":
         return None

@@ -270,10 +270,10 @@ def compression_format(weights: dict, inputs: dict | None) -> str:
 
 
 def online_rotations(arm, where: str = "arm") -> None:
-    """Refuse transforms that act at run time (an online Hadamard on o/down inputs)."""
+    """Refuse transforms that act at run time (hadamard's or SpinQuant's online Hadamard on o/down inputs)."""
     for i, t in enumerate(arm.transforms):
-        if t.name == "hadamard" and t.online:
-            raise NoScheme(f"compressed-tensors export: {where}.transforms.{i}.hadamard.online {list(t.online)}: "
+        if getattr(t, "online", None):
+            raise NoScheme(f"compressed-tensors export: {where}.transforms.{i}.{t.name}.online {list(t.online)}: "
                            "an online rotation of the Linear inputs has no compressed-tensors scheme here "
                            "(write online: [] to fold every rotation into the weights)",
                            f"{where}.transforms.{i}")

@@ -31,6 +31,8 @@ N_e routed rows (llama.cpp's imatrix counts mul_mat_id's rows the same way: per 
 
 `BoundMoE.output` recomputes the routed experts' sum above, each expert on its routed rows, with a hook on
 each matrix's input: the activation step's forward for fused experts (quant/act.py, `FusedExperts`).
+Where a rotation transform rotates the experts' down input online (quant/online.py), `hidden` and `output`
+rotate it too: the statistics and the quantizers see what the down projections read.
 """
 from __future__ import annotations
 
@@ -86,31 +88,55 @@ class BoundMoE:
             return p[:, t.rows].t() if t.transposed else p[t.rows]
         return self.experts[expert].get_submodule(t.name.rsplit(".", 1)[1]).weight
 
+    def down_rotation(self, expert: int):
+        """The online rotation x <- Q x of expert `expert`'s down input (quant/online.py: a fused block's
+        `down_rotation`, shared by its experts; an expert Linear's `input_rotation`), or None."""
+        if self.moe.fused:
+            return getattr(self.experts, "down_rotation", None)
+        down = self.experts[expert].get_submodule(self.moe.experts[expert]["expert_down"].name.rsplit(".", 1)[1])
+        return getattr(down, "input_rotation", None)
+
     def hidden(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """What expert `expert`'s down projection reads for rows x: act(x gate^T) * (x up^T), as the forward."""
+        """What expert `expert`'s down projection reads for rows x: act(x gate^T) * (x up^T), as the forward,
+        rotated where the down input is rotated online."""
         gate = nn.functional.linear(x, self.weight(expert, "expert_gate").to(x.dtype))
         up = nn.functional.linear(x, self.weight(expert, "expert_up").to(x.dtype))
-        return self.moe.act(gate) * up
+        rotation = self.down_rotation(expert)
+        h = self.moe.act(gate) * up
+        return h if rotation is None else rotation(h)
 
     def output(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, transform=None) -> torch.Tensor:
         """The routed experts' output for rows x [T, hidden] routed by (index, weight) [T, top_k], as the fused
         forward computes it: y_t = sum_{e in S_t} w_te down_e(act(gate_e x_t) * up_e x_t), one expert at a
-        time on all its routed rows. `transform(expert, role, rows, tok)` returns what that matrix reads instead
-        of `rows` (tok: their rows in x), e.g. the activation step's quantizers; None: the rows as they are."""
-        out = torch.zeros_like(x)
-        routing = Routing(x, index, weight)
-        same = (lambda e, role, rows, tok: rows) if transform is None else transform
-        for e in range(self.moe.n_experts):
-            tok, w = routing.rows_of(e)     # an index of E (transformers' "no expert") matches no e: skipped
-            if tok.numel() == 0:
-                continue
-            rows = x[tok]
-            gate = nn.functional.linear(same(e, "expert_gate", rows, tok), self.weight(e, "expert_gate").to(x.dtype))
-            up = nn.functional.linear(same(e, "expert_up", rows, tok), self.weight(e, "expert_up").to(x.dtype))
-            h = same(e, "expert_down", self.moe.act(gate) * up, tok)
-            y = nn.functional.linear(h, self.weight(e, "expert_down").to(x.dtype)) * w[:, None]
-            out.index_add_(0, tok, y.to(out.dtype))
-        return out
+        time on all its routed rows, the down input rotated where it is rotated online (`down_rotation`).
+        `transform(expert, role, rows, tok)` returns what that matrix reads instead of `rows` (tok: their rows
+        in x), e.g. the activation step's quantizers; None: the rows as they are."""
+        return experts_output(x, index, weight, self.moe.n_experts, self.weight, self.moe.act, self.down_rotation,
+                              transform)
+
+
+def experts_output(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, n_experts: int, matrix, act,
+                   down_rotation=None, transform=None) -> torch.Tensor:
+    """y_t = sum_{e in S_t} w_te down_e(R act(gate_e x_t) * up_e x_t) for rows x [T, hidden] routed by (index,
+    weight) [T, top_k], one expert at a time on all its routed rows (transformers' fused forward). `matrix(e, role)`
+    is expert e's [out, in] matrix; `down_rotation(e)` the online rotation R of its down input or None (identity);
+    `transform(expert, role, rows, tok)` as in `BoundMoE.output`, after R on the down input."""
+    out = torch.zeros_like(x)
+    routing = Routing(x, index, weight)
+    same = (lambda e, role, rows, tok: rows) if transform is None else transform
+    for e in range(n_experts):
+        tok, w = routing.rows_of(e)     # an index of E (transformers' "no expert") matches no e: skipped
+        if tok.numel() == 0:
+            continue
+        rows = x[tok]
+        gate = nn.functional.linear(same(e, "expert_gate", rows, tok), matrix(e, "expert_gate").to(x.dtype))
+        up = nn.functional.linear(same(e, "expert_up", rows, tok), matrix(e, "expert_up").to(x.dtype))
+        h = act(gate) * up
+        rotation = None if down_rotation is None else down_rotation(e)
+        h = same(e, "expert_down", h if rotation is None else rotation(h), tok)
+        y = nn.functional.linear(h, matrix(e, "expert_down").to(x.dtype)) * w[:, None]
+        out.index_add_(0, tok, y.to(out.dtype))
+    return out
 
 
 class RoutingTap:
@@ -202,7 +228,8 @@ class ExpertStatistics:
                     self.cross[(e, kind)].addmm_(((fp_in - q_in) * scale).T, q_in * scale)
 
     def result(self) -> dict[str, dict]:
-        """name -> {"hessian", "sq_mean", "tokens" (routed rows), "cross" (GPTAQ)}; gate and up get copies."""
+        """name -> {"hessian", "sq_mean", "abs_mean", "tokens" (routed rows), "cross" (GPTAQ)}; gate and up get
+        copies."""
         done: dict[tuple[int, str], dict] = {}
         out = {}
         for n, key in self.keys.items():
@@ -210,7 +237,7 @@ class ExpertStatistics:
                 out[n] = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in done[key].items()}
                 continue
             s = self.accs[key].result()
-            d = {"hessian": s.hessian, "sq_mean": s.sq_mean, "tokens": int(self.routed[key[0]])}
+            d = {"hessian": s.hessian, "sq_mean": s.sq_mean, "abs_mean": s.abs_mean, "tokens": int(self.routed[key[0]])}
             if key in self.cross:
                 d["cross"] = self.cross.pop(key).mul_(2.0 / max(s.count, 1))
             done[key] = out[n] = d

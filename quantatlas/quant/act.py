@@ -58,7 +58,8 @@ each token's own, at 32 more bits per token); `clip_ratio` does not apply to the
 (signs from the seed) before the quantizer and back after it, x ↦ Qᵀ fq(Q x): the quantizer sees
 the rotated activations as an online Hadamard (QuaRot) makes them, while the weights stay as the
 weight step left them (equal to W Qᵀ applied to Q x). The `hadamard` transform's `online` rotates
-the weights too; a Linear rotated by it is refused here (it is already rotated).
+the weights too; a Linear (or an expert's down) rotated by it is refused here (it is already rotated),
+and the quantizers see the input it rotated (fused experts too: models/moe.py, `BoundMoE.output`).
 
 Mixtures of experts: each expert's gate, up and down count as three Linears (roles `expert_gate`,
 `expert_up`, `expert_down`, for `roles`, `layers`, the bits and `static` as any other), whichever way the
@@ -220,10 +221,13 @@ class ActivationQuantizer:
         self.handles = []
         self.slots: list[dict] = []     # per hooked Linear: its codec (static: bound to its calibrated amax)
         self.observed: dict[int, float] | None = None   # while calibrating: slot index -> largest |x| seen
+        #: training through the step (spinquant): fused experts' quantized inputs pass gradients straight
+        #: through (x + (fq(x) − x).detach()), as the hooks around the Linears' quantizers do there
+        self.straight_through = False
 
     def attach(self, model, recipe=None) -> None:
         from quantatlas.models.roles import find_roles
-        from quantatlas.quant.online import has_online_rotation
+        from quantatlas.quant.online import input_rotated
 
         # every matrix input: Linears (a ModuleList's experts among them) and fused experts' matrices
         linears = [t for t in find_roles(model) if t.kind in ("linear", "conv1d", "expert")
@@ -260,7 +264,7 @@ class ActivationQuantizer:
             group = codec.group_of(width) if hasattr(codec, "group_of") else width  # refuse a bad group now
             rotation = None
             if t.role in rotated:
-                if has_online_rotation(t.module):
+                if input_rotated(t):
                     raise ValueError(f"act.hadamard: {t.name} already rotates its input online (the hadamard "
                                      f"transform's `online`); drop it from act.hadamard")
                 key = (t.role, t.layer, width)
@@ -366,12 +370,18 @@ class FusedExperts:
         clip = q.cfg.clip_ratio
         # gate/up of every expert through one row-wise codec (the dynamic schemes): the block's rows once
         codecs = {id(q.slots[i]["codec"]) for i, _, _ in self.inputs}
+
+        def quantized(rows, *how):      # training (`straight_through`): with the gradient of the identity
+            if not q.straight_through:
+                return fake_quantize_rows(rows, *how).to(rows.dtype)
+            return rows + (fake_quantize_rows(rows.detach(), *how).to(rows.dtype) - rows).detach()
+
         shared = None
         if len(codecs) == 1 and q.observed is None:
             i, group, rotation = self.inputs[0]
             codec = q.slots[i]["codec"]
             if rotation is None and not getattr(codec, "has_tensor_scale", False):
-                shared = fake_quantize_rows(x, codec, group, clip).to(x.dtype)
+                shared = quantized(x, codec, group, clip)
 
         def transform(expert, role, rows, tok):
             slot = self.slots.get((expert, role))
@@ -383,7 +393,7 @@ class FusedExperts:
                 return rows
             if shared is not None and role != "expert_down":
                 return shared[tok]
-            return fake_quantize_rows(rows, q.slots[i]["codec"], group, clip, rotation).to(rows.dtype)
+            return quantized(rows, q.slots[i]["codec"], group, clip, rotation)
 
         index = top_k_index.reshape(x.shape[0], -1)
         weight = top_k_weights.reshape(x.shape[0], -1)

@@ -30,6 +30,10 @@ is plain STE QAT with act/KV in the loop (the paper's "STE" baseline), `rotation
 slot. The chosen rotations are function-preserving in fp (tests/test_roste_qad.py) and are recorded per
 layer in the run JSON (`rotations`), with both errors.
 
+Mixture-of-experts layers choose `vo` only: their down slot stays the identity (both errors null in the
+record), because the experts' fused 3-D matrices are not among the latents trained here, so a rotation
+of their down could not be re-encoded (the `hadamard` transform's online down rotates experts).
+
 Training: every Linear the arm quantizes gets a latent fp matrix (the fp model's weight, rotated as
 chosen) whose forward weight is the codec's fake quantization (its scales re-fitted each step, as kd_ste
 with train: weights) through the STE; the arm's activation and KV quantizers are attached to the student
@@ -193,14 +197,15 @@ def capture(teacher, windows: torch.Tensor) -> dict[int, dict[str, list]]:
 
     for lay in layout(teacher).layers:
         o, down, v = lay.module("o"), lay.module("down"), lay.module("v")
-        if o is None or down is None or v is None:
+        if o is None or (down is None and lay.moe is None) or v is None:
             raise ValueError(f"recovery.method: roste needs v/o/down projections; decoder layer {lay.index} of "
                              f"{type(teacher).__name__} has not all of them (a fused qkv or gate_up model)")
         if any(key.endswith("v_norm") for key in lay.norms):
             raise ValueError(f"recovery.method: roste's value rotation needs v_proj's output to be the cached "
                              f"value; layer {lay.index} normalises it (v_norm)")
         handles.append(o.register_forward_pre_hook(keep(lay.index, "o", False)))
-        handles.append(down.register_forward_pre_hook(keep(lay.index, "down", False)))
+        if down is not None:    # an MoE layer's experts: no down slot (module docstring)
+            handles.append(down.register_forward_pre_hook(keep(lay.index, "down", False)))
         handles.append(v.register_forward_hook(lambda m, a, out, f=keep(lay.index, "v", True): f(m, a, out)))
     try:
         for i in range(windows.shape[0]):
@@ -219,7 +224,7 @@ def rotation_errors(teacher, quantizers: Quantizers, windows: torch.Tensor, seed
     out = {}
     for lay in layout(teacher).layers:
         li, hd, nh, nkv = lay.index, lay.head_dim, lay.n_heads, lay.n_kv_heads
-        mods = {r: lay.matrices[r] for r in ("v", "o", "down")}
+        mods = {r: lay.matrices[r] for r in ("v", "o", "down") if r in lay.matrices}
         name = {r: t.name + ".weight" for r, t in mods.items()}
         w = {r: t.module.weight.detach().float() for r, t in mods.items()}
         a = acts.get(li, {})
@@ -234,6 +239,10 @@ def rotation_errors(teacher, quantizers: Quantizers, windows: torch.Tensor, seed
                 + quantizers.weight_error(name["o"], rotate_head_columns(w["o"], h, nh, hd))
                 + quantizers.act_error([rotate_heads(x, h, hd) for x in a.get("o", [])], "o", li)
                 + quantizers.v_error([rotate_heads(v, h, hd) for v in a.get("v", [])], hd))
+        if "down" not in w:     # an MoE layer: its experts' down stays unrotated (module docstring)
+            errors["down"] = {"identity": None, "hadamard": None}
+            out[li] = errors
+            continue
         h = slot_rotation(seed, "down", li, w["down"].shape[1])
         errors["down"] = {"identity": quantizers.weight_error(name["down"], w["down"])
                           + quantizers.act_error(a.get("down", []), "down", li), "hadamard": None}
@@ -262,7 +271,7 @@ def rotated_weights(model, chosen: dict, seed: int, weights: dict[str, torch.Ten
     for lay in layout(model).layers:
         pick = chosen.get(lay.index, {})
         hd = lay.head_dim
-        name = {r: lay.matrices[r].name + ".weight" for r in ("v", "o", "down")}
+        name = {r: lay.matrices[r].name + ".weight" for r in ("v", "o", "down") if r in lay.matrices}
         if pick.get("vo"):
             h = slot_rotation(seed, "vo", lay.index, hd)
             out[name["v"]] = rotate_value_rows(out[name["v"]], h, lay.n_kv_heads, hd)

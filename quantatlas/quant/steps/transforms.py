@@ -29,8 +29,8 @@ class TransformsStep(Step):
         return None
 
     def check_model(self, lm) -> None:
-        """A transform that cannot fold into this model (an MoE block for all but SmoothQuant's norm folds, a
-        layout the folds do not read) is refused before any arm runs, with the message `apply` would give."""
+        """A transform that cannot fold into this model (a layout the folds do not read, an online rotation
+        where one is already) is refused before any arm runs, with the message `apply` would give."""
         from quantatlas.errors import UserError
 
         field = f"{self.where}.transforms"

@@ -11,8 +11,8 @@ silently changed into a different function.
 
 A mixture-of-experts layer (`Layer.moe`; gate/up/down are then None) has many readers of n2(h): the
 router, every expert's gate and up, and a shared expert's gate, up and router where the family has one
-(`mlp_readers`). Only a transform that asks for MoE layers (`layers(model, moe=True)`: SmoothQuant's
-diagonal scale on n2, which every reader's columns can absorb) gets them; the others are refused.
+(`mlp_readers`), and many writers into h (every expert's down, a shared expert's down). A fold on n2 or
+on h reaches all of them; the routers are folded too, so the routing is unchanged.
 """
 from __future__ import annotations
 
@@ -78,18 +78,14 @@ def _check_rmsnorm(model: nn.Module, norm: nn.Module, where: str) -> None:
         raise _refuse(model, f"{where} ({type(norm).__name__}) does not compute weight ⊙ x / rms(x)")
 
 
-def layers(model: nn.Module, moe: bool = False) -> list[Layer]:
-    """The decoder layers as folds see them, read from the model layout; other layouts are refused.
-    `moe`: the caller folds into every reader of n2 (`mlp_readers`), so MoE layers are given, not refused."""
+def layers(model: nn.Module) -> list[Layer]:
+    """The decoder layers as folds see them (MoE layers with `moe` set), read from the model layout; other
+    layouts are refused."""
     from quantatlas.models.layout import layout
     from quantatlas.models.moe import BoundMoE
 
     out = []
     m = layout(model)
-    if m.moe_blocks and not moe:   # a user's choice, not a misread model: refused as the arm's field
-        raise ValueError(f"transforms: {type(model).__name__} is a mixture of experts; hadamard, spinquant, equalize "
-                         "and awq fold into a dense MLP's gate/up/down and do not know routers and experts yet "
-                         "(smoothquant does)")
     for layer in m.layers:
         i = layer.index
         dense = layer.moe is None

@@ -32,7 +32,7 @@ class Transform(ABC):
     def check_model(self, model: nn.Module) -> None:
         """Refuse (the ValueError `apply` would raise) a model whose layers this transform cannot fold into,
         without editing it: the arm is refused before any arm runs. Every transform here folds into
-        Llama/Qwen-style layers and refuses mixture-of-experts blocks unless it says otherwise."""
+        Llama/Qwen-style layers, dense or mixture-of-experts (_llama.py)."""
         from quantatlas.quant.transforms import _llama
 
         _llama.layers(model)

@@ -5,6 +5,11 @@ The quantized weights see W diag(s) and the solver sees H ← diag(1/s) H diag(1
 x / s), and (W diag(s))(x / s) = W x keeps the function. alpha = 0 is the identity; alpha > 0
 lifts the weight columns of high-energy input channels, whose quantization error the inputs
 amplify most. See _scales.py for where 1/s goes in each group (qkv, gate_up, o, down).
+
+Mixture of experts: gate_up's one s on post_attention_layernorm's output takes H over every token
+(the router's input: the dense definition); each expert's down takes its own s_e = H_e,ii^alpha with
+H_e over its routed rows' hidden act(gate_e x) ⊙ up_e x (a shared expert: every token). An expert no
+calibration token was routed to keeps s_e = 1.
 """
 from __future__ import annotations
 
@@ -33,23 +38,25 @@ class Equalize(Transform):
         super().__init__(cfg)
         self.alpha, self.roles = cfg.alpha, tuple(cfg.roles)
 
+    def check_model(self, model) -> None:
+        """Dense and mixture-of-experts layers (see _scales.py for where the scales go in each)."""
+        _llama.layers(model)
+
     @no_grad
     def apply(self, model, calib_tokens, ctx=None):
-        from quantatlas.models.calib import input_statistics
-
         calib_tokens = check_calib("equalize", calib_tokens)
         layers = _llama.layers(model)
-        for layer in layers:
-            for group in self.roles:
-                _scales.check_foldable(layer, group, "equalize")
+        sites = [site for layer in layers for g in self.roles for site in _scales.sites(layer, g)]
+        for site in sites:
+            _scales.check_foldable(site, "equalize")
         if self.alpha == 0:
             return
         # diagonals only: one pass over the calibration tokens for every layer at once
-        modules = {(layer.index, g): _scales.stat_module(layer, g) for layer in layers for g in self.roles}
-        keyed = {f"{i}/{g}": m for (i, g), m in modules.items()}
-        stats = input_statistics(model, keyed, calib_tokens, batch_size=self.batch_size, hessian=False)
-        for layer in layers:
-            for group in self.roles:
-                h_diag = 2.0 * stats[f"{layer.index}/{group}"].sq_mean
-                s = _scales.positive(_scales.reduce_stat(layer, group, h_diag)) ** self.alpha
-                _scales.fold(layer, group, s)
+        stats = _scales.statistics(model, {site.key: site.sources[site.key] for site in sites}, calib_tokens,
+                                   batch_size=self.batch_size, hessian=False)
+        for site in sites:
+            st = stats[site.key]
+            if st.count == 0:      # an expert no calibration token was routed to keeps s = 1
+                continue
+            h_diag = 2.0 * st.sq_mean
+            site.fold(_scales.positive(site.reduce(h_diag)) ** self.alpha)

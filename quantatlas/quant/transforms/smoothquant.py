@@ -17,8 +17,10 @@ Mixture of experts: post_attention_layernorm's output x is read by the router, e
 up, and a shared expert's gate, up and router (Qwen2-MoE). One s on x must then go into the columns of
 all of them (the router's too, so its logits and the routing are unchanged), and max|W_j| is the max
 over all of them, as for the fused readers of one input (a dense gate and up). max|X_j| is over every
-token of x, since the one scale serves every expert whichever tokens it is routed. `down` (each
-expert's up rows and down columns) is not done for experts and is refused.
+token of x, since the one scale serves every expert whichever tokens it is routed. `down`: each expert
+e gets its own s_e on its down input act(gate_e x) ⊙ up_e x (up_e rows ← / s_e, down_e columns ← × s_e),
+with max|X_j| over the rows its router sends it (unweighted) and max|W_j| over down_e's column j; a
+shared expert is a dense MLP on every token. An expert no calibration token was routed to keeps s_e = 1.
 """
 from __future__ import annotations
 
@@ -55,76 +57,70 @@ class SmoothQuant(Transform):
         super().__init__(cfg)
         self.alpha, self.roles = cfg.alpha, tuple(dict.fromkeys(cfg.roles))
 
-    def scales(self, layer: _llama.Layer, group: str, act_max: torch.Tensor) -> torch.Tensor:
-        """s per free scale of the group from the per-input-channel max |x|."""
+    def scales(self, site: _scales.Site, act_max: torch.Tensor) -> torch.Tensor:
+        """s per free scale of a site from the per-input-channel max |x|."""
         # the weights that get quantized: an MoE block's routers stay fp16, so they are scaled, not measured
-        w_max = torch.stack([w.detach().abs().amax(0).double()
-                             for w in _readers(layer, group, routers=False)]).amax(0)
-        a = _scales.positive(_reduce_max(layer, group, act_max.double()))
-        w = _scales.positive(_reduce_max(layer, group, w_max))
+        w_max = torch.stack([w.detach().abs().amax(0).double() for w, _ in site.quantized]).amax(0)
+        a = _scales.positive(_reduce_max(site.layer, site.group, act_max.double()))
+        w = _scales.positive(_reduce_max(site.layer, site.group, w_max))
         return a ** self.alpha / w ** (1 - self.alpha)
 
     def check_model(self, model) -> list:
-        """The layers it folds into (MoE ones included: the norm's fold reaches the router and every expert);
-        refuses `roles: [down]` on MoE layers."""
-        layers = _llama.layers(model, moe=True)
-        if "down" in self.roles and any(layer.moe is not None for layer in layers):
-            raise ValueError(f"transforms: smoothquant.roles down is not implemented for {type(model).__name__}'s "
-                             "experts (each expert's up rows and down columns); use qkv, gate_up and o")
-        return layers
+        """The layers it folds into (MoE ones included: the norm's fold reaches the router and every expert,
+        down's each expert)."""
+        return _llama.layers(model)
 
     @no_grad
     def apply(self, model, calib_tokens, ctx=None):
         calib_tokens = check_calib("smoothquant", calib_tokens)
-        layers = self.check_model(model)
-        for layer in layers:
-            for group in self.roles:
-                if not _moe_mlp(layer, group):   # an MoE block has no online rotation: hadamard refuses MoE
-                    _scales.check_foldable(layer, group, "smoothquant")
-        act_max = input_absmax(model, {(layer.index, g): _stat_module(layer, g)
-                                       for layer in layers for g in self.roles}, calib_tokens, self.batch_size)
-        for layer in layers:
-            for group in self.roles:
-                s = self.scales(layer, group, act_max[(layer.index, group)])
-                if _moe_mlp(layer, group):
-                    for w in _readers(layer, group):
-                        _llama.scale_matrix_columns(w, s)
-                    _llama.scale_vector(layer.post_norm.weight, 1.0 / s)
-                else:
-                    _scales.fold(layer, group, s)
-
-
-def _moe_mlp(layer: _llama.Layer, group: str) -> bool:
-    return layer.moe is not None and group == "gate_up"
-
-
-def _readers(layer: _llama.Layer, group: str, routers: bool = True) -> list[torch.Tensor]:
-    """The [out, in] weights that read the group's input (for gate_up: every reader of post_attention_layernorm;
-    `routers=False`: the quantized ones only)."""
-    if group == "gate_up":
-        return _llama.mlp_readers(layer, routers)
-    return [lin.weight for lin in _scales.consumers(layer, group)]
-
-
-def _stat_module(layer: _llama.Layer, group: str):
-    """The module whose input is the group's input: in an MoE layer the router reads post_attention_layernorm."""
-    return layer.moe.router if _moe_mlp(layer, group) else _scales.stat_module(layer, group)
+        sites = [site for layer in self.check_model(model) for g in self.roles for site in _scales.sites(layer, g)]
+        for site in sites:
+            _scales.check_foldable(site, "smoothquant")
+        sources = {site.key: site.sources[site.key] for site in sites}
+        act_max = input_absmax(model, {k: m for k, m in sources.items() if isinstance(m, torch.nn.Module)},
+                               calib_tokens, self.batch_size,
+                               routed={k: t for k, t in sources.items() if not isinstance(t, torch.nn.Module)})
+        for site in sites:
+            if site.key in act_max:      # absent: an expert no calibration token was routed to keeps s = 1
+                site.fold(self.scales(site, act_max[site.key]))
 
 
 @no_grad
-def input_absmax(model, modules: dict, tokens: torch.Tensor, batch_size: int = 8) -> dict:
-    """Per-channel max |input| of each module over `tokens` [n, seq] (one pass of the model)."""
+def input_absmax(model, modules: dict, tokens: torch.Tensor, batch_size: int = 8, routed: dict | None = None) -> dict:
+    """Per-channel max |input| of each module over `tokens` [n, seq] (one pass of the model). `routed`: key →
+    a routed expert's TensorRole (models/layout.py), the max over the rows its router sends it of what that
+    matrix reads (its down: the hidden act(gate x) ⊙ up x); a key no row reached is left out."""
+    from quantatlas.models.moe import BoundMoE, RoutingTap
+
     out: dict = {}
     handles = []
 
+    def update(key, m):
+        out[key] = m if key not in out else torch.maximum(out[key], m)
+
     def hook(key):
         def f(mod, args):
-            m = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).float()
-            out[key] = m if key not in out else torch.maximum(out[key], m)
+            update(key, args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).float())
+        return f
+
+    def tap(bound, targets):
+        def f(routing):
+            for key, t in targets.items():
+                tok, _ = routing.rows_of(t.expert)
+                if tok.numel():
+                    x = routing.x[tok].float()
+                    x = bound.hidden(t.expert, x) if t.role == "expert_down" else x
+                    update(key, x.abs().amax(0))
         return f
 
     for key, m in modules.items():
         handles.append(m.register_forward_pre_hook(hook(key)))
+    blocks: dict[int, tuple] = {}
+    for key, t in (routed or {}).items():
+        blocks.setdefault(id(t.moe), (t.moe, {}))[1][key] = t
+    for moe, targets in blocks.values():
+        bound = BoundMoE(moe)
+        handles.append(RoutingTap(bound, tap(bound, targets)))
     try:
         dev = next(model.parameters()).device
         for i in range(0, tokens.shape[0], batch_size):

@@ -12,6 +12,12 @@ R3  a Hadamard on Q and K after RoPE: q·k is unchanged, so only the KV quantize
 R4  an online Hadamard before down_proj (`online: [down]`, as hadamard's; `[o, down]` adds QuaRot's
     one before o_proj): W ← W Qᵀ and the input is rotated at run time (quant/online.py).
 
+Mixture-of-experts layers (as `hadamard` folds them): R1's readers of post_attention_layernorm are the
+router, every expert's gate and up and a shared expert's gate, up and router; its writers every expert's
+down and a shared expert's down; R4 is one online Hadamard per layer before its experts' down (and one
+before a shared expert's down). In the loop the weight quantizer goes over each expert matrix and a
+shared expert's (the routers stay fp), the act quantizer over each expert's inputs (`MoEWeights`).
+
 R1 and R2 start at hadamard's seeded randomized Hadamards (the same seeds), so `steps: 0` is the
 `hadamard` transform exactly, and training starts from QuaRot. Then `steps` of Cayley SGD on the
 Stiefel manifold (quant/cayley.py, SpinQuant's optimizer; the step size decays along a cosine to 0,
@@ -110,13 +116,16 @@ class RotatedWeights:
 
     def __init__(self, model, layers: list[_llama.Layer], online: dict):
         names = {id(m): n for n, m in model.named_modules()}
-        self.layers, self.online = layers, online         # online: id(linear) -> RandomizedHadamard
+        # online: id(linear) or id(an MoE layer's BoundMoE: its experts' down) -> RandomizedHadamard
+        self.layers, self.online = layers, online
         self.embed = names[id(_llama.embedding(model))] + ".weight"
         self.head = names[id(_llama.head(model))] + ".weight"
         self.linears = [{role: names[id(lin)] for role, lin in layer.linears().items()} for layer in layers]
+        self.experts = [None if layer.moe is None else MoEWeights(layer.moe, names) for layer in layers]
         params = dict(model.named_parameters())
         wanted = {self.embed, self.head} | {f"{n}.{p}" for lin in self.linears for n in lin.values()
                                             for p in ("weight", "bias")}
+        wanted |= {k for moe in self.experts if moe is not None for k in moe.names()}
         self.base = {k: params[k].detach().double().clone() for k in wanted if k in params}
         self.base_f32 = {k: v.float() for k, v in self.base.items()}
         self.dtypes = {k: params[k].dtype for k in self.base}
@@ -127,28 +136,106 @@ class RotatedWeights:
         applied to each decoder Linear's weight (the in-loop weight quantizer)."""
         base = self.base_f32 if r1.dtype == torch.float32 else self.base
         out = {self.embed: base[self.embed] @ r1.T, self.head: base[self.head] @ r1.T}
-        for layer, names, r2 in zip(self.layers, self.linears, r2s):
+        for layer, names, r2, moe in zip(self.layers, self.linears, r2s, self.experts):
             hd, n_kv, n_heads = layer.head_dim, layer.n_kv_heads, layer.n_heads
+            if moe is not None:
+                out.update(moe.weights(base, r1, self.online, quantize))
             w = {}
             for role in ("q", "k", "gate", "up"):
-                w[role] = base[names[role] + ".weight"] @ r1.T
+                if role in names:
+                    w[role] = base[names[role] + ".weight"] @ r1.T
             v = base[names["v"] + ".weight"] @ r1.T                               # [n_kv·hd, d]
             w["v"] = torch.einsum("ij,hjd->hid", r2, v.reshape(n_kv, hd, -1)).reshape(v.shape)
             o = r1 @ base[names["o"] + ".weight"]                                 # [d, n_heads·hd]
             w["o"] = (o.reshape(-1, n_heads, hd) @ r2.T).reshape(o.shape)
-            w["down"] = r1 @ base[names["down"] + ".weight"]
+            if "down" in names:
+                w["down"] = r1 @ base[names["down"] + ".weight"]
             for role in ("o", "down"):
-                q = self.online.get(id(getattr(layer, role)))
+                q = self.online.get(id(getattr(layer, role))) if role in w else None
                 if q is not None:
                     w[role] = q.rotate(w[role])                                   # W ← W Qᵀ
             for role, weight in w.items():
                 out[names[role] + ".weight"] = weight if quantize is None else quantize(weight)
             for role, rotate in (("v", lambda b: (b.reshape(n_kv, hd) @ r2.T).reshape(-1)),
                                  ("o", lambda b: r1 @ b), ("down", lambda b: r1 @ b)):
-                key = names[role] + ".bias"
+                key = names.get(role, "") + ".bias"
                 if key in base:
                     out[key] = rotate(base[key])
         return {k: v.to(self.dtypes[k]) for k, v in out.items()}
+
+
+class MoEWeights:
+    """An MoE layer's weights as functions of R1 (`RotatedWeights`): the router, every expert's gate and up and
+    a shared expert's gate, up and router read the stream (W ← W R1ᵀ), every expert's down and a shared
+    expert's down write it (W ← R1 W), then the online R4 of the experts' down (one per layer) and of a shared
+    expert's down (W ← W Qᵀ). `quantize` goes over each expert matrix [out, in] on its own, as the weight step
+    quantizes them; the routers stay fp. Fused experts are functions of their 3-D parameters (as the layout
+    slices them: `quant.online.FusedMatrices`), a ModuleList's of each Linear's weight."""
+
+    def __init__(self, bound, names: dict):
+        from quantatlas.quant.online import FusedMatrices
+
+        moe = bound.moe
+        self.bound = bound
+        self.fused = FusedMatrices.of(moe) if moe.fused else None
+        if moe.fused:
+            prefix = names[id(bound.experts)]
+            params = {p for _, p, _, _ in self.fused.where}
+            self.params = {p: f"{prefix}.{p}" for p in params}
+        else:   # expert e's Linear of each role
+            self.list = [{role: names[id(t.module)] + ".weight" for role, t in roles.items()} for roles in moe.experts]
+        self.readers = [names[id(bound.router)] + ".weight"]
+        self.shared = {r: names[id(t.module)] + ".weight" for r, t in moe.shared.items()}
+        self.shared_down = moe.shared["shared_expert_down"].module if "shared_expert_down" in moe.shared else None
+
+    def names(self) -> list[str]:
+        out = self.readers + list(self.shared.values())
+        return out + (list(self.params.values()) if self.fused else [n for e in self.list for n in e.values()])
+
+    def weights(self, base: dict, r1, online: dict, quantize=None) -> dict:
+        fq = (lambda w: w) if quantize is None else quantize
+        q = online.get(id(self.bound))
+        out = {n: base[n] @ r1.T for n in self.readers}       # the router, fp
+        for role, n in self.shared.items():
+            if role == "shared_expert_down":
+                w = r1 @ base[n]
+                rot = online.get(id(self.shared_down))
+                out[n] = fq(w if rot is None else rot.rotate(w))
+            else:
+                w = base[n] @ r1.T
+                out[n] = w if role == "shared_router" else fq(w)
+        if self.fused is None:
+            for roles in self.list:
+                for role, n in roles.items():
+                    w = r1 @ base[n] if role == "expert_down" else base[n] @ r1.T
+                    out[n] = fq(w if q is None or role != "expert_down" else q.rotate(w))
+            return out
+        for param, n in self.params.items():
+            roles = [(role, rows, t) for role, p, rows, t in self.fused.where if p == param]
+            p = base[n]                                          # [E, out, in], or [E, in, out] (transposed)
+            if any(role == "expert_down" for role, _, _ in roles):   # a writer: W ← R1 W, then W ← W Qᵀ
+                transposed = roles[0][2]
+                p = p @ r1.T if transposed else r1 @ p
+                if q is not None:
+                    p = q.rotate(p.transpose(-1, -2)).transpose(-1, -2) if transposed else q.rotate(p)
+            else:                                                # readers: W ← W R1ᵀ
+                p = r1 @ p if roles[0][2] else p @ r1.T
+            out[n] = p if quantize is None else _each_matrix(p, roles, quantize)
+        return out
+
+
+def _each_matrix(p, roles, fn):
+    """A fused 3-D parameter with `fn` applied to each expert's [out, in] matrix of each role (rows, transposed)."""
+    experts = []
+    for e in range(p.shape[0]):
+        pe = p[e].clone()
+        for _, rows, transposed in roles:
+            if transposed:
+                pe[:, rows] = fn(p[e][:, rows].t()).t()
+            else:
+                pe[rows] = fn(p[e][rows])
+        experts.append(pe)
+    return torch.stack(experts)
 
 
 class SpinQuant(Transform):
@@ -168,38 +255,39 @@ class SpinQuant(Transform):
                              "and act.scheme llamacpp_cpu are not supported")
         self.codec, self.act, self.kv = codec, act, kv
 
-    def apply(self, model, calib_tokens=None, ctx: RunContext = RunContext()):
-        from quantatlas.quant.cayley import CayleySGD
-        from quantatlas.quant.hadamard import RandomizedHadamard
-        from quantatlas.quant.online import OnlineRotation, attach_online_rotation, has_online_rotation
-        from quantatlas.quant.transforms.rotation import fuse_norm_gains
+    def check_model(self, model) -> None:
+        """Refuses what `apply` refuses of the model (its layout, a width without a Hadamard, rotated inputs)."""
+        self._rotations(model, _llama.layers(model), RunContext())
 
-        cfg = self.cfg
-        layers = _llama.layers(model)      # refuses MoE and other layouts before any edit
-        windows = self._windows(calib_tokens) if cfg.steps else None
-        device = _llama.embedding(model).weight.device
+    def _rotations(self, model, layers, ctx: RunContext):
+        """R1, the R2s (their Hadamard starts) and the online rotations, built before any edit."""
+        from quantatlas.quant.hadamard import RandomizedHadamard
+        from quantatlas.quant.transforms.rotation import online_rotations
+
         d = _llama.embedding(model).weight.shape[1]
         try:
             r1 = RandomizedHadamard(d, ctx.sub_seed("named", "residual")).matrix()
             r2s = [RandomizedHadamard(layer.head_dim, ctx.sub_seed("named", "heads", layer.index)).matrix()
                    for layer in layers]
-            online = {}
-            for layer in layers:
-                for role in cfg.online:
-                    lin = getattr(layer, role)
-                    if has_online_rotation(lin):
-                        raise ValueError(f"layer {layer.index} {role}_proj is already rotated online")
-                    seed = ctx.sub_seed("named", "online", role, layer.index)
-                    online[id(lin)] = (lin, RandomizedHadamard(lin.in_features, seed))
+            online = online_rotations(layers, self.cfg.online, ctx, RandomizedHadamard, "")
         except ValueError as e:
             raise ValueError(f"spinquant: {e}") from None
+        return r1, r2s, online
+
+    def apply(self, model, calib_tokens=None, ctx: RunContext = RunContext()):
+        from quantatlas.quant.cayley import CayleySGD
+        from quantatlas.quant.transforms.rotation import attach_online, fuse_norm_gains
+
+        cfg = self.cfg
+        layers = _llama.layers(model)      # refuses other layouts before any edit
+        windows = self._windows(calib_tokens) if cfg.steps else None
+        device = _llama.embedding(model).weight.device
+        r1, r2s, online = self._rotations(model, layers, ctx)
         teacher = None if windows is None else self._teacher(model, windows.to(device))
 
         fuse_norm_gains(model, layers)
-        rotated = RotatedWeights(model, layers, {k: q for k, (_, q) in online.items()})
-        with torch.no_grad():
-            for lin, q in online.values():   # the hooks; the weights are overwritten by the fold below
-                attach_online_rotation(lin, OnlineRotation(q))
+        rotated = RotatedWeights(model, layers, {id(target): q for target, q in online})
+        attach_online(online)   # the hooks; the weights are overwritten by the fold below
         r1 = nn.Parameter(r1.to(device), requires_grad="r1" in cfg.learn)
         r2s = [nn.Parameter(r.to(device), requires_grad="r2" in cfg.learn) for r in r2s]
         if cfg.steps:
@@ -297,6 +385,7 @@ def quantizers_in_loop(model, act_cfg, kv_cfg, seed: int):
             linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
             handles += [m.register_forward_pre_hook(keep) for m in linears]
             act = ActivationQuantizer(act_cfg, seed)
+            act.straight_through = True     # fused experts' inputs (no Linear to hook around)
             act.attach(model)
             handles += [m.register_forward_pre_hook(straight_through) for m in linears]
         if kv_cfg is not None and (kv_cfg.k is not None or kv_cfg.v is not None):
