@@ -240,6 +240,10 @@ def test_models_on_which_the_verdict_holds_count_in_confidence():
     assert (three.models_holding, three.models_total) == (3, 4)
     assert three.terms.k == 3 and three.confidence > one.confidence
     assert "Holds on 3 of 4 models" in three.text
+    noisy = judge({"ctl": arm_runs(1.0, seed_jitter=0.2), "t": arm_runs(0.9, seed_jitter=0.2)})
+    undecided = combine_run_sets([(info, noisy)], "t", Criterion(), ["success", "success"])
+    assert undecided.result == "inconclusive" and "Holds on" not in undecided.text      # not "holds on 1 of 3"
+    assert "Undecided on this model (one of 3)" in undecided.text
 
 
 def test_confidence_formula_terms():

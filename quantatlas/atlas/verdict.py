@@ -634,8 +634,10 @@ def verdict_text(fv: FinalVerdict, crit: Criterion) -> str:
         agree = sum(1 for _, _, ag, _ in fv.reproductions if ag)
         ind = sum(1 for _, _, ag, i in fv.reproductions if ag and i)
         parts.append(f"Reproductions: {agree} of {len(fv.reproductions)} agree ({ind} independent).")
-    if fv.models_total > 1:
+    if fv.models_total > 1 and fv.result in ("success", "failure"):
         parts.append(f"Holds on {fv.models_holding} of {fv.models_total} models.")
+    elif fv.models_total > 1 and fv.result != "baseline":   # an undecided arm holds nowhere, its own model included
+        parts.append(f"Undecided on this model (one of {fv.models_total}).")
     t = fv.terms
     terms = f"s_p {t.s_p:.2f} · s_z {t.s_z:.2f} · s_n {t.s_n:.2f}, k = {t.k}"
     if t.kind == "lean":
