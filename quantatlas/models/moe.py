@@ -256,3 +256,90 @@ def coverage(routed: dict[int, list[int]], threshold: int) -> dict:
     return {"tokens_min": counts[0], "tokens_median": median, "tokens_max": counts[-1], "experts": len(counts),
             "threshold": threshold, "under_threshold": under,
             "tokens": {str(layer): list(per) for layer, per in sorted(routed.items())}}
+
+
+# ---- fused expert parameters built from their experts' matrices (finetune recovery) ----------------
+
+def assemble_experts(moe: MoELayout, param: str, matrix) -> torch.Tensor:
+    """The fused 3-D parameter `param` of a block's experts module (e.g. gate_up_proj [E, 2I, H], or [E, H, 2I]
+    where stored transposed) built from each expert's [out, in] matrices `matrix(e, role)`: the inverse of
+    `BoundMoE.weight`. Only stack, cat and a row permutation (interleaved gate/up), so it is differentiable
+    in what `matrix` returns."""
+    roles = [r for r, t in moe.experts[0].items() if t.param == param]
+    if not roles:
+        raise ValueError(f"{moe.name}: no expert matrix is stored in {param}")
+    first = moe.experts[0][roles[0]]
+    stored = getattr(moe.experts_module, param)
+    n_rows = stored.shape[2] if first.transposed else stored.shape[1]
+    rows = torch.cat([torch.arange(n_rows)[moe.experts[0][r].rows] for r in roles])   # param row of each stacked row
+    if not torch.equal(rows.sort().values, torch.arange(n_rows)):
+        raise ValueError(f"{moe.name}: the experts' matrices do not cover {param}'s {n_rows} rows once each")
+    # param row k is stacked row order[k] (None: the same order, gate then up)
+    order = None if torch.equal(rows, torch.arange(n_rows)) else torch.argsort(rows)
+    per = []
+    for e in range(moe.n_experts):
+        m = torch.cat([matrix(e, r) for r in roles])
+        per.append(m if order is None else m[order.to(m.device)])
+    out = torch.stack(per)
+    return out.transpose(1, 2) if first.transposed else out
+
+
+class FusedExpertWeights:
+    """A model's fused expert matrices under the names the weights step packs them as
+    (`<experts>.<e>.gate_proj.weight` ...), for a forward by `torch.func.functional_call` that uses
+    per-expert matrices being trained: `parameters(weights)` puts, in place of those names, each fused
+    3-D parameter they belong to, assembled from them (`assemble_experts`) and, for the experts not in
+    `weights`, the model's own matrices (constants). Empty on a model without fused experts.
+
+    `routers`: the router weights of those blocks, [experts, hidden] matrices their router module reads with
+    F.linear without being an nn.Linear (transformers 5's TopKRouter): trainable as a Linear's weight where
+    the recipe packs them."""
+
+    def __init__(self, model: nn.Module):
+        from quantatlas.models.layout import layout
+
+        self.roles: dict = {}                          # name -> TensorRole (kind "expert")
+        self.blocks: list[tuple[str, BoundMoE]] = []   # (the experts module's name, its block)
+        self.routers: set[str] = set()
+        if not any(p.dim() == 3 for p in model.parameters()):   # the layout is read only where experts may be fused
+            return
+        for moe in layout(model).moe_blocks:
+            if not moe.fused:
+                continue
+            self.blocks.append((f"{moe.name}.{moe.experts_path}", BoundMoE(moe)))
+            self.roles.update({t.name + ".weight": t for t in moe.tensors()})
+            if not isinstance(moe.router.module, nn.Linear):
+                self.routers.add(moe.router.name + ".weight")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.roles
+
+    def matrix(self, name: str) -> torch.Tensor:
+        """The model's current [out, in] matrix `name` (a view of the fused parameter)."""
+        t = self.roles[name]
+        p = getattr(t.module, t.param)[t.expert]
+        return p[:, t.rows].t() if t.transposed else p[t.rows]
+
+    def parameters(self, weights: dict) -> dict:
+        """`weights` (parameter name -> tensor) with its expert matrices replaced by the fused parameters that
+        hold them (`<experts>.gate_up_proj` ...); a fused parameter none of whose matrices is given is left out
+        (the model's own is used)."""
+        if not self.roles or not any(n in self.roles for n in weights):
+            return weights
+        out = {n: w for n, w in weights.items() if n not in self.roles}
+        for prefix, bound in self.blocks:
+            for param in dict.fromkeys(t.param for t in bound.moe.experts[0].values()):
+                given = [weights[t.name + ".weight"] for t in bound.moe.tensors()
+                         if t.param == param and t.name + ".weight" in weights]
+                if given:
+                    out[f"{prefix}.{param}"] = assemble_experts(bound.moe, param, self._matrices(bound, weights,
+                                                                                                given[0].dtype))
+        return out
+
+    @staticmethod
+    def _matrices(bound: BoundMoE, weights: dict, dtype):
+        """matrix(e, role): the given matrix, else the model's own (detached, in the given ones' dtype)."""
+        def matrix(e: int, role: str) -> torch.Tensor:
+            w = weights.get(bound.moe.experts[e][role].name + ".weight")
+            return bound.weight(e, role).detach().to(dtype) if w is None else w
+        return matrix

@@ -333,23 +333,33 @@ class PVMatrix:
         return decode(self.groups.codec, packed)
 
 
-def pv_matrices(model, packed: dict, beam: int | None = None) -> dict[str, PVMatrix]:
-    """A PVMatrix for every packed weight of an nn.Linear (norm vectors, embeddings: kept as packed)."""
+def trainable_matrices(model, packed: dict, experts=None) -> list[str]:
+    """The packed names finetune recovery trains, in the pack's order: the weight of every nn.Linear and,
+    with `experts` (the model's models.moe.FusedExpertWeights), every expert matrix of a fused 3-D tensor
+    and those blocks' routers; norm vectors an override quantizes, embeddings: kept as packed."""
     mods = dict(model.named_modules())
-    return {name: PVMatrix(pk, beam) for name, pk in packed.items()
-            if isinstance(mods.get(name.rsplit(".", 1)[0]), nn.Linear) and len(pk.shape) == 2}
+    moe = set() if experts is None else set(experts.roles) | experts.routers
+    return [name for name, pk in packed.items() if len(pk.shape) == 2
+            and (name in moe or isinstance(mods.get(name.rsplit(".", 1)[0]), nn.Linear))]
+
+
+def pv_matrices(model, packed: dict, beam: int | None = None, experts=None) -> dict[str, PVMatrix]:
+    """A PVMatrix for every matrix recovery trains (`trainable_matrices`)."""
+    return {name: PVMatrix(packed[name], beam) for name in trainable_matrices(model, packed, experts)}
 
 
 # -- the training loop --------------------------------------------------------------------------------
 
 def pv_tune(model, teacher, matrices: dict[str, PVMatrix], norms: dict, windows: torch.Tensor,
-            order: list[int], cfg, progress=None) -> dict:
-    """Tune `matrices` (name -> PVMatrix; the model's Linear weights) and `norms` against `teacher` on the
-    mini-batches `order` of `windows`; the model itself is not changed here. Returns metrics."""
+            order: list[int], cfg, progress=None, experts=None) -> dict:
+    """Tune `matrices` (name -> PVMatrix; the model's Linear weights and expert matrices) and `norms` against
+    `teacher` on the mini-batches `order` of `windows`; the model itself is not changed here. `experts`: the
+    model's models.moe.FusedExpertWeights, which the forward's fused parameters are assembled by (None: no
+    fused experts among `matrices`). Returns metrics."""
     from torch.func import functional_call
 
     if not matrices and not norms:
-        raise ValueError("recovery: the arm stores no Linear weight matrix through a codec: nothing to tune")
+        raise ValueError("recovery: the arm stores no weight matrix (Linear or expert) through a codec: nothing to tune")
     scales = [p for m in matrices.values() for p in m.groups.params] + list(norms.values())
     books = [p for m in matrices.values() for p in m.groups.codebook_params]
     book_lr = cfg.lr if cfg.codebook_lr is None else cfg.codebook_lr
@@ -370,7 +380,8 @@ def pv_tune(model, teacher, matrices: dict[str, PVMatrix], norms: dict, windows:
         with torch.no_grad():
             target = teacher(x, use_cache=False).logits
         weights = {name: m.weight() for name, m in matrices.items()}
-        loss = kl_to_teacher(functional_call(model, {**weights, **norms}, (x,), {"use_cache": False}).logits, target)
+        params = {**weights, **norms} if experts is None else experts.parameters({**weights, **norms})
+        loss = kl_to_teacher(functional_call(model, params, (x,), {"use_cache": False}).logits, target)
         p_opt.zero_grad()
         loss.backward()
         for m in matrices.values():

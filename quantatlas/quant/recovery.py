@@ -41,6 +41,16 @@ What trains (`train`):
 Incoherence packs (`incoherence: true`) are tuned in their rotated basis: the scales and the latent
 live there, and the forward weight is Uᵀ (·) V, so the stored format stays the codec's own.
 
+Mixture-of-experts blocks whose experts are fused 3-D tensors (transformers 5: `experts.gate_up_proj`
+[E, 2I, H], `experts.down_proj` [E, H, I], or stored transposed) are tuned expert by expert, as the
+weights step packs them (`<experts>.<e>.gate_proj.weight` ...): each expert matrix gets its own trainable
+view above, and every step's forward gets each fused parameter assembled from its experts' current
+weights (models/moe.py `FusedExpertWeights`: gate and up rows placed as the layout reads them, experts
+left unquantized as the model holds them), so the gradient reaches each expert's view through the
+assembly; at the end each expert's slice of the fused parameter is set to decode(Packed). The assembled
+tensors live for one step, as the Linears' forward weights do. A router is trained only where the recipe
+packs it (by default it stays fp16, as the recipe left it), also where it is no nn.Linear (transformers 5).
+
 The result is always exactly the codec's format: after tuning every matrix is re-packed (same
 tensors, same dtypes, same shapes: the bits do not change) and the model's weight is set to
 decode(Packed), which is what is evaluated. Trained norms are rounded to fp16, as stored.
@@ -57,7 +67,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_valid
 from quantatlas._lazy import nn, no_grad, torch
 from quantatlas.context import RunContext
 from quantatlas.quant.config import ADDED_LATER
-from quantatlas.quant.pv_tuning import codec_of_pack, kl_to_teacher, split_basis
+from quantatlas.quant.pv_tuning import codec_of_pack, kl_to_teacher, split_basis, trainable_matrices
 
 
 class RecoveryConfig(BaseModel):
@@ -371,6 +381,7 @@ class Recovery:
         self.cfg, self.seed = cfg, int(seed)
         self.tuned: dict[str, _Tuned] = {}
         self.rejected = 0  # pv_lite's discrete steps taken back
+        self.experts = self.fp_experts = None   # models.moe.FusedExpertWeights of the model and teacher (`run`)
 
     def _tunables(self, model, teacher, packed: dict, names=None) -> dict:
         cfg = self.cfg
@@ -378,15 +389,14 @@ class Recovery:
         if cfg.method == "qad":
             kind = "frozen"   # weights re-rounded on the pack's own scales (quant/qad.py)
         fp = dict(teacher.named_parameters())
-        mods = dict(model.named_modules())
         out = {}
-        for pname, pk in packed.items():
+        for pname in trainable_matrices(model, packed, self.experts):
             if names is not None and pname not in names:
                 continue
-            mod = mods.get(pname.rsplit(".", 1)[0])
-            if not isinstance(mod, nn.Linear) or len(pk.shape) != 2:
-                continue  # norm vectors an override quantizes, embeddings: kept as packed
-            out[pname] = _make(kind, pk, fp[pname].detach() if kind in ("weights", "frozen") else None)
+            w_fp = None
+            if kind in ("weights", "frozen"):   # the latent starts from the teacher's matrix
+                w_fp = self.fp_experts.matrix(pname).float() if pname in self.experts else fp[pname].detach()
+            out[pname] = _make(kind, packed[pname], w_fp)
         return out
 
     def _norms(self, model, packed: dict, layer: int | None = None) -> dict[str, torch.Tensor]:
@@ -407,6 +417,8 @@ class Recovery:
         """Tune `model` in place on `windows` [samples, seq_len]; returns (packed, info)."""
         import time
 
+        from quantatlas.models.moe import FusedExpertWeights
+
         cfg = self.cfg
         if cfg.method == "roste":
             raise ValueError("recovery.method: roste trains with the arm's act and kv quantizers in the loop: "
@@ -416,6 +428,8 @@ class Recovery:
         for p in list(model.parameters()) + list(teacher.parameters()):
             p.requires_grad_(False)
         t0 = time.process_time()
+        self.experts = FusedExpertWeights(model)   # fused 3-D expert tensors: trained per expert, assembled per step
+        self.fp_experts = FusedExpertWeights(teacher) if self.experts.roles else None
         order = batch_order(cfg, self.seed)
         probe = windows[:32]  # the training loss before and after, on (up to) 32 of the training windows
         before = self.kl(model, teacher, probe)
@@ -441,7 +455,7 @@ class Recovery:
         with torch.no_grad():
             for name, t in tuned.items():
                 new[name] = t.finalize()
-                w = params[name]
+                w = self.experts.matrix(name) if name in self.experts else params[name]   # an expert: a view
                 w.copy_(t.decode(new[name]).to(w.dtype).reshape(w.shape))
             for name, v in norms.items():
                 params[name].copy_(v.detach().half().to(params[name].dtype))
@@ -453,7 +467,7 @@ class Recovery:
         tuned = self._tunables(model, teacher, packed)
         norms = self._norms(model, packed)
         if not tuned and not norms:
-            raise ValueError("recovery: the arm stores no Linear weight matrix through a codec: nothing to tune")
+            raise ValueError("recovery: the arm stores no weight matrix (Linear or expert) through a codec: nothing to tune")
         opt = torch.optim.Adam([p for t in tuned.values() for p in t.params] + list(norms.values()), lr=cfg.lr)
         moved = tokens = 0
         for step, i in enumerate(order):
@@ -462,7 +476,8 @@ class Recovery:
             with torch.no_grad():
                 target = teacher(x, use_cache=False).logits
             weights = {name: t.weight() for name, t in tuned.items()}
-            logits = functional_call(model, {**weights, **norms}, (x,), {"use_cache": False}).logits
+            logits = functional_call(model, self.experts.parameters({**weights, **norms}), (x,),
+                                     {"use_cache": False}).logits
             loss = kl_to_teacher(logits, target)
             opt.zero_grad()
             loss.backward()
@@ -491,7 +506,8 @@ class Recovery:
 
         def loss():
             weights = {name: t.weight() for name, t in tuned.items()}
-            logits = functional_call(model, {**weights, **norms}, (x,), {"use_cache": False}).logits
+            logits = functional_call(model, self.experts.parameters({**weights, **norms}), (x,),
+                                     {"use_cache": False}).logits
             return float(kl_to_teacher(logits, target))
 
         before = loss()
@@ -506,9 +522,9 @@ class Recovery:
     def _pv_tuning(self, model, teacher, packed, windows, order, progress):
         from quantatlas.quant.pv_tuning import pv_matrices, pv_tune
 
-        matrices = pv_matrices(model, packed, self.cfg.beam)
+        matrices = pv_matrices(model, packed, self.cfg.beam, self.experts)
         norms = self._norms(model, packed)
-        extra = pv_tune(model, teacher, matrices, norms, windows, order, self.cfg, progress)
+        extra = pv_tune(model, teacher, matrices, norms, windows, order, self.cfg, progress, self.experts)
         new: dict = {}
         self._apply(model, matrices, norms, new)
         return new, extra
@@ -542,7 +558,8 @@ class Recovery:
                 for i in order:
                     _, rest, kwargs = q_in[i]
                     tokens += q_h[i].shape[0] * q_h[i].shape[1]
-                    local = {n[len(pre):]: t.weight() for n, t in tuned.items()}
+                    weights = self.experts.parameters({n: t.weight() for n, t in tuned.items()})
+                    local = {n[len(pre):]: w for n, w in weights.items()}
                     local.update({n[len(pre):]: v for n, v in norms.items()})
                     out = functional_call(layer, local, (q_h[i], *rest), kwargs)
                     out = out[0] if isinstance(out, tuple) else out
@@ -557,7 +574,7 @@ class Recovery:
                 q_h = advance(layer, q_h, q_in)
             fp_h = target
         if not trained:
-            raise ValueError("recovery: the arm stores no Linear weight matrix through a codec: nothing to tune")
+            raise ValueError("recovery: the arm stores no weight matrix (Linear or expert) through a codec: nothing to tune")
         return new, {"recovery_tokens": tokens}
 
     def total_steps(self, model) -> int:

@@ -31,16 +31,19 @@ slot. The chosen rotations are function-preserving in fp (tests/test_roste_qad.p
 layer in the run JSON (`rotations`), with both errors.
 
 Mixture-of-experts layers choose `vo` only: their down slot stays the identity (both errors null in the
-record), because the experts' fused 3-D matrices are not among the latents trained here, so a rotation
-of their down could not be re-encoded (the `hadamard` transform's online down rotates experts).
+record). The experts' down is many matrices, each reading only its routed tokens, and a fused block would
+rotate all their inputs by one online rotation (quant/online.py), so eq. (12) would have to be summed over
+the experts' routed inputs: not done here (the `hadamard` transform's online down rotates experts).
 
-Training: every Linear the arm quantizes gets a latent fp matrix (the fp model's weight, rotated as
-chosen) whose forward weight is the codec's fake quantization (its scales re-fitted each step, as kd_ste
-with train: weights) through the STE; the arm's activation and KV quantizers are attached to the student
-during training with an STE (forward: exactly their fake quantization; backward: identity), so gradients
-reach every earlier weight through them. Loss: KL(P_fp ‖ P_q) over the vocabulary at every calibration
-position, distillation from the fp teacher as kd_ste: the paper trains on an SFT dataset with its
-cross-entropy loss (there is no fine-tuning task here; the teacher is the model before quantization).
+Training: every Linear the arm quantizes, and every expert matrix of a fused 3-D expert tensor (the fused
+parameter assembled from them each step, models/moe.py `FusedExpertWeights`), gets a latent fp matrix (the
+fp model's weight, rotated as chosen) whose forward weight is the codec's fake quantization (its scales
+re-fitted each step, as kd_ste with train: weights) through the STE; the arm's activation and KV quantizers
+are attached to the student during training with an STE (forward: exactly their fake quantization;
+backward: identity), so gradients reach every earlier weight through them. Loss: KL(P_fp ‖ P_q) over the
+vocabulary at every calibration position, distillation from the fp teacher as kd_ste: the paper trains on
+an SFT dataset with its cross-entropy loss (there is no fine-tuning task here; the teacher is the model
+before quantization).
 At the end each latent is encoded by its codec and the model's weight set to decode(pack); the act/KV
 hooks are removed again (their own steps attach them for evaluation); the online down rotations stay.
 """
@@ -345,25 +348,25 @@ class RoSTE:
         self.chosen: dict = {}
         self.latents: dict[str, nn.Parameter] = {}
 
-    def _matrices(self, model, packed: dict) -> dict:
+    def _matrices(self, model, packed: dict, experts) -> dict:
         from quantatlas.quant.codecs.base import Packed
+        from quantatlas.quant.pv_tuning import trainable_matrices
 
-        mods = dict(model.named_modules())
         out = {}
-        for name, pk in packed.items():
-            if not isinstance(mods.get(name.rsplit(".", 1)[0]), nn.Linear) or len(pk.shape) != 2:
-                continue   # embeddings and vectors an override quantizes: kept as packed
+        for name in trainable_matrices(model, packed, experts):   # embeddings, vectors: kept as packed
+            pk = packed[name]
             if type(pk) is not Packed:
                 raise ValueError(f"recovery.method: roste trains plain packs; {name} is a {type(pk).__name__}")
             out[name] = pk
         if not out:
-            raise ValueError("recovery: the arm stores no Linear weight matrix through a codec: nothing to tune")
+            raise ValueError("recovery: the arm stores no weight matrix (Linear or expert) through a codec: nothing to tune")
         return out
 
     def run(self, model, teacher, packed: dict, windows: torch.Tensor, progress=None) -> tuple[dict, dict, dict]:
         """Tune `model` in place; returns (packed, numeric metrics, report: rotations and errors per layer)."""
         from torch.func import functional_call
 
+        from quantatlas.models.moe import FusedExpertWeights
         from quantatlas.quant.qad import bind_stored_tensor_scale
         from quantatlas.quant.recovery import batch_order, mean_kl
 
@@ -373,7 +376,8 @@ class RoSTE:
         for p in list(model.parameters()) + list(teacher.parameters()):
             p.requires_grad_(False)
         t0 = time.process_time()
-        mats = self._matrices(model, packed)
+        experts = FusedExpertWeights(model)   # fused 3-D expert tensors: a latent per expert, assembled per step
+        mats = self._matrices(model, packed, experts)
         codecs = {n: bind_stored_tensor_scale(codec_of_pack(pk), pk) for n, pk in mats.items()}
         quantizers = Quantizers(mats, self.act_cfg, self.kv_cfg, self.seed)
         self.errors = rotation_errors(teacher, quantizers, windows, self.seed)
@@ -387,7 +391,9 @@ class RoSTE:
         finally:
             loop.detach(model)
         fp = dict(teacher.named_parameters())
-        start = rotated_weights(model, self.chosen, self.seed, {n: fp[n].detach().double() for n in mats})
+        fp_experts = FusedExpertWeights(teacher)
+        start = rotated_weights(model, self.chosen, self.seed,
+                                {n: (fp_experts.matrix(n) if n in experts else fp[n]).detach().double() for n in mats})
         # the online down rotations go first: an activation hook registered later sees the rotated input
         attach_down_rotations(model, self.chosen, self.seed)
         loop.attach(model)
@@ -401,13 +407,14 @@ class RoSTE:
                 with torch.no_grad():
                     target = teacher(x, use_cache=False).logits
                 weights = {n: ste(lat, codecs[n].fake_quantize(lat.detach())) for n, lat in self.latents.items()}
-                loss = kl_to_teacher(functional_call(model, weights, (x,), {"use_cache": False}).logits, target)
+                loss = kl_to_teacher(functional_call(model, experts.parameters(weights), (x,),
+                                                     {"use_cache": False}).logits, target)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 if progress:
                     progress(1)
-            new = self._finalize(model, mats, codecs)
+            new = self._finalize(model, codecs, experts)
             after = mean_kl(model, teacher, probe)
         finally:
             loop.detach(model)
@@ -424,12 +431,13 @@ class RoSTE:
         return {**packed, **new}, info, report
 
     @no_grad
-    def _finalize(self, model, mats: dict, codecs: dict) -> dict:
+    def _finalize(self, model, codecs: dict, experts) -> dict:
         params = dict(model.named_parameters())
         new = {}
         for n, lat in self.latents.items():
             new[n] = codecs[n].encode(lat.detach())
-            params[n].copy_(codecs[n].decode(new[n]).to(params[n].dtype).reshape(params[n].shape))
+            w = experts.matrix(n) if n in experts else params[n]   # an expert's matrix: a view of the fused tensor
+            w.copy_(codecs[n].decode(new[n]).to(w.dtype).reshape(w.shape))
         return new
 
 
