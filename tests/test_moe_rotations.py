@@ -9,9 +9,8 @@ import copy
 
 import pytest
 import torch
-from test_moe import VOCAB, calib_tokens, list_form, mixtral, qwen2_moe, qwen3_moe
+from test_moe import VOCAB, _recorded_hessians, calib_tokens, list_form, mixtral, qwen2_moe, qwen3_moe
 
-import quantatlas.quant.quantize as quantize_module
 from quantatlas.context import RunContext
 from quantatlas.models.layout import layout
 from quantatlas.quant.act import ActConfig, ActivationQuantizer
@@ -137,25 +136,6 @@ def test_the_online_rotation_is_the_seeded_hadamard_on_every_experts_down():
 
 
 # ---- the weight step after the transform -----------------------------------------------------------
-
-def _recorded_hessians(monkeypatch):
-    seen = {}
-    solve, solve_batch = quantize_module._solve, quantize_module._solve_batch_in_place
-
-    def record(plan, w, stats):
-        if stats is not None and "hessian" in stats:
-            seen[plan.name] = stats["hessian"].clone()
-        return solve(plan, w, stats)
-
-    def record_batch(batch, packed):
-        for plan, _, stats in batch:
-            seen[plan.name] = stats["hessian"].clone()
-        return solve_batch(batch, packed)
-
-    monkeypatch.setattr(quantize_module, "_solve", record)
-    monkeypatch.setattr(quantize_module, "_solve_batch_in_place", record_batch)
-    return seen
-
 
 @torch.no_grad()
 def _block_input(model, layer, tokens):

@@ -13,8 +13,8 @@ import copy
 
 import pytest
 import torch
-from test_moe import _pipeline, calib_tokens, list_form, mixtral, qwen2_moe, qwen3_moe
-from test_moe_transforms import _logits_and_routing, _sharpen_shared
+from test_moe import _pipeline, calib_tokens, list_form, mixtral, qwen3_moe
+from test_moe_transforms import BUILDS, _logits_and_routing
 
 from quantatlas.models.layout import layout
 from quantatlas.quant.codecs import make_codec
@@ -22,13 +22,6 @@ from quantatlas.quant.transforms import make_transform
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BUILDS = {
-    "qwen3_moe": qwen3_moe,
-    "mixtral": mixtral,
-    "list_qwen3_moe": lambda: list_form(qwen3_moe()),
-    "list_mixtral": lambda: list_form(mixtral(), ("w1", "w3", "w2")),
-    "qwen2_moe_shared": lambda: _sharpen_shared(qwen2_moe()),
-}
 CODEC = {"uniform": {"bits": 3, "group": 16}}
 TRANSFORMS = {
     "equalize": {"alpha": 0.5},
