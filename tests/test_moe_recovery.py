@@ -198,3 +198,140 @@ def test_an_unquantized_expert_stays_fp_and_a_packed_router_trains():
     assert set(fused.packed) == set(listed.packed)
     for n, p in fused.packed.items():    # the routers too: the list form's is an nn.Linear
         torch.testing.assert_close(p.decode(), listed.packed[n].decode(), rtol=0, atol=1e-3)
+
+
+# ---- RoSTE's down rotation on MoE layers (quant/roste.py: one Hadamard per layer for all its experts) ----
+
+ROSTE_ARM = {"codec": CODEC, "act": {"codec": "q8_0"}}
+ROSTE_WINDOWS = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(3))
+
+
+def _roste_moe(fp, rotation: str):
+    """RoSTE.run on a copy of `fp` quantized by ROSTE_ARM (RTN), `fp` the teacher."""
+    from quantatlas.quant.quantize import quantize_model
+    from quantatlas.quant.recipe import build_recipe
+    from quantatlas.quant.roste import RoSTE
+    from quantatlas.spec import Arm
+
+    arm = Arm.model_validate({**ROSTE_ARM, "recovery": {"method": "roste", "lr": 3e-4, "rotation": rotation,
+                                                         **DATA, "steps": 2}})
+    model = copy.deepcopy(fp)
+    packed = quantize_model(model, build_recipe(arm), None, 0)
+    rec = RoSTE(arm.recovery, 0, arm.act, arm.kv)
+    new, info, report = rec.run(model, fp, packed, ROSTE_WINDOWS)
+    return arm, model, new, info, report, rec
+
+
+@pytest.mark.parametrize("form", ["fused", "list"])
+def test_roste_hadamard_rotates_every_experts_down_and_preserves_the_fp_function(form):
+    from quantatlas.quant.online import rotates_expert_down
+    from quantatlas.quant.roste import rotate_model
+
+    fp = qwen3_moe(hidden=64) if form == "fused" else list_form(qwen3_moe(hidden=64))
+    _, model, _, info, report, rec = _roste_moe(fp, "hadamard")
+    assert info["recovery_rotated_down"] == 1.0
+    for li in ("0", "1"):
+        got = report["layers"][li]["down"]
+        assert got["rotation"] == "hadamard" and got["identity"] > 0 and got["hadamard"] > 0
+    for layer in model.model.layers:     # the trained model reads rotated down inputs online
+        ex = layer.mlp.experts
+        if form == "fused":
+            assert rotates_expert_down(ex)
+        else:
+            assert all(hasattr(e.down_proj, "input_rotation") for e in ex)
+    # the same rotations on the fp model: its weights change, its logits do not
+    rotated = copy.deepcopy(fp)
+    rotate_model(rotated, rec.chosen, seed=0)
+    a_w = BoundMoE(layout(fp).moe_blocks[1]).weight(2, "expert_down")
+    b_w = BoundMoE(layout(rotated).moe_blocks[1]).weight(2, "expert_down")
+    assert not torch.allclose(a_w, b_w, atol=1e-3)
+    with torch.no_grad():
+        a, b = fp(ROSTE_WINDOWS, use_cache=False).logits, rotated(ROSTE_WINDOWS, use_cache=False).logits
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-4 * float(a.abs().max()))
+
+
+def test_roste_adaptive_moe_down_error_is_eq12_summed_over_routed_experts():
+    """E_down(I), E_down(H) recomputed here: the MoE block's input hooked, routed by hand (softmax, top 2,
+    renormalised), each expert's hidden silu(gate x) ⊙ up x from the fused tensors, a dense Hadamard, the
+    codecs' fake_quantize (weights: uniform 3-bit g16; act: q8_0 per row of 32)."""
+    from quantatlas.quant.config import build
+    from test_roste_qad import _dense_hadamard
+
+    fp = qwen3_moe(hidden=64)
+    arm, _, _, _, report, _ = _roste_moe(fp, "adaptive")
+    wq, aq = build("codec", arm.codec.to_spec()), build("codec", "q8_0")
+
+    def err(codec, m):
+        return float(((codec.fake_quantize(m) - m) ** 2).sum())
+
+    inputs = {}
+    hooks = [layer.mlp.register_forward_pre_hook(
+        lambda m, a, li=li: inputs.setdefault(li, []).append(a[0].reshape(-1, a[0].shape[-1]).float()))
+        for li, layer in enumerate(fp.model.layers)]
+    with torch.no_grad():
+        for i in range(ROSTE_WINDOWS.shape[0]):
+            fp(ROSTE_WINDOWS[i:i + 1], use_cache=False)
+    for h in hooks:
+        h.remove()
+    n = ROSTE_WINDOWS.shape[0]
+    for li, layer in enumerate(fp.model.layers):
+        mlp = layer.mlp
+        gate_up, down = mlp.experts.gate_up_proj.detach().float(), mlp.experts.down_proj.detach().float()
+        inter = down.shape[2]
+        R = {"identity": torch.eye(inter), "hadamard": _dense_hadamard(0, "down", li, inter)}
+        want = {}
+        for rot, r in R.items():
+            total = 0.0
+            for e in range(4):
+                total += err(wq, down[e] @ r.T)
+                for x in inputs[li]:
+                    probs = torch.softmax(x @ mlp.gate.weight.detach().float().T, -1)
+                    w, idx = torch.topk(probs, 2, -1)
+                    rows = (idx == e).any(-1)
+                    if rows.any():
+                        xe = x[rows]
+                        h = torch.nn.functional.silu(xe @ gate_up[e, :inter].T) * (xe @ gate_up[e, inter:].T)
+                        total += err(aq, h @ r.T) / n
+            want[rot] = total
+        got = report["layers"][str(li)]["down"]
+        assert got["identity"] is not None and got["hadamard"] is not None
+        assert got["identity"] == pytest.approx(want["identity"], rel=1e-4)
+        assert got["hadamard"] == pytest.approx(want["hadamard"], rel=1e-4)
+        assert got["rotation"] == ("hadamard" if want["hadamard"] < want["identity"] else "identity")
+
+
+def test_roste_adaptive_fused_and_list_forms_choose_alike_and_tune_alike():
+    fp = qwen3_moe(hidden=64)
+    _, fused_model, fused, _, fused_report, _ = _roste_moe(fp, "adaptive")
+    _, list_model, listed, _, list_report, _ = _roste_moe(list_form(fp), "adaptive")
+    for li in ("0", "1"):
+        a, b = fused_report["layers"][li]["down"], list_report["layers"][li]["down"]
+        assert a["rotation"] == b["rotation"]
+        assert a["identity"] == pytest.approx(b["identity"], rel=1e-5)
+        assert a["hadamard"] == pytest.approx(b["hadamard"], rel=1e-5)
+    tuned = _experts(fused)
+    assert set(tuned) == set(_experts(listed)) and len(tuned) == 24
+    for n, p in tuned.items():
+        torch.testing.assert_close(p.decode(), listed[n].decode(), rtol=0, atol=1e-3)
+    with torch.no_grad():
+        a, b = fused_model(ROSTE_WINDOWS, use_cache=False).logits, list_model(ROSTE_WINDOWS, use_cache=False).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-3 * float(a.abs().max()))
+
+
+def test_roste_down_rotation_reaches_a_shared_expert_and_preserves_the_fp_function():
+    """Qwen2-MoE: the shared expert's down (48 wide, its own Hadamard of the layer's down seed) is rotated
+    online with the routed experts' (32 wide); the logits stay."""
+    from quantatlas.quant.online import rotates_expert_down
+    from quantatlas.quant.roste import rotate_model
+    from test_moe import qwen2_moe
+
+    fp = qwen2_moe()
+    rotated = copy.deepcopy(fp)
+    rotate_model(rotated, {0: {"vo": False, "down": True}, 1: {"vo": False, "down": False}}, seed=0)
+    a_mlp, b_mlp = fp.model.layers[0].mlp, rotated.model.layers[0].mlp
+    assert rotates_expert_down(b_mlp.experts) and hasattr(b_mlp.shared_expert.down_proj, "input_rotation")
+    assert not torch.allclose(a_mlp.shared_expert.down_proj.weight, b_mlp.shared_expert.down_proj.weight, atol=1e-3)
+    assert not rotates_expert_down(rotated.model.layers[1].mlp.experts)
+    with torch.no_grad():
+        a, b = fp(ROSTE_WINDOWS, use_cache=False).logits, rotated(ROSTE_WINDOWS, use_cache=False).logits
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-4 * float(a.abs().max()))

@@ -348,7 +348,7 @@ def test_spinquant_trains_the_same_on_fused_and_list_experts():
 
 # ---- RoSTE ----------------------------------------------------------------------------------------------
 
-def test_roste_chooses_vo_only_on_moe_layers():
+def test_roste_hadamard_rotates_vo_and_the_experts_down_on_moe_layers():
     from quantatlas.quant.roste import RoSTE
 
     arm = Arm.model_validate({"codec": {"uniform": {"bits": 4, "group": 16}}, "act": {"scheme": "W4A4"},
@@ -360,9 +360,10 @@ def test_roste_chooses_vo_only_on_moe_layers():
     packed = quantize_model(model, build_recipe(arm), calib_tokens(), 0)
     rec = RoSTE(arm.recovery, 0, arm.act, arm.kv)
     _, info, report = rec.run(model, fp, packed, calib_tokens(4, 24))
-    assert rec.chosen == {0: {"vo": True, "down": False}, 1: {"vo": True, "down": False}}
-    assert report["layers"]["0"]["down"] == {"rotation": "identity", "identity": None, "hadamard": None}
-    assert info["recovery_rotated_vo"] == 1.0 and info["recovery_rotated_down"] == 0.0
+    assert rec.chosen == {0: {"vo": True, "down": True}, 1: {"vo": True, "down": True}}
+    down = report["layers"]["0"]["down"]     # eq. (12) summed over the experts (tests/test_moe_recovery.py)
+    assert down["rotation"] == "hadamard" and down["identity"] > 0 and down["hadamard"] > 0
+    assert info["recovery_rotated_vo"] == 1.0 and info["recovery_rotated_down"] == 1.0
     with torch.no_grad():
         assert torch.isfinite(model(X).logits).all()
 

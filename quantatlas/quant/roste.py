@@ -30,10 +30,17 @@ is plain STE QAT with act/KV in the loop (the paper's "STE" baseline), `rotation
 slot. The chosen rotations are function-preserving in fp (tests/test_roste_qad.py) and are recorded per
 layer in the run JSON (`rotations`), with both errors.
 
-Mixture-of-experts layers choose `vo` only: their down slot stays the identity (both errors null in the
-record). The experts' down is many matrices, each reading only its routed tokens, and a fused block would
-rotate all their inputs by one online rotation (quant/online.py), so eq. (12) would have to be summed over
-the experts' routed inputs: not done here (the `hadamard` transform's online down rotates experts).
+Mixture-of-experts layers choose `down` for all their experts at once: one H per layer (the dense slot's
+seed, `slot_rotation(seed, "down", ℓ, width)`), as the `hadamard` transform's online down rotates every
+expert of a block (quant/online.py; a fused block has one rotation for all its experts), so eq. (12) is
+summed over the experts' downs, each on the rows its router sends it (models/moe.py RoutingTap):
+
+    E_down(R) = Σ_e ‖Q_w(W_d,e Rᵀ) − W_d,e Rᵀ‖² + 1/n Σ_j ‖Q_x(R x_e,j) − R x_e,j‖²
+
+(x_e,j = act(gate_e x) ⊙ up_e x on expert e's routed rows of window j, none: 0; Q_w the expert matrix's
+own codec, Q_x the act quantizer where it quantizes role expert_down), plus a shared expert's down as a
+dense down (role shared_expert_down, every row). If chosen, every expert's down W ← W Hᵀ with x ← H x
+online, and a shared expert's down_proj likewise.
 
 Training: every Linear the arm quantizes, and every expert matrix of a fused 3-D expert tensor (the fused
 parameter assembled from them each step, models/moe.py `FusedExpertWeights`), gets a latent fp matrix (the
@@ -150,8 +157,9 @@ class Quantizers:
         c = self.act_cfg
         return self.act is not None and (c.roles is None or role in c.roles) and (c.layers is None or layer in c.layers)
 
-    def act_error(self, xs: list, role: str, layer: int) -> float:
-        """1/n Σ_j ‖Q_x(x_j) − x_j‖² over the windows' inputs x_j [tokens, width]."""
+    def act_error(self, xs: list, role: str, layer: int, n: int | None = None) -> float:
+        """1/n Σ_j ‖Q_x(x_j) − x_j‖² over the windows' inputs x_j [tokens, width]; n: the windows, len(xs)
+        unless given (a routed expert's xs leave out the windows that send it no row: they add 0)."""
         from quantatlas.quant.act import fake_quantize_rows
 
         if not xs or not self.acts_on(role, layer):
@@ -159,7 +167,7 @@ class Quantizers:
         width = xs[0].shape[-1]
         group = self.act.group_of(width) if hasattr(self.act, "group_of") else width
         return sum(float(((fake_quantize_rows(x, self.act, group, self.act_cfg.clip_ratio) - x) ** 2).sum())
-                   for x in xs) / len(xs)
+                   for x in xs) / (len(xs) if n is None else n)
 
     def v_error(self, vs: list, head_dim: int) -> float:
         """1/n Σ_j ‖Q_v(v_j) − v_j‖² over the values the cache stores, [tokens, kv_heads·hd] per window."""
@@ -186,11 +194,23 @@ class Quantizers:
 @no_grad
 def capture(teacher, windows: torch.Tensor) -> dict[int, dict[str, list]]:
     """Per decoder layer, per window: o_proj's input, down_proj's input and v_proj's output (the values
-    the cache stores), each [tokens, width], from the fp model."""
+    the cache stores), each [tokens, width], from the fp model. An MoE layer has, in place of "down",
+    ("expert_down", e): expert e's down input on the rows routed to it, for the windows that route it
+    any (models/moe.py), and "shared_expert_down": a shared expert's down input on every row."""
     from quantatlas.models.layout import layout
+    from quantatlas.models.moe import BoundMoE, RoutingTap
 
     seen: dict[int, dict[str, list]] = {}
     handles = []
+
+    def keep_experts(layer, bound):
+        def fn(routing):
+            for e in range(bound.moe.n_experts):
+                tok, _ = routing.rows_of(e)
+                if tok.numel():
+                    h = bound.hidden(e, routing.x[tok])
+                    seen.setdefault(layer, {}).setdefault(("expert_down", e), []).append(h.detach().float())
+        return fn
 
     def keep(layer, what, output):
         def hook(module, args, out=None):
@@ -207,8 +227,14 @@ def capture(teacher, windows: torch.Tensor) -> dict[int, dict[str, list]]:
             raise ValueError(f"recovery.method: roste's value rotation needs v_proj's output to be the cached "
                              f"value; layer {lay.index} normalises it (v_norm)")
         handles.append(o.register_forward_pre_hook(keep(lay.index, "o", False)))
-        if down is not None:    # an MoE layer's experts: no down slot (module docstring)
+        if down is not None:
             handles.append(down.register_forward_pre_hook(keep(lay.index, "down", False)))
+        else:                   # an MoE layer: each expert's routed rows (a RoutingTap has .remove too)
+            bound = BoundMoE(lay.moe)
+            handles.append(RoutingTap(bound, keep_experts(lay.index, bound)))
+            shared = lay.moe.shared.get("shared_expert_down")
+            if shared is not None:
+                handles.append(shared.module.register_forward_pre_hook(keep(lay.index, "shared_expert_down", False)))
         handles.append(v.register_forward_hook(lambda m, a, out, f=keep(lay.index, "v", True): f(m, a, out)))
     try:
         for i in range(windows.shape[0]):
@@ -224,6 +250,7 @@ def rotation_errors(teacher, quantizers: Quantizers, windows: torch.Tensor, seed
     from quantatlas.models.layout import layout
 
     acts = capture(teacher, windows[:ROTATION_WINDOWS])
+    n = int(min(ROTATION_WINDOWS, windows.shape[0]))
     out = {}
     for lay in layout(teacher).layers:
         li, hd, nh, nkv = lay.index, lay.head_dim, lay.n_heads, lay.n_kv_heads
@@ -242,8 +269,8 @@ def rotation_errors(teacher, quantizers: Quantizers, windows: torch.Tensor, seed
                 + quantizers.weight_error(name["o"], rotate_head_columns(w["o"], h, nh, hd))
                 + quantizers.act_error([rotate_heads(x, h, hd) for x in a.get("o", [])], "o", li)
                 + quantizers.v_error([rotate_heads(v, h, hd) for v in a.get("v", [])], hd))
-        if "down" not in w:     # an MoE layer: its experts' down stays unrotated (module docstring)
-            errors["down"] = {"identity": None, "hadamard": None}
+        if "down" not in w:     # an MoE layer: eq. (12) summed over its experts' downs (module docstring)
+            errors["down"] = expert_down_errors(lay, quantizers, a, n, seed)
             out[li] = errors
             continue
         h = slot_rotation(seed, "down", li, w["down"].shape[1])
@@ -256,6 +283,45 @@ def rotation_errors(teacher, quantizers: Quantizers, windows: torch.Tensor, seed
     return out
 
 
+def expert_down_matrices(lay) -> list[tuple[str, str, torch.Tensor]]:
+    """(packed name, act role, current [out, in] weight) of every down of an MoE layer: each routed
+    expert's (its role expert_down; a view of the fused tensor or the Linear's weight), then a shared
+    expert's (a dense down on every row)."""
+    from quantatlas.models.moe import BoundMoE
+
+    moe, bound = lay.moe, BoundMoE(lay.moe)
+    out = [(moe.experts[e]["expert_down"].name + ".weight", "expert_down", bound.weight(e, "expert_down"))
+           for e in range(moe.n_experts)]
+    shared = moe.shared.get("shared_expert_down")
+    if shared is not None:
+        out.append((shared.name + ".weight", "shared_expert_down", shared.module.weight))
+    return out
+
+
+def moe_down_rotation(seed: int, layer: int, width: int):
+    """An MoE layer's down R: the dense slot's Hadamard of that width (one for all its experts)."""
+    return slot_rotation(seed, "down", layer, width)
+
+
+def expert_down_errors(lay, quantizers: Quantizers, acts: dict, n: int, seed: int) -> dict:
+    """E_down(I) and E_down(H) of an MoE layer: Σ over its experts e (and a shared expert) of
+    ‖Q_w(W_e Rᵀ) − W_e Rᵀ‖² + 1/n Σ_j ‖Q_x(R x_e,j) − R x_e,j‖², x_e,j: e's down input on its routed rows
+    of window j (`capture`); H: None where a width has no Hadamard."""
+    li = lay.index
+    errors = {"identity": 0.0, "hadamard": 0.0}
+    for e, (name, role, weight) in enumerate(expert_down_matrices(lay)):
+        w = weight.detach().float()
+        xs = acts.get(("expert_down", e) if role == "expert_down" else role, [])
+        errors["identity"] += quantizers.weight_error(name, w) + quantizers.act_error(xs, role, li, n)
+        h = moe_down_rotation(seed, li, w.shape[1])
+        if h is None or errors["hadamard"] is None:
+            errors["hadamard"] = None
+            continue
+        errors["hadamard"] += (quantizers.weight_error(name, h.rotate(w))
+                               + quantizers.act_error([h.rotate(x) for x in xs], role, li, n))
+    return errors
+
+
 def choose(errors: dict, mode: str) -> dict[int, dict[str, bool]]:
     """{layer: {slot: rotate?}}: adaptive takes H where its error is lower (I on a tie or without H)."""
     def pick(e):
@@ -266,8 +332,9 @@ def choose(errors: dict, mode: str) -> dict[int, dict[str, bool]]:
 
 
 def rotated_weights(model, chosen: dict, seed: int, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`weights` (name -> fp matrix of `model`'s Linears) with the chosen rotations folded in: v/o per
-    head (vo), down's columns W Hᵀ (down; its input is rotated online by `attach_down_rotations`)."""
+    """`weights` (name -> fp matrix of `model`'s Linears and fused experts' matrices) with the chosen
+    rotations folded in: v/o per head (vo), down's columns W Hᵀ (down, on an MoE layer every expert's and a
+    shared expert's down that `weights` holds; its input is rotated online by `attach_down_rotations`)."""
     from quantatlas.models.layout import layout
 
     out = dict(weights)
@@ -279,18 +346,37 @@ def rotated_weights(model, chosen: dict, seed: int, weights: dict[str, torch.Ten
             h = slot_rotation(seed, "vo", lay.index, hd)
             out[name["v"]] = rotate_value_rows(out[name["v"]], h, lay.n_kv_heads, hd)
             out[name["o"]] = rotate_head_columns(out[name["o"]], h, lay.n_heads, hd)
-        if pick.get("down"):
+        if pick.get("down") and lay.moe is not None:
+            for n, _, _ in expert_down_matrices(lay):
+                if n in out:
+                    out[n] = moe_down_rotation(seed, lay.index, out[n].shape[1]).rotate(out[n])
+        elif pick.get("down"):
             out[name["down"]] = slot_rotation(seed, "down", lay.index, out[name["down"]].shape[1]).rotate(out[name["down"]])
     return out
 
 
 def attach_down_rotations(model, chosen: dict, seed: int) -> None:
-    """The online x ← H x before each down_proj whose rotation was chosen (its weight is folded too)."""
+    """The online x ← H x before each down_proj whose rotation was chosen (its weight is folded too); on
+    an MoE layer before every expert's down (quant/online.py) and a shared expert's down_proj."""
     from quantatlas.models.layout import layout
-    from quantatlas.quant.online import OnlineRotation, attach_online_rotation, has_online_rotation
+    from quantatlas.models.moe import BoundMoE
+    from quantatlas.quant.online import (OnlineRotation, attach_expert_down_rotation, attach_online_rotation,
+                                         has_online_rotation)
 
     for lay in layout(model).layers:
-        if chosen.get(lay.index, {}).get("down"):
+        if chosen.get(lay.index, {}).get("down") and lay.moe is not None:
+            where = f"recovery.method: roste: layer {lay.index}: "
+            bound = BoundMoE(lay.moe)
+            if lay.moe.n_experts:
+                width = bound.weight(0, "expert_down").shape[1]
+                attach_expert_down_rotation(bound, OnlineRotation(moe_down_rotation(seed, lay.index, width)), where)
+            shared = lay.moe.shared.get("shared_expert_down")
+            if shared is not None:
+                if has_online_rotation(shared.module):
+                    raise ValueError(f"{where}the shared expert's down_proj already rotates its input online")
+                attach_online_rotation(shared.module, OnlineRotation(
+                    moe_down_rotation(seed, lay.index, shared.module.in_features)))
+        elif chosen.get(lay.index, {}).get("down"):
             down = lay.module("down")
             if has_online_rotation(down):
                 raise ValueError(f"recovery.method: roste: layer {lay.index} down_proj already rotates its input "
