@@ -163,3 +163,19 @@ def test_act_step_runs_on_fused_moe_in_the_pipeline():
     # int8 per token: 8 bits a value and an fp16 scale a row, averaged over inputs weighted by width
     widths = [64] * 4 + [64, 64, 32] * 4                                 # q k v o, each expert's gate up down
     assert qm.runtime_bits(64)["act_bits"] == pytest.approx(8 + 16 * len(widths) / sum(widths))
+
+
+def test_an_act_group_that_does_not_divide_a_width_is_refused_before_any_compute():
+    """q8_0's 32-value groups do not divide the 48-wide shared expert's down input of this Qwen2-MoE: refused while
+    the arm is checked, naming the field, before calibration or any weight is quantized (RoSTE included)."""
+    from test_moe import _pipeline, qwen2_moe
+
+    from quantatlas.errors import UserError
+
+    for extra in ({}, {"recovery": {"method": "roste", "samples": 4, "seq_len": 24, "batch": 2, "steps": 2}}):
+        model = qwen2_moe()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(UserError, match=r"^arm\.act: q8_0: 48 columns are not a multiple of group size 32") as e:
+            _pipeline(model, {"codec": {"uniform": {"bits": 4, "group": 16}}, "act": {"codec": "q8_0"}, **extra})
+        assert e.value.field == "arm.act" and "\n" not in str(e.value)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())   # nothing was done

@@ -19,6 +19,23 @@ class ActivationStep(RuntimeStep):
     def needs_whole_model(self) -> str | None:
         return "static activation scales are calibrated on the whole model" if self.value.static else None
 
+    def check_model(self, lm) -> None:
+        """What `attach` would refuse on this model (a codec group that does not divide an input width, roles or
+        layers it lacks, a width a Hadamard cannot take) is refused before any arm runs, naming the field.
+        llamacpp_cpu's codecs come from the recipe's weight types: checked when it attaches."""
+        from quantatlas.errors import UserError
+        from quantatlas.quant.act import ActivationQuantizer
+
+        if self.value.codec_config() is None:
+            return
+        act = ActivationQuantizer(self.value)
+        try:
+            act.attach(lm.model)     # hooks only, no weight is touched; detached below
+        except ValueError as e:
+            raise UserError(f"{self.where}.act: {e}", f"{self.where}.act") from None
+        finally:
+            act.detach()
+
     def apply(self, state, ctx) -> None:
         from quantatlas.quant.act import ActivationQuantizer
 
