@@ -340,11 +340,15 @@ def kept_rows(path: Path, rerun: set[str], args) -> list[dict]:
     must be this run's."""
     if not path.exists():
         return []
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text())
+        results = old["results"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise SystemExit(f"--merge: {path} is not a results JSON of this bench ({type(e).__name__}: {e})") from None
     if [old.get(k) for k in ("rows", "cols", "seed")] != [args.rows, args.cols, args.seed]:
         raise SystemExit(f"--merge: {path} has rows/cols/seed {old.get('rows')}/{old.get('cols')}/{old.get('seed')}, "
                          f"this run {args.rows}/{args.cols}/{args.seed}")
-    return [r for r in old["results"] if not is_bound(r) and r["codec"] not in rerun]
+    return [r for r in results if not is_bound(r) and r["codec"] not in rerun]
 
 
 def main(argv=None) -> list[dict]:
@@ -378,7 +382,7 @@ def main(argv=None) -> list[dict]:
         if unknown:
             ap.error(f"--codecs: no runs for {', '.join(unknown)} (codecs here: "
                      f"{', '.join(sorted({r.codec for r in runs}))})")
-        runs = [r for r in runs if r.codec in args.codecs.split(",")]
+        runs = [r for r in runs if r.codec in set(names)]
     samples = samples_for(runs, args.rows, args.cols, args.seed, args.trellis_rows, args.trellis_rows_16)
     rows = run_all(runs, samples)
     if args.merge:

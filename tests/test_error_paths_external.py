@@ -694,6 +694,21 @@ def test_a_run_refuses_the_override_before_the_reference_logits(monkeypatch):
                                   "module names) matches no tensor of model 'tiny-moe', whose roles are embed, ")
 
 
+def test_an_overrides_tiled_codec_that_does_not_fill_a_matrix_is_refused_naming_the_override():
+    """The head's 258 rows do not fill 16-row trellis tiles: the field is the override that gave it that codec."""
+    from quantatlas.runner import Sweep
+
+    spec = {"title": "t", "model": "reference", "seeds": [0], "data": {"eval": {"tokens": 2048, "ctx": 256}},
+            "arms": {"a": {"codec": {"uniform": {"bits": 4}}, "include_head": True,
+                           "overrides": [{"match": "lm_head", "codec": {"trellis": {"bits": 2, "L": 8,
+                                                                                    "tile_rows": 16}}}]}}}
+    with pytest.raises(UserError) as e:
+        Sweep(spec, ledger=False, log=lambda m: None, device="cpu")
+    assert e.value.field == "arms.a.overrides.0.codec.tile_rows"
+    assert one_line(e) == ("arms.a.overrides.0.codec.tile_rows: lm_head: trellis tiles of 16 rows × 16 columns "
+                           "need a matrix whose rows are a multiple of 16; got 258 rows")
+
+
 def test_planning_itself_refuses_it_where_quantize_model_is_called_directly():
     from quantatlas.quant.quantize import quantize_model
     from quantatlas.quant.recipe import build_recipe

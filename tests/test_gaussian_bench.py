@@ -100,6 +100,8 @@ def test_zador_estimate_panter_dite_and_its_large_n_limit():
     # G of the n-ball: 1/12 for the segment, 1/(4π) for the disc
     assert BENCH.ball_second_moment(1) == pytest.approx(1 / 12, rel=1e-12)
     assert BENCH.ball_second_moment(2) == pytest.approx(1 / (4 * math.pi), rel=1e-12)
+    # and the 3-ball: E‖x‖² = 3/5 on the unit ball, V = 4π/3, so G = (1/3)·(3/5)·V^(−2/3)
+    assert BENCH.ball_second_moment(3) == pytest.approx((1 / 5) * (4 * math.pi / 3) ** (-2 / 3), rel=1e-12)
 
 
 @pytest.mark.parametrize("n", [2, 3, 8])
@@ -134,6 +136,8 @@ def test_coded_limits_recomputed_and_max_lloyd_as_rate_reaches_log2_levels():
     constrained, uniform_use = BENCH.CODED_LIMITS[1]
     assert BENCH.coded_limit(codebook(2).levels, 1, False)[0] == pytest.approx(constrained, abs=2e-5)
     assert BENCH.coded_limit(codebook(2).levels, 1, True)[0] == pytest.approx(uniform_use, abs=2e-5)
+    # the 2-bit uniform-use limit too (the 0.82 dB the bench's notes quote for 2-bit TCQ; ~1 CPU-s)
+    assert BENCH.coded_limit(codebook(3).levels, 2, True)[0] == pytest.approx(BENCH.CODED_LIMITS[2][1], abs=2e-5)
     # words using 4 levels equally at a rate near log2 4 = 2: the channel becomes the nearest level, the
     # levels Lloyd–Max's: Max (1960), 2 bits: ±0.4528, ±1.510, MSE 0.1175
     D, levels = BENCH.coded_limit([-1.0, -0.3, 0.3, 1.0], 1.99, True)
@@ -155,3 +159,7 @@ def test_merge_keeps_the_rows_of_codecs_not_run(tmp_path, monkeypatch):
     args.rows = 3
     with pytest.raises(SystemExit, match="rows/cols/seed"):
         BENCH.kept_rows(out, {"tcq"}, args)
+    for bad in ("{not json", "[1, 2]", json.dumps({"rows": 2})):      # a file that is not this bench's JSON
+        out.write_text(bad)
+        with pytest.raises(SystemExit, match=r"--merge: .*g\.json is not a results JSON of this bench"):
+            BENCH.kept_rows(out, {"tcq"}, args)

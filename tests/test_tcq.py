@@ -15,6 +15,7 @@ import torch
 
 from quantatlas.quant.codecs import make_codec
 from quantatlas.quant.config import ConfigError, parse_config
+from tile_blocks import hand_tile, quantize_block_by_block
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -108,7 +109,7 @@ def test_viterbi_equals_a_search_over_every_path(R, states, n, kind):
     x = 1.3 * torch.randn(3, n, generator=torch.Generator().manual_seed(R * 100 + states))
     symbols, cost = viterbi(x, levels, nu)
     codec = make_codec("tcq", {"bits": R, "states": states, "levels": kind, "T": n})
-    values = codec.symbol_values(symbols, torch.ones(3))          # the decoder's values of the symbols found
+    values = codec.unit_values(symbols, 3)                         # the decoder's values of the symbols found (σ = 1)
     for b in range(3):
         brute = _brute_force(x[b].double().tolist(), levels.double().tolist(), nu, R)
         assert float(cost[b]) == pytest.approx(brute, rel=1e-5, abs=1e-6)
@@ -242,14 +243,6 @@ def test_trained_codec_round_trip_and_its_limits():
 
 
 # ---- 2-D tiles (tile_rows × T/tile_rows, QTIP's 16 × 16) ------------------------------------------
-def _hand_path(w: torch.Tensor, scale: torch.Tensor, r0: int, c0: int, tile_rows: int, width: int) -> torch.Tensor:
-    """One tile's sequence [T] built weight by weight: rows r0 .., columns c0 .., row-major, each weight
-    divided by its row's σ as the codec does (w · (1/σ), rounded to float32)."""
-    seq = [float(w[r, c]) * float(torch.tensor(1.0) / scale[r]) for r in range(r0, r0 + tile_rows)
-           for c in range(c0, c0 + width)]
-    return torch.tensor(seq, dtype=torch.float64).float()
-
-
 @pytest.mark.parametrize("opts,shape", [
     ({"bits": 2, "states": 16, "T": 256, "tile_rows": 16}, (32, 32)),                             # QTIP's 16 × 16
     ({"bits": 2, "states": 256, "T": 256, "tile_rows": 16, "levels": "trained"}, (16, 48)),
@@ -273,7 +266,7 @@ def test_each_tile_is_one_path_over_its_rows_read_row_major(opts, shape):
         assert q.codes.shape == (rows, g)
         for r0 in range(0, rows, tr):
             for c0 in range(0, g, width):
-                x = _hand_path(w[:, c:c + g], p.scale, r0, c0, tr, width)
+                x = hand_tile(w[:, c:c + g], p.scale, r0, c0, tr, width)
                 want, _ = viterbi(x[None], levels, nu)                          # [1, T]: tr rows of width symbols
                 assert q.codes[r0:r0 + tr, c0:c0 + width].flatten().tolist() == want[0].tolist(), (c, r0, c0)
                 # and each weight's value is its symbol's level times its row's σ
@@ -295,11 +288,8 @@ def test_2d_tiles_pack_exactly_r_bits_each_path_in_order_and_decode_the_quantize
     R, tr = opts["bits"], opts["tile_rows"]
     rows, cols = shape
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(4))
-    g = codec.group_of(cols)
-    params = [codec.fit(w[:, c:c + g]) for c in range(0, cols, g)]
+    g, params, codes, values = quantize_block_by_block(codec, w)                               # as GPTQ does
     bw = codec.block_width
-    qs = [codec.quantize(w[:, c:c + bw], params[c // g], c % g) for c in range(0, cols, bw)]    # as GPTQ does
-    codes, values = torch.cat([q.codes for q in qs], 1), torch.cat([q.values for q in qs], 1)
     packed = codec.pack(codes, params)
     assert packed.data["codes"].numel() == math.ceil(rows * cols * R / 8)
     assert packed.nbytes == math.ceil(rows * cols * R / 8) + 2 * rows * (cols // g)

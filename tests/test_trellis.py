@@ -19,6 +19,7 @@ from quantatlas.quant.codecs import trellis
 from quantatlas.quant.codecs.trellis import (HYB_RMS, codebook_values, hyb_table, release_workspace, tail_biting,
                                              viterbi, workspace)
 from quantatlas.quant.config import ConfigError, parse_config
+from tile_blocks import hand_tile, quantize_block_by_block
 
 
 # ---- the codes, from their published definitions ----------------------------------------------
@@ -356,15 +357,6 @@ def test_runner_runs_trellis(tiny_reference):
 
 
 # ---- 2-D tiles (tile_rows × T/tile_rows, QTIP's 16 × 16) ------------------------------------------
-def _hand_tile(w: torch.Tensor, scale: torch.Tensor, r0: int, c0: int, tile_rows: int, width: int, V: int):
-    """One tile's sequence [1, n, V] built weight by weight: rows r0 .., columns c0 .., row-major, each
-    weight divided by its row's σ as the codec does (w · (1/σ) in float32)."""
-    seq = [float(w[r, c]) * float(torch.tensor(1.0) / scale[r]) for r in range(r0, r0 + tile_rows)
-           for c in range(c0, c0 + width)]
-    seq = [float(torch.tensor(v, dtype=torch.float32)) for v in seq]
-    return torch.tensor(seq, dtype=torch.float32).reshape(1, -1, V)
-
-
 @pytest.mark.parametrize("opts,shape", [
     ({"bits": 2, "L": 8, "T": 64, "tile_rows": 4}, (8, 32)),                                  # 4 × 16 tiles
     ({"bits": 1, "L": 6, "V": 2, "T": 32, "tile_rows": 4, "code": "gaussian"}, (4, 16)),     # pairs along a row
@@ -380,7 +372,7 @@ def test_each_tile_is_its_rows_read_row_major(opts, shape):
     lut = torch.from_numpy(codebook_values(opts.get("code", "1mad"), codec.L, V))
     for r0 in range(0, rows, tr):
         for c0 in range(0, cols, width):
-            x = _hand_tile(w, p.scale, r0, c0, tr, width, V)
+            x = hand_tile(w, p.scale, r0, c0, tr, width).reshape(1, -1, V)        # [1, n, V]
             want = tail_biting(x, lut, codec.kv)[0]                       # [n]: tr rows of width/V states
             got = q.codes[r0:r0 + tr, c0 // V:(c0 + width) // V]
             assert got.flatten().tolist() == want.tolist(), (r0, c0)
@@ -400,11 +392,7 @@ def test_2d_tiles_pack_exactly_k_bits_and_decode_the_quantized_values(opts, shap
     K, L, V = codec.K, codec.L, codec.V
     rows, cols = shape
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(4))
-    g = codec.group_of(cols)
-    params = [codec.fit(w[:, c:c + g]) for c in range(0, cols, g)]
-    bw = codec.block_width
-    qs = [codec.quantize(w[:, c:c + bw], params[c // g], c % g) for c in range(0, cols, bw)]   # as GPTQ does
-    codes, values = torch.cat([q.codes for q in qs], 1), torch.cat([q.values for q in qs], 1)
+    g, params, codes, values = quantize_block_by_block(codec, w)                               # as GPTQ does
     packed = codec.pack(codes, params)
     assert packed.data["codes"].numel() == math.ceil(rows * cols * K / 8)
     assert packed.bits_per_weight == K + 16 * (cols // g) / cols == codec.bits_per_weight((rows, cols))

@@ -210,13 +210,11 @@ def plan_schemes(model, packed: dict[str, Packed], arm) -> tuple[dict[str, tuple
     Linears with none (the ignore list). Raises NoScheme for what cannot be carried."""
     from quantatlas.models.roles import find_roles
     from quantatlas.quant.incoherence import IncoherentPacked
-    from quantatlas.quant.online import online_rotated
 
     schemes.online_rotations(arm)
-    rotated = online_rotated(model)
-    if rotated:   # e.g. RoSTE's chosen down rotations: a runtime would read the weights with unrotated inputs
-        raise NoScheme(f"compressed-tensors export: {rotated[0]} (and {len(rotated) - 1} more) rotate their input "
-                       "online, which compressed-tensors cannot carry", "recovery")
+    rotated = schemes.online_rotated_model(model, "compressed-tensors")
+    if rotated:   # e.g. RoSTE's chosen down rotations, which the arm's transforms do not name
+        raise NoScheme(f"compressed-tensors export: {rotated}", "recovery")
     inputs = schemes.activation_args(arm.act)
     linears = {t.name: t for t in find_roles(model) if t.kind == "linear"}
     modules = dict(model.named_modules())

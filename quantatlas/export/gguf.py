@@ -392,12 +392,12 @@ def write_gguf(path: str | Path, model, packed: dict[str, Packed], arch_hint: st
     """
     import gguf
 
-    from quantatlas.quant.online import online_rotated
+    from quantatlas.export.schemes import online_rotated_model
 
-    rotated = online_rotated(model)
+    rotated = online_rotated_model(model, "GGUF")
     if rotated:   # llama.cpp would read the rotated weights with unrotated inputs: a wrong file
-        raise ValueError(f"gguf export: {rotated[0]} (and {len(rotated) - 1} more) rotate their input online, which "
-                         "GGUF cannot carry (write the transform's online: [] to fold every rotation into the weights)")
+        raise ValueError(f"gguf export: {rotated} (write the transform's online: [] to fold every rotation into "
+                         "the weights)")
     m = _layout(model)
     arch = gguf_arch(m, arch_hint)
     c = model.config

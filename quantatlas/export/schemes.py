@@ -279,6 +279,18 @@ def online_rotations(arm, where: str = "arm") -> None:
                            f"{where}.transforms.{i}")
 
 
+def online_rotated_model(model, fmt: str) -> str | None:
+    """What a file format `fmt` without run-time rotations cannot carry: the modules of `model` that rotate
+    their input online (whatever put them there: an arm's transform, RoSTE's chosen down rotations), as one
+    line, or None. A runtime would read their rotated weights with unrotated inputs."""
+    from quantatlas.quant.online import online_rotated
+
+    rotated = online_rotated(model)
+    if not rotated:
+        return None
+    return f"{rotated[0]} (and {len(rotated) - 1} more) rotate their input online, which {fmt} cannot carry"
+
+
 def arm_codecs(arm, where: str = "arm"):
     """(codec config, field) of every codec the arm can store a weight with: its codec, each override's,
     each allocation candidate's."""

@@ -70,6 +70,14 @@ class Routing:
         return tok, self.weight[tok, slot]
 
 
+def fused_matrix(p: torch.Tensor, rows: slice, transposed: bool) -> torch.Tensor:
+    """One expert's [out, in] matrix in its slice p of a fused 3-D parameter (p = param[e]: [rows, in], or
+    [in, rows] where stored transposed), as the layout reads it (TensorRole.rows/transposed): a view. The one
+    place an expert's matrix is located in a fused tensor (BoundMoE.weight, FusedExpertWeights.matrix,
+    quant/online.py's FusedMatrices)."""
+    return p[:, rows].t() if transposed else p[rows]
+
+
 class BoundMoE:
     """An MoE block of the layout found in one copy of its decoder layer (the working model, or a deep
     copy such as GPTAQ's fp layer): its router and experts modules, and each expert's weights."""
@@ -84,8 +92,7 @@ class BoundMoE:
         """Expert `expert`'s current `role` matrix [out, in], a view of the model's tensor."""
         t = self.moe.experts[expert][role]
         if t.param is not None:
-            p = getattr(self.experts, t.param)[expert]
-            return p[:, t.rows].t() if t.transposed else p[t.rows]
+            return fused_matrix(getattr(self.experts, t.param)[expert], t.rows, t.transposed)
         return self.experts[expert].get_submodule(t.name.rsplit(".", 1)[1]).weight
 
     def down_rotation(self, expert: int):
@@ -317,8 +324,7 @@ class FusedExpertWeights:
     def matrix(self, name: str) -> torch.Tensor:
         """The model's current [out, in] matrix `name` (a view of the fused parameter)."""
         t = self.roles[name]
-        p = getattr(t.module, t.param)[t.expert]
-        return p[:, t.rows].t() if t.transposed else p[t.rows]
+        return fused_matrix(getattr(t.module, t.param)[t.expert], t.rows, t.transposed)
 
     def parameters(self, weights: dict) -> dict:
         """`weights` (parameter name -> tensor) with its expert matrices replaced by the fused parameters that

@@ -86,9 +86,10 @@ class FusedMatrices:
         return cls(moe.n_experts, tuple((r, t.param, t.rows, t.transposed) for r, t in roles.items()))
 
     def matrix(self, experts: nn.Module, expert: int, role: str) -> torch.Tensor:
+        from quantatlas.models.moe import fused_matrix
+
         _, param, rows, transposed = next(w for w in self.where if w[0] == role)
-        p = getattr(experts, param)[expert]
-        return p[:, rows].t() if transposed else p[rows]
+        return fused_matrix(getattr(experts, param)[expert], rows, transposed)
 
 
 class DownRotatedExperts(nn.Module):

@@ -73,7 +73,7 @@ from quantatlas._lazy import no_grad, torch
 from quantatlas.quant.codecs.base import Codec, Packed, Quantized, pack_bits, unpack_bits
 from quantatlas.quant.codecs.lattice import FP16_MAX, ScaleParams
 from quantatlas.quant.codecs.tcq_trained import TRAINED
-from quantatlas.quant.codecs.trellis import RowTiles, from_tiles, to_tiles
+from quantatlas.quant.codecs.trellis import RowTiles, from_tiles, tile_span, to_tiles
 from quantatlas.quant.config import ADDED_LATER, CodecConfig
 from quantatlas.quant.lloyd_max import codebook
 
@@ -115,8 +115,8 @@ class TCQConfig(CodecConfig):
         if self.T % self.tile_rows:
             raise ValueError(f"tile_rows = {self.tile_rows} must divide the path length T = {self.T}")
         if self.group is not None and self.group % self.tile_width:
-            tile = f"path length T = {self.T}" if self.tile_rows == 1 else f"tile width T / tile_rows = {self.tile_width}"
-            raise ValueError(f"group = {self.group} must be a multiple of the {tile}")
+            raise ValueError(f"group = {self.group} must be a multiple of the "
+                             f"{tile_span(self.T, self.tile_rows, 'path length')}")
         if self.levels == "trained" and (self.bits, self.states) not in TRAINED:
             raise ValueError(f"levels = trained is tabulated for bits 1-4 (got bits = {self.bits}); "
                              f"use lloyd_max or uniform")
@@ -266,9 +266,7 @@ class TCQ(RowTiles, Codec):
         return self._levels[key]
 
     def group_of(self, cols: int) -> int:
-        if cols % self.width:
-            tile = f"path length T = {self.T}" if self.tile_rows == 1 else f"tile width T / tile_rows = {self.width}"
-            raise ValueError(f"tcq: {cols} columns are not a multiple of the {tile}")
+        self.check_cols(cols, "path length")
         return super().group_of(cols)
 
     def fit(self, w, importance=None):
@@ -277,10 +275,7 @@ class TCQ(RowTiles, Codec):
 
     def quantize(self, w, params, col=0):
         rows, c = w.shape
-        if col % self.width or c % self.width or c == 0:
-            what = f"T = {self.T} columns" if self.tile_rows == 1 else f"{self.width} columns (T / tile_rows)"
-            raise ValueError(f"tcq quantizes whole paths of {what}: got columns {col}..{col + c} "
-                             f"(a solver must pass block_width = {self.width} columns)")
+        self.check_block(col, c, "paths")
         self.check_rows(rows)
         scale = params.scale.to(w.device)
         inv = torch.where(scale > 0, 1.0 / scale.clamp_min(1e-30), torch.zeros_like(scale))
@@ -290,10 +285,6 @@ class TCQ(RowTiles, Codec):
         symbols = torch.cat([viterbi(x[i:i + step], levels, self.nu)[0] for i in range(0, x.shape[0], step)])
         values = self.unit_values(symbols, rows) * scale[:, None]
         return Quantized(values, from_tiles(symbols, rows, self.tile_rows, self.width))
-
-    def symbol_values(self, symbols: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """[tiles, T] symbols and [tiles] scales -> [tiles, T] weights."""
-        return self.levels(symbols.device)[level_indices(symbols, self.R, self.nu)] * scale[:, None]
 
     def unit_values(self, symbols: torch.Tensor, rows: int) -> torch.Tensor:
         """[tiles, T] paths -> their levels where the weights lie, [rows, cols] (σ = 1)."""

@@ -127,8 +127,7 @@ class TrellisConfig(CodecConfig):
             raise ValueError(f"T = {self.T} is too short: a tile must store at least L = {self.L} bits "
                              f"(T·bits = {self.T * self.bits}) over at least two steps")
         if self.group is not None and self.group % self.tile_width:
-            tile = f"T = {self.T}" if self.tile_rows == 1 else f"width T / tile_rows = {self.tile_width}"
-            raise ValueError(f"group = {self.group} must be a multiple of the tile {tile}")
+            raise ValueError(f"group = {self.group} must be a multiple of the {tile_span(self.T, self.tile_rows)}")
         return self
 
     def build(self):
@@ -371,10 +370,28 @@ def from_tiles(t: torch.Tensor, rows: int, tile_rows: int, width: int) -> torch.
             .reshape(rows, cols))
 
 
+def tile_span(T: int, tile_rows: int, whole: str = "tile") -> str:
+    """A tile's columns as messages name them: '<whole> T = 256' (1 × T tiles), else 'tile width T / tile_rows = 16'."""
+    return f"{whole} T = {T}" if tile_rows == 1 else f"tile width T / tile_rows = {T // tile_rows}"
+
+
 class RowTiles:
     """What a codec of 2-D tiles (`tile_rows` rows × `width` columns; trellis, tcq) checks of a matrix: its rows
     fill whole tiles, refused in `for_matrix` (what encode, GPTQ and fake quantization call first), before any
-    search. The codec sets `name`, `tile_rows` and `width`."""
+    search; its columns, and each block handed to `quantize`, are whole tiles' columns. The codec sets `name`,
+    `T`, `tile_rows` and `width`."""
+
+    def check_cols(self, cols: int, whole: str) -> None:
+        if cols % self.width:
+            raise ValueError(f"{self.name}: {cols} columns are not a multiple of the "
+                             f"{tile_span(self.T, self.tile_rows, whole)}")
+
+    def check_block(self, col: int, cols: int, wholes: str) -> None:
+        """Columns col .. col + cols, handed to `quantize`, must be whole tiles' columns (GPTQ's block_width)."""
+        if col % self.width or cols % self.width or cols == 0:
+            what = f"T = {self.T} columns" if self.tile_rows == 1 else f"{self.width} columns (T / tile_rows)"
+            raise ValueError(f"{self.name} quantizes whole {wholes} of {what}: got columns {col}..{col + cols} "
+                             f"(a solver must pass block_width = {self.width} columns)")
 
     def check_rows(self, rows: int) -> None:
         if rows % self.tile_rows:
@@ -417,9 +434,7 @@ class Trellis(RowTiles, Codec):
 
     # -- the steps -------------------------------------------------------------------------------
     def group_of(self, cols: int) -> int:
-        if cols % self.width:
-            tile = f"T = {self.T}" if self.tile_rows == 1 else f"width T / tile_rows = {self.width}"
-            raise ValueError(f"trellis: {cols} columns are not a multiple of the tile {tile}")
+        self.check_cols(cols, "tile")
         return super().group_of(cols)
 
     def tiles(self, m: torch.Tensor, per_weight: int = 1) -> torch.Tensor:
@@ -436,10 +451,7 @@ class Trellis(RowTiles, Codec):
 
     def quantize(self, w, params, col=0):
         rows, c = w.shape
-        if col % self.width or c % self.width or c == 0:
-            what = f"T = {self.T} columns" if self.tile_rows == 1 else f"{self.width} columns (T / tile_rows)"
-            raise ValueError(f"trellis quantizes whole tiles of {what}: got columns {col}..{col + c} "
-                             f"(a solver must pass block_width = {self.width} columns)")
+        self.check_block(col, c, "tiles")
         self.check_rows(rows)
         scale = params.scale.to(w.device)
         inv = torch.where(scale > 0, 1.0 / scale.clamp_min(1e-30), torch.zeros_like(scale))

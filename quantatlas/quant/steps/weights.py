@@ -54,8 +54,10 @@ class WeightsStep(Step):
             if isinstance(plan.codec, RowTiles) and not plan.is_vector:
                 try:
                     plan.codec.check_rows(plan.target.shape[0])
-                except ValueError as e:
-                    field = f"{self.where}.codec.tile_rows"
+                except ValueError as e:   # the codec an override gave this matrix, or the arm's
+                    field = next((f"{self.where}.overrides.{i}.codec.tile_rows"
+                                  for i, (_, codec, _) in enumerate(recipe.overrides) if codec is plan.codec),
+                                 f"{self.where}.codec.tile_rows")
                     raise UserError(f"{field}: {plan.name}: {str(e).removeprefix('codec.tile_rows: ')}",
                                     field) from None
 

@@ -38,11 +38,6 @@ def consumers(layer: _llama.Layer, group: str) -> list[nn.Linear]:
             "o": [layer.o], "down": [layer.down]}[group]
 
 
-def stat_module(layer: _llama.Layer, group: str) -> nn.Linear:
-    """The linear whose input statistics describe the group's input."""
-    return consumers(layer, group)[0]
-
-
 def reduce_stat(layer: _llama.Layer, group: str, stat: torch.Tensor) -> torch.Tensor:
     """Per-channel statistic of the group's input → per free scale (kv-head channels for o)."""
     if group != "o":

@@ -121,10 +121,6 @@ class AWQ(Transform):
             used += size(index)
         return chunks + ([current] if current else [])
 
-    def check_model(self, model) -> None:
-        """Dense and mixture-of-experts layers (see _scales.py for where the scales go in each)."""
-        _llama.layers(model)
-
     @no_grad
     def apply(self, model, calib_tokens, ctx=None):
         if self.codec is None:

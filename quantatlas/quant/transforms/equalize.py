@@ -38,10 +38,6 @@ class Equalize(Transform):
         super().__init__(cfg)
         self.alpha, self.roles = cfg.alpha, tuple(cfg.roles)
 
-    def check_model(self, model) -> None:
-        """Dense and mixture-of-experts layers (see _scales.py for where the scales go in each)."""
-        _llama.layers(model)
-
     @no_grad
     def apply(self, model, calib_tokens, ctx=None):
         calib_tokens = check_calib("equalize", calib_tokens)

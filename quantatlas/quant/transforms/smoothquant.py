@@ -65,15 +65,10 @@ class SmoothQuant(Transform):
         w = _scales.positive(_reduce_max(site.layer, site.group, w_max))
         return a ** self.alpha / w ** (1 - self.alpha)
 
-    def check_model(self, model) -> list:
-        """The layers it folds into (MoE ones included: the norm's fold reaches the router and every expert,
-        down's each expert)."""
-        return _llama.layers(model)
-
     @no_grad
     def apply(self, model, calib_tokens, ctx=None):
         calib_tokens = check_calib("smoothquant", calib_tokens)
-        sites = [site for layer in self.check_model(model) for g in self.roles for site in _scales.sites(layer, g)]
+        sites = [site for layer in _llama.layers(model) for g in self.roles for site in _scales.sites(layer, g)]
         for site in sites:
             _scales.check_foldable(site, "smoothquant")
         sources = {site.key: site.sources[site.key] for site in sites}

@@ -226,14 +226,17 @@ class MoEWeights:
 
 def _each_matrix(p, roles, fn):
     """A fused 3-D parameter with `fn` applied to each expert's [out, in] matrix of each role (rows, transposed)."""
+    from quantatlas.models.moe import fused_matrix
+
     experts = []
     for e in range(p.shape[0]):
         pe = p[e].clone()
         for _, rows, transposed in roles:
-            if transposed:
-                pe[:, rows] = fn(p[e][:, rows].t()).t()
+            w = fn(fused_matrix(p[e], rows, transposed))
+            if transposed:      # slice assignment, not copy_ into fused_matrix(pe, ...): the same gradient bits
+                pe[:, rows] = w.t()
             else:
-                pe[rows] = fn(p[e][rows])
+                pe[rows] = w
         experts.append(pe)
     return torch.stack(experts)
 
