@@ -114,7 +114,7 @@ def export(spec: Path = typer.Argument(..., help="experiment spec (YAML)"),
            out: Path = typer.Option(..., help="output file (gguf) or folder (compressed-tensors)"),
            device: Optional[str] = typer.Option(None)):
     """Quantize one arm x seed of SPEC exactly as `run` does and write it as a runtime loads it."""
-    from quantatlas.export.gguf import write_gguf
+    from quantatlas.export.gguf import gguf_arch, write_gguf
     from quantatlas.models import load_model
     from quantatlas.measure import quantize_arm
     from quantatlas.runner import default_device
@@ -128,9 +128,12 @@ def export(spec: Path = typer.Argument(..., help="experiment spec (YAML)"),
             raise SpecError(f"--format {format!r}: one of gguf, compressed-tensors")
         if format == "compressed-tensors":
             from quantatlas.export.schemes import check_arm
-
-            check_arm(s.arms[arm], f"arms.{arm}")   # refused before any compute
+        else:
+            from quantatlas.export.gguf import check_arm
+        check_arm(s.arms[arm], f"arms.{arm}")   # refused before any compute
         lm = load_model(s.one_model("export"), device=device or default_device())
+        if format == "gguf":
+            gguf_arch(lm.model)                  # an architecture llama.cpp has, before quantizing
         qm = quantize_arm(lm, s, arm, s.seeds[0] if seed is None else seed)
         if format == "compressed-tensors":
             from quantatlas.export.compressed_tensors import write_compressed_tensors

@@ -214,6 +214,19 @@ def test_two_bit_gaussian_mse_beats_e8p():
     assert mse["leech"] < 0.9 * mse["e8p"]
 
 
+def test_inside_the_ball_the_error_is_the_leech_lattices_second_moment():
+    """Where the ball does not truncate the lattice, the nearest point's error is the lattice's own: per
+    coordinate G(Λ24)·V^(1/12), with G = 0.065771 (Conway & Sloane, table 2.3) and V = 8^12 the volume per
+    point in these √8-scaled coordinates. A search that missed nearer points would err more. The inputs
+    are N(0, κ²) blocks at the codec's load κ = 2.88 kept where ‖y‖² < 150 (the ball reaches 208, and the
+    covering radius² is 16)."""
+    y = torch.randn(6000, 24, generator=torch.Generator().manual_seed(11)) * 2.88
+    y = y[(y ** 2).sum(1) < 150][:2000]
+    x, _ = LeechShells(TWO_BIT).nearest(y)
+    mse = float(((x.float() - y) ** 2).mean())
+    assert mse == pytest.approx(0.065771 * 8, rel=0.03)
+
+
 def test_inside_gptq_with_incoherence():
     from quantatlas.context import RunContext
     from quantatlas.quant.config import build

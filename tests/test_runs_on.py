@@ -10,7 +10,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from quantatlas.atlas.ledger import Ledger
-from quantatlas.export.runtimes import runs_on, vllm_kernel
+from quantatlas.export.runtimes import planned_runs_on, runs_on, vllm_kernel
 from quantatlas.quant.codecs.base import Packed
 from quantatlas.quant.incoherence import IncoherentPacked
 from quantatlas.runtimes import check_runs_on, runs_on_label
@@ -85,6 +85,12 @@ UNIFORM4 = {"bits": 4, "group": 128, "symmetric": True}
     ({"codec": {"uniform": UNIFORM4}, "kv": {"k": {"fp8": {}}, "v": {"fp8": {}}}}, "uniform", UNIFORM4, []),
     ({"codec": {"uniform": UNIFORM4}, "transforms": [{"hadamard": {}}]}, "uniform", UNIFORM4, []),
     ({"codec": "q4_0", "kv": {"k": "q4_0", "v": "q4_0", "residual": 32}}, "q4_0", {}, []),
+    # RoSTE may rotate down_proj's input at run time unless its rotation is none
+    ({"codec": "q4_0", "recovery": {"method": "roste", "steps": 2}}, "q4_0", {}, []),
+    ({"codec": {"uniform": UNIFORM4}, "recovery": {"method": "roste", "rotation": "hadamard", "steps": 2}}, "uniform",
+     UNIFORM4, []),
+    ({"codec": "q4_0", "recovery": {"method": "roste", "rotation": "none", "steps": 2}}, "q4_0", {},
+     [{"runtime": "llama.cpp", "format": "gguf", "types": ["q4_0"]}]),
 ])
 def test_runs_on_from_what_is_stored(tiny, arm, codec, config, want):
     got = runs_on(_packs(tiny, codec, config), _arm(arm), tiny)
@@ -270,3 +276,29 @@ def test_landscape_deployable_filter_and_frontier(atlas):
     assert '<option value="deployable" selected>' in page.text and "llama.cpp (q4_k)" in page.text
     assert bad.status_code == 422 and "deployable 'tpu' is not one of any, llama.cpp, vllm" in bad.text
     assert "w4" in csv and "q4k" not in csv
+
+
+def test_no_runtime_for_a_model_whose_inputs_are_rotated_online_or_a_freeze_dried_pack(tiny):
+    """Whatever put an online rotation on the model (here hadamard's, as RoSTE's chosen down rotations
+    would), and whatever the arm says, a runtime reading the file would feed the rotated weights unrotated
+    inputs; a freeze-dried matrix rebuilds dropped weights on load, which neither runtime does."""
+    from quantatlas.context import RunContext
+    from quantatlas.quant.freeze_dry import FrozenPacked
+    from quantatlas.quant.transforms import make_transform
+
+    plain = _arm({"codec": "q4_0"})
+    assert runs_on(_packs(tiny, "q4_0", {}), plain, tiny) == [{"runtime": "llama.cpp", "format": "gguf",
+                                                               "types": ["q4_0"]}]
+    rotated = copy.deepcopy(tiny)
+    make_transform("hadamard", {"residual": False, "heads": False, "online": ["down"]}).apply(rotated, None,
+                                                                                            RunContext(0))
+    assert runs_on(_packs(rotated, "q4_0", {}), plain, rotated) == []
+    int4 = _arm({"codec": {"uniform": UNIFORM4}})
+    frozen = _packs(tiny, "uniform", UNIFORM4)
+    assert runs_on(frozen, int4, tiny)[0]["runtime"] == "vllm"
+    name = "model.layers.0.mlp.down_proj.weight"
+    frozen[name] = FrozenPacked.__new__(FrozenPacked)
+    frozen[name].codec, frozen[name].config = "uniform", UNIFORM4
+    assert runs_on(frozen, int4, tiny) == []
+    assert planned_runs_on(int4, tiny)[0]["runtime"] == "vllm"
+    assert planned_runs_on(_arm({"codec": {"uniform": UNIFORM4}, "freeze_dry": {"tol": 0.5}}), tiny) == []

@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quantatlas.errors import UserError
+from quantatlas.export.schemes import arm_codecs, arm_online_rotation, online_rotated_model
 from quantatlas.quant.codecs.base import Packed
 from quantatlas.quant.codecs.ggml.block_codec import formats
 from quantatlas.quant.incoherence import IncoherentPacked
@@ -61,6 +63,25 @@ def gguf_arch(model, arch_hint: str | None = None) -> str:
         raise ValueError(f"gguf export: architecture {model_type!r} is not supported "
                          f"(supported model_type: {', '.join(sorted(ARCHES))}); pass arch_hint to override")
     return ARCHES[model_type]
+
+
+def check_arm(arm, where: str = "arm") -> None:
+    """Refuse, before any compute, an arm a GGUF file cannot carry: a UserError in one line naming the field.
+    GGUF stores ggml blocks (a llama.cpp mixture, `codec: gguf`, is some of them) and fp16 matrices, no
+    rotation of codes or inputs, no weights rebuilt on load."""
+    for codec, field in arm_codecs(arm, where):
+        if codec.name not in GGML_TYPES + ("gguf", "f16"):
+            raise UserError(f"gguf export: {field} {codec.name}: not a ggml block type; GGUF stores "
+                            f"{', '.join(GGML_TYPES)}, a llama.cpp mixture (codec: gguf) or f16", field)
+    if getattr(arm.solver_options, "incoherence", False):
+        raise UserError(f"gguf export: {where}.solver_options.incoherence: GPTQ's incoherence processing stores "
+                        "codes of a rotated matrix, and GGUF stores no rotation", f"{where}.solver_options.incoherence")
+    if getattr(arm, "freeze_dry", None) is not None:
+        raise UserError(f"gguf export: {where}.freeze_dry: a freeze-dried matrix rebuilds its dropped weights on "
+                        "load, which llama.cpp cannot do", f"{where}.freeze_dry")
+    if (found := arm_online_rotation(arm, where)) is not None:
+        raise UserError(f"gguf export: {found[1]}; llama.cpp would read the rotated weights with unrotated inputs",
+                        found[0])
 
 
 def _arch_enum(arch: str):
@@ -392,12 +413,10 @@ def write_gguf(path: str | Path, model, packed: dict[str, Packed], arch_hint: st
     """
     import gguf
 
-    from quantatlas.export.schemes import online_rotated_model
-
     rotated = online_rotated_model(model, "GGUF")
     if rotated:   # llama.cpp would read the rotated weights with unrotated inputs: a wrong file
-        raise ValueError(f"gguf export: {rotated} (write the transform's online: [] to fold every rotation into "
-                         "the weights)")
+        raise ValueError(f"gguf export: {rotated} (fold every rotation into the weights: a transform's "
+                         "online: [], RoSTE's rotation: none)")
     m = _layout(model)
     arch = gguf_arch(m, arch_hint)
     c = model.config
@@ -407,7 +426,8 @@ def write_gguf(path: str | Path, model, packed: dict[str, Packed], arch_hint: st
     embed = m.embed.name + ".weight"
     head = None if m.head is None else m.head.name + ".weight"
 
-    packed = dict(packed)
+    # an f16 "pack" is the model's weight rounded to fp16, which is what an unpacked matrix is written as
+    packed = {n: p for n, p in packed.items() if p.codec != "f16"}
     if tied and head is not None and head in packed:
         # the head and the embeddings are one tensor: stored once, as token_embd
         hp = packed.pop(head)

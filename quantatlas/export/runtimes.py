@@ -2,8 +2,9 @@
 (the record's shape and vocabulary: quantatlas/runtimes.py).
 
 llama.cpp, when every stored tensor is a ggml type llama.cpp loads as a weight (q8_1 and q8_k are
-only its activation types) or a 16-bit float, no tensor holds rotated codes (incoherence) and no
-Linear input is rotated online, the activations are unquantized or llama.cpp's own
+only its activation types) or a 16-bit float, no tensor holds rotated codes (incoherence) or is
+freeze-dried (rebuilt on load), no Linear input is rotated online (an arm's online transform, RoSTE
+unless `rotation: none`, or any rotation the quantized model carries), the activations are unquantized or llama.cpp's own
 (`act: llamacpp_cpu`), and the KV cache is unquantized or one of llama.cpp's cache types (`-ctk`/
 `-ctv`: f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1) stored per token after RoPE with no fp16
 window or sinks (`rotate: auto` is llama.cpp's own default).
@@ -85,7 +86,7 @@ def llamacpp_entry(types: set[str], arm, incoherent: bool) -> dict | None:
     """llama.cpp's entry for an arm whose stored tensors have these codec `types` (module docstring)."""
     if incoherent or not types <= set(LLAMACPP_TYPES):
         return None
-    if any(getattr(t, "online", None) for t in arm.transforms):
+    if schemes.arm_online_rotation(arm) is not None:
         return None
     if arm.act is not None and arm.act.scheme != "llamacpp_cpu":
         return None
@@ -132,8 +133,12 @@ def vllm_entry(tensors: dict[str, tuple[str, dict, str | None]], arm, linears: d
 
 def runs_on(packed: dict, arm, model=None) -> list[dict]:
     """runs_on of an arm quantized into `packed` (parameter name -> Packed) on `model` (for its roles)."""
+    from quantatlas.quant.freeze_dry import FrozenPacked
     from quantatlas.quant.incoherence import IncoherentPacked
+    from quantatlas.quant.online import online_rotated
 
+    if any(isinstance(p, FrozenPacked) for p in packed.values()) or (model is not None and online_rotated(model)):
+        return []    # weights rebuilt on load, or inputs rotated at run time: neither runtime does either
     roles, linears = _roles(model)
     tensors = {name: (p.codec, p.config, roles.get(name)) for name, p in packed.items()}
     return _entries(tensors, arm, any(isinstance(p, IncoherentPacked) for p in packed.values()), linears)
@@ -147,6 +152,8 @@ def planned_runs_on(arm, model) -> list[dict] | None:
 
     if arm.allocate is not None:
         return None
+    if getattr(arm, "freeze_dry", None) is not None:
+        return []
     recipe = build_recipe(arm)
     tensors = {f"{p.name}.weight": (p.codec.name, p.codec.config(), p.role)
                for p in recipe.plan(tensors_to_quantize(model, recipe), model) if p.codec is not None}

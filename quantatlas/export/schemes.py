@@ -269,14 +269,29 @@ def compression_format(weights: dict, inputs: dict | None) -> str:
     return FLOAT_QUANTIZED if inputs is not None else NAIVE_QUANTIZED
 
 
-def online_rotations(arm, where: str = "arm") -> None:
-    """Refuse transforms that act at run time (hadamard's or SpinQuant's online Hadamard on o/down inputs)."""
+def arm_online_rotation(arm, where: str = "arm") -> tuple[str, str] | None:
+    """(field, one line naming it) of the first rotation of Linear inputs at run time that the arm asks for,
+    or None: a transform's online Hadamards (hadamard's, SpinQuant's on o/down inputs), or RoSTE's
+    down_proj rotation, which `rotation: adaptive` chooses per layer from data and `hadamard` always takes.
+    A file format without run-time rotations cannot carry either."""
     for i, t in enumerate(arm.transforms):
         if getattr(t, "online", None):
-            raise NoScheme(f"compressed-tensors export: {where}.transforms.{i}.{t.name}.online {list(t.online)}: "
-                           "an online rotation of the Linear inputs has no compressed-tensors scheme here "
-                           "(write online: [] to fold every rotation into the weights)",
-                           f"{where}.transforms.{i}")
+            return f"{where}.transforms.{i}", (f"{where}.transforms.{i}.{t.name}.online {list(t.online)}: an online "
+                                               "rotation of the Linear inputs (write online: [] to fold every "
+                                               "rotation into the weights)")
+    rec = arm.recovery
+    if rec is not None and rec.method == "roste" and rec.rotation != "none":
+        return f"{where}.recovery.rotation", (f"{where}.recovery.rotation {rec.rotation}: RoSTE may rotate "
+                                               "down_proj's input online (write rotation: none: STE with the act "
+                                               "and KV quantizers in the loop, no rotation)")
+    return None
+
+
+def online_rotations(arm, where: str = "arm") -> None:
+    """Refuse an arm whose Linear inputs may be rotated at run time (`arm_online_rotation`)."""
+    if (found := arm_online_rotation(arm, where)) is not None:
+        field, line = found
+        raise NoScheme(f"compressed-tensors export: {line}; compressed-tensors has no scheme for it here", field)
 
 
 def online_rotated_model(model, fmt: str) -> str | None:
@@ -311,7 +326,7 @@ def check_arm(arm, where: str = "arm") -> None:
         raise NoScheme(f"compressed-tensors export: {where}.solver_options.incoherence: GPTQ's incoherence "
                        "processing stores rotated codes, which compressed-tensors cannot undo",
                        f"{where}.solver_options.incoherence")
-    if (getattr(arm, "__pydantic_extra__", None) or {}).get("freeze_dry") is not None:
+    if getattr(arm, "freeze_dry", None) is not None:
         raise NoScheme(f"compressed-tensors export: {where}.freeze_dry: a freeze-dried matrix rebuilds its dropped "
                        "weights on load, which compressed-tensors cannot do (research format)", f"{where}.freeze_dry")
     online_rotations(arm, where)
