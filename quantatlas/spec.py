@@ -365,6 +365,24 @@ class Spec(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _calibration_holds_the_windows_asked(self):
+        """A transform that trains on calibration windows (spinquant's `samples` of `seq_len`) takes them from
+        the arm's draw (its `calib:`, else `data.calib`): asking for more is refused here, not after the
+        reference logits and the other arms."""
+        for name, arm in self.arms.items():
+            draw = arm.calib or self.data.calib
+            for i, t in enumerate(arm.transforms):
+                for option, have in (("samples", draw.samples), ("seq_len", draw.seq_len)):
+                    asked = getattr(t, option, None)
+                    if asked is not None and asked > have:
+                        source = f"arms.{name}.calib" if arm.calib else "data.calib"
+                        raise pydantic_error(ConfigError(
+                            ("arms", name, "transforms", i, t.name, option),
+                            f"{asked} asked, more than the {have} of the arm's calibration draw ({source}.{option})",
+                            asked, True))
+        return self
+
+    @model_validator(mode="after")
     def _model_or_models(self):
         if self.models is not None and "model" in self.model_fields_set:
             raise ValidationError.from_exception_data(type(self).__name__, [InitErrorDetails(

@@ -709,6 +709,37 @@ def test_an_overrides_tiled_codec_that_does_not_fill_a_matrix_is_refused_naming_
                            "need a matrix whose rows are a multiple of 16; got 258 rows")
 
 
+@pytest.mark.parametrize("arm, field, words", [
+    ({"codec": {"uniform": {"bits": 4, "group": 7}}}, "arms.a.codec",
+     "arms.a.codec: model.layers.0.self_attn.q_proj: uniform: 256 columns are not a multiple of group size 7"),
+    ({"codec": {"uniform": {"bits": 4, "group": 128}},
+      "overrides": [{"match": "down", "codec": {"gptvq": {"bits": 2, "dim": 2, "group": 512}}}]},
+     "arms.a.overrides.0.codec", "arms.a.overrides.0.codec: model.layers.0.mlp.down_proj: gptvq: "),
+    ({"codec": {"e8p": {"bits": 2, "group": 1000}}}, "arms.a.codec", "e8p: 256 columns are not a multiple of"),
+    ({"codec": {"uniform": {"bits": 4, "group": 128}}, "allocate": {"candidates": [{"uniform": {"bits": 3, "group": 7}}],
+                                                                    "target": {"bits_per_weight": 3.5}}},
+     "arms.a.allocate.candidates.0", "arms.a.allocate.candidates.0: model.layers.0.self_attn.q_proj: uniform: 256 "),
+    ({"kv": {"k": {"uniform": {"bits": 4, "group": 48}}}}, "arms.a.kv.k",
+     "arms.a.kv.k: uniform: 64 columns are not a multiple of group size 48 (rows of 64 values with token granularity)"),
+])
+def test_a_codec_group_that_does_not_divide_a_matrix_is_refused_before_any_compute(monkeypatch, arm, field, words):
+    """A group (or block) width that some matrix's columns (or a KV cache row) are not a multiple of used to stop
+    the run mid-way, after the reference logits and calibration: it is refused with the arm, naming the field
+    and the matrix."""
+    import quantatlas.runner
+    from quantatlas.runner import run_spec
+
+    def evaluated(*a, **k):
+        raise AssertionError("the reference logits were computed: the codec should have been refused before")
+    monkeypatch.setattr(quantatlas.runner, "reference_logprobs", evaluated)
+    spec = {"title": "t", "model": "reference", "seeds": [0], "data": {"eval": {"tokens": 512, "ctx": 64}},
+            "arms": {"ok": {"codec": {"uniform": {"bits": 4, "group": 128}}}, "a": arm}}
+    with pytest.raises(UserError) as e:
+        run_spec(spec, ledger=False, log=lambda m: None, device="cpu")
+    assert e.value.field == field
+    assert words in one_line(e)
+
+
 def test_planning_itself_refuses_it_where_quantize_model_is_called_directly():
     from quantatlas.quant.quantize import quantize_model
     from quantatlas.quant.recipe import build_recipe

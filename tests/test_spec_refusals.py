@@ -291,3 +291,45 @@ def test_sources_that_are_not_paths_and_files_that_exist_pass(tmp_path):
     for calib, ev in (("stdlib", "reference"), ("hf:org/corpus", "hf:org/corpus:wikitext"), (str(text), str(text))):
         path.write_text(MISSING.replace("CALIB", calib).replace("EVAL", ev))
         assert load_spec(path).data.eval.source == ev
+
+
+SPINQUANT_WINDOWS = """\
+title: spinquant asks for more windows than the draw
+data:
+  calib: {samples: 16, seq_len: 512}
+arms:
+  quarot: {codec: {uniform: {bits: 4}}, transforms: [{hadamard: {}}]}
+  spin:
+    codec: {uniform: {bits: 4}}
+    transforms:
+      - spinquant: {samples: 32}
+  spin_own: {codec: {uniform: {bits: 4}}, calib: {samples: 64, seq_len: 128}, transforms: [{spinquant: {samples: 32}}]}
+"""
+
+
+def test_spinquant_windows_beyond_the_calibration_draw_are_refused_at_their_line(tmp_path, no_compute):
+    """SpinQuant trains on its `samples` windows of `seq_len` from the arm's calibration draw; asking for
+    more used to stop the run after the reference logits (and after other arms)."""
+    line = refused(tmp_path, SPINQUANT_WINDOWS)
+    assert "spec.yaml:9: field arms.spin.transforms.0.spinquant.samples: 32 asked, more than the 16 of the arm's " \
+           "calibration draw (data.calib.samples) (value: 32)" in line, line
+    fixed = SPINQUANT_WINDOWS.replace("samples: 16", "samples: 32")
+    e = loaded_error(tmp_path, fixed)           # the arm's own draw: 64 windows, but of 128 tokens (256 asked)
+    assert e.field == "arms.spin_own.transforms.0.spinquant.seq_len"
+    assert "256 asked, more than the 128 of the arm's calibration draw (arms.spin_own.calib.seq_len)" in str(e)
+    path = tmp_path / "spec.yaml"
+    path.write_text(fixed.replace("seq_len: 128", "seq_len: 256"))
+    assert load_spec(path).arms["spin_own"].transforms[0].samples == 32
+
+
+@pytest.mark.parametrize("a, field, words", [
+    ({"transforms": [{"equalize": {"alpha": 1e6}}]}, "arms.a.transforms.0.equalize.alpha", "less than or equal to 1"),
+    ({"solver": "gptaq", "solver_options": {"gptaq_alpha": -1}}, "arms.a.solver_options.gptaq_alpha",
+     "greater than or equal to 0"),
+])
+def test_exponents_and_factors_that_only_overflow_are_refused(a, field, words):
+    """equalize's s = H_ii^alpha with alpha 10^6 overflowed into a NaN Hessian mid-run; a negative gptaq_alpha
+    turns GPTAQ's correction around. Both are refused with the spec."""
+    e = arm_error(**a)
+    assert e.field == field and words in str(e)
+    arm(transforms=[{"equalize": {"alpha": 1.0}}], solver="gptaq", solver_options={"gptaq_alpha": 0.25})

@@ -212,28 +212,43 @@ class KVCacheQuantizer:
         return (_Half(self.k, self.cfg.k_granularity, self.cfg, rotation),
                 _Half(self.v, self.cfg.v_granularity, self.cfg, rotation))
 
-    def attach(self, model) -> None:
-        from transformers import AttentionInterface
-
+    def _layer_halves(self, model) -> tuple[list, bool]:
+        """([(layer, K half, V half)] of every attention layer, whether K is stored before RoPE), each half
+        checked against its layer's head_dim: what `attach` sets, or the ValueError (naming kv's field) it
+        would raise."""
         from quantatlas.models.layout import layout
 
-        if ATTENTION not in AttentionInterface._global_mapping:
-            AttentionInterface.register(ATTENTION, _attention)
-        inner = getattr(model.config, "_attn_implementation", None) or "sdpa"
-        if inner == ATTENTION:
-            raise ValueError("kv: this model already quantizes its KV cache")
         lay = layout(model)
         if not lay.layers or any(layer.attention is None for layer in lay.layers):
             raise ValueError(f"kv: {type(model).__name__}: no attention modules found to quantize the cache of")
         pre_rope = self.cfg.placement == "pre_rope" and self.k is not None
         if pre_rope and lay.rope is None:
             raise ValueError(f"kv.placement: pre_rope: {type(model).__name__} has no RoPE (keys are stored as computed)")
-        masks: dict = {}
+        out = []
         for layer in lay.layers:
             head_dim = layer.head_dim or lay.head_dim
             k, v = self._halves(head_dim)
             k.check(head_dim, "k")
             v.check(head_dim, "v")
+            out.append((layer, k, v))
+        return out, pre_rope
+
+    def check(self, model) -> None:
+        """What `attach` would refuse on `model` (a codec group that does not divide a cache row, a head_dim
+        the rotation cannot take, pre_rope without RoPE), refused without attaching anything."""
+        self._layer_halves(model)
+
+    def attach(self, model) -> None:
+        from transformers import AttentionInterface
+
+        if ATTENTION not in AttentionInterface._global_mapping:
+            AttentionInterface.register(ATTENTION, _attention)
+        inner = getattr(model.config, "_attn_implementation", None) or "sdpa"
+        if inner == ATTENTION:
+            raise ValueError("kv: this model already quantizes its KV cache")
+        layers, pre_rope = self._layer_halves(model)
+        masks: dict = {}
+        for layer, k, v in layers:
             self.halves = (k, v)
             layer.attention._quantatlas_kv = _LayerKV(k, v, inner, pre_rope, masks)
             if pre_rope:

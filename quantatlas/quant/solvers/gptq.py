@@ -147,7 +147,7 @@ class GPTQConfig(SolverConfig):
 
 class GPTAQConfig(GPTQConfig):
     name = "gptaq"
-    gptaq_alpha: float = Field(1.0, allow_inf_nan=False)
+    gptaq_alpha: float = Field(1.0, ge=0, le=1, allow_inf_nan=False)   # P scaled: 1 the paper, 0.25 its code
 
     def build(self):
         return GPTQ(self)

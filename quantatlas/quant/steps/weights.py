@@ -37,29 +37,35 @@ class WeightsStep(Step):
         return any(c.seeded for c in self._configs()) or self.reads_calibration()
 
     def check_model(self, lm) -> None:
-        """Refused before any arm runs: an override that hits no tensor this arm quantizes on the model, and a
-        matrix whose rows do not fill a tiled codec's tiles (trellis/tcq `tile_rows`)."""
+        """Refused before any arm runs: an override that hits no tensor this arm quantizes on the model, a
+        matrix whose columns a codec's group (or block) does not divide, and one whose rows do not fill a
+        tiled codec's tiles (trellis/tcq `tile_rows`). Each names the field that set the codec."""
         from quantatlas.errors import UserError
         from quantatlas.quant.codecs.trellis import RowTiles
         from quantatlas.quant.quantize import tensors_to_quantize
 
-        tiled = any(getattr(c, "tile_rows", 1) > 1 for c in self._configs())
-        if not (self.arm.overrides or tiled):
+        if not self.quantizes():
             return
         recipe = self.recipe()
         roles = tensors_to_quantize(lm.model, recipe)
         if self.arm.overrides:
             recipe.check_overrides(roles, lm.model, lm.source)
-        for plan in recipe.plan(roles, lm.model) if tiled else ():
-            if isinstance(plan.codec, RowTiles) and not plan.is_vector:
-                try:
-                    plan.codec.check_rows(plan.target.shape[0])
-                except ValueError as e:   # the codec an override gave this matrix, or the arm's
-                    field = next((f"{self.where}.overrides.{i}.codec.tile_rows"
-                                  for i, (_, codec, _) in enumerate(recipe.overrides) if codec is plan.codec),
-                                 f"{self.where}.codec.tile_rows")
-                    raise UserError(f"{field}: {plan.name}: {str(e).removeprefix('codec.tile_rows: ')}",
-                                    field) from None
+        for plan in recipe.plan(roles, lm.model):
+            if plan.codec is None or plan.is_vector:
+                continue
+            rows, cols = plan.target.shape[:2]
+            try:
+                plan.codec.group_of(cols)
+                if isinstance(plan.codec, RowTiles):
+                    plan.codec.check_rows(rows)
+            except ValueError as e:   # the codec an override gave this matrix, or the arm's
+                field = next((f"{self.where}.overrides.{i}.codec"
+                              for i, (_, codec, _) in enumerate(recipe.overrides) if codec is plan.codec),
+                             f"{self.where}.codec")
+                msg = str(e)
+                if msg.startswith("codec.tile_rows: "):
+                    field, msg = f"{field}.tile_rows", msg.removeprefix("codec.tile_rows: ")
+                raise UserError(f"{field}: {plan.name}: {msg}", field) from None
 
     def needs_whole_model(self) -> str | None:
         if self.arm.codec is not None and self.arm.codec.name == "gguf":

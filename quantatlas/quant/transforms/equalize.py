@@ -23,7 +23,7 @@ from quantatlas.quant.transforms.base import ROLE_GROUPS, RoleGroup, Transform, 
 
 class EqualizeConfig(TransformConfig):
     name = "equalize"
-    alpha: float = Field(0.15, ge=0, allow_inf_nan=False)
+    alpha: float = Field(0.15, ge=0, le=1, allow_inf_nan=False)
     roles: list[RoleGroup] = list(ROLE_GROUPS)
 
     def build(self):
