@@ -33,6 +33,18 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def check_device_option(device: str | None) -> None:
+    """A --device torch cannot compute on here: one line, exit 2, before anything is read or loaded."""
+    from quantatlas.environment import check_device
+    from quantatlas.errors import UserError
+
+    if device is not None:
+        try:
+            check_device(device)
+        except UserError as e:
+            fail(str(e))
+
+
 def _user_error(e: ValueError, spec_path: Path | None) -> str:
     """One line for a user mistake. A SpecError names its own file and line; another UserError about a
     spec field (`e.field`) gets `file:line` of that field in the spec and, unless its message starts
@@ -68,6 +80,7 @@ def run(spec: Path = typer.Argument(..., help="experiment spec (YAML)"),
     from quantatlas.spec import load_spec
     from quantatlas.study import run_study
 
+    check_device_option(device)
     try:
         s = load_spec(spec)
         common = dict(db_url=db, device=device, progress=not quiet, compress=compress,
@@ -108,7 +121,7 @@ def run(spec: Path = typer.Argument(..., help="experiment spec (YAML)"),
 @app.command()
 def export(spec: Path = typer.Argument(..., help="experiment spec (YAML)"),
            arm: str = typer.Option(..., help="the arm to export"),
-           seed: Optional[int] = typer.Option(None, help="seed (default: the spec's first)"),
+           seed: Optional[int] = typer.Option(None, min=0, max=2 ** 32 - 1, help="seed (default: the spec's first)"),
            format: str = typer.Option("gguf", "--format", help="gguf (a file llama.cpp reads) or compressed-tensors "
                                                                 "(a Hugging Face folder vLLM and transformers load)"),
            out: Path = typer.Option(..., help="output file (gguf) or folder (compressed-tensors)"),
@@ -120,6 +133,7 @@ def export(spec: Path = typer.Argument(..., help="experiment spec (YAML)"),
     from quantatlas.runner import default_device
     from quantatlas.spec import SpecError, load_spec
 
+    check_device_option(device)
     try:
         s = load_spec(spec)
         if arm not in s.arms:
@@ -218,6 +232,7 @@ def sensitivity(spec: Path = typer.Argument(..., help="experiment spec (YAML) wi
     from quantatlas.spec import load_spec
     from quantatlas.tables import plain_table, render
 
+    check_device_option(device)
     try:
         s = load_spec(spec)
         name = arm or next((n for n, a in s.arms.items() if a.allocate is not None), None)
@@ -227,7 +242,14 @@ def sensitivity(spec: Path = typer.Argument(..., help="experiment spec (YAML) wi
         group = grouping or a.allocate.grouping
         if group not in GROUPINGS:
             fail(f"--grouping must be one of {', '.join(GROUPINGS)}, got {group!r}")
-        seed_list = [int(x) for x in seeds.split(",")] if seeds else list(s.seeds)
+        seed_list = list(s.seeds)
+        if seeds:
+            try:
+                seed_list = [int(x) for x in seeds.split(",")]
+            except ValueError:
+                fail(f"--seeds {seeds!r}: comma-separated integers from 0 to 2^32 - 1 (e.g. 0,1,2)")
+            if any(not 0 <= x < 2 ** 32 for x in seed_list):
+                fail(f"--seeds {seeds!r}: a seed must be an integer from 0 to 2^32 - 1")
         lm = load_model(s.one_model("sensitivity"), device=device or "cpu")
         stream = lm.text_tokens(s.data.calib.source, "train")
         c = a.calib or s.data.calib

@@ -99,7 +99,17 @@ def context_slope(docs: list[dict], arm: str, minus: str, level: float = 0.95) -
 
 
 def load_docs(paths: list[Path]) -> list[dict]:
-    return [json.loads(Path(p).read_text()) for p in paths]
+    """The result documents (`quantatlas run --json`) at `paths`; a file that is not one: ValueError naming it."""
+    docs = []
+    for p in paths:
+        try:
+            doc = json.loads(Path(p).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{p}: not a results JSON of `quantatlas run --json` ({e})") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("arms"), dict):
+            raise ValueError(f"{p}: not a results JSON of `quantatlas run --json` (no 'arms' mapping)")
+        docs.append(doc)
+    return docs
 
 
 def format_slope(s: Slope) -> str:

@@ -24,6 +24,29 @@ def git_commit() -> str:
     return "unknown"
 
 
+def check_device(name: str, label: str = "--device") -> str:
+    """`name` if torch can compute on that device here, else a UserError in one line (`label` names where
+    it was given): not a device name, a device this build or machine lacks (cuda without a GPU, cuda:3 on
+    a one-GPU machine), or meta, which holds no numbers."""
+    import torch
+
+    from quantatlas.errors import UserError
+
+    field = label.removeprefix("field ")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"{label}: {name!r} is not a torch device (cpu, cuda, cuda:1 ...)", field) from None
+    if device.type == "meta":
+        raise UserError(f"{label}: 'meta' holds no numbers to compute with", field)
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, NotImplementedError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{label}: {name!r} is not available here ({why})", field) from None
+    return name
+
+
 def device_name(device) -> str:
     import torch
 

@@ -43,10 +43,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: the most tokens a calibration draw may hold: its windows are held at once (and read through the model);
+#: 2^27 is 32 768 windows of 4096, some hundred times what GPTQ's and AutoRound's recipes draw
+MAX_CALIB_TOKENS = 2 ** 27
+#: the most seeds one spec runs
+MAX_SEEDS = 1000
+
+
 class CalibData(_Strict):
     samples: int = Field(64, ge=1)
     seq_len: int = Field(512, ge=2)
     source: str = "stdlib"
+
+    @model_validator(mode="after")
+    def _fits(self):
+        if self.samples * self.seq_len > MAX_CALIB_TOKENS:
+            raise pydantic_error(ConfigError(
+                ("samples",), f"{self.samples} windows of {self.seq_len} tokens are {self.samples * self.seq_len:,} "
+                f"tokens, more than the {MAX_CALIB_TOKENS:,} a calibration draw may hold", self.samples, True))
+        return self
 
 
 class EvalData(_Strict):
@@ -347,6 +362,19 @@ class Spec(_Strict):
         arms = info.data.get("arms")
         if v is not None and arms is not None and v not in arms:
             raise ValueError(f"{info.field_name} {v!r} is not one of the arms ({', '.join(arms)})")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_are_distinct_and_in_range(cls, v):
+        bad = [s for s in v if not 0 <= s < 2 ** 32]
+        if bad:
+            raise ValueError(f"a seed must be an integer from 0 to 2^32 - 1, got {bad[0]}")
+        twice = sorted({s for s in v if v.count(s) > 1})
+        if twice:
+            raise ValueError(f"seed {twice[0]} named more than once in {v}: each seed runs once")
+        if len(v) > MAX_SEEDS:
+            raise ValueError(f"{len(v)} seeds, more than {MAX_SEEDS}")
         return v
 
     @field_validator("models")

@@ -528,7 +528,7 @@ BAD_TRAIN = [
     ({"val_tokens": 100, "seq_len": 128}, "val_tokens", "field val_tokens: 100 is fewer than seq_len 128 (validation "
                                                         "scores whole windows of seq_len tokens)"),
     ({"device": "nope"}, "device", "field device: 'nope' is not a torch device (cpu, cuda, cuda:1 ...)"),
-    ({"device": "meta"}, "device", "field device: 'meta' holds no numbers to train"),
+    ({"device": "meta"}, "device", "field device: 'meta' holds no numbers to compute with"),
 ]
 
 
@@ -572,7 +572,7 @@ def test_a_device_torch_names_but_this_machine_lacks_is_refused(no_training):
     (["--seq-len", "1025", "--arch", "qwen3_moe"], "error: field seq_len: 1025 is more than the qwen3_moe "
                                                    "model's context (max_position_embeddings 1024)"),
     (["--device", "nope"], "error: field device: 'nope' is not a torch device (cpu, cuda, cuda:1 ...)"),
-    (["--device", "meta"], "error: field device: 'meta' holds no numbers to train"),
+    (["--device", "meta"], "error: field device: 'meta' holds no numbers to compute with"),
     (["--arch", "mixtral"], "error: field arch: 'mixtral' is not one of qwen3, llama, qwen3_moe"),
 ])
 def test_the_train_command_refuses_in_one_line_without_training(tmp_path, monkeypatch, args, stderr):

@@ -333,3 +333,25 @@ def test_exponents_and_factors_that_only_overflow_are_refused(a, field, words):
     e = arm_error(**a)
     assert e.field == field and words in str(e)
     arm(transforms=[{"equalize": {"alpha": 1.0}}], solver="gptaq", solver_options={"gptaq_alpha": 0.25})
+
+
+@pytest.mark.parametrize("patch, field, words", [
+    ({"seeds": [-1]}, "seeds", "a seed must be an integer from 0 to 2^32 - 1, got -1"),
+    ({"seeds": [0, 2 ** 32]}, "seeds", "got 4294967296"),
+    ({"seeds": [0, 1, 0]}, "seeds", "seed 0 named more than once in [0, 1, 0]: each seed runs once"),
+    ({"seeds": list(range(1001))}, "seeds", "1001 seeds, more than 1000"),
+    ({"data": {"calib": {"samples": 10 ** 7, "seq_len": 512}}}, "data.calib.samples",
+     "10000000 windows of 512 tokens are 5,120,000,000 tokens, more than the 134,217,728 a calibration draw may hold"),
+    ({"arms": {"a": {"solver": "gptq", "codec": {"uniform": {"bits": 4}}, "calib": {"samples": 2 ** 20,
+                                                                                       "seq_len": 2048}}}},
+     "arms.a.calib.samples", "more than the 134,217,728"),
+])
+def test_seeds_and_calibration_draws_that_cannot_run_are_refused(patch, field, words):
+    """A negative seed stopped the run at its first random draw (after loading the model), a repeated seed was
+    silently run once under an id of its own, and 10^7 calibration windows died allocating 38 GiB."""
+    d = {"title": "t", "arms": {"a": {"codec": {"uniform": {"bits": 4}}}}, **patch}
+    with pytest.raises(SpecError) as e:
+        parse_spec(d)
+    assert e.value.field == field and words in str(e.value)
+    parse_spec({**d, "seeds": [0, 1, 2 ** 32 - 1], "data": {"calib": {"samples": 2 ** 14, "seq_len": 2 ** 13}},
+                "arms": {"a": {"codec": {"uniform": {"bits": 4}}}}})

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quantatlas.environment import check_device
 from quantatlas.errors import UserError
 from quantatlas.reference.corpus import corpus_files, stdlib_tokens
 from quantatlas.reference.model import (ARCHES, ARCHITECTURE_LINES, ZOO_ARCH, ZOO_NAME, active_parameters,
@@ -68,18 +69,7 @@ def check_config(cfg: TrainConfig, arch: str = "qwen3") -> None:
     if cfg.val_tokens < cfg.seq_len:
         raise UserError(f"field val_tokens: {cfg.val_tokens} is fewer than seq_len {cfg.seq_len} (validation "
                         "scores whole windows of seq_len tokens)", "val_tokens")
-    try:
-        device = torch.device(cfg.device)
-    except (RuntimeError, TypeError):
-        raise UserError(f"field device: {cfg.device!r} is not a torch device (cpu, cuda, cuda:1 ...)",
-                        "device") from None
-    try:   # a name torch knows may still be absent here (cuda without a GPU, cuda:3 on a one-GPU machine)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError, NotImplementedError) as e:
-        why = (str(e).splitlines() or [type(e).__name__])[0]
-        raise UserError(f"field device: {cfg.device!r} is not available here ({why})", "device") from None
-    if device.type == "meta":
-        raise UserError("field device: 'meta' holds no numbers to train", "device")
+    check_device(cfg.device, "field device")
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
