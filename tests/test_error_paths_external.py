@@ -740,6 +740,55 @@ def test_a_codec_group_that_does_not_divide_a_matrix_is_refused_before_any_compu
     assert words in one_line(e)
 
 
+def test_a_moe_block_on_a_dense_model_is_refused_before_any_compute(monkeypatch):
+    import quantatlas.runner
+    from quantatlas.runner import run_spec
+
+    def evaluated(*a, **k):
+        raise AssertionError("the reference logits were computed: moe: should have been refused before")
+    monkeypatch.setattr(quantatlas.runner, "reference_logprobs", evaluated)
+    spec = {"title": "t", "model": "reference", "data": {"eval": {"tokens": 512, "ctx": 64}},
+            "arms": {"a": {"solver": "gptq", "codec": {"uniform": {"bits": 4}}, "moe": {"starved": "fp16"}}}}
+    with pytest.raises(UserError) as e:
+        run_spec(spec, ledger=False, log=lambda m: None, device="cpu")
+    assert e.value.field == "arms.a.moe"
+    assert one_line(e) == "arms.a.moe: reference has no mixture-of-experts blocks to calibrate"
+
+
+@pytest.mark.parametrize("arm, field, words", [
+    ({"codec": None, "recovery": {"method": "block_ap", "steps": 2}}, "arms.a.recovery",
+     "recovery: block_ap tunes quantized weights, and the arm quantizes none"),
+    ({"codec": {"e8p": {"bits": 2}}, "recovery": {"method": "pv_lite", "steps": 2}}, "arms.a.recovery",
+     "recovery: pv_lite moves the codes of uniform; codec is e8p (use kd_ste)"),
+    ({"codec": {"uniform": {"bits": 2, "group": 128}}, "overrides": [{"match": "down", "codec": {"trellis": {"bits": 2}}}],
+      "recovery": {"method": "pv_tuning", "steps": 2}}, "arms.a.recovery",
+     "pv_tuning moves the codes of uniform, e8p, d4, e8, aqlm; overrides.0.codec is trellis"),
+    ({"codec": {"e8p": {"bits": 2}}, "overrides": [{"match": "up", "codec": "q8_0"}],
+      "recovery": {"method": "kd_ste", "steps": 2}}, "arms.a.recovery.train",
+     "arms.a.recovery.train: scales needs a pack with a per-row/group fp16 `scale`; codec q8_0 stores ['blocks']"),
+    ({"codec": {"mx": {"element": "fp4_e2m1"}}, "recovery": {"method": "kd_ste", "steps": 2}}, "arms.a.recovery.train",
+     "codec mx stores ['codes', 'scales'] (use train: weights)"),
+    ({"solver": "gptq", "solver_options": {"incoherence": True}, "codec": {"uniform": {"bits": 4, "group": 128}},
+      "ttt": {"params": "scales"}}, "arms.a.ttt", "incoherence packs keep their scales in a rotated basis"),
+    ({"codec": {"nvfp4": {}}, "act": "llamacpp_cpu"}, "arms.a.act.scheme",
+     "llamacpp_cpu needs llama.cpp weight types; model.layers.0.self_attn.q_proj uses codec 'nvfp4'"),
+])
+def test_a_recovery_ttt_or_act_that_cannot_take_the_arms_packs_is_refused_before_any_compute(monkeypatch, arm, field,
+                                                                                            words):
+    """These were found by mutating committed arms (a codec, an override, a recovery block taken from another
+    arm): each stopped the run after its weights were quantized, or (no codec at all) with an AttributeError."""
+    import quantatlas.runner
+    from quantatlas.runner import run_spec
+
+    def evaluated(*a, **k):
+        raise AssertionError("the reference logits were computed: the arm should have been refused before")
+    monkeypatch.setattr(quantatlas.runner, "reference_logprobs", evaluated)
+    spec = {"title": "t", "model": "reference", "data": {"eval": {"tokens": 512, "ctx": 64}}, "arms": {"a": arm}}
+    with pytest.raises(UserError) as e:
+        run_spec(spec, ledger=False, log=lambda m: None, device="cpu")
+    assert e.value.field == field and words in one_line(e)
+
+
 def test_planning_itself_refuses_it_where_quantize_model_is_called_directly():
     from quantatlas.quant.quantize import quantize_model
     from quantatlas.quant.recipe import build_recipe

@@ -533,7 +533,7 @@ def test_moe_option_is_validated_and_refused_on_a_dense_model(tiny_reference):
 
     assert "moe.starved=all_tokens" in arm_techniques(arm)
     cal = Calibration(load=lambda: np.arange(1000) % 250, samples=2, seq_len=16)
-    with pytest.raises(UserError, match="arm.moe: the model has no mixture-of-experts blocks"):
+    with pytest.raises(UserError, match="arm.moe: .* has no mixture-of-experts blocks"):
         quantize(tiny_reference, arm, cal, RunContext(0))
 
 

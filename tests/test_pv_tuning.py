@@ -243,12 +243,15 @@ def test_bad_options_are_refused_naming_the_field(recovery, field, why):
     assert isinstance(e.value, UserError)
 
 
-@pytest.mark.parametrize("codec", [{"turbo": {"bits": 3, "group": 32}}, {"e8p": {"bits": 4, "group": 32}}])
-def test_a_codec_without_a_reencodable_code_is_a_clear_error(tiny_reference, codec):
+def test_a_codec_without_a_reencodable_code_is_a_clear_error(tiny_reference):
     from quantatlas.measure import quantize_arm
 
-    spec = parse_spec({"title": "t", "data": {"eval": {"tokens": 1024, "ctx": 128}},
-                       "arms": {"a": {"codec": codec, "recovery": {"method": "pv_tuning", **SMALL}}}})
+    arm = {"codec": {"turbo": {"bits": 3, "group": 32}}, "recovery": {"method": "pv_tuning", **SMALL}}
+    with pytest.raises(SpecError, match="pv_tuning moves the codes of uniform, e8p, d4, e8, aqlm; codec is turbo"):
+        parse_spec({"title": "t", "arms": {"a": arm}})                   # by its name, with the spec
+    spec = parse_spec({"title": "t", "data": {"eval": {"tokens": 1024, "ctx": 128}},     # by its pack, in the run
+                       "arms": {"a": {"codec": {"e8p": {"bits": 4, "group": 32}},
+                                      "recovery": {"method": "pv_tuning", **SMALL}}}})
     with pytest.raises(UserError, match=r"^arms\.a\.recovery\.method: pv_tuning"):
         quantize_arm(tiny_reference, spec, "a", 0)
 

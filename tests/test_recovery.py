@@ -225,11 +225,13 @@ def test_training_kl_is_the_harness_kld(tiny_reference):
 
 
 def test_recovery_on_an_arm_without_quantized_matrices_is_a_clear_error(tiny_reference):
-    spec = parse_spec({"title": "t", "arms": {"a": {"codec": None, "recovery": {"method": "kd_ste", **SMALL}}}})
-    recipe = build_recipe(spec.arms["a"])
+    with pytest.raises(SpecError, match="arms.a.recovery: recovery: kd_ste tunes quantized weights, and the arm "
+                                        "quantizes none") as e:      # refused with the spec
+        parse_spec({"title": "t", "arms": {"a": {"codec": None, "recovery": {"method": "kd_ste", **SMALL}}}})
+    assert e.value.field == "arms.a.recovery"
     model = copy.deepcopy(tiny_reference.model)
-    with pytest.raises(ValueError, match="nothing to tune"):
-        Recovery(spec.arms["a"].recovery, 0).run(model, tiny_reference.model, {}, WINDOWS)
+    with pytest.raises(ValueError, match="nothing to tune"):     # and Recovery itself, called directly
+        Recovery(RecoveryConfig(method="kd_ste", **SMALL), 0).run(model, tiny_reference.model, {}, WINDOWS)
 
 
 def test_a_recovery_error_in_a_run_names_the_arm(tiny_reference):

@@ -218,6 +218,13 @@ class _Tuned:
         return decode(self.codec, packed)
 
 
+def check_scales_trainable(codec, cols: int) -> None:
+    """The ValueError `train: scales` would raise on `codec`'s packs of a `cols`-column matrix (no fp16 scale, or
+    a decode not linear in it), found on a seeded probe of 48 rows and one group."""
+    w = torch.randn(48, codec.group_of(cols), generator=torch.Generator().manual_seed(0))
+    _Scales(codec.encode(w), codec, None)
+
+
 class _Scales(_Tuned):
     """Codes fixed; W = B ⊙ expand(S) in the codec's basis, S the pack's fp16 scale, trainable."""
 

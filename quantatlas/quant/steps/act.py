@@ -22,10 +22,25 @@ class ActivationStep(RuntimeStep):
     def check_model(self, lm) -> None:
         """What `attach` would refuse on this model (a codec group that does not divide an input width, roles or
         layers it lacks, a width a Hadamard cannot take) is refused before any arm runs, naming the field.
-        llamacpp_cpu's codecs come from the recipe's weight types: checked when it attaches."""
+        llamacpp_cpu's codecs are each Linear's llama.cpp weight type: a weight the arm stores otherwise is refused."""
         from quantatlas.errors import UserError
-        from quantatlas.quant.act import ActivationQuantizer
+        from quantatlas.quant.act import ActivationQuantizer, weight_types
 
+        if self.value.scheme == "llamacpp_cpu":
+            from quantatlas.quant.codecs.ggml.block_codec import formats
+            from quantatlas.quant.quantize import tensors_to_quantize
+            from quantatlas.quant.recipe import build_recipe
+
+            field = f"{self.where}.act.scheme"
+            recipe = build_recipe(self.arm.model_copy(update={"allocate": None}), self.where)
+            try:
+                weight_types(lm.model, recipe)
+                for j, c in enumerate(self.arm.allocate.candidates if self.arm.allocate is not None else []):
+                    if c.name not in formats():
+                        raise ValueError(f"act.scheme: llamacpp_cpu needs llama.cpp weight types; "
+                                         f"allocate.candidates.{j} is {c.name!r}")
+            except ValueError as e:
+                raise UserError(f"{self.where}.{e}", field) from None
         if self.value.codec_config() is None:
             return
         act = ActivationQuantizer(self.value)

@@ -16,10 +16,32 @@ class RecoveryStep(Step):
     def needs_whole_model(self) -> str | None:
         return "finetuning needs the whole model"
 
+    def _codecs(self) -> list[tuple[object, str]]:
+        """(codec config, field) of every codec the arm may store a weight with."""
+        arm = self.arm
+        out = [(arm.codec, "codec")] if arm.codec is not None else []
+        out += [(o.codec, f"overrides.{i}.codec") for i, o in enumerate(arm.overrides) if o.codec is not None]
+        if arm.allocate is not None:
+            out += [(c, f"allocate.candidates.{j}") for j, c in enumerate(arm.allocate.candidates)]
+        return out
+
     def conflicts(self) -> str | None:
-        """qad needs a codec it can re-round on frozen scales; roste its act/kv/transforms in a form it trains
+        """Nothing quantized, nothing to recover; pv_lite and pv_tuning move the codes of some codecs only; qad
+        needs a codec it can re-round on frozen scales; roste its act/kv/transforms in a form it trains
         (quant/roste.py: arm_conflicts)."""
         method = self.value.method
+        codecs = self._codecs()
+        if not codecs and method != "roste":    # roste also trains through the act and KV quantizers
+            return (f"recovery: {method} tunes quantized weights, and the arm quantizes none (no codec, override or "
+                    "allocation)")
+        if method in ("pv_lite", "pv_tuning"):
+            from quantatlas.quant.pv_tuning import SUPPORTED
+
+            allowed = ("uniform",) if method == "pv_lite" else SUPPORTED
+            for cfg, field in codecs:
+                if cfg.name not in allowed:
+                    return (f"recovery: {method} moves the codes of {', '.join(allowed)}; {field} is {cfg.name} "
+                            "(use kd_ste)")
         if method == "qad":
             from quantatlas.quant.qad import QAD_CODECS
 
@@ -32,6 +54,28 @@ class RecoveryStep(Step):
 
             return arm_conflicts(self.arm)
         return None
+
+    def check_model(self, lm) -> None:
+        """`train: scales` needs packs with a per-row/group fp16 scale their decode is linear in: each codec the
+        arm stores is tried on a probe of one group (quant/recovery.py: check_scales_trainable) before any arm
+        runs, not after its weights are quantized."""
+        from quantatlas.errors import UserError
+        from quantatlas.quant.quantize import tensors_to_quantize
+        from quantatlas.quant.recipe import build_recipe
+        from quantatlas.quant.recovery import check_scales_trainable
+
+        if self.value.train == "weights":
+            return
+        recipe = build_recipe(self.arm.model_copy(update={"allocate": None}), self.where)
+        cols = {}
+        for p in recipe.plan(tensors_to_quantize(lm.model, recipe), lm.model):
+            if p.codec is not None and not p.is_vector:
+                cols.setdefault(id(p.codec), (p.codec, p.target.shape[1]))
+        for codec, width in cols.values():
+            try:
+                check_scales_trainable(codec, width)
+            except ValueError as e:
+                raise UserError(f"{self.where}.{e}", f"{self.where}.recovery.train") from None
 
     def techniques(self) -> set[str]:
         return {f"recovery:{self.value.method}"} | option_techniques(self.value, "recovery")   # recovery.train=weights

@@ -26,6 +26,8 @@ class TestTimeTrainingStep(Step):
         if self.value.params == "scales" and self.arm.codec is None and not self.arm.overrides:
             return "ttt.params: scales trains the quantized weights' scales, and this arm quantizes none " \
                    "(use norms or lora)"
+        if self.value.params == "scales" and getattr(self.arm.solver_options, "incoherence", False):
+            return "ttt.params: scales: incoherence packs keep their scales in a rotated basis (use norms or lora)"
         return None
 
     def check_model(self, lm) -> None:
