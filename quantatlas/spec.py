@@ -173,6 +173,13 @@ class Arm(BaseModel):
         codec without static_groups, a block_size the codec's blocks do not divide) is refused here,
         naming the option, not after other arms have run."""
         for solver_cfg, option_at, codec_cfg, codec_at in self._solver_codec_pairs():
+            only = getattr(solver_cfg, "only_codec", None)         # a solver of one codec (aqlm)
+            if only is not None and codec_cfg.name != only:
+                at = ("solver",) if option_at == ("solver_options",) else option_at
+                hint = ("give that override a solver of its own, e.g. solver: gptq" if codec_at.startswith("overrides")
+                        else f"use solver: gptq or rtn for {codec_cfg.name}")
+                raise pydantic_error(ConfigError(at, f"solver {solver_cfg.name} quantizes with the {only} codec only; "
+                                                     f"{codec_at} is {codec_cfg.name} ({hint})"))
             check = getattr(solver_cfg, "codec_conflict", None)   # solvers with such rules define it
             codec = None if check is None else _solver_codec(codec_cfg)
             conflict = None if codec is None else check(codec)

@@ -144,3 +144,17 @@ def test_the_step_filters_every_matrix_and_the_model_holds_what_loads(tiny_refer
     # the filter left the codes it kept as the weights step made them
     assert all(torch.equal(f.inner.data["codes"], b.data["codes"]) for f, b in zip(qm.packed.values(),
                                                                                    base.packed.values()))
+
+
+def test_a_norm_an_override_quantizes_is_left_as_packed(tiny_reference):
+    """A q_norm gain an override quantizes is one vector (no row neighbours): the step used to fail on it with an
+    IndexError; it filters the matrices and leaves the vector's pack as the weights step made it."""
+    from quantatlas.measure import quantize_arm
+    from quantatlas.spec import parse_spec
+
+    norm = {"match": "q_norm", "codec": {"uniform": {"bits": 4, "group": 32}}}
+    spec = parse_spec(_spec(overrides=[norm]))
+    qm = quantize_arm(tiny_reference, spec, "int4_fd", 0, "cpu")
+    vectors = {n: p for n, p in qm.packed.items() if "q_norm" in n}
+    assert vectors and not any(isinstance(p, FrozenPacked) for p in vectors.values())
+    assert all(isinstance(p, FrozenPacked) for n, p in qm.packed.items() if n not in vectors)

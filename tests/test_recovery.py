@@ -255,3 +255,12 @@ def test_a_seeded_codec_recovers_at_any_seed(tiny_reference):
     params = dict(qm.model.named_parameters())
     for name, p in qm.packed.items():
         assert torch.equal(p.decode(), params[name].detach()), name
+
+
+def test_roste_on_an_arm_that_quantizes_no_weight_is_refused_with_the_spec():
+    """Only the KV cache quantized: RoSTE used to stop mid-run with an AttributeError (no fp teacher is taken
+    before a step that quantizes weights)."""
+    arm = {"kv": {"k": "q8_0"}, "recovery": {"method": "roste", "steps": 2}}
+    with pytest.raises(SpecError, match="recovery: roste tunes quantized weights, and the arm quantizes none") as e:
+        parse_spec({"title": "t", "arms": {"a": arm}})
+    assert e.value.field == "arms.a.recovery"

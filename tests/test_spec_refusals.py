@@ -355,3 +355,16 @@ def test_seeds_and_calibration_draws_that_cannot_run_are_refused(patch, field, w
     assert e.value.field == field and words in str(e.value)
     parse_spec({**d, "seeds": [0, 1, 2 ** 32 - 1], "data": {"calib": {"samples": 2 ** 14, "seq_len": 2 ** 13}},
                 "arms": {"a": {"codec": {"uniform": {"bits": 4}}}}})
+
+
+def test_the_aqlm_solver_is_refused_a_codec_it_cannot_run_with_the_spec():
+    """solver: aqlm with a q8_0 override (the override inherits the arm's solver) stopped the run at that
+    matrix; with a llama.cpp mixture, at the first one."""
+    aqlm = {"aqlm": {"codebooks": 2, "code_bits": 8}}
+    e = arm_error(solver="aqlm", codec=aqlm, overrides=[{"match": "v", "codec": "q8_0"}])
+    assert e.field == "arms.a.solver"
+    assert "solver aqlm quantizes with the aqlm codec only; overrides.0.codec is q8_0 (give that override a " \
+           "solver of its own, e.g. solver: gptq)" in str(e)
+    e = arm_error(solver="aqlm", codec={"gguf": "Q4_K_M"})
+    assert e.field == "arms.a.solver" and "codec is gguf (use solver: gptq or rtn for gguf)" in str(e)
+    arm(solver="aqlm", codec=aqlm, overrides=[{"match": "v", "codec": "q8_0", "solver": "gptq"}])

@@ -24,7 +24,8 @@ these parts, the mask included. In a file the pack is flagged by its config's `f
 
 Where it sits: a pack wrapper (as incoherence's IncoherentPacked), applied by its own step after the
 weights (and recovery, which moves scales, not codes), before the runtime steps
-(quant/steps/freeze_dry.py). Incoherence packs (codes in a rotated basis) are refused.
+(quant/steps/freeze_dry.py). Incoherence packs (codes in a rotated basis) are refused; a norm's gain an
+override quantizes (one vector, no row neighbours) is left as packed.
 """
 from __future__ import annotations
 

@@ -15,6 +15,8 @@ The codec's `fit` (residual k-means under diag H) gives the start. Needs the cod
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 
 from quantatlas._lazy import torch
@@ -25,6 +27,7 @@ from quantatlas.quant.solvers.base import Solver
 class AQLMSolverConfig(SolverConfig):
     name = "aqlm"
     seeded = True   # the calibration draw follows the seed
+    only_codec: ClassVar[str] = "aqlm"   # every codec this solver is handed must be AQLM (spec.Arm checks)
     rounds: int = Field(2, ge=0, le=100)            # (beam search, Adam) alternations
     adam_steps: int = Field(100, ge=0, le=100000)
     lr: float = Field(1e-2, gt=0, le=1.0, allow_inf_nan=False)

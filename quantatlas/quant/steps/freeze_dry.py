@@ -46,12 +46,14 @@ class FreezeDryStep(Step):
         model = state.working_model()
         dropped = total = 0
         for name in sorted(state.packed):
+            param = model.get_parameter(name)
+            if param.dim() != 2:
+                continue    # a norm's gain an override quantizes: one vector, no row neighbours to predict from
             try:
                 frozen = freeze_dry(state.packed[name], self.value.tol)
             except ValueError as e:
                 raise ValueError(f"freeze_dry: {name}: {e}") from None
             state.packed[name] = frozen
-            param = model.get_parameter(name)
             rebuilt = frozen.decode()
             mask = frozen.mask
             if tuple(param.shape) != tuple(frozen.shape):      # Conv1D keeps [in, out]

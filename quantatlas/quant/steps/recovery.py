@@ -31,7 +31,7 @@ class RecoveryStep(Step):
         (quant/roste.py: arm_conflicts)."""
         method = self.value.method
         codecs = self._codecs()
-        if not codecs and method != "roste":    # roste also trains through the act and KV quantizers
+        if not codecs:
             return (f"recovery: {method} tunes quantized weights, and the arm quantizes none (no codec, override or "
                     "allocation)")
         if method in ("pv_lite", "pv_tuning"):
