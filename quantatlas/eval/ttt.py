@@ -177,14 +177,19 @@ def scale_groups(model, packed: dict) -> dict[str, tuple[int, int]]:
         if isinstance(pk, IncoherentPacked):
             raise ValueError(f"ttt.params: scales: {name} is an incoherence pack, whose scales live in a rotated "
                              "basis; use norms or lora")
-        scale = pk.data.get("scale")
-        rows, cols = pk.shape
-        if scale is None or not scale.is_floating_point() or scale.numel() % rows \
-                or cols % (scale.numel() // rows):
-            raise ValueError(f"ttt.params: scales: {name}'s codec {pk.codec} stores no per-row/group fp16 scale "
-                             f"({sorted(pk.data)}); use norms or lora")
-        out[name] = (rows, scale.numel() // rows)
+        out[name] = (pk.shape[0], scale_count(name, pk))
     return out
+
+
+def scale_count(name: str, pk) -> int:
+    """Groups per row of the pack's stored per-row/group fp16 `scale` (what `params: scales` trains), or a
+    ValueError naming `name` and its codec where it stores none."""
+    scale = pk.data.get("scale")
+    rows, cols = pk.shape
+    if scale is None or not scale.is_floating_point() or scale.numel() % rows or cols % (scale.numel() // rows):
+        raise ValueError(f"ttt.params: scales: {name}'s codec {pk.codec} stores no per-row/group fp16 scale "
+                         f"({sorted(pk.data)}); use norms or lora")
+    return scale.numel() // rows
 
 
 def lora_adapters(model, rank: int, seed: int) -> dict:

@@ -22,6 +22,7 @@ A codec is built from its config (`quantatlas.quant.config`); a family is one fi
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -30,6 +31,10 @@ from quantatlas._lazy import torch
 
 if TYPE_CHECKING:
     from quantatlas.context import RunContext
+
+
+#: rows of `Codec.probe`, times what a codec's `tile_rows` needs (3-row Leech tiles divide it)
+PROBE_ROWS = 48
 
 
 @dataclass
@@ -165,6 +170,13 @@ class Codec(ABC):
             params.append(p)
             codes.append(codec.quantize(w[:, c:c + g], p, 0).codes)
         return codec.pack(torch.cat(codes, dim=1), params)
+
+    def probe(self, cols: int) -> Packed:
+        """A pack of one group of a `cols`-column matrix (seeded N(0, 1) rows, as many as the codec's row tiles
+        fill): what this codec stores, for checks before any matrix is quantized."""
+        rows = math.lcm(PROBE_ROWS, getattr(self, "tile_rows", 1))
+        w = torch.randn(rows, self.group_of(cols), generator=torch.Generator().manual_seed(0))
+        return self.encode(w)
 
     def fake_quantize(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
         """decode(encode(w)) without packing: the grid values of every group (for activations, KV)."""

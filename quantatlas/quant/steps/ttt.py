@@ -37,6 +37,27 @@ class TestTimeTrainingStep(Step):
         if self.value.params == "norms" and not norm_params(lm.model):
             raise UserError(f"{self.where}.ttt.params: norms: the model has no norm gain to train",
                             f"{self.where}.ttt.params")
+        if self.value.params == "scales":
+            self._check_scales(lm)
+
+    def _check_scales(self, lm) -> None:
+        """Each codec the arm stores a Linear with must keep a per-row/group fp16 scale: tried on a seeded probe
+        of one group (eval/ttt.py scale_count), before any arm runs rather than after the standard evaluation."""
+        from quantatlas.errors import UserError
+        from quantatlas.eval.ttt import scale_count
+        from quantatlas.quant.quantize import tensors_to_quantize
+        from quantatlas.quant.recipe import build_recipe
+
+        recipe = build_recipe(self.arm.model_copy(update={"allocate": None}), self.where)
+        seen = set()
+        for p in recipe.plan(tensors_to_quantize(lm.model, recipe), lm.model):
+            if p.codec is None or p.is_vector or p.target.kind != "linear" or id(p.codec) in seen:
+                continue
+            seen.add(id(p.codec))
+            try:
+                scale_count(p.name, p.codec.probe(p.target.shape[1]))
+            except ValueError as e:
+                raise UserError(f"{self.where}.{e}", f"{self.where}.ttt.params") from None
 
     def apply(self, state, ctx) -> None:
         """Nothing to do while quantizing: TTT runs in the harness, after the standard evaluation."""
