@@ -773,6 +773,8 @@ def test_a_moe_block_on_a_dense_model_is_refused_before_any_compute(monkeypatch)
     ({"codec": {"uniform": {"bits": 4, "group": 128}}, "overrides": [{"match": "q", "codec": "q8_0"}],
       "ttt": {"params": "scales"}}, "arms.a.ttt.params",
      "arms.a.ttt.params: scales: model.layers.0.self_attn.q_proj's codec q8_0 stores no per-row/group fp16 scale"),
+    ({"codec": {"gguf": "Q8_0"}, "act": "llamacpp_cpu", "ttt": {"params": "lora"}}, "arms.a.ttt",
+     "act: llamacpp_cpu computes its dot products as llama.cpp does, with no gradient"),
     ({"codec": {"nvfp4": {}}, "act": "llamacpp_cpu"}, "arms.a.act.scheme",
      "llamacpp_cpu needs llama.cpp weight types; model.layers.0.self_attn.q_proj uses codec 'nvfp4'"),
 ])

@@ -158,3 +158,16 @@ def test_a_norm_an_override_quantizes_is_left_as_packed(tiny_reference):
     vectors = {n: p for n, p in qm.packed.items() if "q_norm" in n}
     assert vectors and not any(isinstance(p, FrozenPacked) for p in vectors.values())
     assert all(isinstance(p, FrozenPacked) for n, p in qm.packed.items() if n not in vectors)
+
+
+def test_a_group_wider_than_any_matrix_is_refused_against_the_model_not_allocated(tiny_reference):
+    """The spec-time probe of a freeze-dried codec used to encode one group of zeros: group 10^9 asked for 208 GB.
+    The group is now left to the weights step, which refuses it against the model's matrices."""
+    from quantatlas.errors import UserError
+    from quantatlas.quant.pipeline import check_backend
+    from quantatlas.spec import parse_spec
+
+    spec = parse_spec(_spec(codec={"uniform": {"bits": 4, "group": 10 ** 9}}))
+    with pytest.raises(UserError, match="arms.int4_fd.codec: .*64 columns are not a multiple of group size") as e:
+        check_backend(tiny_reference, spec.arms["int4_fd"], "arms.int4_fd")
+    assert e.value.field == "arms.int4_fd.codec"

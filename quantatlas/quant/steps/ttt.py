@@ -26,6 +26,10 @@ class TestTimeTrainingStep(Step):
         if self.value.params == "scales" and self.arm.codec is None and not self.arm.overrides:
             return "ttt.params: scales trains the quantized weights' scales, and this arm quantizes none " \
                    "(use norms or lora)"
+        act = getattr(self.arm, "act", None)
+        if act is not None and act.scheme == "llamacpp_cpu":
+            return ("ttt trains through the quantized forward pass; act: llamacpp_cpu computes its dot products as "
+                    "llama.cpp does, with no gradient (use another act scheme, or no ttt)")
         if self.value.params == "scales" and getattr(self.arm.solver_options, "incoherence", False):
             return "ttt.params: scales: incoherence packs keep their scales in a rotated basis (use norms or lora)"
         return None
