@@ -368,3 +368,15 @@ def test_the_aqlm_solver_is_refused_a_codec_it_cannot_run_with_the_spec():
     e = arm_error(solver="aqlm", codec={"gguf": "Q4_K_M"})
     assert e.field == "arms.a.solver" and "codec is gguf (use solver: gptq or rtn for gguf)" in str(e)
     arm(solver="aqlm", codec=aqlm, overrides=[{"match": "v", "codec": "q8_0", "solver": "gptq"}])
+
+
+def test_awq_without_a_codec_to_search_for_is_refused_with_the_spec():
+    """AWQ searches its scales for its own codec, else the arm's; with a llama.cpp mixture (or no codec) there is
+    none, which used to stop the run at the transform, after the reference logits."""
+    for codec, what in (({"gguf": "Q4_K_M"}, "a llama.cpp mixture (codec: gguf)"), (None, "none")):
+        e = arm_error(codec=codec, transforms=[{"awq": {}}])
+        assert e.field == "arms.a.transforms"
+        assert f"transforms.0.awq.codec: AWQ searches its scales for one codec, and the arm's codec is {what}: " \
+               "set the awq transform's own codec (e.g. q4_k)" in str(e)
+    arm(codec={"gguf": "Q4_K_M"}, transforms=[{"awq": {"codec": "q4_k"}}])
+    arm(codec={"uniform": {"bits": 4}}, transforms=[{"awq": {}}])

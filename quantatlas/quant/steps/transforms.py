@@ -26,6 +26,12 @@ class TransformsStep(Step):
                 (act.static or act.scheme == "llamacpp_cpu"):
             return ("transforms: spinquant trains with the arm's activation quantizer in the loop, which must be "
                     "dynamic: act.static and act.scheme llamacpp_cpu are not supported")
+        own = None if self.arm.codec is None or self.arm.codec.name == "gguf" else self.arm.codec.name
+        for i, t in enumerate(self.value):     # AWQ searches its scales for a codec: its own, else the arm's
+            if t.name == "awq" and getattr(t, "codec", None) is None and own is None:
+                arm_codec = "none" if self.arm.codec is None else "a llama.cpp mixture (codec: gguf)"
+                return (f"transforms.{i}.awq.codec: AWQ searches its scales for one codec, and the arm's codec is "
+                        f"{arm_codec}: set the awq transform's own codec (e.g. q4_k)")
         return None
 
     def check_model(self, lm) -> None:
