@@ -40,9 +40,10 @@ import numpy as np
 import torch
 
 from quantatlas.errors import UserError
-from quantatlas.export.schemes import arm_codecs, arm_online_rotation, online_rotated_model
+from quantatlas.export.schemes import arm_online_rotation, online_rotated_model
 from quantatlas.quant.codecs.base import Packed
 from quantatlas.quant.codecs.ggml.block_codec import formats
+from quantatlas.quant.config import arm_codecs
 from quantatlas.quant.incoherence import IncoherentPacked
 
 #: model_type of a HF config -> llama.cpp architecture, for the architectures we write

@@ -47,6 +47,7 @@ from __future__ import annotations
 from typing import Any
 
 from quantatlas.errors import UserError
+from quantatlas.quant.config import arm_codecs
 
 #: compressed-tensors' format names (compressed_tensors.config.CompressionFormat)
 PACK_QUANTIZED = "pack-quantized"
@@ -304,18 +305,6 @@ def online_rotated_model(model, fmt: str) -> str | None:
     if not rotated:
         return None
     return f"{rotated[0]} (and {len(rotated) - 1} more) rotate their input online, which {fmt} cannot carry"
-
-
-def arm_codecs(arm, where: str = "arm"):
-    """(codec config, field) of every codec the arm can store a weight with: its codec, each override's,
-    each allocation candidate's."""
-    if arm.codec is not None:
-        yield arm.codec, f"{where}.codec"
-    for i, o in enumerate(arm.overrides):
-        if o.codec is not None:
-            yield o.codec, f"{where}.overrides.{i}.codec"
-    for j, c in enumerate(arm.allocate.candidates if arm.allocate is not None else []):
-        yield c, f"{where}.allocate.candidates.{j}"
 
 
 def check_arm(arm, where: str = "arm") -> None:

@@ -301,3 +301,16 @@ def config_field(kind: str, nullable: bool = True):
 def build(kind: str, value: Any):
     """The object of a config written as in a spec; raises ValueError naming the field."""
     return parse_config(kind, value).build()
+
+
+def arm_codecs(arm, where: str | None = "arm"):
+    """(codec config, field) of every codec the arm can store a weight with: its codec, each override's,
+    each allocation candidate's. Fields start with `where.` (None: bare, as an arm's own step names them)."""
+    at = f"{where}." if where else ""
+    if arm.codec is not None:
+        yield arm.codec, f"{at}codec"
+    for i, o in enumerate(arm.overrides):
+        if o.codec is not None:
+            yield o.codec, f"{at}overrides.{i}.codec"
+    for j, c in enumerate(arm.allocate.candidates if arm.allocate is not None else []):
+        yield c, f"{at}allocate.candidates.{j}"

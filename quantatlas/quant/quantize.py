@@ -45,7 +45,7 @@ from quantatlas.models.roles import (decoder_layers, find_roles, get_weight, is_
                                      set_weight)
 from quantatlas.quant.codecs.base import Packed
 from quantatlas.quant.fused import share_tensor_scales
-from quantatlas.quant.recipe import VECTOR_ROLES, Recipe, TensorPlan
+from quantatlas.quant.recipe import VECTOR_ROLES, Recipe, TensorPlan, build_recipe
 from quantatlas.quant.solvers.rtn import rtn
 
 
@@ -57,6 +57,15 @@ def calibration_tokens(stream: np.ndarray, samples: int, seq_len: int, seed: int
     rng = as_context(seed).rng("calibration")
     starts = rng.integers(0, len(stream) - seq_len, size=samples)
     return torch.from_numpy(np.stack([stream[s:s + seq_len] for s in starts]).astype(np.int64))
+
+
+def planned_matrices(arm, model, where: str = "arm") -> tuple[Recipe, list[TensorPlan]]:
+    """The arm's own recipe (its allocation left out: the codecs the arm names) and its plan of every matrix on
+    `model` it gives a codec: what the steps check before any arm runs."""
+    recipe = build_recipe(arm.model_copy(update={"allocate": None}), where)
+    plans = [p for p in recipe.plan(tensors_to_quantize(model, recipe), model)
+             if p.codec is not None and not p.is_vector]
+    return recipe, plans
 
 
 def tensors_to_quantize(model, recipe: Recipe):

@@ -30,6 +30,7 @@ VECTOR_ROLES = ("norm", "q_norm", "k_norm")
 KEPT_ROLES = ("router", "shared_router")
 
 
+
 @dataclass
 class TensorPlan:
     name: str           # module name

@@ -28,11 +28,10 @@ class ActivationStep(RuntimeStep):
 
         if self.value.scheme == "llamacpp_cpu":
             from quantatlas.quant.codecs.ggml.block_codec import formats
-            from quantatlas.quant.quantize import tensors_to_quantize
-            from quantatlas.quant.recipe import build_recipe
+            from quantatlas.quant.quantize import planned_matrices
 
             field = f"{self.where}.act.scheme"
-            recipe = build_recipe(self.arm.model_copy(update={"allocate": None}), self.where)
+            recipe = planned_matrices(self.arm, lm.model, self.where)[0]
             try:
                 weight_types(lm.model, recipe)
                 for j, c in enumerate(self.arm.allocate.candidates if self.arm.allocate is not None else []):

@@ -26,15 +26,13 @@ class AllocateStep(Step):
         """A candidate (or assigned) codec whose group or block does not divide the columns of a matrix the
         allocation may give it (every one the arm's own codec quantizes) is refused before any arm runs."""
         from quantatlas.errors import UserError
-        from quantatlas.quant.quantize import tensors_to_quantize
-        from quantatlas.quant.recipe import build_recipe
+        from quantatlas.quant.quantize import planned_matrices
 
         a = self.value
         codecs = [(c, f"{self.where}.allocate.candidates.{j}") for j, c in enumerate(a.candidates)]
         codecs += [(c, f"{self.where}.allocate.assignment.{g}") for g, c in (a.assignment or {}).items()]
-        recipe = build_recipe(self.arm.model_copy(update={"allocate": None}), self.where)
-        plans = [p for p in recipe.plan(tensors_to_quantize(lm.model, recipe), lm.model)
-                 if p.codec is not None and p.codec is recipe.codec and not p.is_vector]
+        recipe, plans = planned_matrices(self.arm, lm.model, self.where)
+        plans = [p for p in plans if p.codec is recipe.codec]     # what the allocation may reassign
         for cfg, field in codecs:
             codec = cfg.build()
             for p in plans:

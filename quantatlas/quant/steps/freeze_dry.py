@@ -66,21 +66,20 @@ class FreezeDryStep(Step):
         state.records["freeze_dry"] = {"freeze_dropped": dropped / total if total else 0.0}
 
 
-#: the widest group the spec-time probe encodes (two rows of it)
+#: the widest group the spec-time probe encodes (`Codec.probe`: one group)
 PROBE_MAX_COLS = 2 ** 17
 
 
 def _not_scalar(cfg) -> str | None:
-    """Why the codec of `cfg` cannot be freeze-dried (a tiny encode shows what it stores), or None."""
+    """Why the codec of `cfg` cannot be freeze-dried (its probe pack shows what it stores), or None."""
     try:
-        from quantatlas._lazy import torch
         from quantatlas.quant.freeze_dry import scalar_codec_of
 
         codec = cfg.build()
         cols = codec.group_size or 256
         if cols > PROBE_MAX_COLS:
             return None     # a group wider than any matrix: the weights step refuses it against the model
-        scalar_codec_of(codec.encode(torch.zeros(2, cols)))
+        scalar_codec_of(codec.probe(cols))
     except ImportError:
         return None
     except ValueError as e:

@@ -16,21 +16,14 @@ class RecoveryStep(Step):
     def needs_whole_model(self) -> str | None:
         return "finetuning needs the whole model"
 
-    def _codecs(self) -> list[tuple[object, str]]:
-        """(codec config, field) of every codec the arm may store a weight with."""
-        arm = self.arm
-        out = [(arm.codec, "codec")] if arm.codec is not None else []
-        out += [(o.codec, f"overrides.{i}.codec") for i, o in enumerate(arm.overrides) if o.codec is not None]
-        if arm.allocate is not None:
-            out += [(c, f"allocate.candidates.{j}") for j, c in enumerate(arm.allocate.candidates)]
-        return out
-
     def conflicts(self) -> str | None:
         """Nothing quantized, nothing to recover; pv_lite and pv_tuning move the codes of some codecs only; qad
         needs a codec it can re-round on frozen scales; roste its act/kv/transforms in a form it trains
         (quant/roste.py: arm_conflicts)."""
+        from quantatlas.quant.config import arm_codecs
+
         method = self.value.method
-        codecs = self._codecs()
+        codecs = list(arm_codecs(self.arm, None))
         if not codecs:
             return (f"recovery: {method} tunes quantized weights, and the arm quantizes none (no codec, override or "
                     "allocation)")
@@ -60,17 +53,14 @@ class RecoveryStep(Step):
         arm stores is tried on a probe of one group (quant/recovery.py: check_scales_trainable) before any arm
         runs, not after its weights are quantized."""
         from quantatlas.errors import UserError
-        from quantatlas.quant.quantize import tensors_to_quantize
-        from quantatlas.quant.recipe import build_recipe
+        from quantatlas.quant.quantize import planned_matrices
         from quantatlas.quant.recovery import check_scales_trainable
 
         if self.value.train == "weights":
             return
-        recipe = build_recipe(self.arm.model_copy(update={"allocate": None}), self.where)
         cols = {}
-        for p in recipe.plan(tensors_to_quantize(lm.model, recipe), lm.model):
-            if p.codec is not None and not p.is_vector:
-                cols.setdefault(id(p.codec), (p.codec, p.target.shape[1]))
+        for p in planned_matrices(self.arm, lm.model, self.where)[1]:
+            cols.setdefault(id(p.codec), (p.codec, p.target.shape[1]))
         for codec, width in cols.values():
             try:
                 check_scales_trainable(codec, width)

@@ -49,13 +49,11 @@ class TestTimeTrainingStep(Step):
         of one group (eval/ttt.py scale_count), before any arm runs rather than after the standard evaluation."""
         from quantatlas.errors import UserError
         from quantatlas.eval.ttt import scale_count
-        from quantatlas.quant.quantize import tensors_to_quantize
-        from quantatlas.quant.recipe import build_recipe
+        from quantatlas.quant.quantize import planned_matrices
 
-        recipe = build_recipe(self.arm.model_copy(update={"allocate": None}), self.where)
         seen = set()
-        for p in recipe.plan(tensors_to_quantize(lm.model, recipe), lm.model):
-            if p.codec is None or p.is_vector or p.target.kind != "linear" or id(p.codec) in seen:
+        for p in planned_matrices(self.arm, lm.model, self.where)[1]:
+            if p.target.kind != "linear" or id(p.codec) in seen:
                 continue
             seen.add(id(p.codec))
             try:
